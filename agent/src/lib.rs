@@ -1,0 +1,30 @@
+//! deploy-agent keeps one host on the build its Consul key names.
+//!
+//! The pipeline, one module per stage:
+//!
+//! `watch` (Consul blocking queries, or a local file) -> `manifest` (parse and
+//! validate the desired state) -> `fetch` (parallel ranged download into the
+//! artifact cache, resumable) -> `verify` (size and sha256 while the bytes
+//! stream) -> `unpack` (safe streaming tar into the claimed cold slot) ->
+//! `drain` (wait for processes, run hooks) -> flip (in the `swapper` crate) ->
+//! `status` (local socket, history, metrics).
+//!
+//! `deploy` holds the state machine that drives one deploy through these
+//! stages; `daemon` is the long-running loop that feeds it manifests.
+//! `testserver` holds the Consul-compatible and artifact HTTP servers the
+//! tests and `deploy-agent demo` run in-process.
+//!
+//! Crash guarantees come from `swapper`: the cold slot's ready-marker is
+//! removed before the slot is touched and written only after its contents
+//! are durable and verified, so a build that was interrupted anywhere is
+//! never served.
+
+pub mod error;
+pub mod progress;
+pub mod watch;
+pub mod fetch;
+pub mod verify;
+pub mod unpack;
+pub mod testserver;
+
+pub use error::{Error, Result};

@@ -1,0 +1,1 @@
+//! Test servers that the tests and `deploy-agent demo` run in-process.

@@ -1,0 +1,1 @@
+//! Sources of the desired state: Consul KV (`consul`) and a local file (`file`).
