@@ -584,24 +584,38 @@ fn lock(path: &Path) -> Result<File> {
         .custom_flags(libc::O_CLOEXEC)
         .open(path)
         .at(path)?;
-    // SAFETY: flock only reads the descriptor, which `f` keeps open.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            let mut pid = String::new();
-            let _ = f.read_to_string(&mut pid);
-            let pid = pid.trim().to_string();
-            return Err(Error::Locked {
-                path: path.to_path_buf(),
-                pid: if pid.is_empty() {
-                    "unknown".into()
-                } else {
-                    pid
-                },
-            });
+    let me = std::process::id().to_string();
+    let mut attempts = 0;
+    loop {
+        // SAFETY: flock only reads the descriptor, which `f` keeps open.
+        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            break;
         }
-        return Err(err).at(path);
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(err).at(path);
+        }
+        let mut pid = String::new();
+        f.seek(SeekFrom::Start(0)).at(path)?;
+        let _ = f.read_to_string(&mut pid);
+        let pid = pid.trim().to_string();
+        // A lock recorded under our own pid that we no longer hold is kept
+        // alive by a child forked from this process that has not reached
+        // exec (which closes the O_CLOEXEC descriptor) yet: wait that out.
+        if pid == me && attempts < 100 {
+            attempts += 1;
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            continue;
+        }
+        return Err(Error::Locked {
+            path: path.to_path_buf(),
+            pid: if pid.is_empty() {
+                "unknown".into()
+            } else {
+                pid
+            },
+        });
     }
     // Record the owner for the "locked by pid N" message. Not fsynced: after
     // a crash the lock is free anyway and the next owner rewrites it.

@@ -1,1 +1,59 @@
-//! Shared helpers for the integration tests.
+//! Shared helpers for the integration tests: temp dirs on a fast
+//! filesystem, and writing small builds into slots.
+
+use std::path::{Path, PathBuf};
+
+/// A temp dir on tmpfs (`/dev/shm`) when there is one: these tests check
+/// ordering and atomicity, which do not depend on the disk, and tmpfs keeps
+/// them fast and immune to other builds flushing the shared disk.
+pub fn fast_tempdir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::Builder::new().prefix("da-test-").tempdir_in(shm) {
+            return d;
+        }
+    }
+    tempfile::Builder::new()
+        .prefix("da-test-")
+        .tempdir()
+        .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"))
+}
+
+/// The content every file of a test build carries: the build id repeated,
+/// so a reader can tell a complete file of one build from anything else.
+pub fn file_content(build: &str, i: usize, len: usize) -> Vec<u8> {
+    let unit = format!("{build}:{i};");
+    unit.as_bytes().iter().copied().cycle().take(len).collect()
+}
+
+/// Writes `n` files `f0..f{n-1}` of `len` bytes for `build` into `dir`,
+/// plus a `BUILD` file naming it. Returns (entries, bytes).
+pub fn write_build(dir: &Path, build: &str, n: usize, len: usize) -> (u64, u64) {
+    for i in 0..n {
+        std::fs::write(dir.join(format!("f{i}")), file_content(build, i, len))
+            .unwrap_or_else(|e| panic!("write {}: {e}", dir.display()));
+    }
+    std::fs::write(dir.join("BUILD"), build).unwrap_or_else(|e| panic!("write BUILD: {e}"));
+    ((n + 1) as u64, (n * len + build.len()) as u64)
+}
+
+/// Checks that `dir` holds a complete build written by [`write_build`]
+/// with `n` files of `len` bytes; returns its build id or a description
+/// of what is wrong.
+pub fn check_build(dir: &Path, n: usize, len: usize) -> Result<String, String> {
+    let build = std::fs::read_to_string(dir.join("BUILD"))
+        .map_err(|e| format!("BUILD in {}: {e}", dir.display()))?;
+    for i in 0..n {
+        let p = dir.join(format!("f{i}"));
+        let got = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        if got != file_content(&build, i, len) {
+            return Err(format!("{}: content is not build {build}'s", p.display()));
+        }
+    }
+    Ok(build)
+}
+
+/// The path of this test binary, to re-run it as a child in a special mode.
+pub fn self_exe() -> PathBuf {
+    std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"))
+}
