@@ -21,6 +21,34 @@ pub enum Error {
     // ---- fetch / verify / unpack (fetch.rs, verify.rs, unpack.rs, testserver/artifact.rs) ----
 
     // ---- config / manifest / deploy / daemon ----
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+
+    #[error("rejected manifest from {source_name}: {error}; fix the published value, the current build keeps serving")]
+    Manifest {
+        source_name: String,
+        #[source]
+        error: crate::manifest::ManifestError,
+    },
+
+    #[error("hook {name} {reason}; output: {output:?}")]
+    Hook {
+        name: String,
+        reason: String,
+        output: String,
+    },
+
+    #[error("drain condition ({what}) did not hold within {waited:?}; the flip was not done, check the workers or raise drain.hot-deadline")]
+    DrainCondition { what: String, waited: std::time::Duration },
+
+    #[error("deploy of {build} cancelled: {reason}")]
+    Cancelled { build: String, reason: String },
+
+    #[error("invalid phase transition: {event} in phase {phase}; this is a bug, report it")]
+    Transition { phase: String, event: String },
+
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// Result with the agent's error.

@@ -19,7 +19,12 @@
 //! are durable and verified, so a build that was interrupted anywhere is
 //! never served.
 
+pub mod config;
+pub mod daemon;
+pub mod deploy;
+pub mod drain;
 pub mod error;
+pub mod manifest;
 pub mod fetch;
 pub mod progress;
 pub mod testserver;

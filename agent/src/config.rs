@@ -1,0 +1,381 @@
+//! The agent's configuration: a TOML file (`--config`, default
+//! `/etc/deploy-agent/config.toml`) parsed once into validated types.
+//! Unknown keys and bad values are errors that name the key. Read-only: a
+//! crash here changes nothing, and a reload that fails keeps the old config.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Where the config lives unless `--config` says otherwise.
+pub const DEFAULT_PATH: &str = "/etc/deploy-agent/config.toml";
+
+/// Why a config was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    /// The deploy root holding `current`, the slots and `.deploy/`.
+    pub deploy_root: PathBuf,
+    /// Artifact cache; default `<deploy-root>/.deploy/cache` (same
+    /// filesystem as the slots).
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub consul: ConsulConfig,
+    #[serde(default)]
+    pub download: DownloadConfig,
+    #[serde(default)]
+    pub unpack: UnpackConfig,
+    #[serde(default)]
+    pub drain: DrainConfig,
+    #[serde(default)]
+    pub hooks: HooksConfig,
+}
+
+/// Where the desired state comes from.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SourceConfig {
+    /// The Consul KV key holding the manifest.
+    pub key: Option<String>,
+    /// A local file holding the manifest instead (hosts without Consul).
+    pub file: Option<PathBuf>,
+}
+
+/// How to reach Consul. Environment variables (`CONSUL_HTTP_ADDR`, ...)
+/// override these, as every Consul tool does.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ConsulConfig {
+    pub address: String,
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub ca_cert: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub tls_server_name: Option<String>,
+    pub ssl_verify: bool,
+    pub datacenter: Option<String>,
+    /// Blocking query wait (at most 10m).
+    #[serde(deserialize_with = "duration")]
+    pub wait: Duration,
+    /// LastContact above this triggers a consistent re-read.
+    #[serde(deserialize_with = "duration")]
+    pub max_stale: Duration,
+}
+
+impl Default for ConsulConfig {
+    fn default() -> Self {
+        ConsulConfig {
+            address: "http://127.0.0.1:8500".into(),
+            token: None,
+            token_file: None,
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
+            tls_server_name: None,
+            ssl_verify: true,
+            datacenter: None,
+            wait: Duration::from_secs(300),
+            max_stale: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Download behaviour.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct DownloadConfig {
+    pub parallel_ranges: usize,
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub read_timeout: Duration,
+    pub retries: u32,
+    /// Total bytes per second across ranges; none = unlimited.
+    pub bandwidth_limit: Option<u64>,
+    /// Allow `file://` artifact URLs in manifests from Consul.
+    pub allow_file_urls: bool,
+    /// Artifacts kept in the cache.
+    pub cache_keep: usize,
+}
+
+impl Default for DownloadConfig {
+    fn default() -> Self {
+        DownloadConfig {
+            parallel_ranges: 4,
+            connect_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(30),
+            retries: 5,
+            bandwidth_limit: None,
+            allow_file_urls: false,
+            cache_keep: 2,
+        }
+    }
+}
+
+/// Archive bomb limits (a manifest may lower them, never raise them).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct UnpackConfig {
+    pub max_bytes: u64,
+    pub max_entries: u64,
+}
+
+impl Default for UnpackConfig {
+    fn default() -> Self {
+        UnpackConfig {
+            max_bytes: 20 << 30,
+            max_entries: 2_000_000,
+        }
+    }
+}
+
+/// What to do when processes still use the cold slot at the deadline.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ColdSlotAction {
+    /// Fail the deploy, naming the processes.
+    #[default]
+    Fail,
+    /// SIGTERM them, then SIGKILL after a grace period.
+    Kill,
+}
+
+/// The condition that says the hot slot is drained before a flip.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case", tag = "type", deny_unknown_fields)]
+pub enum HotDrain {
+    /// Flip without waiting (the default: php-fpm style workers pick up
+    /// the new `current` on their next request).
+    #[default]
+    None,
+    /// Wait until no process uses the hot slot.
+    NoProcess,
+    /// Wait until this command exits 0.
+    Command { argv: Vec<String> },
+    /// Wait until this URL answers 2xx.
+    Http { url: String },
+}
+
+/// Drain settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct DrainConfig {
+    #[serde(deserialize_with = "duration")]
+    pub cold_deadline: Duration,
+    pub cold_action: ColdSlotAction,
+    pub hot: HotDrain,
+    #[serde(deserialize_with = "duration")]
+    pub hot_deadline: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub poll: Duration,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig {
+            cold_deadline: Duration::from_secs(60),
+            cold_action: ColdSlotAction::Fail,
+            hot: HotDrain::None,
+            hot_deadline: Duration::from_secs(30),
+            poll: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Commands run around the flip. Each is an argv (no shell).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct HooksConfig {
+    pub pre_flip: Option<Vec<String>>,
+    pub post_flip: Option<Vec<String>>,
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Bytes of hook output kept for the log and status.
+    pub output_limit: usize,
+}
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        HooksConfig {
+            pre_flip: None,
+            post_flip: None,
+            timeout: Duration::from_secs(60),
+            output_limit: 64 * 1024,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is only for messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let cfg: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        if !cfg.deploy_root.is_absolute() {
+            return Err(invalid("deploy-root: must be an absolute path".into()));
+        }
+        match (&cfg.source.key, &cfg.source.file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid("source: set either `key` or `file`, not both".into()))
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "source: set `key` (a Consul KV key) or `file` (a local manifest)".into(),
+                ))
+            }
+            (Some(k), None) if !valid_key(k) => {
+                return Err(invalid(format!(
+                    "source.key: {k:?} must be [A-Za-z0-9._/-], no leading '/', no '..'"
+                )))
+            }
+            _ => {}
+        }
+        if cfg.consul.wait.is_zero() || cfg.consul.wait > Duration::from_secs(600) {
+            return Err(invalid("consul.wait: must be between 1s and 10m".into()));
+        }
+        if !(1..=64).contains(&cfg.download.parallel_ranges) {
+            return Err(invalid("download.parallel-ranges: must be 1 to 64".into()));
+        }
+        if cfg.download.cache_keep == 0 {
+            return Err(invalid("download.cache-keep: must be at least 1".into()));
+        }
+        for (name, argv) in [("hooks.pre-flip", &cfg.hooks.pre_flip), ("hooks.post-flip", &cfg.hooks.post_flip)] {
+            if argv.as_ref().is_some_and(|a| a.is_empty()) {
+                return Err(invalid(format!("{name}: must name a command")));
+            }
+        }
+        if let HotDrain::Command { argv } = &cfg.drain.hot {
+            if argv.is_empty() {
+                return Err(invalid("drain.hot.argv: must name a command".into()));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The artifact cache directory.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir
+            .clone()
+            .unwrap_or_else(|| self.deploy_root.join(".deploy/cache"))
+    }
+}
+
+/// Consul key rule (RULES.md 15).
+pub fn valid_key(k: &str) -> bool {
+    !k.is_empty()
+        && !k.starts_with('/')
+        && !k.split('/').any(|c| c == "..")
+        && k
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'-'))
+}
+
+/// Parses durations such as `250ms`, `5s`, `2m`, `1h`, `1m30s`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return None;
+        }
+        let n: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let secs = match unit {
+            "ms" => n / 1000.0,
+            "s" => n,
+            "m" => n * 60.0,
+            "h" => n * 3600.0,
+            _ => return None,
+        };
+        total += Duration::try_from_secs_f64(secs).ok()?;
+    }
+    Some(total)
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "{s:?} is not a duration (use e.g. 250ms, 5s, 2m, 1h)"
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(t, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse("deploy-root = \"/srv/app\"\n[source]\nkey = \"deploy/app/prod\"\n").unwrap();
+        assert_eq!(c.download.parallel_ranges, 4);
+        assert_eq!(c.consul.wait, Duration::from_secs(300));
+        assert_eq!(c.cache_dir(), PathBuf::from("/srv/app/.deploy/cache"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = parse("deploy-root = \"/x\"\nbogus = 1\n[source]\nkey=\"k\"").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = parse("deploy-root = \"/x\"\n[source]\nkey=\"k\"\n[download]\nread-timeout = \"soon\"").unwrap_err();
+        assert!(e.to_string().contains("read-timeout") || e.to_string().contains("soon"), "{e}");
+        let e = parse("deploy-root = \"/x\"\n[source]\nkey=\"/abs\"").unwrap_err();
+        assert!(e.to_string().contains("source.key"), "{e}");
+        let e = parse("deploy-root = \"rel\"\n[source]\nkey=\"k\"").unwrap_err();
+        assert!(e.to_string().contains("deploy-root"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("x"), None);
+    }
+}

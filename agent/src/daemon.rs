@@ -1,0 +1,501 @@
+//! The long-running agent: feeds manifests from the watch into deploys.
+//!
+//! One deploy runs at a time. A newer manifest cancels the running deploy
+//! at its next safe point and starts the new one; a manifest naming the hot
+//! build does nothing; one naming the cold slot's build flips without a
+//! download. A failed deploy is retried with backoff while it stays the
+//! desired state. Everything the agent knows is in [`Shared`], which the
+//! status socket reads.
+//!
+//! If the process dies, nothing here is lost that matters: the deploy root
+//! recovers itself on the next start, the watch hands over the desired
+//! state again, and the deploy resumes from the cached partial download.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use swapper::DeployRoot;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::deploy::{now_secs, DeployRecord, Deployer, ErrorRecord, Observer, Outcome, Phase};
+use crate::error::{Error, Result};
+use crate::fetch::{ArtifactCache, FetchSettings};
+use crate::manifest::{Manifest, UrlPolicy};
+use crate::progress::Progress;
+use crate::watch::consul::{ConsulClient, ConsulSettings, WatchEvent, WatchStats};
+
+/// How many finished deploys the agent remembers.
+pub const HISTORY_LEN: usize = 50;
+/// First retry delay of a failed deploy; doubles up to [`RETRY_MAX`].
+pub const RETRY_INITIAL: Duration = Duration::from_secs(5);
+pub const RETRY_MAX: Duration = Duration::from_secs(300);
+/// How long shutdown waits for the running deploy to reach a safe point.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// The desired state as last received.
+#[derive(Debug, Clone, Serialize)]
+pub struct Desired {
+    pub build: String,
+    pub sha256: String,
+    pub deploy_id: Option<String>,
+    /// `consul:<address>/<key>` or `file:<path>`.
+    pub source: String,
+    pub modify_index: u64,
+    pub received_at: u64,
+}
+
+/// An operator hold.
+#[derive(Debug, Clone, Serialize)]
+pub struct Hold {
+    pub reason: String,
+    pub since: u64,
+}
+
+/// What the agent knows, for the status socket, the demo and tests.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct StatusInner {
+    pub desired: Option<Desired>,
+    /// The running deploy, or the last one.
+    pub deploy: Option<DeployRecord>,
+    pub history: VecDeque<DeployRecord>,
+    pub last_error: Option<ErrorRecord>,
+    pub holders: Vec<swapper::drain::Holder>,
+    pub hold: Option<Hold>,
+    pub nothing_published: bool,
+}
+
+/// Shared, lock-protected agent status. Short critical sections only.
+#[derive(Debug, Default)]
+pub struct Shared {
+    inner: Mutex<StatusInner>,
+}
+
+impl Shared {
+    /// A copy of everything.
+    pub fn snapshot(&self) -> StatusInner {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, StatusInner> {
+        // Plain data: a panic elsewhere cannot leave it inconsistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn error(&self, message: String) {
+        self.lock().last_error = Some(ErrorRecord {
+            message,
+            at: now_secs(),
+        });
+    }
+
+    fn finished(&self, rec: DeployRecord) {
+        let mut g = self.lock();
+        if let Some(e) = &rec.error {
+            g.last_error = Some(e.clone());
+        }
+        g.history.push_back(rec);
+        while g.history.len() > HISTORY_LEN {
+            g.history.pop_front();
+        }
+    }
+}
+
+impl Observer for Shared {
+    fn record(&self, rec: &DeployRecord) {
+        self.lock().deploy = Some(rec.clone());
+    }
+
+    fn holders(&self, holders: &[swapper::drain::Holder]) {
+        self.lock().holders = holders.to_vec();
+    }
+}
+
+/// Operator commands, from the status socket.
+#[derive(Debug)]
+pub enum Command {
+    Hold { reason: String },
+    Resume,
+    Rollback,
+    Redeploy,
+}
+
+/// A command and where to send its answer.
+pub type CommandRequest = (Command, oneshot::Sender<std::result::Result<String, String>>);
+
+/// Knobs that tests and the demo set; production uses the defaults.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Replaces the Consul settings derived from config and environment.
+    pub consul: Option<ConsulSettings>,
+    pub retry_initial: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            consul: None,
+            retry_initial: RETRY_INITIAL,
+        }
+    }
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Agent {
+    pub shared: Arc<Shared>,
+    pub deployer: Arc<Deployer>,
+    pub watch_stats: Arc<WatchStats>,
+    pub commands: mpsc::Sender<CommandRequest>,
+    pub started: Instant,
+    pub task: JoinHandle<Result<()>>,
+}
+
+/// Builds the Consul settings from the config, then the environment
+/// (`CONSUL_HTTP_ADDR` and friends override the file, as in every Consul
+/// tool).
+pub fn consul_settings(cfg: &Config) -> Result<ConsulSettings> {
+    let c = &cfg.consul;
+    let mut s = ConsulSettings {
+        address: c.address.clone(),
+        token: c.token.clone(),
+        ca_cert: c.ca_cert.clone(),
+        client_cert: c.client_cert.clone(),
+        client_key: c.client_key.clone(),
+        tls_server_name: c.tls_server_name.clone(),
+        ssl_verify: c.ssl_verify,
+        datacenter: c.datacenter.clone(),
+        wait: c.wait,
+        max_stale: c.max_stale,
+        ..ConsulSettings::default()
+    };
+    if let Some(f) = &c.token_file {
+        let t = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
+        s.token = Some(t.trim().to_string());
+    }
+    s.from_env()
+}
+
+impl Agent {
+    /// Opens (and recovers) the deploy root, starts the watch and the main
+    /// loop. Returns once the agent is ready (recovery done).
+    pub async fn start(config: Config, opts: RunOptions, shutdown: CancellationToken) -> Result<Agent> {
+        let root_path = config.deploy_root.clone();
+        let (root, report) = tokio::task::spawn_blocking({
+            let p = root_path.clone();
+            move || DeployRoot::open(p)
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+        info!(root = %root.path().display(), hot = ?root.hot(), recovery = ?report, "deploy root ready");
+        let root_path = root.path().to_path_buf();
+        let fetch = FetchSettings {
+            parallel_ranges: config.download.parallel_ranges,
+            connect_timeout: config.download.connect_timeout,
+            read_timeout: config.download.read_timeout,
+            retries_per_range: config.download.retries,
+            bandwidth_limit: config.download.bandwidth_limit,
+            allow_file_urls: config.download.allow_file_urls || config.source.file.is_some(),
+            ..FetchSettings::default()
+        };
+        let client = fetch
+            .client()
+            .map_err(|e| Error::Internal(format!("cannot build the HTTP client: {e}")))?;
+        let cache = ArtifactCache::new(config.cache_dir(), config.download.cache_keep)?;
+        let deployer = Arc::new(Deployer {
+            root: Arc::new(Mutex::new(root)),
+            root_path,
+            config: config.clone(),
+            client,
+            cache,
+            progress: Arc::new(Progress::default()),
+            fetch,
+        });
+        let shared = Arc::new(Shared::default());
+        if let Some(rec) = crate::deploy::load_record(&deployer.root_path) {
+            shared.lock().deploy = Some(rec);
+        }
+        let watch_stats = Arc::new(WatchStats::new());
+        let (tx, rx) = mpsc::channel(8);
+        let source = match (&config.source.key, &config.source.file) {
+            (Some(key), _) => {
+                let settings = match opts.consul.clone() {
+                    Some(s) => s,
+                    None => consul_settings(&config)?,
+                };
+                let client = ConsulClient::new(&settings)?;
+                let name = format!("consul:{}/{}", client.address(), key);
+                tokio::spawn(crate::watch::consul::watch_key(
+                    client,
+                    key.clone(),
+                    tx,
+                    watch_stats.clone(),
+                    shutdown.clone(),
+                ));
+                name
+            }
+            (None, Some(path)) => {
+                tokio::spawn(crate::watch::file::watch_file(path.clone(), tx, shutdown.clone()));
+                format!("file:{}", path.display())
+            }
+            (None, None) => {
+                return Err(Error::Internal("config has no source (checked at load)".into()))
+            }
+        };
+        let (cmd_tx, cmd_rx) = mpsc::channel(8);
+        let policy = UrlPolicy {
+            allow_file: config.download.allow_file_urls || config.source.file.is_some(),
+        };
+        let main = MainLoop {
+            deployer: deployer.clone(),
+            shared: shared.clone(),
+            source,
+            policy,
+            retry_initial: opts.retry_initial,
+        };
+        let task = tokio::spawn(main.run(rx, cmd_rx, shutdown));
+        Ok(Agent {
+            shared,
+            deployer,
+            watch_stats,
+            commands: cmd_tx,
+            started: Instant::now(),
+            task,
+        })
+    }
+}
+
+struct MainLoop {
+    deployer: Arc<Deployer>,
+    shared: Arc<Shared>,
+    source: String,
+    policy: UrlPolicy,
+    retry_initial: Duration,
+}
+
+struct Running {
+    identity: String,
+    cancel: CancellationToken,
+    handle: JoinHandle<(Outcome, Option<Error>)>,
+}
+
+impl MainLoop {
+    async fn run(
+        self,
+        mut rx: mpsc::Receiver<WatchEvent>,
+        mut cmds: mpsc::Receiver<CommandRequest>,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
+        let mut desired: Option<Manifest> = None;
+        let mut applied: Option<String> = None;
+        let mut running: Option<Running> = None;
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut retry_delay = self.retry_initial;
+        let mut force_next = false;
+        loop {
+            let start_now = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    if let Some(r) = running.take() {
+                        info!("shutdown: stopping the running deploy at its next safe point");
+                        r.cancel.cancel();
+                        if tokio::time::timeout(SHUTDOWN_GRACE, r.handle).await.is_err() {
+                            warn!("deploy did not reach a safe point in time; its slot stays unmarked");
+                        }
+                    }
+                    return Ok(());
+                }
+                ev = rx.recv() => match ev {
+                    None => {
+                        // The watch only stops on shutdown.
+                        shutdown.cancelled().await;
+                        continue;
+                    }
+                    Some(WatchEvent::Missing) => {
+                        info!(source = %self.source, "nothing published; keep serving the current build");
+                        self.shared.lock().nothing_published = true;
+                        false
+                    }
+                    Some(WatchEvent::Value { value, modify_index }) => {
+                        self.shared.lock().nothing_published = false;
+                        match Manifest::parse(&value, self.policy) {
+                            Err(e) => {
+                                let err = Error::Manifest { source_name: self.source.clone(), error: e };
+                                error!(error = %err, "manifest rejected");
+                                self.shared.error(err.to_string());
+                                false
+                            }
+                            Ok(m) => {
+                                info!(build = %m.spec.build, modify_index, "desired state received");
+                                self.shared.lock().desired = Some(Desired {
+                                    build: m.spec.build.clone(),
+                                    sha256: m.spec.sha256.clone(),
+                                    deploy_id: m.deploy_id.clone(),
+                                    source: self.source.clone(),
+                                    modify_index,
+                                    received_at: now_secs(),
+                                });
+                                let same = desired.as_ref().map(Manifest::identity) == Some(m.identity());
+                                desired = Some(m);
+                                if !same {
+                                    retry_delay = self.retry_initial;
+                                    retry_at = None;
+                                }
+                                !same || (applied.is_none() && running.is_none() && retry_at.is_none())
+                            }
+                        }
+                    }
+                },
+                res = async {
+                    match running.as_mut() {
+                        Some(r) => (&mut r.handle).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let r = running.take();
+                    let (outcome, err) = res.unwrap_or_else(|e| (Outcome::Failed, Some(Error::Internal(format!("deploy task panicked: {e}")))));
+                    if let Some(rec) = self.shared.snapshot().deploy {
+                        self.shared.finished(rec);
+                    }
+                    match outcome {
+                        Outcome::Success | Outcome::RolledBack | Outcome::NoChange => {
+                            applied = r.map(|r| r.identity);
+                            retry_delay = self.retry_initial;
+                            retry_at = None;
+                        }
+                        Outcome::Failed => {
+                            if let Some(e) = err { self.shared.error(e.to_string()); }
+                            retry_at = Some(tokio::time::Instant::now() + retry_delay);
+                            info!(retry_in_ms = retry_delay.as_millis() as u64, "will retry the deploy");
+                            retry_delay = (retry_delay * 2).min(RETRY_MAX);
+                        }
+                        Outcome::Cancelled => {}
+                    }
+                    false
+                }
+                _ = async {
+                    match retry_at {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    retry_at = None;
+                    true
+                }
+                cmd = cmds.recv() => {
+                    let Some((cmd, reply)) = cmd else { continue };
+                    let (answer, start) = self.command(cmd, &mut running, &mut applied, &mut force_next).await;
+                    let _ = reply.send(answer);
+                    start
+                }
+            };
+            if !start_now || self.shared.lock().hold.is_some() {
+                continue;
+            }
+            let Some(m) = desired.clone() else { continue };
+            let identity = m.identity();
+            if !force_next && applied.as_deref() == Some(identity.as_str()) && running.is_none() {
+                continue;
+            }
+            if let Some(r) = running.take() {
+                if r.identity == identity && !force_next {
+                    running = Some(r);
+                    continue;
+                }
+                info!(old = %r.identity, new = %identity, "newer manifest: cancelling the running deploy");
+                r.cancel.cancel();
+                let _ = r.handle.await;
+                if let Some(rec) = self.shared.snapshot().deploy {
+                    self.shared.finished(rec);
+                }
+            }
+            let cancel = shutdown.child_token();
+            let deployer = self.deployer.clone();
+            let obs: Arc<dyn Observer> = self.shared.clone();
+            let force = std::mem::take(&mut force_next);
+            let c = cancel.clone();
+            let handle = tokio::spawn(async move { deployer.execute(&m, force, c, obs).await });
+            running = Some(Running { identity, cancel, handle });
+        }
+    }
+
+    /// Applies an operator command; returns the answer and whether the
+    /// desired state should be (re)applied now.
+    async fn command(
+        &self,
+        cmd: Command,
+        running: &mut Option<Running>,
+        applied: &mut Option<String>,
+        force_next: &mut bool,
+    ) -> (std::result::Result<String, String>, bool) {
+        match cmd {
+            Command::Hold { reason } => {
+                self.shared.lock().hold = Some(Hold { reason: reason.clone(), since: now_secs() });
+                if let Some(r) = running.as_ref() {
+                    r.cancel.cancel();
+                }
+                info!(reason = %reason, "hold: not acting on new manifests");
+                (Ok(format!("held: {reason}")), false)
+            }
+            Command::Resume => {
+                self.shared.lock().hold = None;
+                info!("resumed");
+                (Ok("resumed".into()), true)
+            }
+            Command::Redeploy => {
+                *force_next = true;
+                *applied = None;
+                (Ok("redeploying the desired build".into()), true)
+            }
+            Command::Rollback => {
+                if running.is_some() {
+                    return (Err("a deploy is running; hold first, then roll back".into()), false);
+                }
+                let root = self.deployer.root.clone();
+                let r = tokio::task::spawn_blocking(move || {
+                    root.lock().unwrap_or_else(|p| p.into_inner()).rollback()
+                })
+                .await;
+                match r {
+                    Ok(Ok(rep)) => {
+                        // Stay on the rolled-back build until the desired
+                        // state changes; hold so the watch does not undo it.
+                        self.shared.lock().hold = Some(Hold {
+                            reason: format!("operator rollback to {}", rep.build_id),
+                            since: now_secs(),
+                        });
+                        (Ok(format!("rolled back to {} ({}); holding until resume", rep.build_id, rep.to)), false)
+                    }
+                    Ok(Err(e)) => (Err(e.to_string()), false),
+                    Err(e) => (Err(e.to_string()), false),
+                }
+            }
+        }
+    }
+}
+
+/// Runs the agent until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    let agent = Agent::start(config, RunOptions::default(), shutdown).await?;
+    agent
+        .task
+        .await
+        .map_err(|e| Error::Internal(format!("main loop panicked: {e}")))?
+}
+
+/// Where the deploy root of `config` keeps the agent's record.
+pub fn state_path(config: &Config) -> PathBuf {
+    config.deploy_root.join(".deploy/agent-state.json")
+}
+
+impl Phase {
+    /// True while a deploy is in flight.
+    pub fn is_active(self) -> bool {
+        !matches!(self, Phase::Idle | Phase::Done | Phase::Failed)
+    }
+}

@@ -1,0 +1,574 @@
+//! One deploy as an explicit state machine.
+//!
+//! ```text
+//! idle ─start─> waiting-for-cold-slot ─cold-free─> downloading ─fetched─> unpacking
+//!   │                                     (fetch, verify and unpack overlap)   │ marked
+//!   └─start (build already in the cold slot: a rollback)─> draining <─────────┘
+//! draining ─drained─> flipping ─flipped─> done;  any phase ─fail─> failed, ─cancel─> idle
+//! ```
+//!
+//! [`transition`] is the one transition function; an unlisted (phase, event)
+//! pair is an error. Every transition is persisted atomically to
+//! `.deploy/agent-state.json` (even when the step failed) and logged.
+//!
+//! If the process dies mid-deploy: the cold slot has no ready-marker until
+//! `unpacking` ends (so it counts as empty), the partial download stays in
+//! the cache for resume, and `current` was only ever changed by swapper's
+//! atomic flip. On restart the watch hands the same manifest over again and
+//! the deploy runs again from the top, reusing what was downloaded.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use swapper::{BuildInfo, DeployRoot, Slot};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, instrument, warn};
+
+use crate::config::Config;
+use crate::drain;
+use crate::error::{Error, Result};
+use crate::fetch::{self, ArtifactCache, ArtifactSpec, FetchSettings};
+use crate::manifest::{Format, Manifest};
+use crate::progress::{Progress, ProgressSnapshot};
+use crate::unpack::{ArchiveFormat, UnpackLimits};
+
+/// The phases of a deploy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Nothing to do: the hot build is the desired one (or nothing is published).
+    Idle,
+    /// Waiting for processes from an earlier deploy to leave the cold slot
+    /// (bounded by `drain.cold-deadline`).
+    WaitingForColdSlot,
+    /// Downloading the artifact while hashing and unpacking its in-order
+    /// prefix into the claimed cold slot (bounded by the download timeouts).
+    Downloading,
+    /// The whole digest matched: making the slot durable (syncfs) and
+    /// writing its ready-marker.
+    Unpacking,
+    /// Running `pre-flip` and waiting for the hot-slot drain condition
+    /// (bounded by `drain.hot-deadline` and `hooks.timeout`).
+    Draining,
+    /// Renaming the new `current` symlink into place (microseconds).
+    Flipping,
+    /// The desired build is live.
+    Done,
+    /// The deploy failed; the previous build still serves.
+    Failed,
+}
+
+impl Phase {
+    /// The kebab-case name used in status, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::WaitingForColdSlot => "waiting-for-cold-slot",
+            Phase::Downloading => "downloading",
+            Phase::Unpacking => "unpacking",
+            Phase::Draining => "draining",
+            Phase::Flipping => "flipping",
+            Phase::Done => "done",
+            Phase::Failed => "failed",
+        }
+    }
+
+    fn is_terminal(self) -> bool {
+        matches!(self, Phase::Idle | Phase::Done | Phase::Failed)
+    }
+}
+
+/// What moves a deploy from one phase to the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A new desired build; `in_cold_slot` when the cold slot already holds
+    /// it (a rollback: no download).
+    Start { in_cold_slot: bool },
+    ColdSlotFree,
+    Fetched,
+    Marked,
+    Drained,
+    Flipped,
+    Fail,
+    Cancel,
+}
+
+/// The one transition function.
+pub fn transition(phase: Phase, event: Event) -> Result<Phase> {
+    use Event as E;
+    use Phase as P;
+    let next = match (phase, event) {
+        (p, E::Start { in_cold_slot: false }) if p.is_terminal() => P::WaitingForColdSlot,
+        (p, E::Start { in_cold_slot: true }) if p.is_terminal() => P::Draining,
+        (P::WaitingForColdSlot, E::ColdSlotFree) => P::Downloading,
+        (P::Downloading, E::Fetched) => P::Unpacking,
+        (P::Unpacking, E::Marked) => P::Draining,
+        (P::Draining, E::Drained) => P::Flipping,
+        (P::Flipping, E::Flipped) => P::Done,
+        (p, E::Fail) if !p.is_terminal() => P::Failed,
+        // Flipping is never cancelled: a flip is one rename and always
+        // completes once started.
+        (p, E::Cancel) if !p.is_terminal() && p != P::Flipping => P::Idle,
+        (p, e) => {
+            return Err(Error::Transition {
+                phase: p.as_str().into(),
+                event: format!("{e:?}"),
+            })
+        }
+    };
+    Ok(next)
+}
+
+/// How a deploy ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// The build went live.
+    Success,
+    /// The build went live by flipping to the cold slot (no download).
+    RolledBack,
+    /// The build was already live.
+    NoChange,
+    Failed,
+    Cancelled,
+}
+
+/// A timestamped error, as shown in status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorRecord {
+    pub message: String,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+}
+
+/// The persisted record of the current (or last) deploy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeployRecord {
+    pub build: String,
+    pub sha256: String,
+    pub deploy_id: Option<String>,
+    pub phase: Phase,
+    pub outcome: Option<Outcome>,
+    pub started_at: u64,
+    pub finished_at: Option<u64>,
+    /// Milliseconds spent in each phase.
+    pub phase_ms: BTreeMap<String, u64>,
+    pub progress: ProgressSnapshot,
+    pub from_cache: bool,
+    pub slot: Option<Slot>,
+    pub error: Option<ErrorRecord>,
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Observes the deploy as it goes (status socket, history, metrics).
+pub trait Observer: Send + Sync {
+    /// Called after every persisted transition.
+    fn record(&self, rec: &DeployRecord);
+    /// Called with the processes a drain waits on (empty when done).
+    fn holders(&self, holders: &[swapper::drain::Holder]);
+}
+
+/// Everything a deploy needs, shared with the daemon.
+#[derive(Debug)]
+pub struct Deployer {
+    pub root: Arc<Mutex<DeployRoot>>,
+    pub root_path: PathBuf,
+    pub config: Config,
+    pub client: reqwest::Client,
+    pub cache: ArtifactCache,
+    pub progress: Arc<Progress>,
+    pub fetch: FetchSettings,
+}
+
+struct Run<'a> {
+    d: &'a Deployer,
+    rec: DeployRecord,
+    phase_start: Instant,
+    obs: Arc<dyn Observer>,
+}
+
+impl Run<'_> {
+    /// Applies `event`, records the time spent in the phase left, persists
+    /// and reports the record.
+    fn step(&mut self, event: Event) -> Result<()> {
+        let next = transition(self.rec.phase, event)?;
+        let spent = self.phase_start.elapsed().as_millis() as u64;
+        if !self.rec.phase.is_terminal() {
+            *self.rec.phase_ms.entry(self.rec.phase.as_str().into()).or_default() += spent;
+        }
+        info!(build = %self.rec.build, from = self.rec.phase.as_str(), to = next.as_str(), spent_ms = spent, "deploy phase");
+        self.rec.phase = next;
+        self.phase_start = Instant::now();
+        self.rec.progress = self.d.progress.snapshot();
+        self.persist();
+        Ok(())
+    }
+
+    fn persist(&self) {
+        self.obs.record(&self.rec);
+        let path = self.d.root_path.join(".deploy/agent-state.json");
+        match serde_json::to_vec_pretty(&self.rec) {
+            Ok(bytes) => {
+                if let Err(e) = swapper::fsutil::write_atomic(&path, &bytes) {
+                    warn!(error = %e, "cannot persist deploy state");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot encode deploy state"),
+        }
+    }
+
+    fn finish(&mut self, outcome: Outcome, error: Option<&Error>) {
+        self.rec.outcome = Some(outcome);
+        self.rec.finished_at = Some(now_secs());
+        self.rec.progress = self.d.progress.snapshot();
+        if let Some(e) = error {
+            self.rec.error = Some(ErrorRecord {
+                message: e.to_string(),
+                at: now_secs(),
+            });
+        }
+        self.persist();
+    }
+}
+
+/// Reads the persisted record of the last deploy, if any.
+pub fn load_record(root: &std::path::Path) -> Option<DeployRecord> {
+    let bytes = std::fs::read(root.join(".deploy/agent-state.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+impl From<Format> for ArchiveFormat {
+    fn from(f: Format) -> Self {
+        match f {
+            Format::Tar => ArchiveFormat::Tar,
+            Format::TarGz => ArchiveFormat::TarGz,
+            Format::TarZst => ArchiveFormat::TarZst,
+        }
+    }
+}
+
+impl Deployer {
+    async fn with_root<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut DeployRoot) -> swapper::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock cannot leave the root in a
+            // state the on-disk protocol does not cover, so take the guard.
+            let mut g = root.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut g)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("deploy-root task panicked: {e}")))?
+        .map_err(Error::from)
+    }
+
+    /// Which slot holds `m`'s artifact with a valid marker, if any.
+    pub fn slot_holding(&self, m: &Manifest) -> Option<Slot> {
+        let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
+        Slot::ALL.into_iter().find(|s| {
+            root.marker(*s).is_some_and(|mk| {
+                mk.build.build_id == m.spec.build && mk.build.sha256.as_deref() == Some(&m.spec.sha256)
+            })
+        })
+    }
+
+    /// Drives one deploy of `m` to its end. Returns the outcome; the
+    /// record (persisted and given to `obs`) carries the details. The hot
+    /// build keeps serving on every error path.
+    #[instrument(skip_all, fields(build = %m.spec.build))]
+    pub async fn execute(
+        &self,
+        m: &Manifest,
+        force: bool,
+        cancel: CancellationToken,
+        obs: Arc<dyn Observer>,
+    ) -> (Outcome, Option<Error>) {
+        let hot = self.root.lock().unwrap_or_else(|p| p.into_inner()).hot();
+        let holding = self.slot_holding(m);
+        if !force && holding.is_some() && holding == hot {
+            info!(build = %m.spec.build, "desired build is already live");
+            return (Outcome::NoChange, None);
+        }
+        let in_cold_slot = holding.is_some() && holding != hot && !force;
+        self.progress.reset(m.spec.size);
+        let mut run = Run {
+            d: self,
+            rec: DeployRecord {
+                build: m.spec.build.clone(),
+                sha256: m.spec.sha256.clone(),
+                deploy_id: m.deploy_id.clone(),
+                phase: Phase::Idle,
+                outcome: None,
+                started_at: now_secs(),
+                finished_at: None,
+                phase_ms: BTreeMap::new(),
+                progress: ProgressSnapshot::default(),
+                from_cache: false,
+                slot: None,
+                error: None,
+            },
+            phase_start: Instant::now(),
+            obs,
+        };
+        let result = self.drive(m, in_cold_slot, &cancel, &mut run).await;
+        match result {
+            Ok(()) => {
+                let outcome = if in_cold_slot { Outcome::RolledBack } else { Outcome::Success };
+                run.finish(outcome, None);
+                // Off the critical path: delete what claims moved aside and
+                // keep only the newest artifacts.
+                let root_path = self.root_path.clone();
+                let cache = self.cache.clone();
+                let sha = m.spec.sha256.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = swapper::purge_trash(&root_path) {
+                        warn!(error = %e, "cannot empty the trash");
+                    }
+                    if let Err(e) = cache.prune(Some(&sha)) {
+                        warn!(error = %e, "cannot prune the artifact cache");
+                    }
+                });
+                (outcome, None)
+            }
+            Err(e) => {
+                let cancelled = matches!(e, Error::Cancelled { .. }) || cancel.is_cancelled();
+                let ev = if cancelled { Event::Cancel } else { Event::Fail };
+                if let Err(te) = run.step(ev) {
+                    warn!(error = %te, "cannot record the failure transition");
+                }
+                let outcome = if cancelled { Outcome::Cancelled } else { Outcome::Failed };
+                if cancelled {
+                    info!(build = %m.spec.build, "deploy cancelled at a safe point");
+                } else {
+                    tracing::error!(build = %m.spec.build, error = %e, "deploy failed; the previous build keeps serving");
+                }
+                run.finish(outcome, Some(&e));
+                (outcome, Some(e))
+            }
+        }
+    }
+
+    async fn drive(
+        &self,
+        m: &Manifest,
+        in_cold_slot: bool,
+        cancel: &CancellationToken,
+        run: &mut Run<'_>,
+    ) -> Result<()> {
+        let check = |what: &str| -> Result<()> {
+            if cancel.is_cancelled() {
+                return Err(Error::Cancelled {
+                    build: m.spec.build.clone(),
+                    reason: format!("a newer manifest or shutdown arrived before {what}"),
+                });
+            }
+            Ok(())
+        };
+        run.step(Event::Start { in_cold_slot })?;
+        let target = if in_cold_slot {
+            let hot = self.root.lock().unwrap_or_else(|p| p.into_inner()).hot();
+            hot.map(Slot::other).unwrap_or(Slot::A)
+        } else {
+            // waiting-for-cold-slot
+            let cold_dir = {
+                let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
+                root.slot_path(root.cold())
+            };
+            let limits = self.limits(m);
+            let spec = self.spec(m);
+            let (cache_dir, cold) = (self.cache.dir().to_path_buf(), cold_dir.clone());
+            if self.cache.lookup(&m.spec.sha256).is_none() {
+                let est = fetch::unpacked_estimate(&spec, &limits);
+                tokio::task::spawn_blocking(move || {
+                    fetch::free_space_check(&cache_dir, &cold, spec.size, est)
+                })
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??;
+            }
+            drain::wait_cold_slot(&cold_dir, &self.config.drain, cancel, holder_reporter(run.obs.clone()))
+                .await?;
+            run.obs.holders(&[]);
+            check("claiming the cold slot")?;
+            let (slot, dir) = self.with_root(|r| r.claim_cold()).await?;
+            run.rec.slot = Some(slot);
+            run.step(Event::ColdSlotFree)?;
+
+            // downloading: fetch, verify and unpack overlap.
+            let outcome = fetch::fetch_and_unpack(
+                &self.client,
+                &self.spec(m),
+                &self.cache,
+                &dir,
+                &self.fetch,
+                &limits,
+                self.progress.clone(),
+                cancel.clone(),
+            )
+            .await?;
+            run.rec.from_cache = outcome.from_cache;
+            run.step(Event::Fetched)?;
+
+            // unpacking: durable, then marked. Not cancelled: it is short
+            // and leaves a reusable slot.
+            let info = BuildInfo {
+                build_id: m.spec.build.clone(),
+                sha256: Some(outcome.sha256.clone()),
+                entries: outcome.stats.entries,
+                bytes: outcome.stats.bytes_written,
+            };
+            self.with_root(move |r| r.mark_ready(slot, info)).await?;
+            run.step(Event::Marked)?;
+            slot
+        };
+        run.rec.slot = Some(target);
+
+        // draining
+        let hooks = &self.config.hooks;
+        let env = self.hook_env(m, target);
+        if let Some(argv) = &hooks.pre_flip {
+            drain::run_hook("pre-flip", argv, &env, hooks.timeout, hooks.output_limit).await?;
+        }
+        let hot_dir = self.root_path.join("current");
+        drain::wait_hot_drained(
+            &hot_dir,
+            &self.config.drain,
+            hooks.timeout,
+            cancel,
+            &self.client,
+            holder_reporter(run.obs.clone()),
+        )
+        .await?;
+        run.obs.holders(&[]);
+        check("the flip")?;
+        run.step(Event::Drained)?;
+
+        // flipping: never cancelled once started.
+        let report = self.with_root(move |r| r.flip_to(target)).await?;
+        info!(build = %report.build_id, to = %report.to, took_us = report.took.as_micros() as u64, "flip complete");
+        run.step(Event::Flipped)?;
+
+        if let Some(argv) = &hooks.post_flip {
+            // The new build is live whatever the hook says; its failure is
+            // reported, not undone (the health gate decides about rollback).
+            if let Err(e) = drain::run_hook("post-flip", argv, &env, hooks.timeout, hooks.output_limit).await {
+                warn!(error = %e, "post-flip hook failed");
+                run.rec.error = Some(ErrorRecord { message: e.to_string(), at: now_secs() });
+            }
+        }
+        Ok(())
+    }
+
+    fn spec(&self, m: &Manifest) -> ArtifactSpec {
+        ArtifactSpec {
+            urls: m.spec.urls.clone(),
+            sha256: m.spec.sha256.clone(),
+            size: m.spec.size,
+            format: m.spec.format.into(),
+        }
+    }
+
+    /// The manifest may lower the configured limits, never raise them.
+    fn limits(&self, m: &Manifest) -> UnpackLimits {
+        let c = &self.config.unpack;
+        UnpackLimits {
+            max_bytes: m.max_unpacked_bytes.map_or(c.max_bytes, |b| b.min(c.max_bytes)),
+            max_entries: m.max_entries.map_or(c.max_entries, |n| n.min(c.max_entries)),
+        }
+    }
+
+    fn hook_env(&self, m: &Manifest, slot: Slot) -> Vec<(String, String)> {
+        vec![
+            ("DEPLOY_BUILD".into(), m.spec.build.clone()),
+            ("DEPLOY_SHA256".into(), m.spec.sha256.clone()),
+            ("DEPLOY_ROOT".into(), self.root_path.display().to_string()),
+            ("DEPLOY_SLOT".into(), slot.dir_name().into()),
+            (
+                "DEPLOY_SLOT_DIR".into(),
+                self.root_path.join(slot.dir_name()).display().to_string(),
+            ),
+        ]
+    }
+}
+
+fn holder_reporter(obs: Arc<dyn Observer>) -> impl Fn(&[swapper::drain::Holder]) + Send + Sync + 'static {
+    move |hs: &[swapper::drain::Holder]| obs.holders(hs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn happy_path_and_rollback_path() {
+        let mut p = Phase::Idle;
+        for e in [
+            Event::Start { in_cold_slot: false },
+            Event::ColdSlotFree,
+            Event::Fetched,
+            Event::Marked,
+            Event::Drained,
+            Event::Flipped,
+        ] {
+            p = transition(p, e).unwrap();
+        }
+        assert_eq!(p, Phase::Done);
+        let p = transition(Phase::Done, Event::Start { in_cold_slot: true }).unwrap();
+        assert_eq!(p, Phase::Draining);
+    }
+
+    #[test]
+    fn unlisted_pairs_are_errors() {
+        assert!(transition(Phase::Idle, Event::Flipped).is_err());
+        assert!(transition(Phase::Downloading, Event::Marked).is_err());
+        assert!(transition(Phase::Flipping, Event::Cancel).is_err());
+        assert!(transition(Phase::Done, Event::Fail).is_err());
+    }
+
+    #[test]
+    fn no_event_sequence_reaches_done_without_marked_or_cold_slot_build() {
+        // Exhaustive over sequences of length <= 7: Done needs either
+        // Marked (a verified, durable build) or a Start from the cold slot.
+        let events = [
+            Event::Start { in_cold_slot: false },
+            Event::Start { in_cold_slot: true },
+            Event::ColdSlotFree,
+            Event::Fetched,
+            Event::Marked,
+            Event::Drained,
+            Event::Flipped,
+            Event::Fail,
+            Event::Cancel,
+        ];
+        fn walk(p: Phase, verified: bool, depth: usize, events: &[Event]) {
+            if p == Phase::Done {
+                assert!(verified, "reached done without a verified build");
+            }
+            if depth == 0 {
+                return;
+            }
+            for e in events {
+                if let Ok(n) = transition(p, *e) {
+                    let v = match e {
+                        Event::Marked | Event::Start { in_cold_slot: true } => true,
+                        Event::Start { in_cold_slot: false } => false,
+                        _ => verified,
+                    };
+                    walk(n, v, depth - 1, events);
+                }
+            }
+        }
+        walk(Phase::Idle, false, 7, &events);
+    }
+}

@@ -1,0 +1,321 @@
+//! The desired state: the JSON manifest a Consul key (or a local file) holds.
+//!
+//! ```json
+//! {"build": "2026.11.26-3", "url": "https://artifacts/app-3.tar.gz",
+//!  "sha256": "<64 hex>", "size": 123456, "format": "tar.gz",
+//!  "mirrors": ["https://mirror/app-3.tar.gz"], "deploy_id": "r42",
+//!  "max_unpacked_bytes": 2000000000, "max_entries": 200000}
+//! ```
+//!
+//! Parsing is pure and total: any input yields a validated [`Manifest`] or
+//! an error naming the field. Unknown fields are ignored so newer release
+//! tooling can add fields. Nothing is persisted here.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Largest manifest accepted (Consul refuses values over 512 KiB anyway).
+pub const MAX_MANIFEST_BYTES: usize = 512 * 1024;
+/// Most mirrors accepted, so a hostile manifest cannot make us try forever.
+pub const MAX_URLS: usize = 16;
+
+/// Archive formats the unpacker understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Format {
+    #[serde(rename = "tar")]
+    Tar,
+    #[serde(rename = "tar.gz")]
+    TarGz,
+    #[serde(rename = "tar.zst")]
+    TarZst,
+}
+
+impl Format {
+    fn parse(s: &str) -> Option<Format> {
+        match s {
+            "tar" => Some(Format::Tar),
+            "tar.gz" | "tgz" => Some(Format::TarGz),
+            "tar.zst" | "tzst" => Some(Format::TarZst),
+            _ => None,
+        }
+    }
+
+    /// The manifest spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Tar => "tar",
+            Format::TarGz => "tar.gz",
+            Format::TarZst => "tar.zst",
+        }
+    }
+}
+
+/// One build's artifact: everything needed to fetch and verify it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildSpec {
+    pub build: String,
+    /// The primary URL first, then mirrors.
+    pub urls: Vec<String>,
+    /// Lowercase hex sha256 of the artifact.
+    pub sha256: String,
+    pub size: u64,
+    pub format: Format,
+}
+
+/// A validated manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    #[serde(flatten)]
+    pub spec: BuildSpec,
+    pub deploy_id: Option<String>,
+    pub max_unpacked_bytes: Option<u64>,
+    pub max_entries: Option<u64>,
+}
+
+/// Why a manifest was rejected; always names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("manifest field `{field}`: {reason}")]
+pub struct ManifestError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn err(field: &str, reason: impl Into<String>) -> ManifestError {
+    ManifestError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// What URL schemes a manifest may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UrlPolicy {
+    /// `file://` URLs; off for manifests from Consul unless the config
+    /// allows it, since a writer of the key could otherwise make the agent
+    /// read any local file.
+    pub allow_file: bool,
+}
+
+impl Manifest {
+    /// Parses and validates manifest bytes.
+    pub fn parse(bytes: &[u8], policy: UrlPolicy) -> Result<Manifest, ManifestError> {
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(err(
+                "(document)",
+                format!("{} bytes, more than {MAX_MANIFEST_BYTES}", bytes.len()),
+            ));
+        }
+        let v: Value = serde_json::from_slice(bytes)
+            .map_err(|e| err("(document)", format!("not valid JSON: {e}")))?;
+        let Value::Object(obj) = v else {
+            return Err(err("(document)", "must be a JSON object"));
+        };
+        Self::from_object(&obj, policy)
+    }
+
+    fn from_object(obj: &Map<String, Value>, policy: UrlPolicy) -> Result<Manifest, ManifestError> {
+        let spec = BuildSpec::from_object(obj, policy)?;
+        let deploy_id = match obj.get("deploy_id") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.len() <= 256 => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            Some(_) => return Err(err("deploy_id", "must be a string of at most 256 bytes")),
+        };
+        Ok(Manifest {
+            spec,
+            deploy_id,
+            max_unpacked_bytes: opt_u64(obj, "max_unpacked_bytes")?,
+            max_entries: opt_u64(obj, "max_entries")?,
+        })
+    }
+
+    /// The identity of this desired state: a new deploy happens when it
+    /// changes (build, artifact or deploy id).
+    pub fn identity(&self) -> String {
+        format!(
+            "{}@{}#{}",
+            self.spec.build,
+            self.spec.sha256,
+            self.deploy_id.as_deref().unwrap_or("")
+        )
+    }
+}
+
+impl BuildSpec {
+    fn from_object(obj: &Map<String, Value>, policy: UrlPolicy) -> Result<BuildSpec, ManifestError> {
+        let build = match obj.get("build") {
+            Some(Value::String(s)) if swapper::validate_build_id(s) => s.clone(),
+            Some(Value::String(s)) => {
+                return Err(err(
+                    "build",
+                    format!("{s:?} must be 1-128 characters of [A-Za-z0-9._-]"),
+                ))
+            }
+            Some(_) => return Err(err("build", "must be a string")),
+            None => return Err(err("build", "missing")),
+        };
+        let mut urls = match obj.get("url") {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|u| u.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| err("url", "must be a string or a list of strings"))?,
+            Some(_) => return Err(err("url", "must be a string or a list of strings")),
+            None => return Err(err("url", "missing")),
+        };
+        match obj.get("mirrors") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(a)) => {
+                for m in a {
+                    urls.push(
+                        m.as_str()
+                            .ok_or_else(|| err("mirrors", "must be a list of strings"))?
+                            .to_owned(),
+                    );
+                }
+            }
+            Some(_) => return Err(err("mirrors", "must be a list of strings")),
+        }
+        if urls.is_empty() {
+            return Err(err("url", "no URL given"));
+        }
+        if urls.len() > MAX_URLS {
+            return Err(err("url", format!("more than {MAX_URLS} URLs")));
+        }
+        for u in &urls {
+            check_url(u, policy)?;
+        }
+        let sha256 = match obj.get("sha256") {
+            Some(Value::String(s))
+                if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
+                s.to_ascii_lowercase()
+            }
+            Some(Value::String(_)) => return Err(err("sha256", "must be 64 hex digits")),
+            Some(_) => return Err(err("sha256", "must be a string of 64 hex digits")),
+            None => return Err(err("sha256", "missing")),
+        };
+        let size = match obj.get("size") {
+            Some(v) => v
+                .as_u64()
+                .filter(|n| *n > 0 && *n <= 1 << 44)
+                .ok_or_else(|| err("size", "must be a whole number of bytes, 1 to 16 TiB"))?,
+            None => return Err(err("size", "missing")),
+        };
+        let format = match obj.get("format") {
+            Some(Value::String(s)) => Format::parse(s).ok_or_else(|| {
+                err("format", format!("{s:?} is not one of tar, tar.gz, tar.zst"))
+            })?,
+            Some(_) => return Err(err("format", "must be a string")),
+            None => return Err(err("format", "missing")),
+        };
+        Ok(BuildSpec {
+            build,
+            urls,
+            sha256,
+            size,
+            format,
+        })
+    }
+}
+
+fn opt_u64(obj: &Map<String, Value>, field: &str) -> Result<Option<u64>, ManifestError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n > 0)
+            .map(Some)
+            .ok_or_else(|| err(field, "must be a positive whole number")),
+    }
+}
+
+fn check_url(u: &str, policy: UrlPolicy) -> Result<(), ManifestError> {
+    if u.len() > 4096 {
+        return Err(err("url", "longer than 4096 bytes"));
+    }
+    let parsed = reqwest::Url::parse(u).map_err(|e| err("url", format!("{u:?}: {e}")))?;
+    match parsed.scheme() {
+        "http" | "https" => {
+            if parsed.host_str().is_none() {
+                return Err(err("url", format!("{u:?} has no host")));
+            }
+            Ok(())
+        }
+        "file" if policy.allow_file => Ok(()),
+        "file" => Err(err(
+            "url",
+            format!("{u:?}: file:// URLs are refused unless the config sets download.allow-file-urls"),
+        )),
+        other => Err(err("url", format!("{u:?}: scheme {other} is not http or https"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHA: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    fn good() -> Value {
+        serde_json::json!({"build": "b-1", "url": "http://h/a.tar.gz", "sha256": SHA, "size": 10, "format": "tar.gz"})
+    }
+
+    fn parse(v: &Value) -> Result<Manifest, ManifestError> {
+        Manifest::parse(v.to_string().as_bytes(), UrlPolicy::default())
+    }
+
+    #[test]
+    fn accepts_minimal_and_ignores_unknown_fields() {
+        let mut v = good();
+        v["future_field"] = serde_json::json!({"x": 1});
+        let m = parse(&v).unwrap();
+        assert_eq!(m.spec.build, "b-1");
+        assert_eq!(m.spec.format, Format::TarGz);
+        assert_eq!(m.spec.urls, vec!["http://h/a.tar.gz"]);
+    }
+
+    #[test]
+    fn each_required_field_is_named_when_missing_or_bad() {
+        for (field, bad) in [
+            ("build", serde_json::json!("../x")),
+            ("url", serde_json::json!(5)),
+            ("sha256", serde_json::json!("zz")),
+            ("size", serde_json::json!(-1)),
+            ("format", serde_json::json!("zip")),
+        ] {
+            let mut v = good();
+            v.as_object_mut().unwrap().remove(field);
+            assert_eq!(parse(&v).unwrap_err().field, field, "missing {field}");
+            v[field] = bad;
+            assert_eq!(parse(&v).unwrap_err().field, field, "bad {field}");
+        }
+    }
+
+    #[test]
+    fn url_schemes_and_mirrors() {
+        let mut v = good();
+        v["url"] = serde_json::json!(["http://a/x", "https://b/x"]);
+        v["mirrors"] = serde_json::json!(["http://c/x"]);
+        assert_eq!(parse(&v).unwrap().spec.urls.len(), 3);
+        v["url"] = serde_json::json!("file:///etc/passwd");
+        assert!(parse(&v).unwrap_err().reason.contains("file://"));
+        let m = Manifest::parse(v.to_string().as_bytes(), UrlPolicy { allow_file: true });
+        assert!(m.is_ok());
+        v["url"] = serde_json::json!("ftp://h/x");
+        assert_eq!(parse(&v).unwrap_err().field, "url");
+    }
+
+    #[test]
+    fn garbage_is_rejected() {
+        for bad in [&b"{"[..], b"[]", b"null", b"\xff\xfe"] {
+            assert_eq!(
+                Manifest::parse(bad, UrlPolicy::default()).unwrap_err().field,
+                "(document)"
+            );
+        }
+        let huge = vec![b' '; MAX_MANIFEST_BYTES + 1];
+        assert!(Manifest::parse(&huge, UrlPolicy::default()).is_err());
+    }
+}
