@@ -16,7 +16,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-
     // ---- watch / consul (watch/*, testserver/consul.rs) ----
 
     // ---- fetch / verify / unpack (fetch.rs, verify.rs, unpack.rs, testserver/artifact.rs) ----
