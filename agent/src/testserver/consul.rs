@@ -195,7 +195,12 @@ impl ConsulServer {
             config.datacenter
         };
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
+            // Consul never reports index 0 (clients would busy-loop); an
+            // empty store already answers 1, so the first write is 2.
+            state: Mutex::new(State {
+                index: 1,
+                ..State::default()
+            }),
             changed,
             acl: config.acl,
             datacenter,
