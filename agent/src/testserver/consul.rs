@@ -141,9 +141,16 @@ struct Shared {
     last_contact_ms: AtomicU64,
     requests: Mutex<Vec<RequestRecord>>,
     shutdown: CancellationToken,
+    /// A lagging follower: when set, `?stale` reads see this frozen state.
+    follower: Mutex<Option<State>>,
 }
 
-#[derive(Debug, Default)]
+/// A frozen copy of the store, to play a lagging follower
+/// ([`ConsulServer::set_follower`]).
+#[derive(Debug, Clone)]
+pub struct FollowerView(State);
+
+#[derive(Debug, Default, Clone)]
 struct State {
     kv: BTreeMap<String, Entry>,
     /// The `kvs`/`tombstones` table index: highest index of any KV write.
@@ -208,6 +215,7 @@ impl ConsulServer {
             last_contact_ms: AtomicU64::new(0),
             requests: Mutex::new(Vec::new()),
             shutdown: CancellationToken::new(),
+            follower: Mutex::new(None),
         });
         let server = ConsulServer {
             shared,
@@ -286,6 +294,19 @@ impl ConsulServer {
         self.shared
             .last_contact_ms
             .store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// A copy of the store as it is now, for [`ConsulServer::set_follower`].
+    pub fn follower_view(&self) -> FollowerView {
+        FollowerView(lock(&self.shared.state).clone())
+    }
+
+    /// While `Some`, `?stale` reads are answered from `view`, like a
+    /// follower that stopped replicating; default reads still see the
+    /// leader's current state.
+    pub fn set_follower(&self, view: Option<FollowerView>) {
+        *lock(&self.shared.follower) = view.map(|v| v.0);
+        self.shared.changed.send_modify(|g| *g += 1);
     }
 
     /// Applies `fault` to every request from now on (`Fault::None` heals).
@@ -583,7 +604,14 @@ impl Shared {
             // between the read and the wait still wakes us.
             rx.borrow_and_update();
             let (index, resp) = {
-                let st = lock(&self.state);
+                let leader = lock(&self.state);
+                let follower = if stale {
+                    lock(&self.follower).clone()
+                } else {
+                    None
+                };
+                let restored = leader.restores != restores_at_start;
+                let st: &State = follower.as_ref().unwrap_or(&leader);
                 let (index, resp) = if recurse {
                     self.answer_list(&st, key, last_contact, raw)
                 } else if keys {
@@ -591,7 +619,6 @@ impl Shared {
                 } else {
                     self.answer_one(&st, key, last_contact, raw)
                 };
-                let restored = st.restores != restores_at_start;
                 // Consul never reports index 0: a client would busy-loop.
                 let index = index.max(1);
                 if min_index == 0 || index > min_index || restored {

@@ -33,7 +33,9 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+/// Re-exported: [`watch_key`] takes one, and callers (the tests among
+/// them) need not depend on tokio-util themselves.
+pub use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 
