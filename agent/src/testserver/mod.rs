@@ -1,1 +1,2 @@
 //! Test servers that the tests and `deploy-agent demo` run in-process.
+pub mod consul;

@@ -1,1 +1,3 @@
 //! Sources of the desired state: Consul KV (`consul`) and a local file (`file`).
+pub mod consul;
+pub mod file;

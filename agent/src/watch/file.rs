@@ -1,0 +1,149 @@
+//! The second source of the desired state: a local file holding the same
+//! value the Consul key would, watched with `notify`.
+//!
+//! The parent directory is watched, not the file, so writers that replace
+//! the file atomically (write a temp file, rename it over) are seen. Events
+//! are debounced, the file is re-read, and only changed content is sent, as
+//! [`WatchEvent`]s like the Consul watch sends. A slow periodic re-read
+//! covers lost notifications (and a directory that cannot be watched).
+//!
+//! Nothing is written. If the process dies, the next start re-reads the
+//! file and sends its current content first; the consumer compares it with
+//! what is deployed.
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::consul::{WatchEvent, MAX_VALUE_SIZE};
+
+/// Quiet time after the last event before the file is read: an editor or a
+/// deploy tool often touches the file several times in a row.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+/// Upper bound of the debounce under a constant stream of events.
+const MAX_DEBOUNCE: Duration = Duration::from_millis(500);
+/// Re-read this often even without events, in case some were lost.
+const RESCAN: Duration = Duration::from_secs(10);
+/// Re-read this often when the directory cannot be watched at all.
+const POLL_WITHOUT_WATCHER: Duration = Duration::from_secs(1);
+
+/// Watches `path` until `shutdown` is cancelled (or the receiver is gone):
+/// sends its initial content (or `Missing`), then every change. The
+/// `modify_index` of a value counts the values sent, starting at 1.
+#[tracing::instrument(name = "file_watch", skip_all, fields(path = %path.display()))]
+pub async fn watch_file(path: PathBuf, tx: mpsc::Sender<WatchEvent>, shutdown: CancellationToken) {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().map(|n| n.to_os_string());
+    // A capacity-1 channel is a "something happened" flag: a full channel
+    // already says so, and the callback (on notify's thread) never blocks.
+    let (poke_tx, mut poke_rx) = mpsc::channel::<()>(1);
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let relevant = match &res {
+            Ok(ev) => {
+                ev.paths.is_empty() || ev.paths.iter().any(|p| p.file_name() == name.as_deref())
+            }
+            // An error (e.g. queue overflow) may hide our event: re-read.
+            Err(_) => true,
+        };
+        if relevant {
+            let _ = poke_tx.try_send(());
+        }
+    })
+    .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|()| w));
+    let rescan = match &watcher {
+        Ok(_) => RESCAN,
+        Err(e) => {
+            tracing::warn!(
+                dir = %dir.display(),
+                error = %e,
+                "cannot watch the directory; polling the file instead"
+            );
+            POLL_WITHOUT_WATCHER
+        }
+    };
+
+    let mut last: Option<Option<Vec<u8>>> = None;
+    let mut counter = 0u64;
+    loop {
+        if let Some(event) = read_change(&path, &mut last, &mut counter).await {
+            tokio::select! {
+                r = tx.send(event) => if r.is_err() { return },
+                _ = shutdown.cancelled() => return,
+            }
+        }
+        // Wait for an event (or the rescan period), then for quiet.
+        tokio::select! {
+            _ = poke_rx.recv() => {}
+            _ = tokio::time::sleep(rescan) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let started = Instant::now();
+        loop {
+            let remaining = MAX_DEBOUNCE.saturating_sub(started.elapsed());
+            if remaining.is_zero() {
+                break;
+            }
+            tokio::select! {
+                r = tokio::time::timeout(DEBOUNCE.min(remaining), poke_rx.recv()) => {
+                    if r.is_err() {
+                        break; // quiet for DEBOUNCE
+                    }
+                }
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+    // `watcher` lives until here: dropping it stops the notifications.
+}
+
+/// Reads the file and returns an event if its content differs from `last`.
+async fn read_change(
+    path: &Path,
+    last: &mut Option<Option<Vec<u8>>>,
+    counter: &mut u64,
+) -> Option<WatchEvent> {
+    let content = match tokio::fs::metadata(path).await {
+        Ok(m) if m.len() > MAX_VALUE_SIZE as u64 => {
+            tracing::error!(
+                bytes = m.len(),
+                "file larger than the 512 KiB a Consul value may hold; ignoring it"
+            );
+            return None;
+        }
+        Ok(_) => match tokio::fs::read(path).await {
+            Ok(c) => Some(c),
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the file; keeping the last value");
+                return None;
+            }
+        },
+        Err(e) if e.kind() == ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot stat the file; keeping the last value");
+            return None;
+        }
+    };
+    if last.as_ref() == Some(&content) {
+        return None;
+    }
+    *last = Some(content.clone());
+    match content {
+        None => Some(WatchEvent::Missing),
+        Some(value) => {
+            *counter += 1;
+            Some(WatchEvent::Value {
+                value,
+                modify_index: *counter,
+            })
+        }
+    }
+}
