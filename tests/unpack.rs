@@ -2,6 +2,9 @@
 //! trees in every format, and hostile archives that must be refused without
 //! anything landing outside the slot.
 
+// In tests a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
