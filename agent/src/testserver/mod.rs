@@ -1,1 +1,3 @@
 //! Test servers that the tests and `deploy-agent demo` run in-process.
+
+pub mod artifact;
