@@ -21,6 +21,7 @@
 
 pub mod error;
 pub mod fetch;
+pub mod pipeline;
 pub mod progress;
 pub mod testserver;
 pub mod unpack;
