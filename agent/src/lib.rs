@@ -26,6 +26,7 @@ pub mod drain;
 pub mod error;
 pub mod manifest;
 pub mod fetch;
+pub mod pipeline;
 pub mod progress;
 pub mod testserver;
 pub mod unpack;

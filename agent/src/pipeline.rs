@@ -1,0 +1,334 @@
+//! The data path of one deploy: fetch -> verify -> unpack, overlapped.
+//!
+//! Range workers (async) write the artifact into `<sha>.partial` in the
+//! artifact cache; one blocking reader thread follows the contiguous
+//! watermark, feeding every byte in order through sha256 and into the
+//! decompressor and the unpacker, so a build is hashed and unpacked while
+//! its tail is still downloading. [`fetch_and_unpack`] returns Ok only when
+//! the whole artifact's size and digest matched AND every entry is written.
+//!
+//! Crash guarantees: a crash leaves `<sha>.partial` and its sidecar, and the
+//! next run resumes; the slot is garbage because the caller writes its
+//! ready-marker only after this returns Ok. A digest mismatch deletes the
+//! partial (never resume from bad data); the partial becomes `<sha>` only
+//! after the digest matched.
+
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, instrument, warn};
+
+use crate::error::{Error, Result};
+use crate::fetch::{
+    download, free_space_check, unpacked_estimate, ArtifactCache, ArtifactSpec, Chunks,
+    FetchSettings, Partial,
+};
+use crate::progress::Progress;
+use crate::unpack::{unpack, UnpackLimits, UnpackStats};
+use crate::verify::{check, parse_sha256, HashingReader};
+
+/// What [`fetch_and_unpack`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnpackOutcome {
+    pub stats: UnpackStats,
+    /// Lowercase hex sha256 of the artifact (verified).
+    pub sha256: String,
+    /// True when the artifact came from the cache (no network at all).
+    pub from_cache: bool,
+    /// From the start until the last byte was in the partial (zero from cache).
+    pub download_time: Duration,
+    /// From the start until the reader thread finished hashing and unpacking.
+    pub unpack_time: Duration,
+}
+
+/// Downloads (or takes from `cache`), verifies and unpacks the artifact into
+/// `slot_dir`, an EMPTY directory the caller has claimed, overlapping the
+/// stages.
+///
+/// Returns only when the sha256 and size of the whole artifact matched AND
+/// every entry is written; the caller then makes the slot durable (syncfs)
+/// and writes the ready-marker. On any Err the slot is garbage. On
+/// cancellation (the token, or dropping this future) the partial download
+/// and its progress are kept, so the next call resumes.
+#[instrument(skip_all, fields(sha256 = %spec.sha256, size = spec.size, slot = %slot_dir.display()))]
+#[allow(clippy::too_many_arguments)] // the deploy state machine's interface, kept flat on purpose
+pub async fn fetch_and_unpack(
+    client: &reqwest::Client,
+    spec: &ArtifactSpec,
+    cache: &ArtifactCache,
+    slot_dir: &Path,
+    settings: &FetchSettings,
+    limits: &UnpackLimits,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+) -> Result<UnpackOutcome> {
+    let expected = parse_sha256(&spec.sha256)?;
+    let mut spec = spec.clone();
+    spec.sha256 = hex::encode(expected);
+    validate_urls(&spec, settings)?;
+    progress.reset(spec.size);
+    let started = Instant::now();
+
+    if let Some(path) = cache.lookup(&spec.sha256) {
+        return from_cache(
+            &spec, &expected, cache, path, slot_dir, limits, progress, cancel,
+        )
+        .await;
+    }
+
+    let partial = {
+        let (cache, spec, slot) = (cache.clone(), spec.clone(), slot_dir.to_path_buf());
+        let (limits, parallel) = (*limits, settings.parallel_ranges);
+        blocking(move || {
+            // A partial of the right length already holds its blocks.
+            let allocated = std::fs::metadata(cache.partial_path(&spec.sha256))
+                .is_ok_and(|m| m.len() == spec.size);
+            let download = if allocated { 0 } else { spec.size };
+            free_space_check(
+                cache.dir(),
+                &slot,
+                download,
+                unpacked_estimate(&spec, &limits),
+            )?;
+            Partial::open(&cache, &spec, parallel)
+        })
+        .await?
+    };
+    let partial = Arc::new(partial);
+    let resumed = partial.bytes_present();
+    if resumed > 0 {
+        info!(resumed, "resuming partial download");
+    }
+    let mut stop = StopOnDrop(Some(Arc::clone(&partial)));
+
+    let reader = spawn_reader(
+        Arc::clone(&partial.file),
+        Arc::clone(&partial.chunks),
+        &spec,
+        slot_dir,
+        limits,
+        Arc::clone(&progress),
+        cancel.clone(),
+    );
+    let downloaded = tokio::select! {
+        r = download(client, &spec, Arc::clone(&partial), settings, Arc::clone(&progress)) => r,
+        _ = cancel.cancelled() => Err(Error::Cancelled { what: format!("download of {}", spec.sha256) }),
+    };
+    let download_time = started.elapsed();
+    if let Err(e) = downloaded {
+        // Stop the reader and wait for it: the caller may clear the slot next.
+        partial.chunks.abort();
+        let _ = reader.await;
+        partial.persist();
+        stop.0 = None;
+        if matches!(e, Error::SizeMismatch { .. }) {
+            partial.discard();
+        }
+        return Err(e);
+    }
+    stop.0 = None;
+    let read = reader
+        .await
+        .map_err(|e| Error::io(slot_dir, std::io::Error::other(e)))?;
+    let unpack_time = started.elapsed();
+    let Some((digest, bytes)) = read.digest else {
+        return Err(stopped(read, &cancel, &spec.sha256));
+    };
+    let source = spec.urls.join(", ");
+    if let Err(e) = check(&source, &expected, spec.size, &digest, bytes) {
+        warn!(error = %e, "downloaded artifact failed verification, deleting it");
+        partial.discard();
+        return Err(e);
+    }
+    // Verified: only now does the partial become a cache entry.
+    let complete = cache.dir().join(&spec.sha256);
+    std::fs::rename(&partial.path, &complete).map_err(|e| Error::io(&complete, e))?;
+    let _ = std::fs::remove_file(&partial.sidecar);
+    if let Err(e) = cache.prune(Some(&spec.sha256)) {
+        warn!(error = %e, "cannot prune the artifact cache");
+    }
+    let stats = read.unpacked?;
+    info!(
+        entries = stats.entries,
+        bytes = stats.bytes_written,
+        download_ms = download_time.as_millis() as u64,
+        unpack_ms = unpack_time.as_millis() as u64,
+        "fetched, verified and unpacked"
+    );
+    Ok(UnpackOutcome {
+        stats,
+        sha256: spec.sha256.clone(),
+        from_cache: false,
+        download_time,
+        unpack_time,
+    })
+}
+
+/// The cache path: same reader, the whole file is already present. The
+/// digest is checked again (disk corruption, a partial write before a power
+/// loss); a bad cache entry is deleted.
+#[allow(clippy::too_many_arguments)]
+async fn from_cache(
+    spec: &ArtifactSpec,
+    expected: &[u8; 32],
+    cache: &ArtifactCache,
+    path: PathBuf,
+    slot_dir: &Path,
+    limits: &UnpackLimits,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+) -> Result<UnpackOutcome> {
+    let started = Instant::now();
+    info!(path = %path.display(), "artifact cache hit");
+    let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+    let size = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+    progress
+        .bytes_downloaded
+        .store(size, std::sync::atomic::Ordering::Relaxed);
+    let reader = spawn_reader(
+        Arc::new(file),
+        Arc::new(Chunks::complete(size)),
+        spec,
+        slot_dir,
+        limits,
+        progress,
+        cancel.clone(),
+    );
+    let read = reader
+        .await
+        .map_err(|e| Error::io(slot_dir, std::io::Error::other(e)))?;
+    let Some((digest, bytes)) = read.digest else {
+        return Err(stopped(read, &cancel, &spec.sha256));
+    };
+    let source = path.display().to_string();
+    if let Err(e) = check(&source, expected, spec.size, &digest, bytes) {
+        warn!(error = %e, "cached artifact failed verification, deleting it");
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
+    cache.touch(&spec.sha256);
+    let stats = read.unpacked?;
+    Ok(UnpackOutcome {
+        stats,
+        sha256: spec.sha256.clone(),
+        from_cache: true,
+        download_time: Duration::ZERO,
+        unpack_time: started.elapsed(),
+    })
+}
+
+/// The error for a read that stopped before the last byte.
+fn stopped(read: ReadOutcome, cancel: &CancellationToken, sha256: &str) -> Error {
+    let cancelled = || Error::Cancelled {
+        what: format!("unpack of {sha256}"),
+    };
+    if cancel.is_cancelled() {
+        return cancelled();
+    }
+    read.unpacked.err().unwrap_or_else(cancelled)
+}
+
+fn validate_urls(spec: &ArtifactSpec, settings: &FetchSettings) -> Result<()> {
+    for url in &spec.urls {
+        let ok = url.starts_with("http://")
+            || url.starts_with("https://")
+            || (settings.allow_file_urls && url.starts_with("file://"));
+        if !ok {
+            return Err(Error::InvalidArtifact {
+                reason: format!("unsupported URL {url:?} (http, https, or file when allowed)"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What the reader thread saw.
+struct ReadOutcome {
+    unpacked: Result<UnpackStats>,
+    /// Digest and length of every byte of the artifact; `None` when the
+    /// read stopped early (download failed, cancelled).
+    digest: Option<([u8; 32], u64)>,
+}
+
+fn spawn_reader(
+    file: Arc<File>,
+    chunks: Arc<Chunks>,
+    spec: &ArtifactSpec,
+    slot_dir: &Path,
+    limits: &UnpackLimits,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<ReadOutcome> {
+    let (format, slot, limits) = (spec.format, slot_dir.to_path_buf(), *limits);
+    tokio::task::spawn_blocking(move || {
+        let source = WatermarkReader {
+            file,
+            chunks,
+            pos: 0,
+            cancel,
+        };
+        let mut hashing =
+            HashingReader::new(BufReader::with_capacity(256 << 10, source), &progress);
+        let unpacked = unpack(&mut hashing, format, &slot, &limits, &progress);
+        // Hash the rest even when the unpack refused the archive: a digest
+        // mismatch (bad download) is the more useful error than "corrupt".
+        let digest = match hashing.drain() {
+            Ok(()) => Some(hashing.finish()),
+            Err(_) => None,
+        };
+        ReadOutcome { unpacked, digest }
+    })
+}
+
+/// Reads the partial in order, never past the contiguous watermark.
+struct WatermarkReader {
+    file: Arc<File>,
+    chunks: Arc<Chunks>,
+    pos: u64,
+    cancel: CancellationToken,
+}
+
+impl Read for WatermarkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.cancel.is_cancelled() {
+            return Err(std::io::Error::other("cancelled"));
+        }
+        if self.pos >= self.chunks.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let available = self.chunks.wait_beyond(self.pos)?;
+        let n = (available - self.pos).min(buf.len() as u64) as usize;
+        let n = self.file.read_at(&mut buf[..n], self.pos)?;
+        if n == 0 {
+            return Err(std::io::Error::other("partial file shorter than recorded"));
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// Stops the reader and records progress if `fetch_and_unpack` is dropped
+/// mid-download (the "restart" case): the range workers are aborted by
+/// their JoinSet, this wakes the reader thread so it exits.
+struct StopOnDrop(Option<Arc<Partial>>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some(partial) = self.0.take() {
+            partial.chunks.abort();
+            // A few hundred bytes, synchronously: Drop cannot await.
+            partial.persist();
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::io("<blocking task>", std::io::Error::other(e)))?
+}
