@@ -245,7 +245,9 @@ impl Config {
         }
         match (&cfg.source.key, &cfg.source.file) {
             (Some(_), Some(_)) => {
-                return Err(invalid("source: set either `key` or `file`, not both".into()))
+                return Err(invalid(
+                    "source: set either `key` or `file`, not both".into(),
+                ))
             }
             (None, None) => {
                 return Err(invalid(
@@ -268,7 +270,10 @@ impl Config {
         if cfg.download.cache_keep == 0 {
             return Err(invalid("download.cache-keep: must be at least 1".into()));
         }
-        for (name, argv) in [("hooks.pre-flip", &cfg.hooks.pre_flip), ("hooks.post-flip", &cfg.hooks.post_flip)] {
+        for (name, argv) in [
+            ("hooks.pre-flip", &cfg.hooks.pre_flip),
+            ("hooks.post-flip", &cfg.hooks.post_flip),
+        ] {
             if argv.as_ref().is_some_and(|a| a.is_empty()) {
                 return Err(invalid(format!("{name}: must name a command")));
             }
@@ -294,8 +299,7 @@ pub fn valid_key(k: &str) -> bool {
     !k.is_empty()
         && !k.starts_with('/')
         && !k.split('/').any(|c| c == "..")
-        && k
-            .bytes()
+        && k.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'-'))
 }
 
@@ -362,8 +366,13 @@ mod tests {
     fn unknown_keys_and_bad_values_name_the_key() {
         let e = parse("deploy-root = \"/x\"\nbogus = 1\n[source]\nkey=\"k\"").unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
-        let e = parse("deploy-root = \"/x\"\n[source]\nkey=\"k\"\n[download]\nread-timeout = \"soon\"").unwrap_err();
-        assert!(e.to_string().contains("read-timeout") || e.to_string().contains("soon"), "{e}");
+        let e =
+            parse("deploy-root = \"/x\"\n[source]\nkey=\"k\"\n[download]\nread-timeout = \"soon\"")
+                .unwrap_err();
+        assert!(
+            e.to_string().contains("read-timeout") || e.to_string().contains("soon"),
+            "{e}"
+        );
         let e = parse("deploy-root = \"/x\"\n[source]\nkey=\"/abs\"").unwrap_err();
         assert!(e.to_string().contains("source.key"), "{e}");
         let e = parse("deploy-root = \"rel\"\n[source]\nkey=\"k\"").unwrap_err();

@@ -127,7 +127,10 @@ pub enum Command {
 }
 
 /// A command and where to send its answer.
-pub type CommandRequest = (Command, oneshot::Sender<std::result::Result<String, String>>);
+pub type CommandRequest = (
+    Command,
+    oneshot::Sender<std::result::Result<String, String>>,
+);
 
 /// Knobs that tests and the demo set; production uses the defaults.
 #[derive(Debug, Clone)]
@@ -185,7 +188,11 @@ pub fn consul_settings(cfg: &Config) -> Result<ConsulSettings> {
 impl Agent {
     /// Opens (and recovers) the deploy root, starts the watch and the main
     /// loop. Returns once the agent is ready (recovery done).
-    pub async fn start(config: Config, opts: RunOptions, shutdown: CancellationToken) -> Result<Agent> {
+    pub async fn start(
+        config: Config,
+        opts: RunOptions,
+        shutdown: CancellationToken,
+    ) -> Result<Agent> {
         let root_path = config.deploy_root.clone();
         let (root, report) = tokio::task::spawn_blocking({
             let p = root_path.clone();
@@ -241,11 +248,17 @@ impl Agent {
                 name
             }
             (None, Some(path)) => {
-                tokio::spawn(crate::watch::file::watch_file(path.clone(), tx, shutdown.clone()));
+                tokio::spawn(crate::watch::file::watch_file(
+                    path.clone(),
+                    tx,
+                    shutdown.clone(),
+                ));
                 format!("file:{}", path.display())
             }
             (None, None) => {
-                return Err(Error::Internal("config has no source (checked at load)".into()))
+                return Err(Error::Internal(
+                    "config has no source (checked at load)".into(),
+                ))
             }
         };
         let (cmd_tx, cmd_rx) = mpsc::channel(8);
@@ -420,7 +433,11 @@ impl MainLoop {
             let force = std::mem::take(&mut force_next);
             let c = cancel.clone();
             let handle = tokio::spawn(async move { deployer.execute(&m, force, c, obs).await });
-            running = Some(Running { identity, cancel, handle });
+            running = Some(Running {
+                identity,
+                cancel,
+                handle,
+            });
         }
     }
 
@@ -435,7 +452,10 @@ impl MainLoop {
     ) -> (std::result::Result<String, String>, bool) {
         match cmd {
             Command::Hold { reason } => {
-                self.shared.lock().hold = Some(Hold { reason: reason.clone(), since: now_secs() });
+                self.shared.lock().hold = Some(Hold {
+                    reason: reason.clone(),
+                    since: now_secs(),
+                });
                 if let Some(r) = running.as_ref() {
                     r.cancel.cancel();
                 }
@@ -454,7 +474,10 @@ impl MainLoop {
             }
             Command::Rollback => {
                 if running.is_some() {
-                    return (Err("a deploy is running; hold first, then roll back".into()), false);
+                    return (
+                        Err("a deploy is running; hold first, then roll back".into()),
+                        false,
+                    );
                 }
                 let root = self.deployer.root.clone();
                 let r = tokio::task::spawn_blocking(move || {
@@ -469,7 +492,13 @@ impl MainLoop {
                             reason: format!("operator rollback to {}", rep.build_id),
                             since: now_secs(),
                         });
-                        (Ok(format!("rolled back to {} ({}); holding until resume", rep.build_id, rep.to)), false)
+                        (
+                            Ok(format!(
+                                "rolled back to {} ({}); holding until resume",
+                                rep.build_id, rep.to
+                            )),
+                            false,
+                        )
                     }
                     Ok(Err(e)) => (Err(e.to_string()), false),
                     Err(e) => (Err(e.to_string()), false),

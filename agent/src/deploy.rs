@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use swapper::{BuildInfo, DeployRoot, Slot};
@@ -86,7 +86,9 @@ impl Phase {
 pub enum Event {
     /// A new desired build; `in_cold_slot` when the cold slot already holds
     /// it (a rollback: no download).
-    Start { in_cold_slot: bool },
+    Start {
+        in_cold_slot: bool,
+    },
     ColdSlotFree,
     Fetched,
     Marked,
@@ -101,7 +103,12 @@ pub fn transition(phase: Phase, event: Event) -> Result<Phase> {
     use Event as E;
     use Phase as P;
     let next = match (phase, event) {
-        (p, E::Start { in_cold_slot: false }) if p.is_terminal() => P::WaitingForColdSlot,
+        (
+            p,
+            E::Start {
+                in_cold_slot: false,
+            },
+        ) if p.is_terminal() => P::WaitingForColdSlot,
         (p, E::Start { in_cold_slot: true }) if p.is_terminal() => P::Draining,
         (P::WaitingForColdSlot, E::ColdSlotFree) => P::Downloading,
         (P::Downloading, E::Fetched) => P::Unpacking,
@@ -204,7 +211,11 @@ impl Run<'_> {
         let next = transition(self.rec.phase, event)?;
         let spent = self.phase_start.elapsed().as_millis() as u64;
         if !self.rec.phase.is_terminal() {
-            *self.rec.phase_ms.entry(self.rec.phase.as_str().into()).or_default() += spent;
+            *self
+                .rec
+                .phase_ms
+                .entry(self.rec.phase.as_str().into())
+                .or_default() += spent;
         }
         info!(build = %self.rec.build, from = self.rec.phase.as_str(), to = next.as_str(), spent_ms = spent, "deploy phase");
         self.rec.phase = next;
@@ -279,7 +290,8 @@ impl Deployer {
         let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
         Slot::ALL.into_iter().find(|s| {
             root.marker(*s).is_some_and(|mk| {
-                mk.build.build_id == m.spec.build && mk.build.sha256.as_deref() == Some(&m.spec.sha256)
+                mk.build.build_id == m.spec.build
+                    && mk.build.sha256.as_deref() == Some(&m.spec.sha256)
             })
         })
     }
@@ -325,7 +337,11 @@ impl Deployer {
         let result = self.drive(m, in_cold_slot, &cancel, &mut run).await;
         match result {
             Ok(()) => {
-                let outcome = if in_cold_slot { Outcome::RolledBack } else { Outcome::Success };
+                let outcome = if in_cold_slot {
+                    Outcome::RolledBack
+                } else {
+                    Outcome::Success
+                };
                 run.finish(outcome, None);
                 // Off the critical path: delete what claims moved aside and
                 // keep only the newest artifacts.
@@ -344,11 +360,19 @@ impl Deployer {
             }
             Err(e) => {
                 let cancelled = matches!(e, Error::Cancelled { .. }) || cancel.is_cancelled();
-                let ev = if cancelled { Event::Cancel } else { Event::Fail };
+                let ev = if cancelled {
+                    Event::Cancel
+                } else {
+                    Event::Fail
+                };
                 if let Err(te) = run.step(ev) {
                     warn!(error = %te, "cannot record the failure transition");
                 }
-                let outcome = if cancelled { Outcome::Cancelled } else { Outcome::Failed };
+                let outcome = if cancelled {
+                    Outcome::Cancelled
+                } else {
+                    Outcome::Failed
+                };
                 if cancelled {
                     info!(build = %m.spec.build, "deploy cancelled at a safe point");
                 } else {
@@ -370,8 +394,7 @@ impl Deployer {
         let check = |what: &str| -> Result<()> {
             if cancel.is_cancelled() {
                 return Err(Error::Cancelled {
-                    build: m.spec.build.clone(),
-                    reason: format!("a newer manifest or shutdown arrived before {what}"),
+                    what: format!("deploy of {} (before {what})", m.spec.build),
                 });
             }
             Ok(())
@@ -397,8 +420,13 @@ impl Deployer {
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))??;
             }
-            drain::wait_cold_slot(&cold_dir, &self.config.drain, cancel, holder_reporter(run.obs.clone()))
-                .await?;
+            drain::wait_cold_slot(
+                &cold_dir,
+                &self.config.drain,
+                cancel,
+                holder_reporter(run.obs.clone()),
+            )
+            .await?;
             run.obs.holders(&[]);
             check("claiming the cold slot")?;
             let (slot, dir) = self.with_root(|r| r.claim_cold()).await?;
@@ -406,7 +434,7 @@ impl Deployer {
             run.step(Event::ColdSlotFree)?;
 
             // downloading: fetch, verify and unpack overlap.
-            let outcome = fetch::fetch_and_unpack(
+            let outcome = crate::pipeline::fetch_and_unpack(
                 &self.client,
                 &self.spec(m),
                 &self.cache,
@@ -462,9 +490,14 @@ impl Deployer {
         if let Some(argv) = &hooks.post_flip {
             // The new build is live whatever the hook says; its failure is
             // reported, not undone (the health gate decides about rollback).
-            if let Err(e) = drain::run_hook("post-flip", argv, &env, hooks.timeout, hooks.output_limit).await {
+            if let Err(e) =
+                drain::run_hook("post-flip", argv, &env, hooks.timeout, hooks.output_limit).await
+            {
                 warn!(error = %e, "post-flip hook failed");
-                run.rec.error = Some(ErrorRecord { message: e.to_string(), at: now_secs() });
+                run.rec.error = Some(ErrorRecord {
+                    message: e.to_string(),
+                    at: now_secs(),
+                });
             }
         }
         Ok(())
@@ -483,8 +516,12 @@ impl Deployer {
     fn limits(&self, m: &Manifest) -> UnpackLimits {
         let c = &self.config.unpack;
         UnpackLimits {
-            max_bytes: m.max_unpacked_bytes.map_or(c.max_bytes, |b| b.min(c.max_bytes)),
-            max_entries: m.max_entries.map_or(c.max_entries, |n| n.min(c.max_entries)),
+            max_bytes: m
+                .max_unpacked_bytes
+                .map_or(c.max_bytes, |b| b.min(c.max_bytes)),
+            max_entries: m
+                .max_entries
+                .map_or(c.max_entries, |n| n.min(c.max_entries)),
         }
     }
 
@@ -502,7 +539,9 @@ impl Deployer {
     }
 }
 
-fn holder_reporter(obs: Arc<dyn Observer>) -> impl Fn(&[swapper::drain::Holder]) + Send + Sync + 'static {
+fn holder_reporter(
+    obs: Arc<dyn Observer>,
+) -> impl Fn(&[swapper::drain::Holder]) + Send + Sync + 'static {
     move |hs: &[swapper::drain::Holder]| obs.holders(hs)
 }
 
@@ -514,7 +553,9 @@ mod tests {
     fn happy_path_and_rollback_path() {
         let mut p = Phase::Idle;
         for e in [
-            Event::Start { in_cold_slot: false },
+            Event::Start {
+                in_cold_slot: false,
+            },
             Event::ColdSlotFree,
             Event::Fetched,
             Event::Marked,
@@ -541,7 +582,9 @@ mod tests {
         // Exhaustive over sequences of length <= 7: Done needs either
         // Marked (a verified, durable build) or a Start from the cold slot.
         let events = [
-            Event::Start { in_cold_slot: false },
+            Event::Start {
+                in_cold_slot: false,
+            },
             Event::Start { in_cold_slot: true },
             Event::ColdSlotFree,
             Event::Fetched,
@@ -562,7 +605,9 @@ mod tests {
                 if let Ok(n) = transition(p, *e) {
                     let v = match e {
                         Event::Marked | Event::Start { in_cold_slot: true } => true,
-                        Event::Start { in_cold_slot: false } => false,
+                        Event::Start {
+                            in_cold_slot: false,
+                        } => false,
                         _ => verified,
                     };
                     walk(n, v, depth - 1, events);

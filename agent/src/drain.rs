@@ -70,8 +70,14 @@ pub async fn run_hook(
     let pgid = child.id().map(|p| Pid::from_raw(p as i32));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
     for pipe in [
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-        child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
     ]
     .into_iter()
     .flatten()
@@ -148,7 +154,11 @@ pub async fn run_hook(
             output: text,
         });
     }
-    info!(hook = name, took_ms = outcome.took.as_millis() as u64, "hook succeeded");
+    info!(
+        hook = name,
+        took_ms = outcome.took.as_millis() as u64,
+        "hook succeeded"
+    );
     Ok(outcome)
 }
 
@@ -165,17 +175,24 @@ pub async fn wait_cold_slot(
     let r = wait_no_process(dir, cfg.cold_deadline, cfg.poll, cancel, report.clone()).await;
     match (r, cfg.cold_action) {
         (Ok(()), _) => Ok(()),
-        (Err(Error::Swapper(swapper::Error::DrainTimeout { holders, .. })), ColdSlotAction::Kill)
-            if !cancel.is_cancelled() =>
-        {
+        (
+            Err(Error::Swapper(swapper::Error::DrainTimeout { holders, .. })),
+            ColdSlotAction::Kill,
+        ) if !cancel.is_cancelled() => {
             for sig in [Signal::SIGTERM, Signal::SIGKILL] {
                 for h in &holders {
                     warn!(pid = h.pid, command = %h.command, signal = ?sig, "signalling process still using the cold slot");
                     let _ = nix::sys::signal::kill(Pid::from_raw(h.pid), sig);
                 }
-                if wait_no_process(dir, Duration::from_secs(5), cfg.poll, cancel, report.clone())
-                    .await
-                    .is_ok()
+                if wait_no_process(
+                    dir,
+                    Duration::from_secs(5),
+                    cfg.poll,
+                    cancel,
+                    report.clone(),
+                )
+                .await
+                .is_ok()
                 {
                     return Ok(());
                 }
@@ -219,13 +236,27 @@ pub async fn wait_hot_drained(
     match &cfg.hot {
         HotDrain::None => Ok(()),
         HotDrain::NoProcess => {
-            wait_no_process(hot_dir, cfg.hot_deadline, cfg.poll, cancel, std::sync::Arc::new(report)).await
+            wait_no_process(
+                hot_dir,
+                cfg.hot_deadline,
+                cfg.poll,
+                cancel,
+                std::sync::Arc::new(report),
+            )
+            .await
         }
         HotDrain::Command { argv } => {
             let start = Instant::now();
             loop {
                 let left = cfg.hot_deadline.saturating_sub(start.elapsed());
-                let r = run_hook("drain-check", argv, &[], hook_timeout.min(left.max(Duration::from_millis(100))), 4096).await;
+                let r = run_hook(
+                    "drain-check",
+                    argv,
+                    &[],
+                    hook_timeout.min(left.max(Duration::from_millis(100))),
+                    4096,
+                )
+                .await;
                 if r.is_ok() {
                     return Ok(());
                 }

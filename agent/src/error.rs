@@ -172,10 +172,10 @@ pub enum Error {
     },
 
     #[error("drain condition ({what}) did not hold within {waited:?}; the flip was not done, check the workers or raise drain.hot-deadline")]
-    DrainCondition { what: String, waited: std::time::Duration },
-
-    #[error("deploy of {build} cancelled: {reason}")]
-    Cancelled { build: String, reason: String },
+    DrainCondition {
+        what: String,
+        waited: std::time::Duration,
+    },
 
     #[error("invalid phase transition: {event} in phase {phase}; this is a bug, report it")]
     Transition { phase: String, event: String },

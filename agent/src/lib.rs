@@ -19,13 +19,15 @@
 //! are durable and verified, so a build that was interrupted anywhere is
 //! never served.
 
+pub mod buildgen;
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod deploy;
 pub mod drain;
 pub mod error;
-pub mod manifest;
 pub mod fetch;
+pub mod manifest;
 pub mod pipeline;
 pub mod progress;
 pub mod testserver;

@@ -1,1 +1,172 @@
-fn main() {}
+//! The `deploy-agent` binary: parses the command line, sets up logging and
+//! calls into the library. Holds no state of its own.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use deploy_agent::buildgen::BuildProfile;
+use deploy_agent::config::{Config, DEFAULT_PATH};
+use deploy_agent::manifest::Format;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "deploy-agent",
+    version,
+    about = "Keeps this host on the build its Consul key names."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the agent (the systemd service's command).
+    Run {
+        #[arg(long, default_value = DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Validate a config file and print what it resolves to.
+    CheckConfig {
+        #[arg(long, default_value = DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// The whole job end to end on this machine with in-process servers.
+    Demo {
+        /// Keep the deploy root and artifacts here instead of a temp dir.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Build size: tiny, demo, small (~4,000 files) or full (~40,000 files).
+        #[arg(long, default_value = "demo")]
+        size: String,
+        /// Archive format: tar, tar.gz or tar.zst.
+        #[arg(long, default_value = "tar.gz")]
+        format: String,
+    },
+}
+
+/// Exit codes, documented in README.md.
+mod exit {
+    pub const CONFIG: u8 = 2;
+    pub const RUNTIME: u8 = 1;
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DEPLOY_AGENT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::CheckConfig { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!("{}: ok", config.display());
+                println!("  deploy root: {}", c.deploy_root.display());
+                match (&c.source.key, &c.source.file) {
+                    (Some(k), _) => println!("  source: consul key {k} at {}", c.consul.address),
+                    (_, Some(f)) => println!("  source: file {}", f.display()),
+                    _ => {}
+                }
+                println!("  cache: {}", c.cache_dir().display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(exit::CONFIG)
+            }
+        },
+        Cmd::Run { config } => {
+            init_logging();
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(exit::CONFIG);
+                }
+            };
+            runtime_block(async move {
+                let shutdown = CancellationToken::new();
+                let s = shutdown.clone();
+                tokio::spawn(async move {
+                    let mut term = match tokio::signal::unix::signal(
+                        tokio::signal::unix::SignalKind::terminate(),
+                    ) {
+                        Ok(t) => t,
+                        Err(_) => return,
+                    };
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                    tracing::info!("stopping at the next safe point");
+                    s.cancel();
+                });
+                deploy_agent::daemon::run(cfg, shutdown).await
+            })
+        }
+        Cmd::Demo { dir, size, format } => {
+            if std::env::var_os("DEPLOY_AGENT_LOG").is_some() {
+                init_logging();
+            }
+            let profile = match size.as_str() {
+                "tiny" => BuildProfile::TINY,
+                "demo" => BuildProfile::DEMO,
+                "small" => BuildProfile::SMALL,
+                "full" => BuildProfile::FULL,
+                other => {
+                    eprintln!("error: --size {other:?}: use tiny, demo, small or full");
+                    return ExitCode::from(exit::CONFIG);
+                }
+            };
+            let format = match format.as_str() {
+                "tar" => Format::Tar,
+                "tar.gz" => Format::TarGz,
+                "tar.zst" => Format::TarZst,
+                other => {
+                    eprintln!("error: --format {other:?}: use tar, tar.gz or tar.zst");
+                    return ExitCode::from(exit::CONFIG);
+                }
+            };
+            runtime_block(async move {
+                let mut out = std::io::stdout();
+                deploy_agent::demo::run(
+                    deploy_agent::demo::DemoOptions {
+                        dir,
+                        profile,
+                        format,
+                    },
+                    &mut out,
+                )
+                .await
+                .map(|_| ())
+            })
+        }
+    }
+}
+
+fn runtime_block(fut: impl std::future::Future<Output = deploy_agent::Result<()>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::RUNTIME);
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(exit::RUNTIME)
+        }
+    }
+}

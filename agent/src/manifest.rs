@@ -142,7 +142,10 @@ impl Manifest {
 }
 
 impl BuildSpec {
-    fn from_object(obj: &Map<String, Value>, policy: UrlPolicy) -> Result<BuildSpec, ManifestError> {
+    fn from_object(
+        obj: &Map<String, Value>,
+        policy: UrlPolicy,
+    ) -> Result<BuildSpec, ManifestError> {
         let build = match obj.get("build") {
             Some(Value::String(s)) if swapper::validate_build_id(s) => s.clone(),
             Some(Value::String(s)) => {
@@ -187,9 +190,7 @@ impl BuildSpec {
             check_url(u, policy)?;
         }
         let sha256 = match obj.get("sha256") {
-            Some(Value::String(s))
-                if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) =>
-            {
+            Some(Value::String(s)) if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) => {
                 s.to_ascii_lowercase()
             }
             Some(Value::String(_)) => return Err(err("sha256", "must be 64 hex digits")),
@@ -205,7 +206,10 @@ impl BuildSpec {
         };
         let format = match obj.get("format") {
             Some(Value::String(s)) => Format::parse(s).ok_or_else(|| {
-                err("format", format!("{s:?} is not one of tar, tar.gz, tar.zst"))
+                err(
+                    "format",
+                    format!("{s:?} is not one of tar, tar.gz, tar.zst"),
+                )
             })?,
             Some(_) => return Err(err("format", "must be a string")),
             None => return Err(err("format", "missing")),
@@ -246,9 +250,14 @@ fn check_url(u: &str, policy: UrlPolicy) -> Result<(), ManifestError> {
         "file" if policy.allow_file => Ok(()),
         "file" => Err(err(
             "url",
-            format!("{u:?}: file:// URLs are refused unless the config sets download.allow-file-urls"),
+            format!(
+                "{u:?}: file:// URLs are refused unless the config sets download.allow-file-urls"
+            ),
         )),
-        other => Err(err("url", format!("{u:?}: scheme {other} is not http or https"))),
+        other => Err(err(
+            "url",
+            format!("{u:?}: scheme {other} is not http or https"),
+        )),
     }
 }
 
@@ -311,7 +320,9 @@ mod tests {
     fn garbage_is_rejected() {
         for bad in [&b"{"[..], b"[]", b"null", b"\xff\xfe"] {
             assert_eq!(
-                Manifest::parse(bad, UrlPolicy::default()).unwrap_err().field,
+                Manifest::parse(bad, UrlPolicy::default())
+                    .unwrap_err()
+                    .field,
                 "(document)"
             );
         }

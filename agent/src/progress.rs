@@ -22,7 +22,7 @@ pub struct Progress {
 }
 
 /// A consistent-enough copy of [`Progress`] for reporting.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct ProgressSnapshot {
     pub bytes_downloaded: u64,
     pub bytes_total: u64,

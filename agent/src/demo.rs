@@ -1,0 +1,244 @@
+//! `deploy-agent demo`: the whole job end to end on this machine, no setup.
+//!
+//! Starts the Consul-compatible and artifact servers on loopback in-process,
+//! makes a deploy root in a temp dir (or `--dir`), generates two builds,
+//! publishes build 1 through Consul and runs the real agent until it is
+//! live, publishes build 2, then rolls back by setting the key back. A crash
+//! leaves only the temp dir behind.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::buildgen::{self, Artifact, BuildProfile};
+use crate::config::{Config, ConsulConfig, SourceConfig};
+use crate::daemon::{Agent, RunOptions};
+use crate::deploy::{DeployRecord, Outcome};
+use crate::error::{Error, Result};
+use crate::manifest::Format;
+use crate::testserver::artifact::ArtifactServer;
+use crate::testserver::consul::{ConsulServer, ConsulServerConfig};
+use crate::watch::consul::ConsulSettings;
+
+const KEY: &str = "deploy/demo/production";
+
+/// Demo options.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Where to put the deploy root and artifacts; a temp dir when `None`.
+    pub dir: Option<PathBuf>,
+    pub profile: BuildProfile,
+    pub format: Format,
+}
+
+/// Runs the demo, printing to `out`. Returns the three deploy records.
+pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Vec<DeployRecord>> {
+    let t0 = Instant::now();
+    let tmp;
+    let base = match &opts.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::Builder::new()
+                .prefix("deploy-agent-demo-")
+                .tempdir()
+                .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let p = |out: &mut (dyn Write + Send), s: String| {
+        let _ = writeln!(out, "{s}");
+    };
+    p(out, format!("deploy-agent demo in {}", base.display()));
+
+    let consul = ConsulServer::start(ConsulServerConfig::default())
+        .await
+        .map_err(|e| Error::io("127.0.0.1:0", e))?;
+    let artifacts = ArtifactServer::start()
+        .await
+        .map_err(|e| Error::io("127.0.0.1:0", e))?;
+    p(
+        out,
+        format!("  consul-compatible KV server  {}", consul.url()),
+    );
+    p(
+        out,
+        format!("  artifact server              {}", artifacts.url("/")),
+    );
+
+    let art_dir = base.join("artifacts");
+    std::fs::create_dir_all(&art_dir).map_err(|e| Error::io(&art_dir, e))?;
+    let ext = opts.format.as_str();
+    let mut builds: Vec<(String, Artifact, String)> = Vec::new();
+    for id in ["2026.11.26-1", "2026.11.26-2"] {
+        let path = art_dir.join(format!("app-{id}.{ext}"));
+        let started = Instant::now();
+        let prof = opts.profile;
+        let (pp, idc, fmt) = (path.clone(), id.to_string(), opts.format);
+        let a =
+            tokio::task::spawn_blocking(move || buildgen::write_build(prof, 42, &idc, fmt, &pp))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??;
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let url_path = format!("/builds/app-{id}.{ext}");
+        artifacts.add(&url_path, bytes);
+        p(
+            out,
+            format!(
+                "  generated build {id}: {} entries, {:.1} MB unpacked, {:.1} MB {ext}, in {:.2}s",
+                a.entries,
+                a.unpacked_bytes as f64 / 1e6,
+                a.size as f64 / 1e6,
+                started.elapsed().as_secs_f64()
+            ),
+        );
+        let manifest = buildgen::manifest_json(id, &artifacts.url(&url_path), &a, opts.format);
+        builds.push((id.to_string(), a, manifest));
+    }
+
+    let root = base.join("srv/app");
+    let config = Config {
+        deploy_root: root.clone(),
+        cache_dir: None,
+        source: SourceConfig {
+            key: Some(KEY.into()),
+            file: None,
+        },
+        consul: ConsulConfig {
+            address: consul.url(),
+            ..ConsulConfig::default()
+        },
+        download: Default::default(),
+        unpack: Default::default(),
+        drain: Default::default(),
+        hooks: Default::default(),
+    };
+    let settings = ConsulSettings {
+        address: consul.url(),
+        wait: Duration::from_secs(30),
+        first_request_splay: Duration::ZERO,
+        // The demo publishes every few seconds; production keeps the
+        // RULES.md default of one request per 15 s after a burst of 2.
+        rate: crate::watch::consul::RateLimit {
+            burst: 2,
+            refill_interval: Duration::from_millis(500),
+        },
+        ..ConsulSettings::default()
+    };
+    let shutdown = CancellationToken::new();
+    let agent = Agent::start(
+        config,
+        RunOptions {
+            consul: Some(settings),
+            ..RunOptions::default()
+        },
+        shutdown.clone(),
+    )
+    .await?;
+    p(
+        out,
+        format!("  agent running on deploy root {}", root.display()),
+    );
+
+    let mut records = Vec::new();
+    let steps = [
+        (0, "publish build 1"),
+        (1, "publish build 2"),
+        (0, "roll back: set the key back to build 1"),
+    ];
+    for (i, (b, what)) in steps.iter().enumerate() {
+        let (id, _, manifest) = &builds[*b];
+        p(out, format!("\n[{}] {what}", i + 1));
+        let before = artifacts.stats().bytes_sent;
+        let written = Instant::now();
+        consul.put(KEY, manifest.as_bytes());
+        let rec = wait_for(&agent, id, records.len() + 1, Duration::from_secs(300)).await?;
+        let took = written.elapsed();
+        let served = std::fs::read_to_string(root.join("current/BUILD")).unwrap_or_default();
+        let link = std::fs::read_link(root.join("current"))
+            .map(|l| l.display().to_string())
+            .unwrap_or_default();
+        p(
+            out,
+            format!(
+                "    key write -> live: {:.3}s  outcome: {:?}  current -> {link}  serving build {served}",
+                took.as_secs_f64(),
+                rec.outcome.unwrap_or(Outcome::Failed)
+            ),
+        );
+        p(
+            out,
+            format!(
+                "    downloaded {:.1} MB, {} entries written{}",
+                (artifacts.stats().bytes_sent - before) as f64 / 1e6,
+                rec.progress.entries,
+                if rec.from_cache {
+                    " (artifact from cache)"
+                } else {
+                    ""
+                }
+            ),
+        );
+        let phases: Vec<String> = rec
+            .phase_ms
+            .iter()
+            .map(|(k, v)| format!("{k} {v} ms"))
+            .collect();
+        p(out, format!("    phases: {}", phases.join(", ")));
+        if served.trim() != id {
+            return Err(Error::Internal(format!(
+                "demo: expected build {id} to be served, found {served:?}"
+            )));
+        }
+        records.push(rec);
+    }
+    shutdown.cancel();
+    let _ = agent.task.await;
+    p(
+        out,
+        format!(
+            "\ndemo complete in {:.1}s: 2 deploys and 1 rollback, every flip atomic.",
+            t0.elapsed().as_secs_f64()
+        ),
+    );
+    Ok(records)
+}
+
+async fn wait_for(agent: &Agent, build: &str, nth: usize, limit: Duration) -> Result<DeployRecord> {
+    let start = Instant::now();
+    loop {
+        let s = agent.shared.snapshot();
+        if s.history.len() >= nth {
+            if let Some(rec) = s.history.iter().rev().find(|r| r.build == build) {
+                match rec.outcome {
+                    Some(Outcome::Success | Outcome::RolledBack) => return Ok(rec.clone()),
+                    Some(Outcome::Failed) => {
+                        return Err(Error::Internal(format!(
+                            "demo: deploy of {build} failed: {}",
+                            rec.error
+                                .as_ref()
+                                .map(|e| e.message.as_str())
+                                .unwrap_or("?")
+                        )))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if start.elapsed() > limit {
+            return Err(Error::Internal(format!(
+                "demo: build {build} not live after {limit:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Used by the CLI to say where the demo left its files.
+pub fn describe(dir: &Path) -> String {
+    format!("files kept in {}", dir.display())
+}
