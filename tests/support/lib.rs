@@ -57,3 +57,5 @@ pub fn check_build(dir: &Path, n: usize, len: usize) -> Result<String, String> {
 pub fn self_exe() -> PathBuf {
     std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"))
 }
+
+pub mod agent;
