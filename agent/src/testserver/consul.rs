@@ -613,11 +613,11 @@ impl Shared {
                 let restored = leader.restores != restores_at_start;
                 let st: &State = follower.as_ref().unwrap_or(&leader);
                 let (index, resp) = if recurse {
-                    self.answer_list(&st, key, last_contact, raw)
+                    self.answer_list(st, key, last_contact, raw)
                 } else if keys {
-                    self.answer_keys(&st, key, separator.as_deref(), last_contact)
+                    self.answer_keys(st, key, separator.as_deref(), last_contact)
                 } else {
-                    self.answer_one(&st, key, last_contact, raw)
+                    self.answer_one(st, key, last_contact, raw)
                 };
                 // Consul never reports index 0: a client would busy-loop.
                 let index = index.max(1);
@@ -1055,6 +1055,8 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
 }
 
 #[cfg(test)]
+// Tests may panic on the unexpected: that is how they fail.
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -1224,6 +1224,8 @@ pub async fn watch_key(
 }
 
 #[cfg(test)]
+// Tests may panic on the unexpected: that is how they fail.
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
