@@ -611,3 +611,114 @@ mod file {
         shutdown.cancel();
     }
 }
+
+#[tokio::test]
+async fn test_server_fault_switches_and_handle() {
+    let server = ConsulServer::start(ConsulServerConfig::default())
+        .await
+        .unwrap();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let url = format!("{}/v1/kv/{KEY}", server.url());
+    let status = |r: reqwest::Result<reqwest::Response>| r.map(|r| r.status().as_u16()).ok();
+
+    // The next N requests only.
+    server.set_fault_for(Fault::Status(503), 2);
+    assert_eq!(status(http.get(&url).send().await), Some(503));
+    assert_eq!(status(http.get(&url).send().await), Some(503));
+    assert_eq!(status(http.get(&url).send().await), Some(404));
+    // Until cleared.
+    server.set_fault(Fault::Status(429));
+    for _ in 0..3 {
+        assert_eq!(status(http.get(&url).send().await), Some(429));
+    }
+    server.set_fault(Fault::None);
+    // Dropped without an answer.
+    server.set_fault_for(Fault::Drop, 1);
+    assert_eq!(status(http.get(&url).send().await), None);
+    // Stalled, then answered.
+    server.set_fault_for(Fault::Stall(Duration::from_millis(400)), 1);
+    let t0 = Instant::now();
+    assert_eq!(status(http.get(&url).send().await), Some(404));
+    assert!(t0.elapsed() >= Duration::from_millis(400));
+    // Down, then back on the same port.
+    let addr = server.addr();
+    server.pause().await;
+    assert_eq!(status(http.get(&url).send().await), None);
+    server.resume().await.unwrap();
+    assert_eq!(server.addr(), addr);
+    assert_eq!(status(http.get(&url).send().await), Some(404));
+
+    // The handle: identical writes keep the index (rule 18).
+    let i1 = server.put(KEY, b"a".to_vec());
+    assert_eq!(server.put(KEY, b"a".to_vec()), i1);
+    assert_eq!(server.get(KEY).unwrap().modify_index, i1);
+    let i2 = server.put(KEY, b"b".to_vec());
+    assert!(i2 > i1);
+    // A snapshot restore lowers every index.
+    server.reset_index(1);
+    assert_eq!(server.index(), 1);
+    assert_eq!(server.get(KEY).unwrap().modify_index, 1);
+    // ?keys with a separator folds sub-folders, like Consul.
+    server.put("deploy/web/a/x", b"x".to_vec());
+    let body = http
+        .get(format!(
+            "{}/v1/kv/deploy/web/?keys&separator=/",
+            server.url()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let keys: Vec<String> = serde_json::from_slice(&body).unwrap();
+    assert_eq!(keys, ["deploy/web/a/", KEY]);
+    // Every request is in the log, in order (the refused one excepted).
+    let log = server.requests();
+    assert_eq!(log.len(), 10);
+    assert!(log.windows(2).all(|w| w[0].at <= w[1].at));
+    server.delete(KEY);
+    assert!(server.get(KEY).is_none());
+}
+
+#[tokio::test]
+async fn test_server_acl_accepts_query_token_and_prefix_rules() {
+    let server = ConsulServer::start(ConsulServerConfig {
+        acl: Some(AclConfig {
+            master_token: "master".into(),
+            tokens: vec![AclToken {
+                secret_id: "writer".into(),
+                rules: vec![
+                    ("deploy/".into(), KeyPolicy::Read),
+                    ("deploy/web/".into(), KeyPolicy::Write),
+                    ("deploy/web/secret".into(), KeyPolicy::Deny),
+                ],
+            }],
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    let put = |key: &str, token: &str| {
+        http.put(format!("{}/v1/kv/{key}?token={token}", server.url()))
+            .body("v")
+            .send()
+    };
+    let code = |r: reqwest::Result<reqwest::Response>| r.unwrap().status().as_u16();
+    assert_eq!(code(put("deploy/web/prod", "writer").await), 200);
+    assert_eq!(code(put("deploy/db/prod", "writer").await), 403);
+    assert_eq!(code(put("deploy/web/secret", "writer").await), 403);
+    assert_eq!(code(put("elsewhere", "master").await), 200);
+    let r = http
+        .put(format!("{}/v1/kv/x?token=nope", server.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    assert_eq!(r.text().await.unwrap(), "ACL not found");
+}

@@ -603,7 +603,7 @@ impl Shared {
             // Mark the current generation seen before reading, so a write
             // between the read and the wait still wakes us.
             rx.borrow_and_update();
-            let (index, resp) = {
+            let resp = {
                 let leader = lock(&self.state);
                 let follower = if stale {
                     lock(&self.follower).clone()
@@ -613,7 +613,7 @@ impl Shared {
                 let restored = leader.restores != restores_at_start;
                 let st: &State = follower.as_ref().unwrap_or(&leader);
                 let (index, resp) = if recurse {
-                    self.answer_list(st, key, last_contact, raw)
+                    self.answer_list(st, key, last_contact)
                 } else if keys {
                     self.answer_keys(st, key, separator.as_deref(), last_contact)
                 } else {
@@ -624,9 +624,10 @@ impl Shared {
                 if min_index == 0 || index > min_index || restored {
                     return resp;
                 }
-                (index, resp)
+                // Not newer than the caller's index: hold it, and answer
+                // this if nothing changes before the deadline.
+                resp
             };
-            let _ = index;
             tokio::select! {
                 _ = rx.changed() => {}
                 _ = tokio::time::sleep_until(deadline) => return resp,
@@ -661,7 +662,7 @@ impl Shared {
         }
     }
 
-    fn answer_list(&self, st: &State, prefix: &str, last_contact: u64, _raw: bool) -> (u64, Resp) {
+    fn answer_list(&self, st: &State, prefix: &str, last_contact: u64) -> (u64, Resp) {
         let pairs: Vec<JsonPair<'_>> = st
             .kv
             .range(prefix.to_string()..)

@@ -1379,4 +1379,85 @@ mod tests {
         })
         .is_err());
     }
+
+    #[test]
+    fn tls_settings_are_checked_at_construction() {
+        let c = ConsulClient::new(&ConsulSettings {
+            address: "https://127.0.0.1:8501".into(),
+            tls_server_name: Some("consul.service.internal".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        // Certificates are verified against the configured name, while the
+        // connection still goes to 127.0.0.1 (pinned resolution).
+        assert_eq!(c.address(), "https://consul.service.internal:8501");
+        let missing_ca = ConsulClient::new(&ConsulSettings {
+            address: "https://127.0.0.1:8501".into(),
+            ca_cert: Some("/nonexistent/ca.pem".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            missing_ca.to_string().contains("/nonexistent/ca.pem"),
+            "{missing_ca}"
+        );
+        let half_identity = ConsulClient::new(&ConsulSettings {
+            client_cert: Some("/tmp/cert.pem".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            half_identity.to_string().contains("CONSUL_CLIENT_KEY"),
+            "{half_identity}"
+        );
+        let insecure = ConsulClient::new(&ConsulSettings {
+            address: "https://10.1.2.3".into(),
+            ssl_verify: false,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(insecure.address(), "https://10.1.2.3");
+        assert_eq!(
+            ConsulClient::new(&ConsulSettings {
+                wait: Duration::from_secs(3600),
+                ..Default::default()
+            })
+            .unwrap()
+            .settings()
+            .wait,
+            MAX_WAIT
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the pattern of attempts, no window of length T ever
+        /// sees more than burst + T/refill requests (rule 8).
+        #[test]
+        fn token_bucket_never_exceeds_its_rate(
+            gaps in proptest::collection::vec(0u64..3_000, 1..200),
+            burst in 1u32..4,
+        ) {
+            let rate = RateLimit { burst, refill_interval: Duration::from_secs(1) };
+            let start = Instant::now();
+            let mut b = TokenBucket::new(rate, start);
+            let mut now = start;
+            let mut granted = Vec::new();
+            for g in gaps {
+                now += Duration::from_millis(g);
+                if b.try_take(now).is_ok() {
+                    granted.push(now - start);
+                }
+            }
+            for (i, t0) in granted.iter().enumerate() {
+                for (j, t1) in granted.iter().enumerate().skip(i) {
+                    let window = (*t1 - *t0).as_secs_f64();
+                    let allowed = f64::from(burst) + window + 1e-6;
+                    proptest::prop_assert!(
+                        (j - i + 1) as f64 <= allowed,
+                        "{} requests within {window} s", j - i + 1
+                    );
+                }
+            }
+        }
+    }
 }
