@@ -428,7 +428,7 @@ async fn forbidden_is_reported_and_retried_slowly() {
         };
         assert!(msg.contains(expected), "{msg}");
         // forbidden_retry is 200 ms (jittered to 100-200 ms): no hammering.
-        assert!(server.request_count() - before <= 8);
+        assert!(server.request_count() - before <= 9);
         w.stop().await;
     }
 }
@@ -590,6 +590,25 @@ mod file {
         assert_eq!(next(&mut rx).await, WatchEvent::Missing);
         std::fs::write(&path, b"b3").unwrap();
         assert!(same_value(&next(&mut rx).await, b"b3"));
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn unwatchable_directory_falls_back_to_polling() {
+        let dir = tempfile::tempdir().unwrap();
+        // The parent does not exist yet: notify cannot watch it.
+        let path = dir.path().join("later").join("desired.json");
+        let (tx, mut rx) = mpsc::channel(8);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(watch_file(path.clone(), tx, shutdown.clone()));
+        assert_eq!(next(&mut rx).await, WatchEvent::Missing);
+        std::fs::create_dir(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"b1").unwrap();
+        assert!(same_value(&next(&mut rx).await, b"b1"));
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(2), task)
             .await

@@ -33,6 +33,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+
 /// Re-exported: [`watch_key`] takes one, and callers (the tests among
 /// them) need not depend on tokio-util themselves.
 pub use tokio_util::sync::CancellationToken;
@@ -48,6 +49,9 @@ pub const MAX_WAIT: Duration = Duration::from_secs(600);
 const MAX_SINGLE_BODY: usize = 1024 * 1024;
 /// Largest body read for a prefix listing.
 const MAX_LIST_BODY: usize = 64 * 1024 * 1024;
+/// TCP (and TLS) connect timeout: the agent is local, so a slow connect
+/// means it is down.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the watch hands to the rest of the agent: only changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -729,7 +733,7 @@ impl ConsulClient {
             // Rule 16: one long-lived connection per host; a second one only
             // while a write overlaps the blocking read.
             .pool_max_idle_per_host(1)
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(CONNECT_TIMEOUT)
             .tcp_keepalive(Duration::from_secs(30))
             .user_agent(concat!("deploy-agent/", env!("CARGO_PKG_VERSION")));
 
@@ -1013,7 +1017,7 @@ fn transport_error(url: &str, e: reqwest::Error) -> Error {
     if e.is_timeout() {
         return Error::ConsulTimeout {
             url: url.to_string(),
-            timeout: Duration::from_secs(5),
+            timeout: CONNECT_TIMEOUT,
         };
     }
     let mut message = e.to_string();
@@ -1156,7 +1160,8 @@ pub fn next_index(previous: u64, received: u64) -> u64 {
     }
 }
 
-/// Rule 8: a token bucket on `tokio::time`, so tests can pause the clock.
+/// Rule 8: a token bucket on `tokio::time` instants (a paused test clock
+/// steers it too).
 #[derive(Debug)]
 pub struct TokenBucket {
     capacity: f64,
