@@ -316,7 +316,11 @@ impl ConsulServer {
 
     /// Applies `fault` to the next `n` requests only.
     pub fn set_fault_for(&self, fault: Fault, n: u64) {
-        *lock(&self.shared.fault) = (fault, Some(n));
+        *lock(&self.shared.fault) = if n == 0 {
+            (Fault::None, None)
+        } else {
+            (fault, Some(n))
+        };
     }
 
     /// Total requests received (faulted ones included).
