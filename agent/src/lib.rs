@@ -20,11 +20,11 @@
 //! never served.
 
 pub mod error;
-pub mod fetch;
 pub mod progress;
-pub mod testserver;
-pub mod unpack;
-pub mod verify;
 pub mod watch;
+pub mod fetch;
+pub mod verify;
+pub mod unpack;
+pub mod testserver;
 
 pub use error::{Error, Result};
