@@ -61,11 +61,11 @@ pub async fn watch_file(path: PathBuf, tx: mpsc::Sender<WatchEvent>, shutdown: C
     let rescan = match &watcher {
         Ok(_) => RESCAN,
         Err(e) => {
-            tracing::warn!(
-                dir = %dir.display(),
-                error = %e,
-                "cannot watch the directory; polling the file instead"
-            );
+            let err = crate::Error::WatchFile {
+                path: dir.clone(),
+                message: e.to_string(),
+            };
+            tracing::warn!(error = %err, "polling the file instead of watching it");
             POLL_WITHOUT_WATCHER
         }
     };
