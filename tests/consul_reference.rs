@@ -11,6 +11,9 @@
 //!
 //! Nothing here persists anything; a killed run leaves nothing behind.
 
+// Test code: a panic is how a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -16,6 +16,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+
     // ---- watch / consul (watch/*, testserver/consul.rs) ----
     /// The Consul agent could not be reached or the connection broke.
     #[error("Consul request to {url} failed: {message}; check CONSUL_HTTP_ADDR and that the local Consul agent is running")]

@@ -316,7 +316,11 @@ impl ConsulServer {
 
     /// Applies `fault` to the next `n` requests only.
     pub fn set_fault_for(&self, fault: Fault, n: u64) {
-        *lock(&self.shared.fault) = (fault, Some(n));
+        *lock(&self.shared.fault) = if n == 0 {
+            (Fault::None, None)
+        } else {
+            (fault, Some(n))
+        };
     }
 
     /// Total requests received (faulted ones included).
@@ -603,7 +607,7 @@ impl Shared {
             // Mark the current generation seen before reading, so a write
             // between the read and the wait still wakes us.
             rx.borrow_and_update();
-            let (index, resp) = {
+            let resp = {
                 let leader = lock(&self.state);
                 let follower = if stale {
                     lock(&self.follower).clone()
@@ -613,20 +617,21 @@ impl Shared {
                 let restored = leader.restores != restores_at_start;
                 let st: &State = follower.as_ref().unwrap_or(&leader);
                 let (index, resp) = if recurse {
-                    self.answer_list(&st, key, last_contact, raw)
+                    self.answer_list(st, key, last_contact)
                 } else if keys {
-                    self.answer_keys(&st, key, separator.as_deref(), last_contact)
+                    self.answer_keys(st, key, separator.as_deref(), last_contact)
                 } else {
-                    self.answer_one(&st, key, last_contact, raw)
+                    self.answer_one(st, key, last_contact, raw)
                 };
                 // Consul never reports index 0: a client would busy-loop.
                 let index = index.max(1);
                 if min_index == 0 || index > min_index || restored {
                     return resp;
                 }
-                (index, resp)
+                // Not newer than the caller's index: hold it, and answer
+                // this if nothing changes before the deadline.
+                resp
             };
-            let _ = index;
             tokio::select! {
                 _ = rx.changed() => {}
                 _ = tokio::time::sleep_until(deadline) => return resp,
@@ -661,7 +666,7 @@ impl Shared {
         }
     }
 
-    fn answer_list(&self, st: &State, prefix: &str, last_contact: u64, _raw: bool) -> (u64, Resp) {
+    fn answer_list(&self, st: &State, prefix: &str, last_contact: u64) -> (u64, Resp) {
         let pairs: Vec<JsonPair<'_>> = st
             .kv
             .range(prefix.to_string()..)
@@ -1055,6 +1060,8 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
 }
 
 #[cfg(test)]
+// Tests may panic on the unexpected: that is how they fail.
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

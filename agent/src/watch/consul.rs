@@ -33,6 +33,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+
 /// Re-exported: [`watch_key`] takes one, and callers (the tests among
 /// them) need not depend on tokio-util themselves.
 pub use tokio_util::sync::CancellationToken;
@@ -48,6 +49,359 @@ pub const MAX_WAIT: Duration = Duration::from_secs(600);
 const MAX_SINGLE_BODY: usize = 1024 * 1024;
 /// Largest body read for a prefix listing.
 const MAX_LIST_BODY: usize = 64 * 1024 * 1024;
+/// TCP (and TLS) connect timeout: the agent is local, so a slow connect
+/// means it is down.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the watch hands to the rest of the agent: only changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// The value changed (or is seen for the first time).
+    Value { value: Vec<u8>, modify_index: u64 },
+    /// 404: nothing is published. Informational: the consumer keeps serving
+    /// what is deployed and never undeploys because of it (rule 6).
+    Missing,
+}
+
+/// The watch loop: runs blocking queries on `key` until `shutdown` is
+/// cancelled (or the receiver is gone) and sends each changed value on
+/// `tx`. Never returns an error: every failure is logged, counted in
+/// `stats`, and retried after a delay.
+#[tracing::instrument(
+    name = "consul_watch",
+    skip_all,
+    fields(key = %key, address = %client.address())
+)]
+pub async fn watch_key(
+    client: ConsulClient,
+    key: String,
+    tx: mpsc::Sender<WatchEvent>,
+    stats: Arc<WatchStats>,
+    shutdown: CancellationToken,
+) {
+    let s = client.settings().clone();
+    stats.start(client.address(), &key);
+    let mut rng = StdRng::from_entropy();
+    let mut bucket = TokenBucket::new(s.rate, Instant::now());
+    let mut backoff = BackoffState::new(s.backoff);
+    let mut state = WatchState::default();
+
+    // Rule 9: spread a fleet-wide restart.
+    if !sleep_or_cancel(random_below(s.first_request_splay, &mut rng), &shutdown).await {
+        return;
+    }
+    loop {
+        // Rule 8: every request, re-reads included, takes a token.
+        if !bucket.acquire(&shutdown).await {
+            return;
+        }
+        let query = state.query(s.wait);
+        let Some(mut result) = read(&client, &key, &query, &stats, &shutdown).await else {
+            return;
+        };
+        if let Ok(answer) = &result {
+            if let Some(reason) = state.reread_reason(answer, s.max_stale) {
+                // Rules 11 and 12: confirm with a default-mode read (the
+                // leader's view) before acting on it.
+                tracing::info!(
+                    reason,
+                    last_contact_ms = answer.last_contact.as_millis() as u64,
+                    modify_index = answer.pair.as_ref().map(|p| p.modify_index),
+                    applied_modify_index = state.applied_modify_index,
+                    "re-reading in default consistency mode"
+                );
+                if !bucket.acquire(&shutdown).await {
+                    return;
+                }
+                stats.reread();
+                let default_mode = QueryOptions::default();
+                let Some(confirmed) = read(&client, &key, &default_mode, &stats, &shutdown).await
+                else {
+                    return;
+                };
+                result = confirmed;
+            }
+        }
+        match result {
+            Ok(answer) => {
+                backoff.reset();
+                let (received, last_contact, known_leader) =
+                    (answer.index, answer.last_contact, answer.known_leader);
+                let previous = state.index;
+                let event = state.on_answer(answer);
+                if state.index == 0 {
+                    tracing::info!(
+                        previous,
+                        received,
+                        "Consul index went backwards; starting over from 0"
+                    );
+                }
+                stats.success(state.index, last_contact, known_leader);
+                let Some(event) = event else { continue };
+                match &event {
+                    WatchEvent::Value {
+                        modify_index,
+                        value,
+                    } => tracing::info!(modify_index, bytes = value.len(), "desired value changed"),
+                    WatchEvent::Missing => {
+                        tracing::warn!("key not found: nothing published; keeping what is deployed")
+                    }
+                }
+                tokio::select! {
+                    r = tx.send(event) => if r.is_err() {
+                        tracing::debug!("watch receiver gone; stopping");
+                        return;
+                    },
+                    _ = shutdown.cancelled() => return,
+                }
+                stats.event_sent();
+            }
+            Err(e) => {
+                let kind = ErrorKind::of(&e);
+                stats.error(kind, &e);
+                state.on_error(kind);
+                let delay = match kind {
+                    // Rule 10: the agent asks us to slow down a little, not
+                    // to back off exponentially.
+                    ErrorKind::RateLimited => {
+                        s.backoff.initial + random_below(s.backoff.initial * 3, &mut rng)
+                    }
+                    // Rule 10: a token problem needs an operator; retrying
+                    // fast would only add load.
+                    ErrorKind::Forbidden => jitter_half(s.forbidden_retry, &mut rng),
+                    _ => backoff.next_delay(&mut rng),
+                };
+                let retry_in_ms = delay.as_millis() as u64;
+                if kind == ErrorKind::Forbidden {
+                    tracing::error!(error = %e, retry_in_ms, "Consul denied the watch: configuration error");
+                } else {
+                    tracing::warn!(error = %e, ?kind, retry_in_ms, "Consul watch request failed");
+                }
+                if !sleep_or_cancel(delay, &shutdown).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// One counted read; `None` if `shutdown` fired first.
+async fn read(
+    client: &ConsulClient,
+    key: &str,
+    query: &QueryOptions,
+    stats: &WatchStats,
+    shutdown: &CancellationToken,
+) -> Option<Result<KvRead>> {
+    stats.request();
+    tokio::select! {
+        r = client.get(key, query) => Some(r),
+        _ = shutdown.cancelled() => None,
+    }
+}
+
+/// What the loop remembers between answers, and the rules that act on it.
+/// No I/O: the decisions are unit-tested on their own.
+#[derive(Debug, Default)]
+struct WatchState {
+    /// Index for the next blocking query; 0 = a non-blocking read.
+    index: u64,
+    /// What the consumer last got: `None` = nothing yet, `Some(None)` =
+    /// `Missing`, `Some(Some(v))` = value `v`.
+    sent: Option<Option<Vec<u8>>>,
+    /// ModifyIndex of the value last confirmed (rule 12).
+    applied_modify_index: u64,
+}
+
+impl WatchState {
+    /// Rules 2 and 11: blocking with an explicit wait once there is an
+    /// index, always `?stale`, never `?consistent`.
+    fn query(&self, wait: Duration) -> QueryOptions {
+        QueryOptions {
+            index: self.index,
+            wait: (self.index > 0).then_some(wait),
+            stale: true,
+        }
+    }
+
+    /// Why a `?stale` answer must be confirmed in default mode, if it must.
+    fn reread_reason(&self, answer: &KvRead, max_stale: Duration) -> Option<&'static str> {
+        if answer.last_contact > max_stale {
+            // Rule 11: the answering server lost touch with the leader.
+            Some("last contact beyond the staleness bound")
+        } else if answer
+            .pair
+            .as_ref()
+            .is_some_and(|p| p.modify_index < self.applied_modify_index)
+        {
+            // Rule 12: older than what is applied.
+            Some("modify index lower than the applied one")
+        } else {
+            None
+        }
+    }
+
+    /// Takes a (confirmed) answer: moves the index (rule 4) and returns the
+    /// event to send, if anything changed (rules 5 and 6).
+    fn on_answer(&mut self, answer: KvRead) -> Option<WatchEvent> {
+        self.index = next_index(self.index, answer.index);
+        match answer.pair {
+            None if self.sent == Some(None) => None,
+            None => {
+                self.sent = Some(None);
+                Some(WatchEvent::Missing)
+            }
+            Some(pair) => {
+                self.applied_modify_index = pair.modify_index;
+                if self.sent.as_ref().and_then(Option::as_ref) == Some(&pair.value) {
+                    return None;
+                }
+                self.sent = Some(Some(pair.value.clone()));
+                Some(WatchEvent::Value {
+                    value: pair.value,
+                    modify_index: pair.modify_index,
+                })
+            }
+        }
+    }
+
+    /// Rule 9: after an error start from a fresh read, except after a 429,
+    /// which says nothing about our index.
+    fn on_error(&mut self, kind: ErrorKind) {
+        if kind != ErrorKind::RateLimited {
+            self.index = 0;
+        }
+    }
+}
+
+/// Why a request failed, for stats and for choosing the retry delay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    Timeout,
+    Connect,
+    Http5xx,
+    RateLimited,
+    Forbidden,
+    Decode,
+    Other,
+}
+
+impl ErrorKind {
+    /// Classifies an error of this module.
+    pub fn of(e: &Error) -> ErrorKind {
+        match e {
+            Error::ConsulTimeout { .. } => ErrorKind::Timeout,
+            Error::ConsulConnect { .. } => ErrorKind::Connect,
+            Error::ConsulRateLimited { .. } => ErrorKind::RateLimited,
+            Error::ConsulForbidden { .. } => ErrorKind::Forbidden,
+            Error::ConsulStatus { status, .. } if *status >= 500 => ErrorKind::Http5xx,
+            Error::ConsulDecode { .. } | Error::ConsulValueTooLarge { .. } => ErrorKind::Decode,
+            _ => ErrorKind::Other,
+        }
+    }
+}
+
+/// Error counters by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ErrorCounts {
+    pub timeout: u64,
+    pub connect: u64,
+    pub http_5xx: u64,
+    pub http_429: u64,
+    pub forbidden: u64,
+    pub decode: u64,
+    pub other: u64,
+}
+
+/// A copy of the watch's stats for the status socket.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct WatchStatsSnapshot {
+    pub address: String,
+    pub key: String,
+    /// Index the next blocking query uses.
+    pub last_index: u64,
+    pub last_contact_ms: u64,
+    pub known_leader: bool,
+    /// Wall-clock time of the last successful answer.
+    pub last_success_unix_ms: Option<u64>,
+    pub consecutive_errors: u64,
+    pub requests_total: u64,
+    /// Default-mode re-reads (stale bound exceeded, or rule 12).
+    pub rereads: u64,
+    pub events_sent: u64,
+    pub errors: ErrorCounts,
+    pub last_error: Option<String>,
+}
+
+/// Live stats of one watch, written by the loop and read by the status
+/// socket. In memory only.
+#[derive(Debug, Default)]
+pub struct WatchStats {
+    inner: Mutex<WatchStatsSnapshot>,
+}
+
+impl WatchStats {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A consistent copy.
+    pub fn snapshot(&self) -> WatchStatsSnapshot {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, WatchStatsSnapshot> {
+        // Plain counters: a panic elsewhere cannot leave them inconsistent.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn start(&self, address: &str, key: &str) {
+        let mut s = self.lock();
+        s.address = address.to_string();
+        s.key = key.to_string();
+    }
+
+    fn request(&self) {
+        self.lock().requests_total += 1;
+    }
+
+    fn reread(&self) {
+        self.lock().rereads += 1;
+    }
+
+    fn event_sent(&self) {
+        self.lock().events_sent += 1;
+    }
+
+    fn success(&self, next_index: u64, last_contact: Duration, known_leader: bool) {
+        let mut s = self.lock();
+        s.last_index = next_index;
+        s.last_contact_ms = last_contact.as_millis() as u64;
+        s.known_leader = known_leader;
+        s.consecutive_errors = 0;
+        s.last_success_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_millis() as u64);
+    }
+
+    fn error(&self, kind: ErrorKind, e: &Error) {
+        let mut s = self.lock();
+        s.consecutive_errors += 1;
+        s.last_error = Some(e.to_string());
+        let c = &mut s.errors;
+        match kind {
+            ErrorKind::Timeout => c.timeout += 1,
+            ErrorKind::Connect => c.connect += 1,
+            ErrorKind::Http5xx => c.http_5xx += 1,
+            ErrorKind::RateLimited => c.http_429 += 1,
+            ErrorKind::Forbidden => c.forbidden += 1,
+            ErrorKind::Decode => c.decode += 1,
+            ErrorKind::Other => c.other += 1,
+        }
+    }
+}
 
 /// The token bucket that paces the watch loop (rule 8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -379,7 +733,7 @@ impl ConsulClient {
             // Rule 16: one long-lived connection per host; a second one only
             // while a write overlaps the blocking read.
             .pool_max_idle_per_host(1)
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(CONNECT_TIMEOUT)
             .tcp_keepalive(Duration::from_secs(30))
             .user_agent(concat!("deploy-agent/", env!("CARGO_PKG_VERSION")));
 
@@ -663,7 +1017,7 @@ fn transport_error(url: &str, e: reqwest::Error) -> Error {
     if e.is_timeout() {
         return Error::ConsulTimeout {
             url: url.to_string(),
-            timeout: Duration::from_secs(5),
+            timeout: CONNECT_TIMEOUT,
         };
     }
     let mut message = e.to_string();
@@ -791,135 +1145,6 @@ fn encode(s: &str, keep_slash: bool) -> String {
     out
 }
 
-/// What the watch hands to the rest of the agent: only changes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WatchEvent {
-    /// The value changed (or is seen for the first time).
-    Value { value: Vec<u8>, modify_index: u64 },
-    /// 404: nothing is published. Informational: the consumer keeps serving
-    /// what is deployed and never undeploys because of it (rule 6).
-    Missing,
-}
-
-/// Why a request failed, for stats and for choosing the retry delay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorKind {
-    Timeout,
-    Connect,
-    Http5xx,
-    RateLimited,
-    Forbidden,
-    Decode,
-    Other,
-}
-
-impl ErrorKind {
-    /// Classifies an error of this module.
-    pub fn of(e: &Error) -> ErrorKind {
-        match e {
-            Error::ConsulTimeout { .. } => ErrorKind::Timeout,
-            Error::ConsulConnect { .. } => ErrorKind::Connect,
-            Error::ConsulRateLimited { .. } => ErrorKind::RateLimited,
-            Error::ConsulForbidden { .. } => ErrorKind::Forbidden,
-            Error::ConsulStatus { status, .. } if *status >= 500 => ErrorKind::Http5xx,
-            Error::ConsulDecode { .. } | Error::ConsulValueTooLarge { .. } => ErrorKind::Decode,
-            _ => ErrorKind::Other,
-        }
-    }
-}
-
-/// Error counters by kind.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct ErrorCounts {
-    pub timeout: u64,
-    pub connect: u64,
-    pub http_5xx: u64,
-    pub http_429: u64,
-    pub forbidden: u64,
-    pub decode: u64,
-    pub other: u64,
-}
-
-/// A copy of the watch's stats for the status socket.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct WatchStatsSnapshot {
-    pub address: String,
-    pub key: String,
-    /// Index the next blocking query uses.
-    pub last_index: u64,
-    pub last_contact_ms: u64,
-    pub known_leader: bool,
-    /// Wall-clock time of the last successful answer.
-    pub last_success_unix_ms: Option<u64>,
-    pub consecutive_errors: u64,
-    pub requests_total: u64,
-    /// Default-mode re-reads (stale bound exceeded, or rule 12).
-    pub rereads: u64,
-    pub events_sent: u64,
-    pub errors: ErrorCounts,
-    pub last_error: Option<String>,
-}
-
-/// Live stats of one watch, written by the loop and read by the status
-/// socket. In memory only.
-#[derive(Debug, Default)]
-pub struct WatchStats {
-    inner: Mutex<WatchStatsSnapshot>,
-}
-
-impl WatchStats {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// A consistent copy.
-    pub fn snapshot(&self) -> WatchStatsSnapshot {
-        self.lock().clone()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, WatchStatsSnapshot> {
-        // Plain counters: a panic elsewhere cannot leave them inconsistent.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn request(&self) {
-        self.lock().requests_total += 1;
-    }
-
-    fn reread(&self) {
-        self.lock().rereads += 1;
-    }
-
-    fn success(&self, read: &KvRead, next_index: u64) {
-        let mut s = self.lock();
-        s.last_index = next_index;
-        s.last_contact_ms = read.last_contact.as_millis() as u64;
-        s.known_leader = read.known_leader;
-        s.consecutive_errors = 0;
-        s.last_success_unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .ok()
-            .map(|d| d.as_millis() as u64);
-    }
-
-    fn error(&self, kind: ErrorKind, e: &Error) {
-        let mut s = self.lock();
-        s.consecutive_errors += 1;
-        s.last_error = Some(e.to_string());
-        let c = &mut s.errors;
-        match kind {
-            ErrorKind::Timeout => c.timeout += 1,
-            ErrorKind::Connect => c.connect += 1,
-            ErrorKind::Http5xx => c.http_5xx += 1,
-            ErrorKind::RateLimited => c.http_429 += 1,
-            ErrorKind::Forbidden => c.forbidden += 1,
-            ErrorKind::Decode => c.decode += 1,
-            ErrorKind::Other => c.other += 1,
-        }
-    }
-}
-
 /// Rule 4: the index for the next request from the previous one and the
 /// `X-Consul-Index` just received (0 when missing).
 pub fn next_index(previous: u64, received: u64) -> u64 {
@@ -935,7 +1160,8 @@ pub fn next_index(previous: u64, received: u64) -> u64 {
     }
 }
 
-/// Rule 8: a token bucket on `tokio::time`, so tests can pause the clock.
+/// Rule 8: a token bucket on `tokio::time` instants (a paused test clock
+/// steers it too).
 #[derive(Debug)]
 pub struct TokenBucket {
     capacity: f64,
@@ -1044,188 +1270,89 @@ async fn sleep_or_cancel(d: Duration, shutdown: &CancellationToken) -> bool {
     }
 }
 
-/// The watch loop: runs blocking queries on `key` until `shutdown` is
-/// cancelled (or the receiver is gone) and sends each changed value on
-/// `tx`. Never returns an error: every failure is logged, counted in
-/// `stats`, and retried after a delay.
-#[tracing::instrument(name = "consul_watch", skip_all, fields(key = %key, address = %client.address()))]
-pub async fn watch_key(
-    client: ConsulClient,
-    key: String,
-    tx: mpsc::Sender<WatchEvent>,
-    stats: Arc<WatchStats>,
-    shutdown: CancellationToken,
-) {
-    let s = client.settings().clone();
-    {
-        let mut st = stats.lock();
-        st.address = client.address().to_string();
-        st.key = key.clone();
-    }
-    let mut rng = StdRng::from_entropy();
-    let mut bucket = TokenBucket::new(s.rate, Instant::now());
-    let mut backoff = BackoffState::new(s.backoff);
-    let mut index = 0u64;
-    // What the consumer last got: None = nothing yet, Some(None) = Missing.
-    let mut sent: Option<Option<Vec<u8>>> = None;
-    // ModifyIndex of the value last handed over (rule 12).
-    let mut applied_modify_index = 0u64;
-
-    // Rule 9: spread a fleet-wide restart.
-    if !sleep_or_cancel(random_below(s.first_request_splay, &mut rng), &shutdown).await {
-        return;
-    }
-    loop {
-        if !bucket.acquire(&shutdown).await {
-            return;
-        }
-        // Rules 2 and 11: blocking with an explicit wait, any server may
-        // answer.
-        let opts = QueryOptions {
-            index,
-            wait: (index > 0).then_some(s.wait),
-            stale: true,
-        };
-        stats.request();
-        let result = tokio::select! {
-            r = client.get(&key, &opts) => r,
-            _ = shutdown.cancelled() => return,
-        };
-        let result = match result {
-            Ok(read) => {
-                let too_stale = read.last_contact > s.max_stale;
-                let older = read
-                    .pair
-                    .as_ref()
-                    .is_some_and(|p| p.modify_index < applied_modify_index);
-                if too_stale || older {
-                    // Rules 11 and 12: confirm with a default-mode read
-                    // (the leader's view) before acting on it.
-                    tracing::info!(
-                        last_contact_ms = read.last_contact.as_millis() as u64,
-                        modify_index = read.pair.as_ref().map(|p| p.modify_index),
-                        applied_modify_index,
-                        too_stale,
-                        older,
-                        "re-reading in default consistency mode"
-                    );
-                    if !bucket.acquire(&shutdown).await {
-                        return;
-                    }
-                    stats.request();
-                    stats.reread();
-                    let default_mode = QueryOptions::default();
-                    tokio::select! {
-                        r = client.get(&key, &default_mode) => r,
-                        _ = shutdown.cancelled() => return,
-                    }
-                } else {
-                    Ok(read)
-                }
-            }
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(read) => {
-                backoff.reset();
-                let previous = index;
-                index = next_index(previous, read.index);
-                if index == 0 {
-                    tracing::info!(
-                        previous,
-                        received = read.index,
-                        "Consul index went backwards; starting over from 0"
-                    );
-                }
-                stats.success(&read, index);
-                let event = match read.pair {
-                    None if sent != Some(None) => {
-                        sent = Some(None);
-                        Some(WatchEvent::Missing)
-                    }
-                    None => None,
-                    Some(pair) => {
-                        // Confirmed (default-mode if it was older): this is
-                        // now the reference for rule 12.
-                        applied_modify_index = pair.modify_index;
-                        if sent.as_ref().and_then(|v| v.as_ref()) == Some(&pair.value) {
-                            None
-                        } else {
-                            sent = Some(Some(pair.value.clone()));
-                            Some(WatchEvent::Value {
-                                value: pair.value,
-                                modify_index: pair.modify_index,
-                            })
-                        }
-                    }
-                };
-                if let Some(event) = event {
-                    match &event {
-                        WatchEvent::Value {
-                            modify_index,
-                            value,
-                        } => tracing::info!(
-                            modify_index,
-                            bytes = value.len(),
-                            "desired value changed"
-                        ),
-                        WatchEvent::Missing => {
-                            tracing::warn!(
-                                "key not found: nothing published; keeping what is deployed"
-                            )
-                        }
-                    }
-                    tokio::select! {
-                        r = tx.send(event) => if r.is_err() {
-                            tracing::debug!("watch receiver gone; stopping");
-                            return;
-                        },
-                        _ = shutdown.cancelled() => return,
-                    }
-                    stats.lock().events_sent += 1;
-                }
-            }
-            Err(e) => {
-                let kind = ErrorKind::of(&e);
-                stats.error(kind, &e);
-                let delay = match kind {
-                    // Rule 10: the agent asks us to slow down a little, not
-                    // to back off exponentially; the index is still good.
-                    ErrorKind::RateLimited => {
-                        s.backoff.initial + random_below(s.backoff.initial * 3, &mut rng)
-                    }
-                    // Rule 10: a token problem needs an operator.
-                    ErrorKind::Forbidden => jitter_half(s.forbidden_retry, &mut rng),
-                    _ => backoff.next_delay(&mut rng),
-                };
-                if kind != ErrorKind::RateLimited {
-                    // Rule 9: after an error, start from a fresh read.
-                    index = 0;
-                }
-                match kind {
-                    ErrorKind::Forbidden => tracing::error!(
-                        error = %e,
-                        retry_in_ms = delay.as_millis() as u64,
-                        "Consul denied the watch: configuration error"
-                    ),
-                    _ => tracing::warn!(
-                        error = %e,
-                        kind = ?kind,
-                        retry_in_ms = delay.as_millis() as u64,
-                        "Consul watch request failed"
-                    ),
-                }
-                if !sleep_or_cancel(delay, &shutdown).await {
-                    return;
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
+// Tests may panic on the unexpected: that is how they fail.
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    fn answer(index: u64, value: Option<(&[u8], u64)>) -> KvRead {
+        KvRead {
+            index,
+            last_contact: Duration::ZERO,
+            known_leader: true,
+            pair: value.map(|(v, mi)| KvPair {
+                key: "k".into(),
+                value: v.to_vec(),
+                modify_index: mi,
+                create_index: 1,
+                flags: 0,
+            }),
+        }
+    }
+
+    #[test]
+    fn state_sends_only_changes_and_missing_once() {
+        let mut st = WatchState::default();
+        assert_eq!(
+            st.query(Duration::from_secs(300)),
+            QueryOptions {
+                index: 0,
+                wait: None,
+                stale: true
+            }
+        );
+        assert_eq!(st.on_answer(answer(10, None)), Some(WatchEvent::Missing));
+        assert_eq!(st.index, 10);
+        // Spurious wake-ups of a missing key: new index, no event.
+        assert_eq!(st.on_answer(answer(12, None)), None);
+        assert_eq!(st.on_answer(answer(15, None)), None);
+        assert_eq!(st.query(Duration::from_secs(300)).index, 15);
+        assert_eq!(
+            st.on_answer(answer(16, Some((b"b1", 16)))),
+            Some(WatchEvent::Value {
+                value: b"b1".to_vec(),
+                modify_index: 16
+            })
+        );
+        // Timeout: same index, same body.
+        assert_eq!(st.on_answer(answer(16, Some((b"b1", 16)))), None);
+        // Deleted, then the same value back: both are changes.
+        assert_eq!(st.on_answer(answer(17, None)), Some(WatchEvent::Missing));
+        assert!(st.on_answer(answer(18, Some((b"b1", 18)))).is_some());
+    }
+
+    #[test]
+    fn state_asks_for_rereads_and_resets_index_on_errors() {
+        let mut st = WatchState::default();
+        let bound = Duration::from_secs(5);
+        st.on_answer(answer(20, Some((b"b2", 20))));
+        assert_eq!(
+            st.reread_reason(&answer(20, Some((b"b2", 20))), bound),
+            None
+        );
+        // Rule 12: an older ModifyIndex needs a default-mode read.
+        assert!(st
+            .reread_reason(&answer(21, Some((b"b1", 12))), bound)
+            .is_some());
+        // Rule 11: too stale.
+        let mut stale = answer(21, Some((b"b2", 20)));
+        stale.last_contact = Duration::from_secs(6);
+        assert!(st.reread_reason(&stale, bound).is_some());
+        // A 404 has no ModifyIndex to compare.
+        assert_eq!(st.reread_reason(&answer(21, None), bound), None);
+        st.on_error(ErrorKind::RateLimited);
+        assert_eq!(st.index, 20, "a 429 keeps the index");
+        st.on_error(ErrorKind::Http5xx);
+        assert_eq!(st.index, 0, "other errors start over");
+        // Index backwards (restore): reset, then confirmed lower values are
+        // the new reference.
+        let mut st = WatchState::default();
+        st.on_answer(answer(50, Some((b"b3", 50))));
+        assert_eq!(st.on_answer(answer(7, Some((b"b3", 7)))), None);
+        assert_eq!(st.index, 0);
+        assert_eq!(st.applied_modify_index, 7);
+    }
 
     #[test]
     fn index_rules() {
@@ -1376,5 +1503,86 @@ mod tests {
             ..Default::default()
         })
         .is_err());
+    }
+
+    #[test]
+    fn tls_settings_are_checked_at_construction() {
+        let c = ConsulClient::new(&ConsulSettings {
+            address: "https://127.0.0.1:8501".into(),
+            tls_server_name: Some("consul.service.internal".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        // Certificates are verified against the configured name, while the
+        // connection still goes to 127.0.0.1 (pinned resolution).
+        assert_eq!(c.address(), "https://consul.service.internal:8501");
+        let missing_ca = ConsulClient::new(&ConsulSettings {
+            address: "https://127.0.0.1:8501".into(),
+            ca_cert: Some("/nonexistent/ca.pem".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            missing_ca.to_string().contains("/nonexistent/ca.pem"),
+            "{missing_ca}"
+        );
+        let half_identity = ConsulClient::new(&ConsulSettings {
+            client_cert: Some("/tmp/cert.pem".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            half_identity.to_string().contains("CONSUL_CLIENT_KEY"),
+            "{half_identity}"
+        );
+        let insecure = ConsulClient::new(&ConsulSettings {
+            address: "https://10.1.2.3".into(),
+            ssl_verify: false,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(insecure.address(), "https://10.1.2.3");
+        assert_eq!(
+            ConsulClient::new(&ConsulSettings {
+                wait: Duration::from_secs(3600),
+                ..Default::default()
+            })
+            .unwrap()
+            .settings()
+            .wait,
+            MAX_WAIT
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the pattern of attempts, no window of length T ever
+        /// sees more than burst + T/refill requests (rule 8).
+        #[test]
+        fn token_bucket_never_exceeds_its_rate(
+            gaps in proptest::collection::vec(0u64..3_000, 1..200),
+            burst in 1u32..4,
+        ) {
+            let rate = RateLimit { burst, refill_interval: Duration::from_secs(1) };
+            let start = Instant::now();
+            let mut b = TokenBucket::new(rate, start);
+            let mut now = start;
+            let mut granted = Vec::new();
+            for g in gaps {
+                now += Duration::from_millis(g);
+                if b.try_take(now).is_ok() {
+                    granted.push(now - start);
+                }
+            }
+            for (i, t0) in granted.iter().enumerate() {
+                for (j, t1) in granted.iter().enumerate().skip(i) {
+                    let window = (*t1 - *t0).as_secs_f64();
+                    let allowed = f64::from(burst) + window + 1e-6;
+                    proptest::prop_assert!(
+                        (j - i + 1) as f64 <= allowed,
+                        "{} requests within {window} s", j - i + 1
+                    );
+                }
+            }
+        }
     }
 }

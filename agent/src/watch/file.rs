@@ -61,11 +61,11 @@ pub async fn watch_file(path: PathBuf, tx: mpsc::Sender<WatchEvent>, shutdown: C
     let rescan = match &watcher {
         Ok(_) => RESCAN,
         Err(e) => {
-            tracing::warn!(
-                dir = %dir.display(),
-                error = %e,
-                "cannot watch the directory; polling the file instead"
-            );
+            let err = crate::Error::WatchFile {
+                path: dir.clone(),
+                message: e.to_string(),
+            };
+            tracing::warn!(error = %err, "polling the file instead of watching it");
             POLL_WITHOUT_WATCHER
         }
     };
@@ -81,7 +81,7 @@ pub async fn watch_file(path: PathBuf, tx: mpsc::Sender<WatchEvent>, shutdown: C
         }
         // Wait for an event (or the rescan period), then for quiet.
         tokio::select! {
-            _ = poke_rx.recv() => {}
+            _ = next_poke(&mut poke_rx) => {}
             _ = tokio::time::sleep(rescan) => {}
             _ = shutdown.cancelled() => return,
         }
@@ -92,7 +92,7 @@ pub async fn watch_file(path: PathBuf, tx: mpsc::Sender<WatchEvent>, shutdown: C
                 break;
             }
             tokio::select! {
-                r = tokio::time::timeout(DEBOUNCE.min(remaining), poke_rx.recv()) => {
+                r = tokio::time::timeout(DEBOUNCE.min(remaining), next_poke(&mut poke_rx)) => {
                     if r.is_err() {
                         break; // quiet for DEBOUNCE
                     }
@@ -102,6 +102,15 @@ pub async fn watch_file(path: PathBuf, tx: mpsc::Sender<WatchEvent>, shutdown: C
         }
     }
     // `watcher` lives until here: dropping it stops the notifications.
+}
+
+/// The next notification. Without a watcher (it could not be set up, so
+/// every sender is gone) this never returns: the rescan timer drives the
+/// loop instead of a closed channel spinning it.
+async fn next_poke(rx: &mut mpsc::Receiver<()>) {
+    if rx.recv().await.is_none() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Reads the file and returns an event if its content differs from `last`.
