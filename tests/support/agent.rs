@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 pub const KEY: &str = "deploy/app/production";
 
 /// Servers, a deploy root and a running agent.
+#[allow(missing_debug_implementations)] // a test fixture, never printed
 pub struct Harness {
     pub consul: ConsulServer,
     pub artifacts: ArtifactServer,

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: temp dirs on a fast
 //! filesystem, and writing small builds into slots.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly by design
+
 use std::path::{Path, PathBuf};
 
 /// A temp dir on tmpfs (`/dev/shm`) when there is one: these tests check
