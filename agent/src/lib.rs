@@ -21,7 +21,10 @@
 
 pub mod error;
 pub mod fetch;
+pub mod logging;
+pub mod notify;
 pub mod progress;
+pub mod status;
 pub mod testserver;
 pub mod unpack;
 pub mod verify;
