@@ -300,9 +300,16 @@ pub fn request(
     req.push_str("\r\n");
     let mut raw = req.into_bytes();
     raw.extend_from_slice(body);
-    stream.write_all(&raw).map_err(io)?;
+    // A server that turns us away (too many clients) answers 503 and closes
+    // without reading the request: our write may then fail and our read end
+    // in ECONNRESET after the answer. Keep whatever answer arrived.
+    let written = stream.write_all(&raw);
     let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).map_err(io)?;
+    let read = stream.read_to_end(&mut answer);
+    if answer.is_empty() {
+        written.map_err(io)?;
+        read.map_err(io)?;
+    }
     parse_response(&answer).map_err(|detail| Error::AgentProtocol {
         path: socket.into(),
         detail,
