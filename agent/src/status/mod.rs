@@ -27,6 +27,6 @@ pub use metrics::Metrics;
 pub use model::{
     Command, CommandReply, CommandRequest, HistoryEntry, Peer, StatusReport, StatusSource,
 };
-pub use server::{GroupSpec, SocketSettings, StatusServer, DEFAULT_SOCKET};
+pub use server::{GroupSpec, SocketSettings, StatusConfig, StatusServer, DEFAULT_SOCKET};
 /// Re-exported so the daemon and tests use the same type as [`StatusServer::start`].
 pub use tokio_util::sync::CancellationToken;

@@ -133,6 +133,38 @@ impl Default for SocketSettings {
     }
 }
 
+/// The `[status]` table of the agent's TOML config; every key optional,
+/// defaults as in [`SocketSettings::default`]. Timeouts are not
+/// configurable: they bound misbehaving clients, not operators.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct StatusConfig {
+    /// Socket path (`/run/deploy-agent/agent.sock`).
+    pub socket: Option<PathBuf>,
+    /// Socket mode; write it as a TOML octal literal, `0o660`.
+    pub socket_mode: Option<u32>,
+    /// Group owning the socket: who may connect and read status.
+    pub socket_group: Option<GroupSpec>,
+    /// Group whose members may hold/resume/rollback/redeploy.
+    pub operator_group: Option<GroupSpec>,
+    /// Connections served at once (16).
+    pub max_clients: Option<usize>,
+}
+
+impl From<StatusConfig> for SocketSettings {
+    fn from(c: StatusConfig) -> Self {
+        let d = SocketSettings::default();
+        SocketSettings {
+            path: c.socket.unwrap_or(d.path),
+            mode: c.socket_mode.unwrap_or(d.mode),
+            group: c.socket_group,
+            operator_group: c.operator_group,
+            max_clients: c.max_clients.unwrap_or(d.max_clients),
+            ..d
+        }
+    }
+}
+
 /// What every connection task needs, resolved once at start.
 struct Shared {
     source: Arc<dyn StatusSource>,
@@ -639,6 +671,37 @@ mod tests {
             .resolve()
             .is_err());
         assert_eq!(GroupSpec::Name("root".into()).resolve().unwrap(), 0);
+    }
+
+    #[test]
+    fn status_config_from_toml() {
+        let c: StatusConfig = toml::from_str(
+            "socket = \"/tmp/a.sock\"\nsocket-mode = 0o660\nsocket-group = \"deploy-ops\"\n\
+             operator-group = 4242\nmax-clients = 8\n",
+        )
+        .unwrap();
+        let s = SocketSettings::from(c);
+        assert_eq!(s.path, PathBuf::from("/tmp/a.sock"));
+        assert_eq!(s.mode, 0o660);
+        assert_eq!(s.group, Some(GroupSpec::Name("deploy-ops".into())));
+        assert_eq!(s.operator_group, Some(GroupSpec::Gid(4242)));
+        assert_eq!(s.max_clients, 8);
+        assert!(toml::from_str::<StatusConfig>("sokcet = \"x\"").is_err());
+        let d = SocketSettings::from(StatusConfig::default());
+        assert_eq!(d.path, PathBuf::from(DEFAULT_SOCKET));
+    }
+
+    #[test]
+    fn example_config_status_table_parses() {
+        #[derive(Deserialize)]
+        struct File {
+            status: StatusConfig,
+        }
+        let f: File = toml::from_str(include_str!("../../../systemd/config.example.toml")).unwrap();
+        let s = SocketSettings::from(f.status);
+        assert_eq!(s.path, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(s.mode, 0o660);
+        assert_eq!(s.operator_group, Some(GroupSpec::Name("deploy-ops".into())));
     }
 
     #[test]
