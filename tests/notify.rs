@@ -9,7 +9,8 @@ use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::process::Command;
 use std::time::Duration;
 
-use deploy_agent::notify::{watchdog_interval, Notifier};
+use deploy_agent::notify::{spawn_watchdog, watchdog_interval, Notifier};
+use deploy_agent::status::CancellationToken;
 use deploy_agent_tests::fast_tempdir;
 
 fn recv(sock: &UnixDatagram) -> String {
@@ -132,5 +133,60 @@ fn reads_notify_socket_and_watchdog_from_the_environment() {
     assert!(
         sock.recv(&mut buf).is_err(),
         "nothing sent without NOTIFY_SOCKET"
+    );
+}
+
+/// Child half of `watchdog_task_pings_at_half_the_interval`.
+#[test]
+fn child_mode_watchdog_task() {
+    if std::env::var_os("DEPLOY_AGENT_WATCHDOG_CHILD").is_none() {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        let task = spawn_watchdog(Notifier::from_env(), shutdown.clone()).unwrap();
+        // 200 ms watchdog -> a ping every 100 ms, the first at once.
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        shutdown.cancel();
+        task.await.unwrap();
+        Notifier::from_env().stopping().unwrap();
+    });
+}
+
+#[test]
+fn watchdog_task_pings_at_half_the_interval() {
+    let dir = fast_tempdir();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_mode_watchdog_task", "--test-threads=1"])
+        .env("DEPLOY_AGENT_WATCHDOG_CHILD", "1")
+        .env("NOTIFY_SOCKET", &path)
+        .env("WATCHDOG_USEC", "200000")
+        .env_remove("WATCHDOG_PID")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut pings = 0;
+    loop {
+        match recv(&sock).as_str() {
+            "WATCHDOG=1" => pings += 1,
+            "STOPPING=1" => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        (3..=5).contains(&pings),
+        "{pings} pings in 350 ms at 100 ms"
     );
 }

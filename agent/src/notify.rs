@@ -74,6 +74,35 @@ impl Notifier {
     }
 }
 
+/// Sends `WATCHDOG=1` every [`watchdog_interval`] on the current tokio
+/// runtime until `shutdown`; `None` when no watchdog is configured. This
+/// proves the runtime is alive; a daemon that wants the watchdog to cover
+/// its deploy loop should ping from that loop instead.
+pub fn spawn_watchdog(
+    notifier: Notifier,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let every = watchdog_interval().filter(|_| notifier.is_enabled())?;
+    tracing::debug!(
+        interval_ms = every.as_millis() as u64,
+        "systemd watchdog enabled"
+    );
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    if let Err(e) = notifier.watchdog() {
+                        tracing::warn!(error = %e, "cannot send WATCHDOG=1 to systemd");
+                    }
+                }
+            }
+        }
+    }))
+}
+
 /// Sends `state` as one datagram to `socket` (`/path` or `@abstract`).
 pub fn notify_to(socket: &OsStr, state: &str) -> std::io::Result<()> {
     let bytes = socket.as_bytes();

@@ -191,6 +191,8 @@ impl StatusServer {
         commands: mpsc::Sender<CommandRequest>,
         shutdown: CancellationToken,
     ) -> Result<JoinHandle<()>> {
+        // Group lookups may go to NSS (LDAP...) and block; they run once,
+        // before serving, so the daemon's start is the only thing waiting.
         let operator_gid = settings
             .operator_group
             .as_ref()
