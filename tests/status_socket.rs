@@ -814,3 +814,90 @@ fn exit_codes_are_distinct() {
     sorted.dedup();
     assert_eq!(sorted.len(), codes.len());
 }
+
+/// Child half of `cli_as_unprivileged_user_exits_4_naming_the_group`: runs
+/// `deploy-agent resume` against the socket in the variable, exits with
+/// the CLI's code.
+#[test]
+fn child_mode_cli_resume() {
+    let Some(socket) = std::env::var_os("DEPLOY_AGENT_CLI_CHILD") else {
+        return;
+    };
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = run_cli_with(
+        OperatorCommand::Resume {
+            socket: SocketArgs {
+                socket: socket.into(),
+            },
+        },
+        &mut out,
+        &mut err,
+        false,
+    );
+    eprint!("{}", String::from_utf8_lossy(&err));
+    std::process::exit(code);
+}
+
+/// Runs the CLI child as nobody; returns (exit code, stderr).
+fn cli_as_nobody(socket: &Path) -> (i32, String) {
+    let mut cmd = Proc::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "child_mode_cli_resume",
+        "--test-threads=1",
+        "--nocapture",
+    ])
+    .env("DEPLOY_AGENT_CLI_CHILD", socket);
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setgroups(&[])?;
+            nix::unistd::setgid(nix::unistd::Gid::from_raw(NOBODY))?;
+            nix::unistd::setuid(nix::unistd::Uid::from_raw(NOBODY))?;
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_as_unprivileged_user_exits_4_naming_the_group() {
+    if !is_root() {
+        println!("SKIP: needs root (to drop to uid {NOBODY})");
+        return;
+    }
+    // Connect allowed (0666), command refused by the agent: 403.
+    let agent = Agent::start(|s| s.operator_group = Some(GroupSpec::Gid(OPERATOR_GID))).await;
+    let p = agent.path.clone();
+    let (code, err) = tokio::task::spawn_blocking(move || cli_as_nobody(&p))
+        .await
+        .unwrap();
+    assert_eq!(code, exit::PERMISSION_DENIED, "{err}");
+    assert!(
+        err.contains(&format!("operator group {OPERATOR_GID}")),
+        "{err}"
+    );
+    agent.stop().await;
+
+    // Connect refused by the socket's mode (0660, group 4242): EACCES.
+    let agent = Agent::start(|s| {
+        s.mode = 0o660;
+        s.group = Some(GroupSpec::Gid(OPERATOR_GID));
+    })
+    .await;
+    let p = agent.path.clone();
+    let (code, err) = tokio::task::spawn_blocking(move || cli_as_nobody(&p))
+        .await
+        .unwrap();
+    assert_eq!(code, exit::PERMISSION_DENIED, "{err}");
+    assert!(
+        err.contains(&format!("join group {OPERATOR_GID}")) && err.contains("sudo"),
+        "{err}"
+    );
+    assert!(agent.seen.lock().unwrap().is_empty());
+    agent.stop().await;
+}
