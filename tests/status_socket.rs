@@ -133,7 +133,7 @@ impl Agent {
             mode: 0o666,
             header_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(2),
-            command_timeout: Duration::from_secs(1),
+            command_timeout: Duration::from_millis(900),
             ..SocketSettings::default()
         };
         tweak(&mut settings);

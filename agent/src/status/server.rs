@@ -203,6 +203,16 @@ impl StatusServer {
             .as_ref()
             .map(GroupSpec::resolve)
             .transpose()?;
+        if settings.command_timeout * 2 >= settings.request_timeout {
+            // The send and the reply may each take command_timeout; past the
+            // request timeout the client sees a dropped connection instead
+            // of the 503/504 that says what happened.
+            warn!(
+                command_timeout_ms = settings.command_timeout.as_millis() as u64,
+                request_timeout_ms = settings.request_timeout.as_millis() as u64,
+                "status socket command timeout too close to the request timeout"
+            );
+        }
         let path = settings.path.clone();
         remove_stale_socket(&path).await?;
         let sock_err = |source| Error::StatusSocket {
