@@ -183,6 +183,56 @@ pub enum Error {
 
     #[error("internal error: {0}")]
     Internal(String),
+
+    // ---- status / operator ----
+    #[error(
+        "status socket {path} is answered by a running agent; stop it first \
+         (systemctl stop deploy-agent) or configure another socket path"
+    )]
+    StatusSocketInUse { path: PathBuf },
+
+    #[error(
+        "status socket path {path} exists and is not a socket; remove it or configure another path"
+    )]
+    StatusSocketNotSocket { path: PathBuf },
+
+    #[error("cannot set up status socket {path}: {source}")]
+    StatusSocket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("group {group:?} does not exist; create it (groupadd {group}) or fix the status socket config")]
+    UnknownGroup { group: String },
+
+    #[error("cannot set up logging: {detail}")]
+    Logging { detail: String },
+
+    #[error(
+        "the deploy agent is not running: nothing answers on {path} ({reason}); \
+         check `systemctl status deploy-agent` and `journalctl -u deploy-agent`"
+    )]
+    AgentNotRunning { path: PathBuf, reason: String },
+
+    #[error("permission denied on {path}: {hint}, or run the command with sudo")]
+    SocketPermissionDenied { path: PathBuf, hint: String },
+
+    #[error("{message}")]
+    Forbidden { message: String },
+
+    #[error("the agent refused {command}: {message}")]
+    AgentRefused { command: String, message: String },
+
+    #[error("the agent answered {command} with HTTP {status}: {message}")]
+    AgentFailed {
+        command: String,
+        status: u16,
+        message: String,
+    },
+
+    #[error("bad answer from the agent on {path}: {detail}; is another program listening there?")]
+    AgentProtocol { path: PathBuf, detail: String },
 }
 
 /// Result with the agent's error.

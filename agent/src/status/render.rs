@@ -1,0 +1,342 @@
+//! Human-readable rendering of status and history for the CLI: a compact
+//! table with a progress bar, colour (ANSI, written by hand) only when the
+//! caller says the output is a terminal. Pure functions of their inputs;
+//! nothing is written anywhere, so there is nothing to lose on a crash.
+
+use std::fmt::Write as _;
+
+use super::model::{HistoryEntry, Outcome, Phase, StatusReport};
+
+const RED: &str = "31";
+const GREEN: &str = "32";
+const YELLOW: &str = "33";
+const BOLD: &str = "1";
+const DIM: &str = "2";
+
+/// Wraps text in an ANSI colour when enabled.
+#[derive(Debug, Clone, Copy)]
+struct Paint(bool);
+
+impl Paint {
+    fn paint(self, code: &str, s: &str) -> String {
+        if self.0 {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_owned()
+        }
+    }
+}
+
+/// Renders a status report as a table. `now_unix` anchors the "ago" times.
+pub fn render_status(r: &StatusReport, color: bool, now_unix: u64) -> String {
+    let p = Paint(color);
+    let mut o = String::new();
+    // Writing to a String cannot fail; the `let _` below are for that.
+    let _ = writeln!(
+        o,
+        "{} {}, up {}",
+        p.paint(BOLD, "deploy-agent"),
+        r.version,
+        duration(r.uptime_seconds)
+    );
+    for (label, slot) in [("hot", &r.hot), ("cold", &r.cold)] {
+        match slot {
+            Some(s) => {
+                let build = s.build.as_deref().unwrap_or("(empty)");
+                let mut line = format!("{label:<9} {}  {build}", s.name);
+                if let Some(sha) = &s.sha256 {
+                    let _ = write!(line, "  sha256 {}", short_sha(sha));
+                }
+                if let Some(t) = s.marked_unix {
+                    let _ = write!(line, "  marked {}", ago(now_unix, t));
+                }
+                let _ = writeln!(o, "{line}");
+            }
+            None => {
+                let _ = writeln!(o, "{label:<9} (unknown)");
+            }
+        }
+    }
+    if let Some(d) = &r.desired {
+        let kind = match d.source.kind {
+            super::model::SourceKind::Consul => "consul",
+            super::model::SourceKind::File => "file",
+        };
+        let mut line = format!(
+            "{:<9} {}  from {kind} {}",
+            "desired", d.build, d.source.location
+        );
+        if let Some(i) = d.modify_index {
+            let _ = write!(line, " (index {i})");
+        }
+        let _ = writeln!(o, "{line}");
+    }
+    let phase = match r.phase {
+        Phase::Failed => p.paint(RED, r.phase.as_str()),
+        Phase::Holding => p.paint(YELLOW, r.phase.as_str()),
+        Phase::Done | Phase::Idle => p.paint(GREEN, r.phase.as_str()),
+        _ => p.paint(BOLD, r.phase.as_str()),
+    };
+    match r.phase_since_unix {
+        Some(t) => {
+            let _ = writeln!(
+                o,
+                "{:<9} {phase} for {}",
+                "phase",
+                duration(now_unix.saturating_sub(t))
+            );
+        }
+        None => {
+            let _ = writeln!(o, "{:<9} {phase}", "phase");
+        }
+    }
+    if let Some(pr) = &r.progress {
+        let _ = writeln!(o, "{:<9} {}", "progress", progress_line(pr));
+    }
+    if !r.drain_holders.is_empty() {
+        let _ = writeln!(
+            o,
+            "{:<9} waiting on {} process(es):",
+            "drain",
+            r.drain_holders.len()
+        );
+        for h in &r.drain_holders {
+            let _ = writeln!(
+                o,
+                "{:<9}   pid {:<7} {:<16} {}",
+                "", h.pid, h.command, h.how
+            );
+        }
+    }
+    if let Some(c) = &r.consul {
+        let mut line = format!("{:<9} {} key {}", "consul", c.address, c.key);
+        if let Some(i) = c.last_index {
+            let _ = write!(line, "  index {i}");
+        }
+        if let Some(ms) = c.last_contact_ms {
+            let _ = write!(line, "  contact {ms}ms ago");
+        }
+        if c.consecutive_errors > 0 {
+            let errs = format!("  {} consecutive errors", c.consecutive_errors);
+            line.push_str(&p.paint(RED, &errs));
+        }
+        let _ = writeln!(o, "{line}");
+    }
+    if r.hold.held {
+        let mut line = String::from("HELD");
+        if let Some(t) = r.hold.since_unix {
+            let _ = write!(line, " since {}", ago(now_unix, t));
+        }
+        if let Some(uid) = r.hold.by_uid {
+            let _ = write!(line, " by uid {uid}");
+        }
+        if let Some(reason) = &r.hold.reason {
+            let _ = write!(line, ": {reason}");
+        }
+        let _ = writeln!(o, "{:<9} {}", "hold", p.paint(YELLOW, &line));
+        let _ = writeln!(
+            o,
+            "{:<9} {}",
+            "",
+            p.paint(DIM, "resume with: deploy-agent resume")
+        );
+    } else {
+        let _ = writeln!(o, "{:<9} not held", "hold");
+    }
+    if let Some(e) = &r.last_error {
+        let line = format!("{} ({})", e.message, ago(now_unix, e.at_unix));
+        let _ = writeln!(o, "{:<9} {}", "error", p.paint(RED, &line));
+    }
+    o
+}
+
+/// `[#####-----]  48%  12.0 MiB / 25.0 MiB  3.1 MiB/s  ETA 4s  1200 entries`
+pub fn progress_line(pr: &super::model::ProgressInfo) -> String {
+    let mut line = String::new();
+    match pr.bytes_total.filter(|t| *t > 0) {
+        Some(total) => {
+            let pct = (pr.bytes_done.min(total) as f64 / total as f64 * 100.0).floor() as u64;
+            let _ = write!(
+                line,
+                "{} {pct:>3}%  {} / {}",
+                bar(pr.bytes_done, total, 24),
+                bytes(pr.bytes_done),
+                bytes(total)
+            );
+        }
+        None => line.push_str(&bytes(pr.bytes_done)),
+    }
+    if let Some(rate) = pr.rate_bytes_per_sec {
+        let _ = write!(line, "  {}/s", bytes(rate));
+    }
+    if let Some(eta) = pr.eta_seconds {
+        let _ = write!(line, "  ETA {}", duration(eta));
+    }
+    if let Some(n) = pr.entries {
+        let _ = write!(line, "  {n} entries");
+    }
+    line
+}
+
+/// A `width`-cell bar of `#` and `-`.
+pub fn bar(done: u64, total: u64, width: usize) -> String {
+    let filled = if total == 0 {
+        0
+    } else {
+        ((done.min(total) as u128 * width as u128) / total as u128) as usize
+    };
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(width - filled))
+}
+
+/// Renders history entries, newest first, one line each.
+pub fn render_history(h: &[HistoryEntry], color: bool, now_unix: u64) -> String {
+    let p = Paint(color);
+    let mut o = String::new();
+    if h.is_empty() {
+        o.push_str("no deploys yet\n");
+        return o;
+    }
+    let _ = writeln!(
+        o,
+        "{:<14} {:<28} {:<12} {:>9}  phases",
+        "started", "build", "outcome", "took"
+    );
+    for e in h {
+        let outcome = match e.outcome {
+            Some(Outcome::Success) => p.paint(GREEN, "success"),
+            Some(Outcome::Failed) => p.paint(RED, "failed"),
+            Some(Outcome::Cancelled) => p.paint(YELLOW, "cancelled"),
+            Some(Outcome::RolledBack) => p.paint(YELLOW, "rolled-back"),
+            None => p.paint(BOLD, "running"),
+        };
+        // Pad by the visible width: escape codes take no columns.
+        let pad = 12usize.saturating_sub(e.outcome.map_or("running".len(), |o| o.as_str().len()));
+        let took = e
+            .finished_unix
+            .map(|f| duration(f.saturating_sub(e.started_unix)))
+            .unwrap_or_else(|| "-".into());
+        let phases = e
+            .phase_ms
+            .iter()
+            .map(|(k, ms)| format!("{k} {}", millis(*ms)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            o,
+            "{:<14} {:<28} {outcome}{} {took:>9}  {phases}",
+            ago(now_unix, e.started_unix),
+            e.build,
+            " ".repeat(pad)
+        );
+        if let Some(err) = &e.error {
+            let _ = writeln!(o, "{:<14} {}", "", p.paint(RED, err));
+        }
+    }
+    o
+}
+
+/// `512 B`, `12.0 KiB`, `3.4 GiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// `45s`, `4m05s`, `3h12m`, `2d04h`.
+pub fn duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s if s < 86400 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+fn millis(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        duration(ms / 1000)
+    }
+}
+
+fn ago(now: u64, then: u64) -> String {
+    if then > now {
+        return "just now".into();
+    }
+    format!("{} ago", duration(now - then))
+}
+
+fn short_sha(sha: &str) -> &str {
+    sha.get(..12).unwrap_or(sha)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::model::*;
+
+    #[test]
+    fn formats_units() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(25 * 1024 * 1024), "25.0 MiB");
+        assert_eq!(duration(5), "5s");
+        assert_eq!(duration(245), "4m05s");
+        assert_eq!(duration(3 * 3600 + 720), "3h12m");
+        assert_eq!(bar(5, 10, 10), "[#####-----]");
+        assert_eq!(bar(20, 10, 4), "[####]");
+        assert_eq!(bar(1, 0, 4), "[----]");
+    }
+
+    #[test]
+    fn colour_only_when_asked() {
+        let mut r = StatusReport::new(10);
+        r.phase = Phase::Failed;
+        r.last_error = Some(LastError {
+            message: "checksum mismatch".into(),
+            at_unix: 100,
+        });
+        r.hold = HoldState {
+            held: true,
+            reason: Some("db migration".into()),
+            since_unix: Some(40),
+            by_uid: Some(1000),
+        };
+        let plain = render_status(&r, false, 160);
+        assert!(!plain.contains('\x1b'), "{plain}");
+        assert!(
+            plain.contains("HELD since 2m00s ago by uid 1000: db migration"),
+            "{plain}"
+        );
+        assert!(plain.contains("checksum mismatch (1m00s ago)"), "{plain}");
+        let coloured = render_status(&r, true, 160);
+        assert!(coloured.contains("\x1b[31mchecksum mismatch"), "{coloured}");
+        assert!(coloured.contains("\x1b[33mHELD"), "{coloured}");
+    }
+
+    #[test]
+    fn progress_line_shows_bytes_rate_eta() {
+        let pr = ProgressInfo {
+            bytes_done: 12 * 1024 * 1024,
+            bytes_total: Some(24 * 1024 * 1024),
+            rate_bytes_per_sec: Some(3 * 1024 * 1024),
+            eta_seconds: Some(4),
+            entries: None,
+        };
+        assert_eq!(
+            progress_line(&pr),
+            "[############------------]  50%  12.0 MiB / 24.0 MiB  3.0 MiB/s  ETA 4s"
+        );
+    }
+}
