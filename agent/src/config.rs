@@ -46,6 +46,9 @@ pub struct Config {
     pub drain: DrainConfig,
     #[serde(default)]
     pub hooks: HooksConfig,
+    /// The local status socket.
+    #[serde(default)]
+    pub status: crate::status::StatusConfig,
 }
 
 /// Where the desired state comes from.

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use swapper::DeployRoot;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -29,6 +29,8 @@ use crate::error::{Error, Result};
 use crate::fetch::{ArtifactCache, FetchSettings};
 use crate::manifest::{Manifest, UrlPolicy};
 use crate::progress::Progress;
+use crate::report::AgentView;
+use crate::status::{Command, CommandRequest, Metrics, SocketSettings, StatusServer};
 use crate::watch::consul::{ConsulClient, ConsulSettings, WatchEvent, WatchStats};
 
 /// How many finished deploys the agent remembers.
@@ -56,6 +58,8 @@ pub struct Desired {
 pub struct Hold {
     pub reason: String,
     pub since: u64,
+    /// The operator's uid, from the socket peer credentials.
+    pub by_uid: Option<u32>,
 }
 
 /// What the agent knows, for the status socket, the demo and tests.
@@ -75,6 +79,8 @@ pub struct StatusInner {
 #[derive(Debug, Default)]
 pub struct Shared {
     inner: Mutex<StatusInner>,
+    /// systemd's `STATUS=` line follows the phase.
+    notifier: Option<crate::notify::Notifier>,
 }
 
 impl Shared {
@@ -110,6 +116,9 @@ impl Shared {
 impl Observer for Shared {
     fn record(&self, rec: &DeployRecord) {
         self.lock().deploy = Some(rec.clone());
+        if let Some(n) = &self.notifier {
+            let _ = n.status(&format!("{} {}", rec.phase.as_str(), rec.build));
+        }
     }
 
     fn holders(&self, holders: &[swapper::drain::Holder]) {
@@ -117,27 +126,16 @@ impl Observer for Shared {
     }
 }
 
-/// Operator commands, from the status socket.
-#[derive(Debug)]
-pub enum Command {
-    Hold { reason: String },
-    Resume,
-    Rollback,
-    Redeploy,
-}
-
-/// A command and where to send its answer.
-pub type CommandRequest = (
-    Command,
-    oneshot::Sender<std::result::Result<String, String>>,
-);
-
 /// Knobs that tests and the demo set; production uses the defaults.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     /// Replaces the Consul settings derived from config and environment.
     pub consul: Option<ConsulSettings>,
     pub retry_initial: Duration,
+    /// Serve the status socket (`[status]` in the config).
+    pub status_socket: bool,
+    /// Talk to systemd (`NOTIFY_SOCKET`).
+    pub notify: bool,
 }
 
 impl Default for RunOptions {
@@ -145,6 +143,8 @@ impl Default for RunOptions {
         RunOptions {
             consul: None,
             retry_initial: RETRY_INITIAL,
+            status_socket: true,
+            notify: true,
         }
     }
 }
@@ -155,9 +155,12 @@ pub struct Agent {
     pub shared: Arc<Shared>,
     pub deployer: Arc<Deployer>,
     pub watch_stats: Arc<WatchStats>,
+    pub metrics: Arc<Metrics>,
     pub commands: mpsc::Sender<CommandRequest>,
     pub started: Instant,
     pub task: JoinHandle<Result<()>>,
+    /// The status socket's task, when serving one.
+    pub status_task: Option<JoinHandle<()>>,
 }
 
 /// Builds the Consul settings from the config, then the environment
@@ -224,7 +227,23 @@ impl Agent {
             progress: Arc::new(Progress::default()),
             fetch,
         });
-        let shared = Arc::new(Shared::default());
+        let notifier = opts
+            .notify
+            .then(crate::notify::Notifier::from_env)
+            .filter(|n| n.is_enabled());
+        let shared = Arc::new(Shared {
+            notifier: notifier.clone(),
+            ..Shared::default()
+        });
+        let metrics = Arc::new(Metrics::new());
+        {
+            let root = deployer.root.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(hot) = root.hot() {
+                if let Some(m) = root.marker(hot) {
+                    metrics.set_build(&m.build.build_id, hot.dir_name());
+                }
+            }
+        }
         if let Some(rec) = crate::deploy::load_record(&deployer.root_path) {
             shared.lock().deploy = Some(rec);
         }
@@ -262,6 +281,25 @@ impl Agent {
             }
         };
         let (cmd_tx, cmd_rx) = mpsc::channel(8);
+        let status_task = if opts.status_socket {
+            let view = Arc::new(AgentView::new(
+                shared.clone(),
+                deployer.clone(),
+                config.source.key.is_some().then(|| watch_stats.clone()),
+                metrics.clone(),
+            ));
+            Some(
+                StatusServer::start(
+                    SocketSettings::from(config.status.clone()),
+                    view,
+                    cmd_tx.clone(),
+                    shutdown.clone(),
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         let policy = UrlPolicy {
             allow_file: config.download.allow_file_urls || config.source.file.is_some(),
         };
@@ -271,15 +309,22 @@ impl Agent {
             source,
             policy,
             retry_initial: opts.retry_initial,
+            metrics: metrics.clone(),
+            notifier: notifier.clone(),
         };
         let task = tokio::spawn(main.run(rx, cmd_rx, shutdown));
+        if let Some(n) = &notifier {
+            let _ = n.ready("idle: recovered, watching for builds");
+        }
         Ok(Agent {
             shared,
             deployer,
             watch_stats,
+            metrics,
             commands: cmd_tx,
             started: Instant::now(),
             task,
+            status_task,
         })
     }
 }
@@ -290,6 +335,8 @@ struct MainLoop {
     source: String,
     policy: UrlPolicy,
     retry_initial: Duration,
+    metrics: Arc<Metrics>,
+    notifier: Option<crate::notify::Notifier>,
 }
 
 struct Running {
@@ -311,9 +358,23 @@ impl MainLoop {
         let mut retry_at: Option<tokio::time::Instant> = None;
         let mut retry_delay = self.retry_initial;
         let mut force_next = false;
+        // Pinged from this loop, so a wedged loop stops the pings and
+        // systemd restarts the agent.
+        let mut watchdog = tokio::time::interval(
+            crate::notify::watchdog_interval().unwrap_or(Duration::from_secs(3600)),
+        );
         loop {
             let start_now = tokio::select! {
+                _ = watchdog.tick() => {
+                    if let Some(n) = &self.notifier {
+                        let _ = n.watchdog();
+                    }
+                    false
+                }
                 _ = shutdown.cancelled() => {
+                    if let Some(n) = &self.notifier {
+                        let _ = n.stopping();
+                    }
                     if let Some(r) = running.take() {
                         info!("shutdown: stopping the running deploy at its next safe point");
                         r.cancel.cancel();
@@ -373,7 +434,11 @@ impl MainLoop {
                     let r = running.take();
                     let (outcome, err) = res.unwrap_or_else(|e| (Outcome::Failed, Some(Error::Internal(format!("deploy task panicked: {e}")))));
                     if let Some(rec) = self.shared.snapshot().deploy {
-                        self.shared.finished(rec);
+                        let slot = rec.slot;
+                        crate::report::count_deploy(&self.metrics, &rec, slot);
+                        if outcome != Outcome::NoChange {
+                            self.shared.finished(rec);
+                        }
                     }
                     match outcome {
                         Outcome::Success | Outcome::RolledBack | Outcome::NoChange => {
@@ -400,10 +465,11 @@ impl MainLoop {
                     retry_at = None;
                     true
                 }
-                cmd = cmds.recv() => {
-                    let Some((cmd, reply)) = cmd else { continue };
-                    let (answer, start) = self.command(cmd, &mut running, &mut applied, &mut force_next).await;
-                    let _ = reply.send(answer);
+                req = cmds.recv() => {
+                    let Some(req) = req else { continue };
+                    info!(command = req.command.name(), uid = req.peer.uid, pid = req.peer.pid, "operator command");
+                    let (answer, start) = self.command(req.command, req.peer.uid, &mut running, &mut applied, &mut force_next).await;
+                    let _ = req.reply.send(answer.map(serde_json::Value::String));
                     start
                 }
             };
@@ -446,6 +512,7 @@ impl MainLoop {
     async fn command(
         &self,
         cmd: Command,
+        uid: u32,
         running: &mut Option<Running>,
         applied: &mut Option<String>,
         force_next: &mut bool,
@@ -455,6 +522,7 @@ impl MainLoop {
                 self.shared.lock().hold = Some(Hold {
                     reason: reason.clone(),
                     since: now_secs(),
+                    by_uid: Some(uid),
                 });
                 if let Some(r) = running.as_ref() {
                     r.cancel.cancel();
@@ -491,7 +559,9 @@ impl MainLoop {
                         self.shared.lock().hold = Some(Hold {
                             reason: format!("operator rollback to {}", rep.build_id),
                             since: now_secs(),
+                            by_uid: Some(uid),
                         });
+                        self.metrics.set_build(&rep.build_id, rep.to.dir_name());
                         (
                             Ok(format!(
                                 "rolled back to {} ({}); holding until resume",
@@ -527,4 +597,96 @@ impl Phase {
     pub fn is_active(self) -> bool {
         !matches!(self, Phase::Idle | Phase::Done | Phase::Failed)
     }
+}
+
+/// Runs the agent from the config file at `path` until `shutdown`,
+/// reloading it on SIGHUP or when the file changes. A new config that does
+/// not validate is logged and ignored: the agent keeps running on the old
+/// one. A valid, different one restarts the agent's parts at a safe point
+/// (a running deploy is cancelled there and resumes from its partial
+/// download under the new config).
+pub async fn run_with_reload(path: PathBuf, shutdown: CancellationToken) -> Result<()> {
+    let mut config = Config::load(&path)?;
+    let (reload_tx, mut reload_rx) = mpsc::channel::<&'static str>(4);
+    spawn_reload_sources(&path, reload_tx, shutdown.clone())?;
+    let notifier = crate::notify::Notifier::from_env();
+    loop {
+        let generation = shutdown.child_token();
+        let mut agent =
+            Agent::start(config.clone(), RunOptions::default(), generation.clone()).await?;
+        let next = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break None,
+                res = &mut agent.task => {
+                    return res.map_err(|e| Error::Internal(format!("main loop panicked: {e}")))?;
+                }
+                why = reload_rx.recv() => {
+                    let why = why.unwrap_or("reload");
+                    match Config::load(&path) {
+                        Err(e) => {
+                            error!(error = %e, trigger = why, "new config rejected; keeping the running one");
+                            agent.shared.error(format!("config reload rejected: {e}"));
+                        }
+                        Ok(c) if c == config => info!(trigger = why, "config unchanged"),
+                        Ok(c) => {
+                            info!(trigger = why, "config changed; restarting the agent's parts at a safe point");
+                            let _ = notifier.reloading();
+                            break Some(c);
+                        }
+                    }
+                }
+            }
+        };
+        generation.cancel();
+        let _ = agent.task.await;
+        if let Some(t) = agent.status_task.take() {
+            let _ = t.await;
+        }
+        match next {
+            Some(c) => config = c,
+            None => return Ok(()),
+        }
+    }
+}
+
+/// SIGHUP and changes to the config file both ask for a reload.
+fn spawn_reload_sources(
+    path: &std::path::Path,
+    tx: mpsc::Sender<&'static str>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| Error::io("SIGHUP", e))?;
+    let t = tx.clone();
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = s.cancelled() => return,
+                r = hup.recv() => {
+                    if r.is_none() { return; }
+                    let _ = t.try_send("SIGHUP");
+                }
+            }
+        }
+    });
+    // Watch the file's content through the same watcher as manifest files:
+    // it handles editors' rename-into-place and debounces.
+    let (ftx, mut frx) = mpsc::channel(4);
+    tokio::spawn(crate::watch::file::watch_file(
+        path.to_path_buf(),
+        ftx,
+        shutdown.clone(),
+    ));
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Some(_ev) = frx.recv().await {
+            // The first event is the content at start, already loaded.
+            if std::mem::take(&mut first) {
+                continue;
+            }
+            let _ = tx.try_send("config file changed");
+        }
+    });
+    Ok(())
 }

@@ -116,6 +116,10 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Vec<
         unpack: Default::default(),
         drain: Default::default(),
         hooks: Default::default(),
+        status: crate::status::StatusConfig {
+            socket: Some(base.join("agent.sock")),
+            ..Default::default()
+        },
     };
     let settings = ConsulSettings {
         address: consul.url(),
@@ -134,6 +138,7 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Vec<
         config,
         RunOptions {
             consul: Some(settings),
+            notify: false,
             ..RunOptions::default()
         },
         shutdown.clone(),

@@ -32,6 +32,7 @@ pub mod manifest;
 pub mod notify;
 pub mod pipeline;
 pub mod progress;
+pub mod report;
 pub mod status;
 pub mod testserver;
 pub mod unpack;

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use deploy_agent::buildgen::BuildProfile;
 use deploy_agent::config::{Config, DEFAULT_PATH};
+use deploy_agent::logging::LogFormat;
 use deploy_agent::manifest::Format;
+use deploy_agent::status::OperatorCommand;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -17,6 +19,9 @@ use tokio_util::sync::CancellationToken;
     about = "Keeps this host on the build its Consul key names."
 )]
 struct Cli {
+    /// Log format: auto (plain key=value under systemd, human otherwise), text or json.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -45,26 +50,25 @@ enum Cmd {
         #[arg(long, default_value = "tar.gz")]
         format: String,
     },
+    #[command(flatten)]
+    Operator(OperatorCommand),
 }
 
-/// Exit codes, documented in README.md.
+/// Exit codes of `run`, `check-config` and `demo` (the operator commands
+/// document theirs in README.md): 0 ok, 1 runtime failure, 2 bad config or
+/// usage.
 mod exit {
-    pub const CONFIG: u8 = 2;
     pub const RUNTIME: u8 = 1;
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DEPLOY_AGENT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    pub const CONFIG: u8 = 2;
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Cmd::Operator(cmd) => {
+            let code = deploy_agent::status::run_cli(cmd);
+            ExitCode::from(u8::try_from(code).unwrap_or(exit::RUNTIME))
+        }
         Cmd::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
                 println!("{}: ok", config.display());
@@ -83,37 +87,38 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Run { config } => {
-            init_logging();
-            let cfg = match Config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(exit::CONFIG);
-                }
-            };
+            if let Err(e) = deploy_agent::logging::init(cli.log_format) {
+                eprintln!("error: cannot set up logging: {e}");
+                return ExitCode::from(exit::RUNTIME);
+            }
+            if let Err(e) = Config::load(&config) {
+                eprintln!("error: {e}");
+                return ExitCode::from(exit::CONFIG);
+            }
             runtime_block(async move {
                 let shutdown = CancellationToken::new();
                 let s = shutdown.clone();
                 tokio::spawn(async move {
-                    let mut term = match tokio::signal::unix::signal(
-                        tokio::signal::unix::SignalKind::terminate(),
-                    ) {
-                        Ok(t) => t,
-                        Err(_) => return,
+                    use tokio::signal::unix::{signal, SignalKind};
+                    let (Ok(mut term), Ok(mut int)) = (
+                        signal(SignalKind::terminate()),
+                        signal(SignalKind::interrupt()),
+                    ) else {
+                        return;
                     };
                     tokio::select! {
                         _ = term.recv() => {}
-                        _ = tokio::signal::ctrl_c() => {}
+                        _ = int.recv() => {}
                     }
                     tracing::info!("stopping at the next safe point");
                     s.cancel();
                 });
-                deploy_agent::daemon::run(cfg, shutdown).await
+                deploy_agent::daemon::run_with_reload(config, shutdown).await
             })
         }
         Cmd::Demo { dir, size, format } => {
             if std::env::var_os("DEPLOY_AGENT_LOG").is_some() {
-                init_logging();
+                let _ = deploy_agent::logging::init(cli.log_format);
             }
             let profile = match size.as_str() {
                 "tiny" => BuildProfile::TINY,

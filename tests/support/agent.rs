@@ -72,6 +72,10 @@ impl Harness {
             unpack: Default::default(),
             drain: Default::default(),
             hooks: Default::default(),
+            status: deploy_agent::status::StatusConfig {
+                socket: Some(tmp.path().join("agent.sock")),
+                ..Default::default()
+            },
         };
         config.download.read_timeout = Duration::from_secs(2);
         config.download.retries = 2;
@@ -95,6 +99,8 @@ impl Harness {
             RunOptions {
                 consul: Some(fast_consul(&self.consul.url())),
                 retry_initial: Duration::from_millis(300),
+                status_socket: true,
+                notify: false,
             },
             self.shutdown.clone(),
         )

@@ -151,6 +151,20 @@ impl Metrics {
         self.consul_errors[i].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Sets the Consul counters to the watch loop's own totals (which are
+    /// monotonic for the life of the process), so the loop keeps one set of
+    /// counters and the registry only mirrors them at scrape time.
+    pub fn sync_consul(&self, requests: u64, errors: &[(ConsulErrorKind, u64)]) {
+        self.consul_requests.store(requests, Ordering::Relaxed);
+        for (kind, n) in errors {
+            let i = ConsulErrorKind::ALL
+                .iter()
+                .position(|k| k == kind)
+                .unwrap_or(ConsulErrorKind::ALL.len() - 1);
+            self.consul_errors[i].store(*n, Ordering::Relaxed);
+        }
+    }
+
     /// Sets the hold gauge.
     pub fn set_held(&self, held: bool) {
         self.held.store(held, Ordering::Relaxed);
