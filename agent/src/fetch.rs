@@ -234,8 +234,10 @@ pub fn unpacked_estimate(spec: &ArtifactSpec, limits: &UnpackLimits) -> u64 {
 /// rate, big enough that per-request overhead does not matter.
 const MAX_CHUNK: u64 = 8 << 20;
 const MIN_CHUNK: u64 = 64 << 10;
-/// Bytes buffered per range before one positional write (off the async threads).
-const WRITE_BUFFER: usize = 1 << 20;
+/// Bytes buffered per range before one positional write (off the async
+/// threads). Also what a dropped download can lose per range, and the step
+/// in which the watermark advances.
+const WRITE_BUFFER: usize = 256 << 10;
 /// Sidecar rewritten after this many new bytes (and when a download stops).
 const PERSIST_EVERY: u64 = 4 << 20;
 
@@ -712,7 +714,9 @@ async fn fetch_range(job: &Job, start: u64, end: u64, buf: &mut Vec<u8>) -> Resu
         match outcome {
             Ok(single) => return Ok(single),
             Err(failure) => {
-                let progressed = chunks.done(i) > before;
+                // Only real progress earns fresh retries, so a server that
+                // dies after a few bytes every time still fails in bounded time.
+                let progressed = chunks.done(i) >= before + WRITE_BUFFER as u64;
                 if progressed {
                     failures = 0;
                     backoff = job.settings.backoff_initial;
@@ -779,7 +783,7 @@ async fn attempt(
                 "no response within {headers_deadline:?}"
             )))
         }
-        Ok(Err(e)) => return Err(Failure::Transient(format!("request failed: {e}"))),
+        Ok(Err(e)) => return Err(Failure::Transient(format!("request failed: {}", chain(&e)))),
         Ok(Ok(r)) => r,
     };
     let status = response.status();
@@ -848,6 +852,19 @@ async fn attempt(
     Ok(single)
 }
 
+/// An error with its sources, for the operator (reqwest's top-level
+/// message alone hides the cause).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// A `file://` mirror (only when allowed): read the range from the local
 /// file on the blocking pool, then write it like a body.
 async fn attempt_file(
@@ -911,7 +928,7 @@ async fn stream_body(
     buf: &mut Vec<u8>,
 ) -> std::result::Result<(), Failure> {
     buf.clear();
-    let mut result = Ok(());
+    let mut result: std::result::Result<(), Failure> = Ok(());
     loop {
         let next = tokio::time::timeout(job.settings.read_timeout, response.chunk()).await;
         let chunk = match next {
@@ -923,7 +940,7 @@ async fn stream_body(
                 break;
             }
             Ok(Err(e)) => {
-                result = Err(Failure::Transient(format!("body failed: {e}")));
+                result = Err(Failure::Transient(format!("body failed: {}", chain(&e))));
                 break;
             }
             Ok(Ok(None)) => break,
@@ -943,12 +960,15 @@ async fn stream_body(
     }
     // Keep what arrived before a failure: the retry resumes after it.
     offset = flush(job, buf, offset).await?;
-    if result.is_ok() && offset < stop {
-        result = Err(Failure::Transient(format!(
-            "{url}: body ended at byte {offset}, expected up to {stop}"
-        )));
+    match result {
+        Ok(()) if offset < stop => Err(Failure::Transient(format!(
+            "{url}: body ended at byte {offset}, expected bytes up to {stop}"
+        ))),
+        Err(Failure::Transient(reason)) => Err(Failure::Transient(format!(
+            "{reason} (received up to byte {offset}, expected bytes up to {stop})"
+        ))),
+        other => other,
     }
-    result
 }
 
 async fn flush(job: &Job, buf: &mut Vec<u8>, offset: u64) -> std::result::Result<u64, Failure> {
