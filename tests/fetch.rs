@@ -437,10 +437,10 @@ async fn cache_hit_needs_no_request_and_keeps_two() {
     assert_unpacked(&slot, &builds[0]);
     assert_eq!(env.server.stats().requests, 0);
 
-    for i in 1..3 {
+    for (i, b) in builds.iter().enumerate().skip(1) {
         tokio::time::sleep(Duration::from_millis(20)).await; // distinct mtimes
         let path = format!("/b{i}");
-        let spec = env.spec(&builds[i], &[path.as_str()], FORMAT);
+        let spec = env.spec(b, &[path.as_str()], FORMAT);
         env.fetch(&spec).await.1.unwrap();
     }
     assert!(
@@ -491,7 +491,7 @@ async fn small_tmpfs_refuses_before_downloading() {
         eprintln!("skipped: mounting a tmpfs needs root");
         return;
     }
-    let mut env = Env::new().await;
+    let env = Env::new().await;
     let build = build(31, 20, 200_000, FORMAT);
     env.server.add("/b", build.archive.clone());
     let small = env.root.join("small");
