@@ -566,3 +566,76 @@ proptest! {
         sandbox.assert_nothing_escaped();
     }
 }
+
+/// Throughput figure, not a gate: `cargo test --release -p deploy-agent-tests
+/// --test unpack -- --ignored --nocapture throughput`. Compares with GNU tar
+/// (+ sync) on the same archive when `tar` is installed. Kept to a few
+/// thousand files: the test filesystem is slow at recreating many files.
+#[test]
+#[ignore]
+fn throughput() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+    let words = [
+        "function", "return", "$this->", "array(", "public", "static", "=>", ";\n",
+    ];
+    let files = 3000;
+    let archive = tar_of(|b| {
+        for i in 0..files {
+            let len = rng.gen_range(200..12_000);
+            let mut text = String::with_capacity(len + 16);
+            while text.len() < len {
+                text.push_str(words[rng.gen_range(0..words.len())]);
+                text.push(' ');
+            }
+            file(
+                b,
+                &format!("vendor/p{}/src/d{}/F{i}.php", i % 40, i % 7),
+                text.as_bytes(),
+            );
+        }
+    });
+    let gz = compress(&archive, ArchiveFormat::TarGz);
+    let sandbox = Sandbox::new();
+    let started = Instant::now();
+    let stats = unpack(
+        &gz[..],
+        ArchiveFormat::TarGz,
+        &sandbox.slot,
+        &UnpackLimits::default(),
+        &Progress::default(),
+    )
+    .unwrap();
+    let unpack_only = started.elapsed().as_secs_f64();
+    nix::unistd::sync();
+    let ours = started.elapsed().as_secs_f64();
+    eprintln!("deploy-agent unpack without sync: {unpack_only:.3}s");
+    eprintln!(
+        "deploy-agent unpack+sync: {} files, {:.1} MB unpacked, {:.1} MB gz in {ours:.3}s = {:.0} files/s, {:.1} MB/s",
+        stats.files,
+        stats.bytes_written as f64 / 1e6,
+        gz.len() as f64 / 1e6,
+        stats.files as f64 / ours,
+        stats.bytes_written as f64 / 1e6 / ours
+    );
+    let gz_path = sandbox.root.join("outside/../a.tar.gz");
+    fs::write(&gz_path, &gz).unwrap();
+    let gnu = sandbox.root.join("gnu");
+    fs::create_dir(&gnu).unwrap();
+    let started = Instant::now();
+    let status = std::process::Command::new("tar")
+        .arg("-xzf")
+        .arg(&gz_path)
+        .arg("-C")
+        .arg(&gnu)
+        .status();
+    let gnu_only = started.elapsed().as_secs_f64();
+    nix::unistd::sync();
+    if let Ok(status) = status {
+        assert!(status.success());
+        eprintln!(
+            "GNU tar -xzf: {gnu_only:.3}s, + sync: {:.3}s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+}

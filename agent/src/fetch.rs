@@ -117,6 +117,10 @@ impl ArtifactCache {
     /// Path of the verified artifact `sha256` if the cache holds it (no I/O
     /// beyond one `stat`).
     pub fn lookup(&self, sha256: &str) -> Option<PathBuf> {
+        // Anything but a digest could name a path outside the cache.
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
         let path = self.complete_path(sha256);
         path.is_file().then_some(path)
     }
@@ -732,6 +736,9 @@ async fn fetch_range(job: &Job, start: u64, end: u64, buf: &mut Vec<u8>) -> Resu
                 };
                 warn!(url = %url, from, end, failures, reason = %reason, "range request failed");
                 if give_up_mirror {
+                    if let Some(next) = job.spec.urls.get(mirror + 1) {
+                        warn!(url = %url, next = %next, "giving up on mirror, trying the next");
+                    }
                     // Other workers may have moved on already; only advance once.
                     let _ = job.mirror.compare_exchange(
                         mirror,
