@@ -663,3 +663,59 @@ async fn progress_reaches_the_totals() {
     assert_eq!(s.bytes_written, outcome.stats.bytes_written);
     assert!(s.entries >= 40);
 }
+
+#[tokio::test]
+async fn artifact_server_speaks_http_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("disk.bin"), vec![7u8; 1000]).unwrap();
+    let server = ArtifactServer::start_with_dir(dir.path()).await.unwrap();
+    server.add("/mem.bin", (0..=255u8).collect::<Vec<u8>>());
+    let client = reqwest::Client::new();
+
+    let head = client.head(server.url("/mem.bin")).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["accept-ranges"], "bytes");
+    assert_eq!(head.headers()["content-length"], "256");
+
+    let part = client
+        .get(server.url("/mem.bin"))
+        .header("Range", "bytes=10-19")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), 206);
+    assert_eq!(part.headers()["content-range"], "bytes 10-19/256");
+    assert_eq!(
+        part.bytes().await.unwrap().to_vec(),
+        (10..20u8).collect::<Vec<_>>()
+    );
+
+    let bad = client
+        .get(server.url("/mem.bin"))
+        .header("Range", "bytes=300-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 416);
+    assert_eq!(bad.headers()["content-range"], "bytes */256");
+
+    let disk = client.get(server.url("/disk.bin")).send().await.unwrap();
+    assert_eq!(disk.bytes().await.unwrap().len(), 1000);
+    let escape = client
+        .get(server.url("/../etc/passwd"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(escape.status(), 404);
+
+    server.set_fault(FaultRule::times(Fault::NotFound, 1).on_path("/mem.bin"));
+    let first = client.get(server.url("/mem.bin")).send().await.unwrap();
+    assert_eq!(first.status(), 404);
+    let other = client.get(server.url("/disk.bin")).send().await.unwrap();
+    assert_eq!(other.status(), 200, "the fault is for one path only");
+    let again = client.get(server.url("/mem.bin")).send().await.unwrap();
+    assert_eq!(again.status(), 200, "the fault was for one request only");
+    let stats = server.stats();
+    assert_eq!(stats.requests, 8);
+    assert_eq!(stats.partial_responses, 1);
+}

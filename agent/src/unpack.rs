@@ -519,7 +519,7 @@ impl<'a> Unpacker<'a> {
         }
         // Big file: stream it here so at most one buffer of it is in memory.
         let full = self.slot.join(&rel);
-        let mut file = create_file(&full)?;
+        let mut file = create_file(&full, mode)?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
             let n = entry.read(&mut buf).map_err(|e| corrupt(self.slot, e))?;
@@ -618,7 +618,7 @@ fn writer_loop(slot: &Path, receiver: &Mutex<Receiver<FileJob>>, shared: &Shared
         let size = job.data.len() as u64;
         if !shared.failed_flag.load(Ordering::Acquire) {
             let full = slot.join(&job.path);
-            let written = create_file(&full).and_then(|mut file| {
+            let written = create_file(&full, job.mode).and_then(|mut file| {
                 file.write_all(&job.data).map_err(|e| Error::io(&full, e))?;
                 finish_file(&file, &full, job.mode, job.mtime)
             });
@@ -633,22 +633,45 @@ fn writer_loop(slot: &Path, receiver: &Mutex<Receiver<FileJob>>, shared: &Shared
     }
 }
 
-fn create_file(full: &Path) -> Result<File> {
+/// Creates a file with `mode` (O_CREAT|O_EXCL, never following a link).
+fn create_file(full: &Path, mode: u32) -> Result<File> {
     OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(full)
         .map_err(|e| Error::io(full, e))
 }
 
-/// Mode and mtime on the open fd (fchmod, futimens): no path lookups.
+/// Mode and mtime on the open fd (fchmod, futimens): no path lookups. The
+/// fchmod is skipped when the umask cannot have changed the creation mode,
+/// saving one syscall per file.
 fn finish_file(file: &File, full: &Path, mode: u32, mtime: SystemTime) -> Result<()> {
-    file.set_permissions(Permissions::from_mode(mode))
-        .map_err(|e| Error::io(full, e))?;
+    if mode & process_umask() != 0 {
+        file.set_permissions(Permissions::from_mode(mode))
+            .map_err(|e| Error::io(full, e))?;
+    }
     file.set_times(FileTimes::new().set_modified(mtime))
         .map_err(|e| Error::io(full, e))
+}
+
+/// The process umask, read once from /proc (reading it with umask(2) would
+/// briefly change it for every thread). Unknown means "assume it masks
+/// everything", i.e. always fchmod.
+fn process_umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            })
+            .unwrap_or(0o777)
+    })
 }
 
 /// Keeps the permission bits, drops setuid/setgid/sticky and group/other
