@@ -407,6 +407,7 @@ async fn restart_resumes_from_the_partial() {
     assert!(started.elapsed() < Duration::from_secs(1));
     assert!(env.partial_exists(&build.sha256));
 
+    let sent_cancel = env.server.stats().bytes_sent;
     env.server.clear_faults();
     env.server.reset_stats();
     let slot3 = env.slot();
@@ -415,6 +416,13 @@ async fn restart_resumes_from_the_partial() {
         .unwrap();
     assert_unpacked(&slot3, &build);
     let sent_again = env.server.stats().bytes_sent;
+    eprintln!(
+        "size {size}, first attempt {sent_first}, after cancel {sent_cancel}, resumed {sent_again}"
+    );
+    assert!(
+        sent_again + (sent_cancel - sent_first) <= size,
+        "a cancelled attempt keeps what it received"
+    );
     assert!(
         sent_again + sent_first / 2 < size,
         "resumed: {sent_again} bytes sent after {sent_first} of {size}"

@@ -588,6 +588,8 @@ struct Job {
     rate: Option<RateLimit>,
     /// Set by the first response: does the server answer ranges with 206?
     ranges: tokio::sync::watch::Sender<Option<bool>>,
+    /// Workers stop at the next chunk, flush what they hold and return.
+    cancel: CancellationToken,
 }
 
 /// How one request attempt ended.
@@ -596,12 +598,14 @@ enum Failure {
     Transient(String),
     /// This mirror will not do (404, wrong size, 416): next mirror at once.
     Mirror(Error),
+    /// The cancel token fired; what arrived was written.
+    Cancelled,
 }
 
 /// Downloads every missing byte of `partial` (resuming what it holds),
 /// recording progress in its chunks so the in-order reader can follow.
-/// Returns the bytes fetched over the network; on error the partial and
-/// sidecar stay for resume.
+/// On error or cancellation (workers flush what they received first) the
+/// partial and sidecar stay for resume.
 #[instrument(skip_all, fields(sha256 = %spec.sha256, size = spec.size))]
 pub(crate) async fn download(
     client: &reqwest::Client,
@@ -609,6 +613,7 @@ pub(crate) async fn download(
     partial: Arc<Partial>,
     settings: &FetchSettings,
     progress: Arc<Progress>,
+    cancel: CancellationToken,
 ) -> Result<()> {
     progress
         .bytes_downloaded
@@ -623,6 +628,7 @@ pub(crate) async fn download(
         mirror: AtomicUsize::new(0),
         rate: settings.bandwidth_limit.map(RateLimit::new),
         ranges,
+        cancel,
     });
     // JoinSet aborts the workers if this future is dropped (cancel/restart).
     let mut workers = JoinSet::new();
@@ -700,10 +706,16 @@ async fn fetch_range(job: &Job, start: u64, end: u64, buf: &mut Vec<u8>) -> Resu
     let i = (start / chunks.chunk) as usize;
     let mut failures = 0u32;
     let mut backoff = job.settings.backoff_initial;
+    let cancelled = || Error::Cancelled {
+        what: format!("download of {}", job.spec.sha256),
+    };
     loop {
         let from = start + chunks.done(i);
         if from >= end {
             return Ok(false);
+        }
+        if job.cancel.is_cancelled() {
+            return Err(cancelled());
         }
         let mirror = job.mirror.load(Ordering::Acquire);
         let Some(url) = job.spec.urls.get(mirror) else {
@@ -717,6 +729,7 @@ async fn fetch_range(job: &Job, start: u64, end: u64, buf: &mut Vec<u8>) -> Resu
         let outcome = attempt(job, url, from, end, buf).await;
         match outcome {
             Ok(single) => return Ok(single),
+            Err(Failure::Cancelled) => return Err(cancelled()),
             Err(failure) => {
                 // Only real progress earns fresh retries, so a server that
                 // dies after a few bytes every time still fails in bounded time.
@@ -727,12 +740,13 @@ async fn fetch_range(job: &Job, start: u64, end: u64, buf: &mut Vec<u8>) -> Resu
                 }
                 failures += 1;
                 let give_up_mirror = match &failure {
-                    Failure::Mirror(_) => true,
                     Failure::Transient(_) => failures > job.settings.retries_per_range,
+                    Failure::Mirror(_) | Failure::Cancelled => true,
                 };
                 let reason = match &failure {
                     Failure::Transient(r) => r.clone(),
                     Failure::Mirror(e) => e.to_string(),
+                    Failure::Cancelled => "cancelled".to_string(),
                 };
                 warn!(url = %url, from, end, failures, reason = %reason, "range request failed");
                 if give_up_mirror {
@@ -749,6 +763,7 @@ async fn fetch_range(job: &Job, start: u64, end: u64, buf: &mut Vec<u8>) -> Resu
                     if mirror + 1 >= job.spec.urls.len() {
                         return Err(match failure {
                             Failure::Mirror(e) => e,
+                            Failure::Cancelled => cancelled(),
                             Failure::Transient(reason) => Error::Download {
                                 sha256: job.spec.sha256.clone(),
                                 url: url.clone(),
@@ -760,7 +775,10 @@ async fn fetch_range(job: &Job, start: u64, end: u64, buf: &mut Vec<u8>) -> Resu
                     backoff = job.settings.backoff_initial;
                     continue;
                 }
-                tokio::time::sleep(backoff).await;
+                tokio::select! {
+                    _ = job.cancel.cancelled() => return Err(cancelled()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
                 backoff = (backoff * 2).min(job.settings.backoff_max);
             }
         }
@@ -784,7 +802,11 @@ async fn attempt(
         .get(url)
         .header(RANGE, format!("bytes={from}-{}", end - 1));
     let headers_deadline = job.settings.connect_timeout + job.settings.read_timeout;
-    let response = match tokio::time::timeout(headers_deadline, request.send()).await {
+    let sent = tokio::select! {
+        _ = job.cancel.cancelled() => return Err(Failure::Cancelled),
+        sent = tokio::time::timeout(headers_deadline, request.send()) => sent,
+    };
+    let response = match sent {
         Err(_) => {
             return Err(Failure::Transient(format!(
                 "no response within {headers_deadline:?}"
@@ -902,6 +924,9 @@ async fn attempt_file(
     let _ = job.ranges.send_if_modified(|r| r.replace(true).is_none());
     let mut offset = from;
     while offset < end {
+        if job.cancel.is_cancelled() {
+            return Err(Failure::Cancelled);
+        }
         let n = (end - offset).min(WRITE_BUFFER as u64) as usize;
         let reader = Arc::clone(&file);
         let read = tokio::task::spawn_blocking(move || {
@@ -937,7 +962,14 @@ async fn stream_body(
     buf.clear();
     let mut result: std::result::Result<(), Failure> = Ok(());
     loop {
-        let next = tokio::time::timeout(job.settings.read_timeout, response.chunk()).await;
+        let next = tokio::select! {
+            biased;
+            _ = job.cancel.cancelled() => {
+                result = Err(Failure::Cancelled);
+                break;
+            }
+            next = tokio::time::timeout(job.settings.read_timeout, response.chunk()) => next,
+        };
         let chunk = match next {
             Err(_) => {
                 result = Err(Failure::Transient(format!(

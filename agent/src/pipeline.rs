@@ -115,10 +115,17 @@ pub async fn fetch_and_unpack(
         Arc::clone(&progress),
         cancel.clone(),
     );
-    let downloaded = tokio::select! {
-        r = download(client, &spec, Arc::clone(&partial), settings, Arc::clone(&progress)) => r,
-        _ = cancel.cancelled() => Err(Error::Cancelled { what: format!("download of {}", spec.sha256) }),
-    };
+    // Cancellation is handled inside: workers flush what they received,
+    // so a cancelled attempt keeps every byte it paid for.
+    let downloaded = download(
+        client,
+        &spec,
+        Arc::clone(&partial),
+        settings,
+        Arc::clone(&progress),
+        cancel.clone(),
+    )
+    .await;
     let download_time = started.elapsed();
     if let Err(e) = downloaded {
         // Stop the reader and wait for it: the caller may clear the slot next.
