@@ -727,3 +727,61 @@ async fn artifact_server_speaks_http_ranges() {
     assert_eq!(stats.requests, 8);
     assert_eq!(stats.partial_responses, 1);
 }
+
+/// Throughput figure, not a gate: `cargo test --release -p deploy-agent-tests
+/// --test fetch -- --ignored --nocapture end_to_end_throughput`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn end_to_end_throughput() {
+    let mut env = Env::new().await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let words = [
+        "function", "return", "$this->", "array(", "public", "=>", ";\n",
+    ];
+    let mut tar = tar::Builder::new(Vec::new());
+    let files = 3000;
+    for i in 0..files {
+        let len = rng.gen_range(200..12_000);
+        let mut text = String::with_capacity(len + 16);
+        while text.len() < len {
+            text.push_str(words[rng.gen_range(0..words.len())]);
+            text.push(' ');
+        }
+        let mut header = tar::Header::new_gnu();
+        header.set_size(text.len() as u64);
+        header.set_mode(0o644);
+        header.set_mtime(1_600_000_000);
+        let name = format!("vendor/p{}/src/F{i}.php", i % 40);
+        tar.append_data(&mut header, &name, text.as_bytes())
+            .unwrap();
+    }
+    let tar = tar.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    let archive = gz.finish().unwrap();
+    let build = Build {
+        sha256: hex::encode(Sha256::digest(&archive)),
+        archive,
+        files: Vec::new(),
+    };
+    env.server.add("/b", build.archive.clone());
+    let spec = env.spec(&build, &["/b"], FORMAT);
+    let started = Instant::now();
+    let (_slot, result) = env.fetch(&spec).await;
+    let outcome = result.unwrap();
+    let total = started.elapsed().as_secs_f64();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .unwrap_or("");
+    eprintln!(
+        "{} files, {:.1} MB archive, {:.1} MB unpacked: download {:?}, done {:?}, {:.0} files/s ({hwm}, includes the in-memory server and archive)",
+        outcome.stats.files,
+        build.archive.len() as f64 / 1e6,
+        outcome.stats.bytes_written as f64 / 1e6,
+        outcome.download_time,
+        outcome.unpack_time,
+        outcome.stats.files as f64 / total
+    );
+}
