@@ -156,10 +156,11 @@ fn generate_tree(root: &Path) {
             for f in 0..8 {
                 let len = match f {
                     0 => 0,
-                    1 => rng.gen_range(100_000..1_200_000),
+                    1 => rng.gen_range(100_000..1_200_000usize),
                     _ => rng.gen_range(1..5000),
                 };
-                let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                let mut data = vec![0u8; len];
+                rng.fill(&mut data[..]);
                 let path = dir.join(format!("f{f}.php"));
                 fs::write(&path, &data).unwrap();
                 let mode = if f == 3 { 0o755 } else { 0o644 };

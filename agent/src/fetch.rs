@@ -662,7 +662,7 @@ pub(crate) async fn download(
                         job.partial.persist();
                         return Err(Error::Download {
                             sha256: spec.sha256.clone(),
-                            url: String::new(),
+                            url: spec.urls.join(", "),
                             reason: format!("range worker failed: {e}"),
                         });
                     }

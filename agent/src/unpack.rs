@@ -117,6 +117,17 @@ pub fn unpack<R: Read>(
     limits: &UnpackLimits,
     progress: &Progress,
 ) -> Result<UnpackStats> {
+    // The in-memory view of the slot is only the truth if the slot starts empty.
+    let mut existing = std::fs::read_dir(slot_dir).map_err(|e| Error::io(slot_dir, e))?;
+    if existing.next().is_some() {
+        return Err(Error::io(
+            slot_dir,
+            io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the slot is not empty; clear it before unpacking a build into it",
+            ),
+        ));
+    }
     let exceeded = Arc::new(AtomicBool::new(false));
     let stream_limit = limits
         .max_bytes
