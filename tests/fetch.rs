@@ -217,6 +217,18 @@ async fn server_ignoring_range_falls_back_to_one_stream() {
     let stats = env.server.stats();
     assert_eq!(stats.partial_responses, 0);
     assert_eq!(stats.requests, 1, "one full stream: {stats:?}");
+
+    // A full-body stream that breaks halfway starts over (no ranges to resume with).
+    env.server.reset_stats();
+    env.server
+        .set_fault(FaultRule::times(Fault::Truncate { after: 1_000_000 }, 1));
+    let mut spec = env.spec(&build, &["/b.tar.gz"], FORMAT);
+    spec.urls.push(env.server.url("/b.tar.gz")); // same file, not in the cache path
+    let _ = std::fs::remove_file(env.cache.lookup(&build.sha256).unwrap());
+    let (slot, result) = env.fetch(&spec).await;
+    result.unwrap();
+    assert_unpacked(&slot, &build);
+    assert_eq!(env.server.stats().requests, 2);
 }
 
 #[tokio::test]

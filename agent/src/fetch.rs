@@ -356,7 +356,19 @@ impl Chunks {
         false
     }
 
-    /// Forgets all progress (a server without ranges restarts from byte 0).
+    /// Makes incomplete chunks claimable again (a full-body stream failed
+    /// halfway; the next request starts over from byte 0).
+    fn unclaim_incomplete(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            for i in 0..s.done.len() {
+                if s.done[i] < self.len_of(i) {
+                    s.claimed[i] = false;
+                }
+            }
+        }
+    }
+
+    /// Claims every chunk: one full-body stream (no ranges) covers them all.
     fn reset_all_claimed(&self) {
         if let Ok(mut s) = self.state.lock() {
             s.claimed.iter_mut().for_each(|c| *c = true);
@@ -628,12 +640,14 @@ pub(crate) async fn download(
         mirror: AtomicUsize::new(0),
         rate: settings.bandwidth_limit.map(RateLimit::new),
         ranges,
-        cancel,
+        // A child: stopping the workers after one failed must not cancel the caller.
+        cancel: cancel.child_token(),
     });
     // JoinSet aborts the workers if this future is dropped (cancel/restart).
     let mut workers = JoinSet::new();
     workers.spawn(worker(Arc::clone(&job)));
     let mut spawned_rest = false;
+    let mut first_error = None;
     loop {
         tokio::select! {
             changed = ranges_known.changed(), if !spawned_rest => {
@@ -651,26 +665,35 @@ pub(crate) async fn download(
                 }
             }
             joined = workers.join_next() => {
-                match joined {
+                let failed = match joined {
                     None => break,
-                    Some(Ok(Ok(()))) => {}
-                    Some(Ok(Err(e))) => {
-                        job.partial.persist();
-                        return Err(e);
-                    }
-                    Some(Err(e)) => {
-                        job.partial.persist();
-                        return Err(Error::Download {
-                            sha256: spec.sha256.clone(),
-                            url: spec.urls.join(", "),
-                            reason: format!("range worker failed: {e}"),
-                        });
-                    }
+                    Some(Ok(Ok(()))) => continue,
+                    Some(Ok(Err(e))) => e,
+                    Some(Err(e)) => Error::Download {
+                        sha256: spec.sha256.clone(),
+                        url: spec.urls.join(", "),
+                        reason: format!("range worker failed: {e}"),
+                    },
+                };
+                // Stop the other workers gracefully (they flush what they
+                // hold) and report the first real error, not "cancelled".
+                job.cancel.cancel();
+                spawned_rest = true;
+                let replace = match &first_error {
+                    None => true,
+                    Some(Error::Cancelled { .. }) => !matches!(failed, Error::Cancelled { .. }),
+                    Some(_) => false,
+                };
+                if replace {
+                    first_error = Some(failed);
                 }
             }
         }
     }
     job.partial.persist();
+    if let Some(e) = first_error {
+        return Err(e);
+    }
     let present = job.partial.bytes_present();
     if present != spec.size {
         // Every worker ended without error yet bytes are missing: a bug, but
@@ -877,8 +900,11 @@ async fn attempt(
         s => return Err(Failure::Transient(format!("HTTP {s}"))),
     };
     let stop = if single { size } else { end };
-    stream_body(job, url, response, offset, stop, buf).await?;
-    Ok(single)
+    let streamed = stream_body(job, url, response, offset, stop, buf).await;
+    if single && streamed.is_err() {
+        job.partial.chunks.unclaim_incomplete();
+    }
+    streamed.map(|()| single)
 }
 
 /// An error with its sources, for the operator (reqwest's top-level
