@@ -561,6 +561,10 @@ impl<'a> Unpacker<'a> {
     /// Joins the writers, then (if everything so far succeeded) makes hard
     /// links and applies directory modes and mtimes, deepest first.
     fn finish(&mut self, ok: bool) -> Result<UnpackStats> {
+        if !ok {
+            // The slot is garbage already: writers skip what is still queued.
+            self.shared.failed_flag.store(true, Ordering::Release);
+        }
         self.sender = None;
         for writer in self.writers.drain(..) {
             if writer.join().is_err() {
