@@ -468,6 +468,30 @@ fn byte_bomb_stops_early_and_fast() {
 }
 
 #[test]
+fn long_name_bomb_is_refused_without_buffering_it() {
+    // A GNU long-name record of 64 MiB: the tar crate would read it into memory.
+    let mut header = tar::Header::new_gnu();
+    header.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
+    header.set_entry_type(tar::EntryType::GNULongName);
+    header.set_size(64 << 20);
+    header.set_mode(0o644);
+    header.set_cksum();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(header.as_bytes()).unwrap();
+    let chunk = vec![b'a'; 1 << 20];
+    for _ in 0..64 {
+        gz.write_all(&chunk).unwrap();
+    }
+    let archive = gz.finish().unwrap();
+    let sandbox = Sandbox::new();
+    match sandbox.unpack(&archive, ArchiveFormat::TarGz) {
+        Err(Error::ArchiveTooLarge { what, .. }) => assert!(what.contains("metadata"), "{what}"),
+        other => panic!("expected ArchiveTooLarge, got {other:?}"),
+    }
+    sandbox.assert_nothing_escaped();
+}
+
+#[test]
 fn many_small_files_within_byte_limit_but_over_it_in_total() {
     let archive = tar_of(|b| {
         for i in 0..50 {

@@ -128,7 +128,7 @@ pub fn unpack<R: Read>(
             ),
         ));
     }
-    let exceeded = Arc::new(AtomicBool::new(false));
+    let guard = Arc::new(StreamGuard::default());
     let stream_limit = limits
         .max_bytes
         .saturating_add(
@@ -146,13 +146,23 @@ pub fn unpack<R: Read>(
         }
     };
     let mut unpacker = Unpacker::new(slot_dir, limits, progress);
-    let result = unpacker.run(LimitedReader {
-        inner: decoded,
-        left: stream_limit,
-        exceeded: Arc::clone(&exceeded),
-    });
+    let result = unpacker.run(
+        LimitedReader {
+            inner: decoded,
+            left: stream_limit,
+            guard: Arc::clone(&guard),
+        },
+        &guard,
+    );
     let result = match result {
-        Err(Error::CorruptArchive { .. }) if exceeded.load(Ordering::Relaxed) => {
+        Err(Error::CorruptArchive { .. }) if guard.metadata_exceeded.load(Ordering::Relaxed) => {
+            Err(Error::ArchiveTooLarge {
+                slot: slot_dir.to_path_buf(),
+                what: "metadata bytes (long names, PAX records) per entry",
+                limit: METADATA_BUDGET,
+            })
+        }
+        Err(Error::CorruptArchive { .. }) if guard.stream_exceeded.load(Ordering::Relaxed) => {
             Err(Error::ArchiveTooLarge {
                 slot: slot_dir.to_path_buf(),
                 what: "decompressed stream bytes",
@@ -292,14 +302,24 @@ impl<'a> Unpacker<'a> {
         }
     }
 
-    fn run(&mut self, decoded: impl Read) -> Result<()> {
+    fn run(&mut self, decoded: impl Read, guard: &StreamGuard) -> Result<()> {
         let corrupt = |slot: &Path, e: io::Error| Error::CorruptArchive {
             slot: slot.to_path_buf(),
             source: e,
         };
         let mut archive = tar::Archive::new(decoded);
-        let entries = archive.entries().map_err(|e| corrupt(self.slot, e))?;
-        for entry in entries {
+        let mut entries = archive.entries().map_err(|e| corrupt(self.slot, e))?;
+        loop {
+            // The tar crate reads long names and PAX records into memory
+            // while finding the next entry: bound what it may read there.
+            guard
+                .metadata_left
+                .store(METADATA_BUDGET, Ordering::Relaxed);
+            let next = entries.next();
+            guard.metadata_left.store(u64::MAX, Ordering::Relaxed);
+            let Some(entry) = next else {
+                break;
+            };
             let mut entry = entry.map_err(|e| corrupt(self.slot, e))?;
             if self.shared.failed_flag.load(Ordering::Acquire) {
                 break;
@@ -706,24 +726,60 @@ fn bytes_path(bytes: &[u8]) -> &Path {
     Path::new(std::ffi::OsStr::from_bytes(bytes))
 }
 
+/// Bytes the tar crate may read while looking for the next entry (headers,
+/// GNU long names, PAX records, skipped data of entries that should have
+/// none). Real archives use a few KiB; this keeps a metadata bomb from
+/// growing memory.
+const METADATA_BUDGET: u64 = 1 << 20;
+
+/// Which bound a [`LimitedReader`] hit; shared with the parser, which sets
+/// the metadata budget around each `Entries::next`.
+#[derive(Debug)]
+struct StreamGuard {
+    metadata_left: AtomicU64,
+    metadata_exceeded: AtomicBool,
+    stream_exceeded: AtomicBool,
+}
+
+impl Default for StreamGuard {
+    fn default() -> Self {
+        StreamGuard {
+            metadata_left: AtomicU64::new(u64::MAX),
+            metadata_exceeded: AtomicBool::new(false),
+            stream_exceeded: AtomicBool::new(false),
+        }
+    }
+}
+
 /// Counts decompressed bytes and fails once a bomb exceeds what the limits allow.
 struct LimitedReader<R> {
     inner: R,
     left: u64,
-    exceeded: Arc<AtomicBool>,
+    guard: Arc<StreamGuard>,
 }
 
 impl<R: Read> Read for LimitedReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if n as u64 > self.left {
-            self.exceeded.store(true, Ordering::Relaxed);
+        let n = self.inner.read(buf)? as u64;
+        if n > self.left {
+            self.guard.stream_exceeded.store(true, Ordering::Relaxed);
             return Err(io::Error::other(
                 "decompressed stream exceeds the unpack limits",
             ));
         }
-        self.left -= n as u64;
-        Ok(n)
+        self.left -= n;
+        // Only the parser thread reads, so load-then-store does not race.
+        let meta = self.guard.metadata_left.load(Ordering::Relaxed);
+        if meta != u64::MAX {
+            if n > meta {
+                self.guard.metadata_exceeded.store(true, Ordering::Relaxed);
+                return Err(io::Error::other(
+                    "archive metadata exceeds the unpack limits",
+                ));
+            }
+            self.guard.metadata_left.store(meta - n, Ordering::Relaxed);
+        }
+        Ok(n as usize)
     }
 }
 
