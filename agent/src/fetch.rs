@@ -117,6 +117,10 @@ impl ArtifactCache {
     /// Path of the verified artifact `sha256` if the cache holds it (no I/O
     /// beyond one `stat`).
     pub fn lookup(&self, sha256: &str) -> Option<PathBuf> {
+        // Anything but a digest could name a path outside the cache.
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
         let path = self.complete_path(sha256);
         path.is_file().then_some(path)
     }
@@ -234,8 +238,10 @@ pub fn unpacked_estimate(spec: &ArtifactSpec, limits: &UnpackLimits) -> u64 {
 /// rate, big enough that per-request overhead does not matter.
 const MAX_CHUNK: u64 = 8 << 20;
 const MIN_CHUNK: u64 = 64 << 10;
-/// Bytes buffered per range before one positional write (off the async threads).
-const WRITE_BUFFER: usize = 1 << 20;
+/// Bytes buffered per range before one positional write (off the async
+/// threads). Also what a dropped download can lose per range, and the step
+/// in which the watermark advances.
+const WRITE_BUFFER: usize = 256 << 10;
 /// Sidecar rewritten after this many new bytes (and when a download stops).
 const PERSIST_EVERY: u64 = 4 << 20;
 
@@ -350,7 +356,19 @@ impl Chunks {
         false
     }
 
-    /// Forgets all progress (a server without ranges restarts from byte 0).
+    /// Makes incomplete chunks claimable again (a full-body stream failed
+    /// halfway; the next request starts over from byte 0).
+    fn unclaim_incomplete(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            for i in 0..s.done.len() {
+                if s.done[i] < self.len_of(i) {
+                    s.claimed[i] = false;
+                }
+            }
+        }
+    }
+
+    /// Claims every chunk: one full-body stream (no ranges) covers them all.
     fn reset_all_claimed(&self) {
         if let Ok(mut s) = self.state.lock() {
             s.claimed.iter_mut().for_each(|c| *c = true);
@@ -582,6 +600,8 @@ struct Job {
     rate: Option<RateLimit>,
     /// Set by the first response: does the server answer ranges with 206?
     ranges: tokio::sync::watch::Sender<Option<bool>>,
+    /// Workers stop at the next chunk, flush what they hold and return.
+    cancel: CancellationToken,
 }
 
 /// How one request attempt ended.
@@ -590,12 +610,14 @@ enum Failure {
     Transient(String),
     /// This mirror will not do (404, wrong size, 416): next mirror at once.
     Mirror(Error),
+    /// The cancel token fired; what arrived was written.
+    Cancelled,
 }
 
 /// Downloads every missing byte of `partial` (resuming what it holds),
 /// recording progress in its chunks so the in-order reader can follow.
-/// Returns the bytes fetched over the network; on error the partial and
-/// sidecar stay for resume.
+/// On error or cancellation (workers flush what they received first) the
+/// partial and sidecar stay for resume.
 #[instrument(skip_all, fields(sha256 = %spec.sha256, size = spec.size))]
 pub(crate) async fn download(
     client: &reqwest::Client,
@@ -603,6 +625,7 @@ pub(crate) async fn download(
     partial: Arc<Partial>,
     settings: &FetchSettings,
     progress: Arc<Progress>,
+    cancel: CancellationToken,
 ) -> Result<()> {
     progress
         .bytes_downloaded
@@ -617,11 +640,14 @@ pub(crate) async fn download(
         mirror: AtomicUsize::new(0),
         rate: settings.bandwidth_limit.map(RateLimit::new),
         ranges,
+        // A child: stopping the workers after one failed must not cancel the caller.
+        cancel: cancel.child_token(),
     });
     // JoinSet aborts the workers if this future is dropped (cancel/restart).
     let mut workers = JoinSet::new();
     workers.spawn(worker(Arc::clone(&job)));
     let mut spawned_rest = false;
+    let mut first_error = None;
     loop {
         tokio::select! {
             changed = ranges_known.changed(), if !spawned_rest => {
@@ -639,26 +665,35 @@ pub(crate) async fn download(
                 }
             }
             joined = workers.join_next() => {
-                match joined {
+                let failed = match joined {
                     None => break,
-                    Some(Ok(Ok(()))) => {}
-                    Some(Ok(Err(e))) => {
-                        job.partial.persist();
-                        return Err(e);
-                    }
-                    Some(Err(e)) => {
-                        job.partial.persist();
-                        return Err(Error::Download {
-                            sha256: spec.sha256.clone(),
-                            url: String::new(),
-                            reason: format!("range worker failed: {e}"),
-                        });
-                    }
+                    Some(Ok(Ok(()))) => continue,
+                    Some(Ok(Err(e))) => e,
+                    Some(Err(e)) => Error::Download {
+                        sha256: spec.sha256.clone(),
+                        url: spec.urls.join(", "),
+                        reason: format!("range worker failed: {e}"),
+                    },
+                };
+                // Stop the other workers gracefully (they flush what they
+                // hold) and report the first real error, not "cancelled".
+                job.cancel.cancel();
+                spawned_rest = true;
+                let replace = match &first_error {
+                    None => true,
+                    Some(Error::Cancelled { .. }) => !matches!(failed, Error::Cancelled { .. }),
+                    Some(_) => false,
+                };
+                if replace {
+                    first_error = Some(failed);
                 }
             }
         }
     }
     job.partial.persist();
+    if let Some(e) = first_error {
+        return Err(e);
+    }
     let present = job.partial.bytes_present();
     if present != spec.size {
         // Every worker ended without error yet bytes are missing: a bug, but
@@ -694,10 +729,16 @@ async fn fetch_range(job: &Job, start: u64, end: u64, buf: &mut Vec<u8>) -> Resu
     let i = (start / chunks.chunk) as usize;
     let mut failures = 0u32;
     let mut backoff = job.settings.backoff_initial;
+    let cancelled = || Error::Cancelled {
+        what: format!("download of {}", job.spec.sha256),
+    };
     loop {
         let from = start + chunks.done(i);
         if from >= end {
             return Ok(false);
+        }
+        if job.cancel.is_cancelled() {
+            return Err(cancelled());
         }
         let mirror = job.mirror.load(Ordering::Acquire);
         let Some(url) = job.spec.urls.get(mirror) else {
@@ -711,23 +752,30 @@ async fn fetch_range(job: &Job, start: u64, end: u64, buf: &mut Vec<u8>) -> Resu
         let outcome = attempt(job, url, from, end, buf).await;
         match outcome {
             Ok(single) => return Ok(single),
+            Err(Failure::Cancelled) => return Err(cancelled()),
             Err(failure) => {
-                let progressed = chunks.done(i) > before;
+                // Only real progress earns fresh retries, so a server that
+                // dies after a few bytes every time still fails in bounded time.
+                let progressed = chunks.done(i) >= before + WRITE_BUFFER as u64;
                 if progressed {
                     failures = 0;
                     backoff = job.settings.backoff_initial;
                 }
                 failures += 1;
                 let give_up_mirror = match &failure {
-                    Failure::Mirror(_) => true,
                     Failure::Transient(_) => failures > job.settings.retries_per_range,
+                    Failure::Mirror(_) | Failure::Cancelled => true,
                 };
                 let reason = match &failure {
                     Failure::Transient(r) => r.clone(),
                     Failure::Mirror(e) => e.to_string(),
+                    Failure::Cancelled => "cancelled".to_string(),
                 };
                 warn!(url = %url, from, end, failures, reason = %reason, "range request failed");
                 if give_up_mirror {
+                    if let Some(next) = job.spec.urls.get(mirror + 1) {
+                        warn!(url = %url, next = %next, "giving up on mirror, trying the next");
+                    }
                     // Other workers may have moved on already; only advance once.
                     let _ = job.mirror.compare_exchange(
                         mirror,
@@ -738,6 +786,7 @@ async fn fetch_range(job: &Job, start: u64, end: u64, buf: &mut Vec<u8>) -> Resu
                     if mirror + 1 >= job.spec.urls.len() {
                         return Err(match failure {
                             Failure::Mirror(e) => e,
+                            Failure::Cancelled => cancelled(),
                             Failure::Transient(reason) => Error::Download {
                                 sha256: job.spec.sha256.clone(),
                                 url: url.clone(),
@@ -749,7 +798,10 @@ async fn fetch_range(job: &Job, start: u64, end: u64, buf: &mut Vec<u8>) -> Resu
                     backoff = job.settings.backoff_initial;
                     continue;
                 }
-                tokio::time::sleep(backoff).await;
+                tokio::select! {
+                    _ = job.cancel.cancelled() => return Err(cancelled()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
                 backoff = (backoff * 2).min(job.settings.backoff_max);
             }
         }
@@ -773,13 +825,17 @@ async fn attempt(
         .get(url)
         .header(RANGE, format!("bytes={from}-{}", end - 1));
     let headers_deadline = job.settings.connect_timeout + job.settings.read_timeout;
-    let response = match tokio::time::timeout(headers_deadline, request.send()).await {
+    let sent = tokio::select! {
+        _ = job.cancel.cancelled() => return Err(Failure::Cancelled),
+        sent = tokio::time::timeout(headers_deadline, request.send()) => sent,
+    };
+    let response = match sent {
         Err(_) => {
             return Err(Failure::Transient(format!(
                 "no response within {headers_deadline:?}"
             )))
         }
-        Ok(Err(e)) => return Err(Failure::Transient(format!("request failed: {e}"))),
+        Ok(Err(e)) => return Err(Failure::Transient(format!("request failed: {}", chain(&e)))),
         Ok(Ok(r)) => r,
     };
     let status = response.status();
@@ -844,8 +900,24 @@ async fn attempt(
         s => return Err(Failure::Transient(format!("HTTP {s}"))),
     };
     let stop = if single { size } else { end };
-    stream_body(job, url, response, offset, stop, buf).await?;
-    Ok(single)
+    let streamed = stream_body(job, url, response, offset, stop, buf).await;
+    if single && streamed.is_err() {
+        job.partial.chunks.unclaim_incomplete();
+    }
+    streamed.map(|()| single)
+}
+
+/// An error with its sources, for the operator (reqwest's top-level
+/// message alone hides the cause).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// A `file://` mirror (only when allowed): read the range from the local
@@ -878,6 +950,9 @@ async fn attempt_file(
     let _ = job.ranges.send_if_modified(|r| r.replace(true).is_none());
     let mut offset = from;
     while offset < end {
+        if job.cancel.is_cancelled() {
+            return Err(Failure::Cancelled);
+        }
         let n = (end - offset).min(WRITE_BUFFER as u64) as usize;
         let reader = Arc::clone(&file);
         let read = tokio::task::spawn_blocking(move || {
@@ -911,9 +986,16 @@ async fn stream_body(
     buf: &mut Vec<u8>,
 ) -> std::result::Result<(), Failure> {
     buf.clear();
-    let mut result = Ok(());
+    let mut result: std::result::Result<(), Failure> = Ok(());
     loop {
-        let next = tokio::time::timeout(job.settings.read_timeout, response.chunk()).await;
+        let next = tokio::select! {
+            biased;
+            _ = job.cancel.cancelled() => {
+                result = Err(Failure::Cancelled);
+                break;
+            }
+            next = tokio::time::timeout(job.settings.read_timeout, response.chunk()) => next,
+        };
         let chunk = match next {
             Err(_) => {
                 result = Err(Failure::Transient(format!(
@@ -923,7 +1005,7 @@ async fn stream_body(
                 break;
             }
             Ok(Err(e)) => {
-                result = Err(Failure::Transient(format!("body failed: {e}")));
+                result = Err(Failure::Transient(format!("body failed: {}", chain(&e))));
                 break;
             }
             Ok(Ok(None)) => break,
@@ -943,12 +1025,15 @@ async fn stream_body(
     }
     // Keep what arrived before a failure: the retry resumes after it.
     offset = flush(job, buf, offset).await?;
-    if result.is_ok() && offset < stop {
-        result = Err(Failure::Transient(format!(
-            "{url}: body ended at byte {offset}, expected up to {stop}"
-        )));
+    match result {
+        Ok(()) if offset < stop => Err(Failure::Transient(format!(
+            "{url}: body ended at byte {offset}, expected bytes up to {stop}"
+        ))),
+        Err(Failure::Transient(reason)) => Err(Failure::Transient(format!(
+            "{reason} (received up to byte {offset}, expected bytes up to {stop})"
+        ))),
+        other => other,
     }
-    result
 }
 
 async fn flush(job: &Job, buf: &mut Vec<u8>, offset: u64) -> std::result::Result<u64, Failure> {

@@ -70,10 +70,10 @@ pub async fn fetch_and_unpack(
     let expected = parse_sha256(&spec.sha256)?;
     let mut spec = spec.clone();
     spec.sha256 = hex::encode(expected);
-    validate_urls(&spec, settings)?;
     progress.reset(spec.size);
     let started = Instant::now();
 
+    // A cache hit needs no URL at all (rollback to a build whose mirrors are gone).
     if let Some(path) = cache.lookup(&spec.sha256) {
         return from_cache(
             &spec, &expected, cache, path, slot_dir, limits, progress, cancel,
@@ -81,6 +81,7 @@ pub async fn fetch_and_unpack(
         .await;
     }
 
+    validate_urls(&spec, settings)?;
     let partial = {
         let (cache, spec, slot) = (cache.clone(), spec.clone(), slot_dir.to_path_buf());
         let (limits, parallel) = (*limits, settings.parallel_ranges);
@@ -115,10 +116,17 @@ pub async fn fetch_and_unpack(
         Arc::clone(&progress),
         cancel.clone(),
     );
-    let downloaded = tokio::select! {
-        r = download(client, &spec, Arc::clone(&partial), settings, Arc::clone(&progress)) => r,
-        _ = cancel.cancelled() => Err(Error::Cancelled { what: format!("download of {}", spec.sha256) }),
-    };
+    // Cancellation is handled inside: workers flush what they received,
+    // so a cancelled attempt keeps every byte it paid for.
+    let downloaded = download(
+        client,
+        &spec,
+        Arc::clone(&partial),
+        settings,
+        Arc::clone(&progress),
+        cancel.clone(),
+    )
+    .await;
     let download_time = started.elapsed();
     if let Err(e) = downloaded {
         // Stop the reader and wait for it: the caller may clear the slot next.
@@ -185,6 +193,7 @@ async fn from_cache(
 ) -> Result<UnpackOutcome> {
     let started = Instant::now();
     info!(path = %path.display(), "artifact cache hit");
+    free_space_check(cache.dir(), slot_dir, 0, unpacked_estimate(spec, limits))?;
     let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
     let size = file.metadata().map_err(|e| Error::io(&path, e))?.len();
     progress
@@ -234,6 +243,11 @@ fn stopped(read: ReadOutcome, cancel: &CancellationToken, sha256: &str) -> Error
 }
 
 fn validate_urls(spec: &ArtifactSpec, settings: &FetchSettings) -> Result<()> {
+    if spec.urls.is_empty() {
+        return Err(Error::InvalidArtifact {
+            reason: format!("artifact {} has no URLs", spec.sha256),
+        });
+    }
     for url in &spec.urls {
         let ok = url.starts_with("http://")
             || url.starts_with("https://")

@@ -452,6 +452,9 @@ fn send_body(state: Arc<State>, source: Source, start: u64, len: u64, faults: Ve
     let mut flip = None;
     let mut stall = None;
     let mut rate = None;
+    let wrong_length = faults
+        .iter()
+        .any(|f| matches!(f, Fault::WrongLength { .. }));
     for fault in &faults {
         match *fault {
             Fault::Truncate { after } => truncate_at = Some(after),
@@ -470,9 +473,16 @@ fn send_body(state: Arc<State>, source: Source, start: u64, len: u64, faults: Ve
         let source = source.clone();
         async move {
             if sent >= len {
+                if wrong_length {
+                    // Let hyper flush headers and data before it notices
+                    // the body is shorter than announced and aborts.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 return None;
             }
             if truncate_at.is_some_and(|t| sent >= t) {
+                // Same: flush what was "sent" before the connection dies.
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 let err = io::Error::other("artifact server: truncating body (fault)");
                 return Some((Err(err), (len, guard, stall)));
             }
