@@ -64,7 +64,7 @@ pub struct SourceConfig {
 /// How to reach Consul. Environment variables (`CONSUL_HTTP_ADDR`, ...)
 /// override these, as every Consul tool does.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct ConsulConfig {
     pub address: String,
     pub token: Option<String>,
@@ -380,6 +380,14 @@ mod tests {
         assert!(e.to_string().contains("source.key"), "{e}");
         let e = parse("deploy-root = \"rel\"\n[source]\nkey=\"k\"").unwrap_err();
         assert!(e.to_string().contains("deploy-root"), "{e}");
+    }
+
+    #[test]
+    fn partial_tables_take_defaults() {
+        let c = parse("deploy-root = \"/x\"\n[source]\nkey=\"k\"\n[consul]\naddress = \"http://c:8500\"\nwait = \"5s\"\n").unwrap();
+        assert_eq!(c.consul.wait, Duration::from_secs(5));
+        assert!(c.consul.ssl_verify);
+        assert_eq!(c.consul.max_stale, Duration::from_secs(10));
     }
 
     #[test]

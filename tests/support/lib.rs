@@ -61,3 +61,25 @@ pub fn self_exe() -> PathBuf {
 }
 
 pub mod agent;
+
+/// The `deploy-agent` binary, built once per test process (the root test
+/// package depends on the library, which does not build the binary).
+pub fn agent_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "-q", "-p", "deploy-agent", "--bin", "deploy-agent"])
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run cargo build: {e}"));
+        assert!(status.success(), "building deploy-agent failed");
+        // target/debug/deps/<test> -> target/debug/deploy-agent
+        let exe = self_exe();
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or_else(|| panic!("unexpected test binary path {}", exe.display()));
+        dir.join("deploy-agent")
+    })
+    .clone()
+}

@@ -96,9 +96,18 @@ pub async fn watch_key(
             return;
         }
         let query = state.query(s.wait);
+        let asked = Instant::now();
         let Some(mut result) = read(&client, &key, &query, &stats, &shutdown).await else {
             return;
         };
+        // A query the server held for a while proves it is blocking, not
+        // spinning: give its token back, so two real changes a few seconds
+        // apart are both seen at once. Immediate answers (errors, a server
+        // that ignores `index`) keep paying, which is what bounds a spin.
+        if result.is_ok() && Instant::now().saturating_duration_since(asked) >= BLOCKED_LONG_ENOUGH
+        {
+            bucket.refund();
+        }
         if let Ok(answer) = &result {
             if let Some(reason) = state.reread_reason(answer, s.max_stale) {
                 // Rules 11 and 12: confirm with a default-mode read (the
@@ -1160,6 +1169,10 @@ pub fn next_index(previous: u64, received: u64) -> u64 {
     }
 }
 
+/// How long the server must have held a successful query for its token to
+/// be refunded (see [`TokenBucket::refund`]).
+pub const BLOCKED_LONG_ENOUGH: Duration = Duration::from_secs(1);
+
 /// Rule 8: a token bucket on `tokio::time` instants (a paused test clock
 /// steers it too).
 #[derive(Debug)]
@@ -1199,6 +1212,11 @@ impl TokenBucket {
         } else {
             Err(self.refill.mul_f64(1.0 - self.tokens))
         }
+    }
+
+    /// Returns one token (up to the burst), for a request that blocked.
+    pub fn refund(&mut self) {
+        self.tokens = (self.tokens + 1.0).min(self.capacity);
     }
 
     /// Waits for a token; `false` if `shutdown` fired first.
