@@ -153,7 +153,7 @@ async fn sd_notify_ready_status_watchdog_and_stopping() {
     let mut msgs = Vec::new();
     let start = Instant::now();
     let mut buf = [0u8; 4096];
-    let mut saw = |msgs: &Vec<String>, needle: &str| msgs.iter().any(|m| m.contains(needle));
+    let saw = |msgs: &Vec<String>, needle: &str| msgs.iter().any(|m| m.contains(needle));
     while !(saw(&msgs, "READY=1") && saw(&msgs, "STATUS=done n1") && saw(&msgs, "WATCHDOG=1")) {
         assert!(
             start.elapsed() < Duration::from_secs(30),
