@@ -297,7 +297,8 @@ pub trait StatusSource: Send + Sync + 'static {
 /// A mutating request from an operator, forwarded to the daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    /// Stop starting new deploys (a running one finishes) until resumed.
+    /// Stop acting on new manifests until resumed; a running deploy stops at
+    /// its next safe point.
     Hold { reason: String },
     /// Lift the hold.
     Resume,
