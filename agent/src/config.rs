@@ -227,6 +227,29 @@ impl Default for HooksConfig {
 }
 
 impl Config {
+    /// A config with every default, watching `key` on the Consul agent at
+    /// `consul_address` for the deploy root `deploy_root` (the demo and
+    /// tests start from this).
+    pub fn for_consul_key(deploy_root: PathBuf, key: &str, consul_address: &str) -> Config {
+        Config {
+            deploy_root,
+            cache_dir: None,
+            source: SourceConfig {
+                key: Some(key.to_string()),
+                file: None,
+            },
+            consul: ConsulConfig {
+                address: consul_address.to_string(),
+                ..ConsulConfig::default()
+            },
+            download: DownloadConfig::default(),
+            unpack: UnpackConfig::default(),
+            drain: DrainConfig::default(),
+            hooks: HooksConfig::default(),
+            status: crate::status::StatusConfig::default(),
+        }
+    }
+
     /// Reads and validates the config file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

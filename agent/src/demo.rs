@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::buildgen::{self, Artifact, BuildProfile};
-use crate::config::{Config, ConsulConfig, SourceConfig};
+use crate::config::Config;
 use crate::daemon::{Agent, RunOptions};
 use crate::deploy::{DeployRecord, Outcome};
 use crate::error::{Error, Result};
@@ -101,26 +101,8 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Vec<
     }
 
     let root = base.join("srv/app");
-    let config = Config {
-        deploy_root: root.clone(),
-        cache_dir: None,
-        source: SourceConfig {
-            key: Some(KEY.into()),
-            file: None,
-        },
-        consul: ConsulConfig {
-            address: consul.url(),
-            ..ConsulConfig::default()
-        },
-        download: Default::default(),
-        unpack: Default::default(),
-        drain: Default::default(),
-        hooks: Default::default(),
-        status: crate::status::StatusConfig {
-            socket: Some(base.join("agent.sock")),
-            ..Default::default()
-        },
-    };
+    let mut config = Config::for_consul_key(root.clone(), KEY, &consul.url());
+    config.status.socket = Some(base.join("agent.sock"));
     let settings = ConsulSettings {
         address: consul.url(),
         wait: Duration::from_secs(30),
@@ -188,10 +170,13 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Vec<
                 }
             ),
         );
-        let phases: Vec<String> = rec
-            .phase_ms
+        let phases: Vec<String> = crate::deploy::Phase::PIPELINE
             .iter()
-            .map(|(k, v)| format!("{k} {v} ms"))
+            .filter_map(|p| {
+                rec.phase_ms
+                    .get(p.as_str())
+                    .map(|v| format!("{} {v} ms", p.as_str()))
+            })
             .collect();
         p(out, format!("    phases: {}", phases.join(", ")));
         if served.trim() != id {

@@ -62,6 +62,15 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// The working phases in the order a deploy goes through them.
+    pub const PIPELINE: [Phase; 5] = [
+        Phase::WaitingForColdSlot,
+        Phase::Downloading,
+        Phase::Unpacking,
+        Phase::Draining,
+        Phase::Flipping,
+    ];
+
     /// The kebab-case name used in status, logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use deploy_agent::buildgen::{self, Artifact, BuildProfile};
-use deploy_agent::config::{Config, ConsulConfig, SourceConfig};
+use deploy_agent::config::Config;
 use deploy_agent::daemon::{Agent, RunOptions, StatusInner};
 use deploy_agent::deploy::{DeployRecord, Outcome};
 use deploy_agent::manifest::Format;
@@ -57,26 +57,8 @@ impl Harness {
         let artifacts = ArtifactServer::start().await.unwrap();
         let tmp = crate::fast_tempdir();
         let root = tmp.path().join("srv/app");
-        let mut config = Config {
-            deploy_root: root.clone(),
-            cache_dir: None,
-            source: SourceConfig {
-                key: Some(KEY.into()),
-                file: None,
-            },
-            consul: ConsulConfig {
-                address: consul.url(),
-                ..ConsulConfig::default()
-            },
-            download: Default::default(),
-            unpack: Default::default(),
-            drain: Default::default(),
-            hooks: Default::default(),
-            status: deploy_agent::status::StatusConfig {
-                socket: Some(tmp.path().join("agent.sock")),
-                ..Default::default()
-            },
-        };
+        let mut config = Config::for_consul_key(root.clone(), KEY, &consul.url());
+        config.status.socket = Some(tmp.path().join("agent.sock"));
         config.download.read_timeout = Duration::from_secs(2);
         config.download.retries = 2;
         config.drain.cold_deadline = Duration::from_secs(2);
