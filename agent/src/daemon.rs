@@ -378,7 +378,7 @@ impl MainLoop {
                     if let Some(r) = running.take() {
                         info!("shutdown: stopping the running deploy at its next safe point");
                         r.cancel.cancel();
-                        if tokio::time::timeout(SHUTDOWN_GRACE, r.handle).await.is_err() {
+                        if tokio::time::timeout(SHUTDOWN_GRACE, self.join_pinging(r.handle, &mut watchdog)).await.is_err() {
                             warn!("deploy did not reach a safe point in time; its slot stays unmarked");
                         }
                     }
@@ -488,7 +488,7 @@ impl MainLoop {
                 }
                 info!(old = %r.identity, new = %identity, "newer manifest: cancelling the running deploy");
                 r.cancel.cancel();
-                let _ = r.handle.await;
+                self.join_pinging(r.handle, &mut watchdog).await;
                 if let Some(rec) = self.shared.snapshot().deploy {
                     self.shared.finished(rec);
                 }
@@ -504,6 +504,26 @@ impl MainLoop {
                 cancel,
                 handle,
             });
+        }
+    }
+
+    /// Waits for a cancelled deploy to reach its safe point (a hook may take
+    /// up to its timeout) while still pinging systemd's watchdog, which
+    /// would otherwise kill a healthy agent that is only waiting.
+    async fn join_pinging(
+        &self,
+        mut handle: JoinHandle<(Outcome, Option<Error>)>,
+        watchdog: &mut tokio::time::Interval,
+    ) {
+        loop {
+            tokio::select! {
+                _ = &mut handle => return,
+                _ = watchdog.tick() => {
+                    if let Some(n) = &self.notifier {
+                        let _ = n.watchdog();
+                    }
+                }
+            }
         }
     }
 
