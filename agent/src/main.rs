@@ -1,5 +1,6 @@
 //! The `deploy-agent` binary: parses the command line, sets up logging and
-//! calls into the library. Holds no state of its own.
+//! calls into the library. Holds no state of its own, so a crash here is a
+//! crash of the library call it was in, covered by that module's guarantees.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -9,7 +9,8 @@
 //!
 //! Parsing is pure and total: any input yields a validated [`Manifest`] or
 //! an error naming the field. Unknown fields are ignored so newer release
-//! tooling can add fields. Nothing is persisted here.
+//! tooling can add fields. Nothing is persisted here, so a crash while
+//! parsing loses nothing: the watch hands the value over again.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};

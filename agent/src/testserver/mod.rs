@@ -1,4 +1,6 @@
 //! Test servers that the tests and `deploy-agent demo` run in-process.
+//! They keep everything in memory: when the process dies, they are gone,
+//! and nothing of the agent's depends on them.
 
 pub mod artifact;
 pub mod consul;
