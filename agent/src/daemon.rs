@@ -204,6 +204,12 @@ impl Agent {
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
         info!(root = %root.path().display(), hot = ?root.hot(), recovery = ?report, "deploy root ready");
+        if report.trash_entries > 0 {
+            // Left by a crash between a claim and the purge; off the
+            // critical path like every purge.
+            let p = root.path().to_path_buf();
+            tokio::task::spawn_blocking(move || swapper::purge_trash(&p));
+        }
         let root_path = root.path().to_path_buf();
         let fetch = FetchSettings {
             parallel_ranges: config.download.parallel_ranges,

@@ -368,6 +368,15 @@ impl Deployer {
                 (outcome, None)
             }
             Err(e) => {
+                // A failed deploy's half-written slot went to the trash at
+                // the next claim; empty it now too, so failures never grow
+                // the disk.
+                let root_path = self.root_path.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = swapper::purge_trash(&root_path) {
+                        warn!(error = %e, "cannot empty the trash");
+                    }
+                });
                 let cancelled = matches!(e, Error::Cancelled { .. }) || cancel.is_cancelled();
                 let ev = if cancelled {
                     Event::Cancel
