@@ -116,6 +116,8 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Vec<
         unpack: Default::default(),
         drain: Default::default(),
         hooks: Default::default(),
+        health: Default::default(),
+        signing: Default::default(),
         status: crate::status::StatusConfig {
             socket: Some(base.join("agent.sock")),
             ..Default::default()

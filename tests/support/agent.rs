@@ -72,6 +72,8 @@ impl Harness {
             unpack: Default::default(),
             drain: Default::default(),
             hooks: Default::default(),
+            health: Default::default(),
+            signing: Default::default(),
             status: deploy_agent::status::StatusConfig {
                 socket: Some(tmp.path().join("agent.sock")),
                 ..Default::default()
