@@ -556,6 +556,7 @@ impl Deployer {
         bad: crate::health::Unhealthy,
         run: &mut Run<'_>,
     ) -> Error {
+        let verdict = Instant::now();
         let reason = format!(
             "{} after {} attempt(s) in {:?}",
             bad.last_failure, bad.attempts, bad.took
@@ -571,7 +572,14 @@ impl Deployer {
         }
         match self.with_root(|r| r.rollback()).await {
             Ok(rep) => {
-                info!(build = %m.spec.build, to = %rep.to, back_to = %rep.build_id, took_us = rep.took.as_micros() as u64, "unhealthy build rolled back");
+                info!(
+                    build = %m.spec.build,
+                    to = %rep.to,
+                    back_to = %rep.build_id,
+                    flip_us = rep.took.as_micros() as u64,
+                    verdict_to_rollback_ms = verdict.elapsed().as_millis() as u64,
+                    "unhealthy build rolled back"
+                );
                 run.rec.rolled_back_to = Some(rep.build_id.clone());
                 Error::HealthCheckFailed {
                     build: m.spec.build.clone(),
