@@ -483,3 +483,45 @@ fn keygen_and_sign_round_trip_through_the_binary() {
         "{bad:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_left_unjudged_by_a_crash_is_judged_again_at_start() {
+    logs();
+    let health = HealthServer::start();
+    let url = health.url.clone();
+    let mut h = Harness::new(|c| {
+        c.health = HealthConfig {
+            url: Some(url),
+            ..fast_health()
+        }
+    })
+    .await;
+    *health.root.lock().unwrap() = h.root.clone();
+    h.start_agent().await;
+    let (ma, _) = h.build("u-a");
+    h.publish(&ma);
+    h.wait_live("u-a", T).await;
+    let (mb, _) = h.build("u-b");
+    h.publish(&mb);
+    h.wait_live("u-b", T).await;
+    h.stop_agent().await;
+
+    // What a crash during the gate leaves on disk: B live, record in
+    // `verifying`. B's app is broken now.
+    let state = h.root.join(".deploy/agent-state.json");
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(rec["build"], "u-b");
+    rec["phase"] = "verifying".into();
+    rec["outcome"] = serde_json::Value::Null;
+    rec["finished_at"] = serde_json::Value::Null;
+    std::fs::write(&state, serde_json::to_vec(&rec).unwrap()).unwrap();
+    health.fail("u-b");
+
+    h.start_agent().await;
+    let r = wait_outcome(&h, "u-b", Outcome::HealthFailed).await;
+    assert_eq!(r.rolled_back_to.as_deref(), Some("u-a"));
+    assert_eq!(h.served(), "u-a");
+    assert_eq!(guard_file(&h.root)["quarantined"]["build"], "u-b");
+    h.stop_agent().await;
+}

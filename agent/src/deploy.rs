@@ -11,7 +11,9 @@
 //! `verifying` runs the post-flip hook and the health gate (`health.rs`);
 //! an unhealthy verdict quarantines the build (`guard.rs`, persisted
 //! first) and flips back to the previous slot, and the deploy ends
-//! `failed` with the outcome `health-failed`.
+//! `failed` with the outcome `health-failed`. If the agent stops while
+//! `verifying`, the record on disk says so, and the next start judges the
+//! live build again (`reverify`) before calling it done.
 //!
 //! [`transition`] is the one transition function; an unlisted (phase, event)
 //! pair is an error. Every transition is persisted atomically to
@@ -107,6 +109,9 @@ pub enum Event {
     Flipped,
     /// The health gate passed (or none is configured).
     Verified,
+    /// After a restart: the live build was being judged when the agent
+    /// stopped; judge it again.
+    Reverify,
     Fail,
     Cancel,
 }
@@ -123,6 +128,7 @@ pub fn transition(phase: Phase, event: Event) -> Result<Phase> {
             },
         ) if p.is_terminal() => P::WaitingForColdSlot,
         (p, E::Start { in_cold_slot: true }) if p.is_terminal() => P::Draining,
+        (p, E::Reverify) if p.is_terminal() => P::Verifying,
         (P::WaitingForColdSlot, E::ColdSlotFree) => P::Downloading,
         (P::Downloading, E::Fetched) => P::Unpacking,
         (P::Unpacking, E::Marked) => P::Draining,
@@ -332,9 +338,14 @@ impl Deployer {
     ) -> (Outcome, Option<Error>) {
         let hot = self.root.lock().unwrap_or_else(|p| p.into_inner()).hot();
         let holding = self.slot_holding(m);
+        let mut reverify = false;
         if !force && holding.is_some() && holding == hot {
-            info!(build = %m.spec.build, "desired build is already live");
-            return (Outcome::NoChange, None);
+            if !self.unjudged(m) {
+                info!(build = %m.spec.build, "desired build is already live");
+                return (Outcome::NoChange, None);
+            }
+            warn!(build = %m.spec.build, "the agent stopped while judging this live build; running its health check again");
+            reverify = true;
         }
         let in_cold_slot = holding.is_some() && holding != hot && !force;
         self.progress.reset(m.spec.size);
@@ -358,7 +369,10 @@ impl Deployer {
             phase_start: Instant::now(),
             obs,
         };
-        let result = self.drive(m, in_cold_slot, &cancel, &mut run).await;
+        let result = match (reverify, hot) {
+            (true, Some(slot)) => self.reverify(m, slot, &mut run).await,
+            _ => self.drive(m, in_cold_slot, &cancel, &mut run).await,
+        };
         match result {
             Ok(()) => {
                 let outcome = if in_cold_slot {
@@ -546,6 +560,28 @@ impl Deployer {
         Ok(())
     }
 
+    /// Whether the persisted record says the agent stopped while the health
+    /// gate was judging `m` (a crash or a shutdown in `verifying`).
+    fn unjudged(&self, m: &Manifest) -> bool {
+        self.config.health.is_enabled()
+            && load_record(&self.root_path).is_some_and(|r| {
+                r.phase == Phase::Verifying && r.build == m.spec.build && r.sha256 == m.spec.sha256
+            })
+    }
+
+    /// Runs the health gate again on the live build in `slot`.
+    async fn reverify(&self, m: &Manifest, slot: Slot, run: &mut Run<'_>) -> Result<()> {
+        run.rec.slot = Some(slot);
+        run.step(Event::Reverify)?;
+        let env = self.hook_env(m, slot);
+        let hooks = &self.config.hooks;
+        if let Err(bad) = crate::health::check(&self.config.health, &env, hooks.output_limit).await
+        {
+            return Err(self.reject_unhealthy(m, bad, run).await);
+        }
+        run.step(Event::Verified)
+    }
+
     /// Acts on an unhealthy verdict: quarantines the build (persisted first,
     /// so a crash right after cannot retry it), then flips back to the
     /// previous slot if it still holds a marked build. Returns the error
@@ -691,6 +727,7 @@ mod tests {
             Event::Drained,
             Event::Flipped,
             Event::Verified,
+            Event::Reverify,
             Event::Fail,
             Event::Cancel,
         ];
@@ -704,7 +741,11 @@ mod tests {
             for e in events {
                 if let Ok(n) = transition(p, *e) {
                     let v = match e {
-                        Event::Marked | Event::Start { in_cold_slot: true } => true,
+                        // Reverify judges a build that is already live,
+                        // so it was marked when it went live.
+                        Event::Marked | Event::Start { in_cold_slot: true } | Event::Reverify => {
+                            true
+                        }
                         Event::Start {
                             in_cold_slot: false,
                         } => false,
