@@ -1,5 +1,5 @@
 //! The cargo-fuzz targets' bodies (`deploy_agent::fuzzing`) on stable: each
-//! runs over its seed corpus in `fuzz/corpus/<target>`, over mutations of
+//! runs over its seed corpus in `fuzz/seeds/<target>`, over mutations of
 //! those seeds (byte flips, truncations, splices) and over random bytes,
 //! from a fixed RNG seed so a failure reproduces. This keeps the targets
 //! compiling and catches the shallow bugs without nightly; the real fuzzing
@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 
 fn seeds(target: &str) -> Vec<Vec<u8>> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
+        .join("fuzz/seeds")
         .join(target);
     let mut out: Vec<Vec<u8>> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -77,7 +77,7 @@ fn unpack_target_over_seeds_and_mutations() {
 fn unpack_seeds_mean_what_their_names_say() {
     use deploy_agent::progress::Progress;
     use deploy_agent::unpack::{unpack, ArchiveFormat, UnpackLimits};
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/unpack");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/unpack");
     for (name, format, ok) in [
         ("tar-good", ArchiveFormat::Tar, true),
         ("gz-good", ArchiveFormat::TarGz, true),
