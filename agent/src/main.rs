@@ -129,6 +129,26 @@ fn main() -> ExitCode {
                     _ => {}
                 }
                 println!("  cache: {}", c.cache_dir().display());
+                match (&c.health.url, &c.health.command) {
+                    (None, None) => println!("  health gate: none"),
+                    (url, cmd) => println!(
+                        "  health gate: {}{}, window {:?}",
+                        url.as_deref()
+                            .map(|u| format!("GET {u} "))
+                            .unwrap_or_default(),
+                        cmd.as_ref()
+                            .map(|a| format!("command {a:?}"))
+                            .unwrap_or_default(),
+                        c.health.window
+                    ),
+                }
+                println!(
+                    "  signed manifests: {}",
+                    match c.signing.public_keys.len() {
+                        0 => "not required".to_string(),
+                        n => format!("required ({n} trusted key(s))"),
+                    }
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

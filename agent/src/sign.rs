@@ -105,7 +105,13 @@ pub fn parse_public_key(text: &str) -> std::result::Result<VerifyingKey, String>
     let arr: [u8; 32] = bytes
         .try_into()
         .map_err(|b: Vec<u8>| format!("{} bytes, an ed25519 public key has 32", b.len()))?;
-    VerifyingKey::from_bytes(&arr).map_err(|e| format!("not an ed25519 public key: {e}"))
+    let vk =
+        VerifyingKey::from_bytes(&arr).map_err(|e| format!("not an ed25519 public key: {e}"))?;
+    if vk.is_weak() {
+        // A small-order point: signatures under it prove nothing.
+        return Err("a weak (small-order) ed25519 key; generate one with keygen".into());
+    }
+    Ok(vk)
 }
 
 /// The canonical bytes of a manifest object without its `signatures`
@@ -428,5 +434,8 @@ mod tests {
         assert!(TrustedKeys::parse(&[B64.encode([1u8; 31])])
             .unwrap_err()
             .contains("31 bytes"));
+        assert!(TrustedKeys::parse(&[B64.encode([0u8; 32])])
+            .unwrap_err()
+            .contains("weak"));
     }
 }
