@@ -224,6 +224,29 @@ async fn unhealthy_build_is_rolled_back_quarantined_and_a_new_build_deploys() {
     );
     assert!(metrics.contains("build=\"h-a\""), "{metrics}");
     assert_eq!(guard_file(&h.root)["quarantined"]["build"], "h-b");
+    // What `deploy-agent history` / `status` serve (the view holds the
+    // deploy root: dropped before the restart below).
+    {
+        let view = {
+            let a = h.agent.as_ref().unwrap();
+            deploy_agent::report::AgentView::new(
+                a.shared.clone(),
+                a.deployer.clone(),
+                None,
+                a.metrics.clone(),
+            )
+        };
+        use deploy_agent::status::StatusSource as _;
+        let top = &view.history()[0];
+        assert_eq!(top.build, "h-b");
+        assert_eq!(
+            top.outcome,
+            Some(deploy_agent::status::model::Outcome::HealthFailed)
+        );
+        let report = view.status();
+        assert_eq!(report.hot.unwrap().build.as_deref(), Some("h-a"));
+        assert!(report.last_error.unwrap().message.contains("health check"));
+    }
     assert!(!log_lines_with(&["health check failed", "h-b"]).is_empty());
     let rolled = log_lines_with(&["unhealthy build rolled back", "h-a"]);
     assert!(!rolled.is_empty());
