@@ -340,6 +340,12 @@ async fn command_check_rolls_back_and_reports_when_there_is_nothing_to_roll_back
     assert!(r0.rolled_back_to.is_none());
     assert_eq!(h.served(), "c-0");
     assert_eq!(guard_file(&h.root)["quarantined"]["build"], "c-0");
+    let metrics = h.agent.as_ref().unwrap().metrics.render();
+    assert!(metrics.contains("build=\"c-0\""), "{metrics}");
+    assert!(
+        metrics.contains("deploy_agent_health_rollbacks_total 0"),
+        "{metrics}"
+    );
 
     let (ma, _) = h.build("c-a");
     h.publish(&ma);

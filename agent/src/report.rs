@@ -230,10 +230,17 @@ pub fn count_deploy(metrics: &Metrics, rec: &DeployRecord, slot: Option<swapper:
             metrics.set_build(&rec.build, s.dir_name());
         }
     }
-    if let (Some(deploy::Outcome::HealthFailed), Some(back)) = (rec.outcome, &rec.rolled_back_to) {
-        metrics.health_rollback();
-        if let Some(s) = slot {
-            metrics.set_build(back, s.other().dir_name());
+    if rec.outcome == Some(deploy::Outcome::HealthFailed) {
+        // The unhealthy build went live; it still serves when there was
+        // nothing to flip back to.
+        match (&rec.rolled_back_to, slot) {
+            (Some(back), Some(s)) => {
+                metrics.health_rollback();
+                metrics.set_build(back, s.other().dir_name());
+            }
+            (Some(_), None) => metrics.health_rollback(),
+            (None, Some(s)) => metrics.set_build(&rec.build, s.dir_name()),
+            (None, None) => {}
         }
     }
 }
