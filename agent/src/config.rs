@@ -49,6 +49,12 @@ pub struct Config {
     /// The local status socket.
     #[serde(default)]
     pub status: crate::status::StatusConfig,
+    /// The health gate after a flip (`health.rs`); off without url/command.
+    #[serde(default)]
+    pub health: crate::health::HealthConfig,
+    /// Trusted manifest signing keys (`sign.rs`); none = no signature needed.
+    #[serde(default)]
+    pub signing: crate::sign::SigningConfig,
 }
 
 /// Where the desired state comes from.
@@ -246,6 +252,8 @@ impl Config {
             unpack: UnpackConfig::default(),
             drain: DrainConfig::default(),
             hooks: HooksConfig::default(),
+            health: Default::default(),
+            signing: Default::default(),
             status: crate::status::StatusConfig::default(),
         }
     }
@@ -309,6 +317,9 @@ impl Config {
                 return Err(invalid("drain.hot.argv: must name a command".into()));
             }
         }
+        cfg.health.validate().map_err(invalid)?;
+        crate::sign::TrustedKeys::parse(&cfg.signing.public_keys)
+            .map_err(|e| invalid(format!("signing.{e}")))?;
         Ok(cfg)
     }
 
@@ -363,7 +374,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     Some(total)
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     parse_duration(&s).ok_or_else(|| {
         serde::de::Error::custom(format!(

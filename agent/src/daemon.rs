@@ -224,6 +224,13 @@ impl Agent {
             .client()
             .map_err(|e| Error::Internal(format!("cannot build the HTTP client: {e}")))?;
         let cache = ArtifactCache::new(config.cache_dir(), config.download.cache_keep)?;
+        let guard = Arc::new(crate::guard::Guard::open(&root_path));
+        let trust = crate::sign::TrustedKeys::parse(&config.signing.public_keys).map_err(|e| {
+            Error::Config(crate::config::ConfigError::Invalid {
+                path: PathBuf::from("[signing]"),
+                message: e,
+            })
+        })?;
         let deployer = Arc::new(Deployer {
             root: Arc::new(Mutex::new(root)),
             root_path,
@@ -232,6 +239,7 @@ impl Agent {
             cache,
             progress: Arc::new(Progress::default()),
             fetch,
+            guard: guard.clone(),
         });
         let notifier = opts
             .notify
@@ -263,12 +271,15 @@ impl Agent {
                 };
                 let client = ConsulClient::new(&settings)?;
                 let name = format!("consul:{}/{}", client.address(), key);
-                tokio::spawn(crate::watch::consul::watch_key(
+                // Rule 12 across restarts: a value older than the one
+                // acted on before is re-read in default mode first.
+                tokio::spawn(crate::watch::consul::watch_key_from(
                     client,
                     key.clone(),
                     tx,
                     watch_stats.clone(),
                     shutdown.clone(),
+                    guard.state().applied_modify_index,
                 ));
                 name
             }
@@ -314,6 +325,7 @@ impl Agent {
             shared: shared.clone(),
             source,
             policy,
+            trust,
             retry_initial: opts.retry_initial,
             metrics: metrics.clone(),
             notifier: notifier.clone(),
@@ -340,6 +352,8 @@ struct MainLoop {
     shared: Arc<Shared>,
     source: String,
     policy: UrlPolicy,
+    /// Manifest signing keys; empty = signatures not required.
+    trust: crate::sign::TrustedKeys,
     retry_initial: Duration,
     metrics: Arc<Metrics>,
     notifier: Option<crate::notify::Notifier>,
@@ -403,7 +417,7 @@ impl MainLoop {
                     }
                     Some(WatchEvent::Value { value, modify_index }) => {
                         self.shared.lock().nothing_published = false;
-                        match Manifest::parse(&value, self.policy) {
+                        match crate::sign::verify(&value, &self.trust).and_then(|()| Manifest::parse(&value, self.policy)) {
                             Err(e) => {
                                 let err = Error::Manifest { source_name: self.source.clone(), error: e };
                                 error!(error = %err, "manifest rejected");
@@ -420,6 +434,7 @@ impl MainLoop {
                                     modify_index,
                                     received_at: now_secs(),
                                 });
+                                self.remember(&m, modify_index).await;
                                 let same = desired.as_ref().map(Manifest::identity) == Some(m.identity());
                                 desired = Some(m);
                                 if !same {
@@ -458,6 +473,12 @@ impl MainLoop {
                             info!(retry_in_ms = retry_delay.as_millis() as u64, "will retry the deploy");
                             retry_delay = (retry_delay * 2).min(RETRY_MAX);
                         }
+                        Outcome::HealthFailed => {
+                            // Quarantined and (normally) rolled back: no
+                            // retry until a new build or `redeploy`.
+                            applied = r.map(|r| r.identity);
+                            retry_at = None;
+                        }
                         Outcome::Cancelled => {}
                     }
                     false
@@ -486,6 +507,20 @@ impl MainLoop {
             let identity = m.identity();
             if !force_next && applied.as_deref() == Some(identity.as_str()) && running.is_none() {
                 continue;
+            }
+            if !force_next {
+                if let Some(q) = self.deployer.guard.quarantined(&m) {
+                    let err = Error::Quarantined {
+                        build: q.build,
+                        reason: q.reason,
+                    };
+                    warn!(build = %m.spec.build, error = %err, "not deploying a quarantined build");
+                    self.shared.error(err.to_string());
+                    if running.is_none() {
+                        applied = Some(identity);
+                    }
+                    continue;
+                }
             }
             if let Some(r) = running.take() {
                 if r.identity == identity && !force_next {
@@ -533,6 +568,30 @@ impl MainLoop {
         }
     }
 
+    /// Remembers an accepted manifest: a different build lifts the
+    /// quarantine, and a Consul `ModifyIndex` raises the applied one
+    /// (rule 12). Both persisted; a failure to persist is logged only.
+    async fn remember(&self, m: &Manifest, modify_index: u64) {
+        let guard = self.deployer.guard.clone();
+        let from_consul = self.source.starts_with("consul:");
+        let m = m.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            if let Some(q) = guard.lift(Some(&m))? {
+                info!(quarantined = %q.build, build = %m.spec.build, "a different build is published; quarantine lifted");
+            }
+            if from_consul {
+                guard.applied(modify_index)?;
+            }
+            Ok::<(), Error>(())
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "cannot persist the guard state"),
+            Err(e) => warn!(error = %e, "guard task failed"),
+        }
+    }
+
     /// Applies an operator command; returns the answer and whether the
     /// desired state should be (re)applied now.
     async fn command(
@@ -562,6 +621,15 @@ impl MainLoop {
                 (Ok("resumed".into()), true)
             }
             Command::Redeploy => {
+                let guard = self.deployer.guard.clone();
+                match tokio::task::spawn_blocking(move || guard.lift(None)).await {
+                    Ok(Ok(Some(q))) => {
+                        info!(build = %q.build, "redeploy: quarantine lifted by the operator")
+                    }
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => return (Err(format!("cannot lift the quarantine: {e}")), false),
+                    Err(e) => return (Err(e.to_string()), false),
+                }
                 *force_next = true;
                 *applied = None;
                 (Ok("redeploying the desired build".into()), true)

@@ -4,8 +4,16 @@
 //! idle ─start─> waiting-for-cold-slot ─cold-free─> downloading ─fetched─> unpacking
 //!   │                                     (fetch, verify and unpack overlap)   │ marked
 //!   └─start (build already in the cold slot: a rollback)─> draining <─────────┘
-//! draining ─drained─> flipping ─flipped─> done;  any phase ─fail─> failed, ─cancel─> idle
+//! draining ─drained─> flipping ─flipped─> verifying ─verified─> done
+//! any phase ─fail─> failed, ─cancel─> idle (never while flipping or verifying)
 //! ```
+//!
+//! `verifying` runs the post-flip hook and the health gate (`health.rs`);
+//! an unhealthy verdict quarantines the build (`guard.rs`, persisted
+//! first) and flips back to the previous slot, and the deploy ends
+//! `failed` with the outcome `health-failed`. If the agent stops while
+//! `verifying`, the record on disk says so, and the next start judges the
+//! live build again (`reverify`) before calling it done.
 //!
 //! [`transition`] is the one transition function; an unlisted (phase, event)
 //! pair is an error. Every transition is persisted atomically to
@@ -55,6 +63,10 @@ pub enum Phase {
     Draining,
     /// Renaming the new `current` symlink into place (microseconds).
     Flipping,
+    /// The new build is live: running the post-flip hook and the health
+    /// gate (bounded by `hooks.timeout` and `health.window`). Not cancelled:
+    /// the verdict, and a rollback it calls for, always complete.
+    Verifying,
     /// The desired build is live.
     Done,
     /// The deploy failed; the previous build still serves.
@@ -80,6 +92,7 @@ impl Phase {
             Phase::Unpacking => "unpacking",
             Phase::Draining => "draining",
             Phase::Flipping => "flipping",
+            Phase::Verifying => "verifying",
             Phase::Done => "done",
             Phase::Failed => "failed",
         }
@@ -103,6 +116,11 @@ pub enum Event {
     Marked,
     Drained,
     Flipped,
+    /// The health gate passed (or none is configured).
+    Verified,
+    /// After a restart: the live build was being judged when the agent
+    /// stopped; judge it again.
+    Reverify,
     Fail,
     Cancel,
 }
@@ -119,15 +137,18 @@ pub fn transition(phase: Phase, event: Event) -> Result<Phase> {
             },
         ) if p.is_terminal() => P::WaitingForColdSlot,
         (p, E::Start { in_cold_slot: true }) if p.is_terminal() => P::Draining,
+        (p, E::Reverify) if p.is_terminal() => P::Verifying,
         (P::WaitingForColdSlot, E::ColdSlotFree) => P::Downloading,
         (P::Downloading, E::Fetched) => P::Unpacking,
         (P::Unpacking, E::Marked) => P::Draining,
         (P::Draining, E::Drained) => P::Flipping,
-        (P::Flipping, E::Flipped) => P::Done,
+        (P::Flipping, E::Flipped) => P::Verifying,
+        (P::Verifying, E::Verified) => P::Done,
         (p, E::Fail) if !p.is_terminal() => P::Failed,
         // Flipping is never cancelled: a flip is one rename and always
-        // completes once started.
-        (p, E::Cancel) if !p.is_terminal() && p != P::Flipping => P::Idle,
+        // completes once started. Verifying is not either: a build that
+        // is live must get its verdict (and its rollback).
+        (p, E::Cancel) if !p.is_terminal() && !matches!(p, P::Flipping | P::Verifying) => P::Idle,
         (p, e) => {
             return Err(Error::Transition {
                 phase: p.as_str().into(),
@@ -150,6 +171,9 @@ pub enum Outcome {
     NoChange,
     Failed,
     Cancelled,
+    /// The build went live, failed its health check, and was quarantined;
+    /// the agent flipped back to the previous build when there was one.
+    HealthFailed,
 }
 
 /// A timestamped error, as shown in status.
@@ -176,6 +200,9 @@ pub struct DeployRecord {
     pub from_cache: bool,
     pub slot: Option<Slot>,
     pub error: Option<ErrorRecord>,
+    /// After a failed health check: the build the agent flipped back to.
+    #[serde(default)]
+    pub rolled_back_to: Option<String>,
 }
 
 /// Seconds since the Unix epoch.
@@ -204,6 +231,8 @@ pub struct Deployer {
     pub cache: ArtifactCache,
     pub progress: Arc<Progress>,
     pub fetch: FetchSettings,
+    /// Quarantine and applied ModifyIndex, persisted in `.deploy/guard.json`.
+    pub guard: Arc<crate::guard::Guard>,
 }
 
 struct Run<'a> {
@@ -318,9 +347,14 @@ impl Deployer {
     ) -> (Outcome, Option<Error>) {
         let hot = self.root.lock().unwrap_or_else(|p| p.into_inner()).hot();
         let holding = self.slot_holding(m);
+        let mut reverify = false;
         if !force && holding.is_some() && holding == hot {
-            info!(build = %m.spec.build, "desired build is already live");
-            return (Outcome::NoChange, None);
+            if !self.unjudged(m) {
+                info!(build = %m.spec.build, "desired build is already live");
+                return (Outcome::NoChange, None);
+            }
+            warn!(build = %m.spec.build, "the agent stopped while judging this live build; running its health check again");
+            reverify = true;
         }
         let in_cold_slot = holding.is_some() && holding != hot && !force;
         self.progress.reset(m.spec.size);
@@ -339,11 +373,15 @@ impl Deployer {
                 from_cache: false,
                 slot: None,
                 error: None,
+                rolled_back_to: None,
             },
             phase_start: Instant::now(),
             obs,
         };
-        let result = self.drive(m, in_cold_slot, &cancel, &mut run).await;
+        let result = match (reverify, hot) {
+            (true, Some(slot)) => self.reverify(m, slot, &mut run).await,
+            _ => self.drive(m, in_cold_slot, &cancel, &mut run).await,
+        };
         match result {
             Ok(()) => {
                 let outcome = if in_cold_slot {
@@ -377,7 +415,12 @@ impl Deployer {
                         warn!(error = %e, "cannot empty the trash");
                     }
                 });
-                let cancelled = matches!(e, Error::Cancelled { .. }) || cancel.is_cancelled();
+                let unhealthy = matches!(
+                    e,
+                    Error::HealthCheckFailed { .. } | Error::HealthRollbackImpossible { .. }
+                );
+                let cancelled =
+                    !unhealthy && (matches!(e, Error::Cancelled { .. }) || cancel.is_cancelled());
                 let ev = if cancelled {
                     Event::Cancel
                 } else {
@@ -388,11 +431,15 @@ impl Deployer {
                 }
                 let outcome = if cancelled {
                     Outcome::Cancelled
+                } else if unhealthy {
+                    Outcome::HealthFailed
                 } else {
                     Outcome::Failed
                 };
                 if cancelled {
                     info!(build = %m.spec.build, "deploy cancelled at a safe point");
+                } else if unhealthy {
+                    tracing::error!(build = %m.spec.build, error = %e, rolled_back_to = run.rec.rolled_back_to.as_deref(), "health check failed");
                 } else {
                     tracing::error!(build = %m.spec.build, error = %e, "deploy failed; the previous build keeps serving");
                 }
@@ -518,7 +565,88 @@ impl Deployer {
                 });
             }
         }
+
+        // verifying: the health gate, then the verdict.
+        if self.config.health.is_enabled() {
+            if let Err(bad) =
+                crate::health::check(&self.config.health, &env, hooks.output_limit).await
+            {
+                return Err(self.reject_unhealthy(m, bad, run).await);
+            }
+        }
+        run.step(Event::Verified)?;
         Ok(())
+    }
+
+    /// Whether the persisted record says the agent stopped while the health
+    /// gate was judging `m` (a crash or a shutdown in `verifying`).
+    fn unjudged(&self, m: &Manifest) -> bool {
+        self.config.health.is_enabled()
+            && load_record(&self.root_path).is_some_and(|r| {
+                r.phase == Phase::Verifying && r.build == m.spec.build && r.sha256 == m.spec.sha256
+            })
+    }
+
+    /// Runs the health gate again on the live build in `slot`.
+    async fn reverify(&self, m: &Manifest, slot: Slot, run: &mut Run<'_>) -> Result<()> {
+        run.rec.slot = Some(slot);
+        run.step(Event::Reverify)?;
+        let env = self.hook_env(m, slot);
+        let hooks = &self.config.hooks;
+        if let Err(bad) = crate::health::check(&self.config.health, &env, hooks.output_limit).await
+        {
+            return Err(self.reject_unhealthy(m, bad, run).await);
+        }
+        run.step(Event::Verified)
+    }
+
+    /// Acts on an unhealthy verdict: quarantines the build (persisted first,
+    /// so a crash right after cannot retry it), then flips back to the
+    /// previous slot if it still holds a marked build. Returns the error
+    /// that ends the deploy.
+    async fn reject_unhealthy(
+        &self,
+        m: &Manifest,
+        bad: crate::health::Unhealthy,
+        run: &mut Run<'_>,
+    ) -> Error {
+        let verdict = Instant::now();
+        let reason = format!(
+            "{} after {} attempt(s) in {:?}",
+            bad.last_failure, bad.attempts, bad.took
+        );
+        let guard = self.guard.clone();
+        let (qm, qr) = (m.clone(), reason.clone());
+        match tokio::task::spawn_blocking(move || guard.quarantine(&qm, &qr)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot persist the quarantine; it holds until restart")
+            }
+            Err(e) => warn!(error = %e, "quarantine task failed"),
+        }
+        match self.with_root(|r| r.rollback()).await {
+            Ok(rep) => {
+                info!(
+                    build = %m.spec.build,
+                    to = %rep.to,
+                    back_to = %rep.build_id,
+                    flip_us = rep.took.as_micros() as u64,
+                    verdict_to_rollback_ms = verdict.elapsed().as_millis() as u64,
+                    "unhealthy build rolled back"
+                );
+                run.rec.rolled_back_to = Some(rep.build_id.clone());
+                Error::HealthCheckFailed {
+                    build: m.spec.build.clone(),
+                    reason,
+                    rolled_back_to: rep.build_id,
+                }
+            }
+            Err(e) => Error::HealthRollbackImpossible {
+                build: m.spec.build.clone(),
+                reason,
+                why: e.to_string(),
+            },
+        }
     }
 
     fn spec(&self, m: &Manifest) -> ArtifactSpec {
@@ -579,6 +707,7 @@ mod tests {
             Event::Marked,
             Event::Drained,
             Event::Flipped,
+            Event::Verified,
         ] {
             p = transition(p, e).unwrap();
         }
@@ -593,11 +722,17 @@ mod tests {
         assert!(transition(Phase::Downloading, Event::Marked).is_err());
         assert!(transition(Phase::Flipping, Event::Cancel).is_err());
         assert!(transition(Phase::Done, Event::Fail).is_err());
+        assert!(transition(Phase::Verifying, Event::Cancel).is_err());
+        assert!(transition(Phase::Flipping, Event::Verified).is_err());
+        assert_eq!(
+            transition(Phase::Verifying, Event::Fail).unwrap(),
+            Phase::Failed
+        );
     }
 
     #[test]
     fn no_event_sequence_reaches_done_without_marked_or_cold_slot_build() {
-        // Exhaustive over sequences of length <= 7: Done needs either
+        // Exhaustive over sequences of length <= 8: Done needs either
         // Marked (a verified, durable build) or a Start from the cold slot.
         let events = [
             Event::Start {
@@ -609,6 +744,8 @@ mod tests {
             Event::Marked,
             Event::Drained,
             Event::Flipped,
+            Event::Verified,
+            Event::Reverify,
             Event::Fail,
             Event::Cancel,
         ];
@@ -622,7 +759,11 @@ mod tests {
             for e in events {
                 if let Ok(n) = transition(p, *e) {
                     let v = match e {
-                        Event::Marked | Event::Start { in_cold_slot: true } => true,
+                        // Reverify judges a build that is already live,
+                        // so it was marked when it went live.
+                        Event::Marked | Event::Start { in_cold_slot: true } | Event::Reverify => {
+                            true
+                        }
                         Event::Start {
                             in_cold_slot: false,
                         } => false,
@@ -632,6 +773,6 @@ mod tests {
                 }
             }
         }
-        walk(Phase::Idle, false, 7, &events);
+        walk(Phase::Idle, false, 8, &events);
     }
 }

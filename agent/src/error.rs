@@ -233,6 +233,46 @@ pub enum Error {
 
     #[error("bad answer from the agent on {path}: {detail}; is another program listening there?")]
     AgentProtocol { path: PathBuf, detail: String },
+
+    // ---- reliability: health gate, quarantine, signing (health.rs, guard.rs, sign.rs) ----
+    /// The build failed its health check and the agent flipped back.
+    #[error(
+        "build {build} failed its health check ({reason}); rolled back to {rolled_back_to} and \
+         quarantined {build} on this host: fix the build and publish a new one, or run \
+         `deploy-agent redeploy` to try it again"
+    )]
+    HealthCheckFailed {
+        build: String,
+        reason: String,
+        rolled_back_to: String,
+    },
+
+    /// The build failed its health check and there was nothing to flip back to.
+    #[error(
+        "build {build} failed its health check ({reason}) but cannot be rolled back: {why}; \
+         it keeps serving and is quarantined: publish a fixed build, or run \
+         `deploy-agent redeploy` to try it again"
+    )]
+    HealthRollbackImpossible {
+        build: String,
+        reason: String,
+        why: String,
+    },
+
+    /// The desired build is quarantined here after a failed health check.
+    #[error(
+        "build {build} is quarantined on this host since it failed its health check ({reason}); \
+         not deploying it again: publish a different build, or run `deploy-agent redeploy` to retry it"
+    )]
+    Quarantined { build: String, reason: String },
+
+    /// A signing key file is missing, malformed or cannot be created.
+    #[error("signing key {path}: {reason}; create one with `deploy-agent keygen --out <file>`")]
+    SigningKey { path: PathBuf, reason: String },
+
+    /// `deploy-agent sign` was given something that is not a valid manifest.
+    #[error("cannot sign: {reason}; fix the manifest first")]
+    Sign { reason: String },
 }
 
 /// Result with the agent's error.

@@ -51,6 +51,19 @@ enum Cmd {
         #[arg(long, default_value = "tar.gz")]
         format: String,
     },
+    /// Create a manifest signing key pair (release engineers): the private
+    /// key goes to --out (mode 0600), the public key to <out>.pub.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a manifest (a file, or - for stdin) with a private key from
+    /// keygen; prints the signed manifest.
+    Sign {
+        #[arg(long)]
+        key: PathBuf,
+        manifest: PathBuf,
+    },
     #[command(flatten)]
     Operator(OperatorCommand),
 }
@@ -70,6 +83,43 @@ fn main() -> ExitCode {
             let code = deploy_agent::status::run_cli(cmd);
             ExitCode::from(u8::try_from(code).unwrap_or(exit::RUNTIME))
         }
+        Cmd::Keygen { out } => match deploy_agent::sign::keygen(&out) {
+            Ok((public, id)) => {
+                println!("private key: {} (mode 0600; keep it secret)", out.display());
+                println!("public key:  {}.pub", out.display());
+                println!("key id:      {id}");
+                println!("\nadd to the agents' config:\n[signing]\npublic-keys = [\"{public}\"]");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(exit::RUNTIME)
+            }
+        },
+        Cmd::Sign { key, manifest } => {
+            let bytes = if manifest.as_os_str() == "-" {
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut b).map(|_| b)
+            } else {
+                std::fs::read(&manifest)
+            };
+            let signed = bytes
+                .map_err(|e| deploy_agent::Error::io(&manifest, e))
+                .and_then(|b| {
+                    let k = deploy_agent::sign::load_private_key(&key)?;
+                    deploy_agent::sign::sign(&b, &k)
+                });
+            match signed {
+                Ok(text) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(exit::CONFIG)
+                }
+            }
+        }
         Cmd::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
                 println!("{}: ok", config.display());
@@ -80,6 +130,26 @@ fn main() -> ExitCode {
                     _ => {}
                 }
                 println!("  cache: {}", c.cache_dir().display());
+                match (&c.health.url, &c.health.command) {
+                    (None, None) => println!("  health gate: none"),
+                    (url, cmd) => println!(
+                        "  health gate: {}{}, window {:?}",
+                        url.as_deref()
+                            .map(|u| format!("GET {u} "))
+                            .unwrap_or_default(),
+                        cmd.as_ref()
+                            .map(|a| format!("command {a:?}"))
+                            .unwrap_or_default(),
+                        c.health.window
+                    ),
+                }
+                println!(
+                    "  signed manifests: {}",
+                    match c.signing.public_keys.len() {
+                        0 => "not required".to_string(),
+                        n => format!("required ({n} trusted key(s))"),
+                    }
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

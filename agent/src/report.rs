@@ -55,6 +55,7 @@ impl From<Phase> for model::Phase {
             Phase::Unpacking => model::Phase::Unpacking,
             Phase::Draining => model::Phase::Draining,
             Phase::Flipping => model::Phase::Flipping,
+            Phase::Verifying => model::Phase::Verifying,
             Phase::Done => model::Phase::Done,
             Phase::Failed => model::Phase::Failed,
         }
@@ -68,6 +69,7 @@ pub fn outcome(o: deploy::Outcome) -> Option<model::Outcome> {
         deploy::Outcome::RolledBack => Some(model::Outcome::RolledBack),
         deploy::Outcome::Failed => Some(model::Outcome::Failed),
         deploy::Outcome::Cancelled => Some(model::Outcome::Cancelled),
+        deploy::Outcome::HealthFailed => Some(model::Outcome::HealthFailed),
         deploy::Outcome::NoChange => None,
     }
 }
@@ -226,6 +228,19 @@ pub fn count_deploy(metrics: &Metrics, rec: &DeployRecord, slot: Option<swapper:
     ) {
         if let Some(s) = slot {
             metrics.set_build(&rec.build, s.dir_name());
+        }
+    }
+    if rec.outcome == Some(deploy::Outcome::HealthFailed) {
+        // The unhealthy build went live; it still serves when there was
+        // nothing to flip back to.
+        match (&rec.rolled_back_to, slot) {
+            (Some(back), Some(s)) => {
+                metrics.health_rollback();
+                metrics.set_build(back, s.other().dir_name());
+            }
+            (Some(_), None) => metrics.health_rollback(),
+            (None, Some(s)) => metrics.set_build(&rec.build, s.dir_name()),
+            (None, None) => {}
         }
     }
 }

@@ -86,6 +86,7 @@ pub struct Metrics {
     phases: [Histogram; Phase::ALL.len()],
     bytes_downloaded: AtomicU64,
     cache_hits: AtomicU64,
+    health_rollbacks: AtomicU64,
     consul_requests: AtomicU64,
     consul_errors: [AtomicU64; ConsulErrorKind::ALL.len()],
     held: AtomicBool,
@@ -108,6 +109,7 @@ impl Metrics {
             phases: Default::default(),
             bytes_downloaded: AtomicU64::new(0),
             cache_hits: AtomicU64::new(0),
+            health_rollbacks: AtomicU64::new(0),
             consul_requests: AtomicU64::new(0),
             consul_errors: Default::default(),
             held: AtomicBool::new(false),
@@ -135,6 +137,11 @@ impl Metrics {
     /// Counts an artifact served from the local cache.
     pub fn cache_hit(&self) {
         self.cache_hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a flip back after a failed health check.
+    pub fn health_rollback(&self) {
+        self.health_rollbacks.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a Consul request (successful or not).
@@ -253,6 +260,20 @@ impl Metrics {
             "Artifacts found in the local cache instead of downloaded.",
         );
         sample(out, name, &[], self.cache_hits.load(Ordering::Relaxed));
+
+        let name = "deploy_agent_health_rollbacks_total";
+        header(
+            out,
+            name,
+            "counter",
+            "Automatic flips back after a build failed its health check.",
+        );
+        sample(
+            out,
+            name,
+            &[],
+            self.health_rollbacks.load(Ordering::Relaxed),
+        );
 
         let name = "deploy_agent_consul_requests_total";
         header(out, name, "counter", "Requests sent to Consul.");

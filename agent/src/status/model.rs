@@ -120,6 +120,8 @@ pub enum Phase {
     Unpacking,
     Draining,
     Flipping,
+    /// The new build is live and the health gate is judging it.
+    Verifying,
     Done,
     Failed,
     Holding,
@@ -127,13 +129,14 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, in pipeline order (for metrics and docs).
-    pub const ALL: [Phase; 9] = [
+    pub const ALL: [Phase; 10] = [
         Phase::Idle,
         Phase::WaitingForColdSlot,
         Phase::Downloading,
         Phase::Unpacking,
         Phase::Draining,
         Phase::Flipping,
+        Phase::Verifying,
         Phase::Done,
         Phase::Failed,
         Phase::Holding,
@@ -148,6 +151,7 @@ impl Phase {
             Phase::Unpacking => "unpacking",
             Phase::Draining => "draining",
             Phase::Flipping => "flipping",
+            Phase::Verifying => "verifying",
             Phase::Done => "done",
             Phase::Failed => "failed",
             Phase::Holding => "holding",
@@ -163,6 +167,7 @@ impl Phase {
                 | Phase::Unpacking
                 | Phase::Draining
                 | Phase::Flipping
+                | Phase::Verifying
         )
     }
 }
@@ -258,15 +263,19 @@ pub enum Outcome {
     Failed,
     Cancelled,
     RolledBack,
+    /// Went live, failed the health gate, quarantined (and flipped back
+    /// when a previous build was there).
+    HealthFailed,
 }
 
 impl Outcome {
     /// Every outcome, for metrics.
-    pub const ALL: [Outcome; 4] = [
+    pub const ALL: [Outcome; 5] = [
         Outcome::Success,
         Outcome::Failed,
         Outcome::Cancelled,
         Outcome::RolledBack,
+        Outcome::HealthFailed,
     ];
 
     /// The kebab-case name used in JSON and metric labels.
@@ -276,6 +285,7 @@ impl Outcome {
             Outcome::Failed => "failed",
             Outcome::Cancelled => "cancelled",
             Outcome::RolledBack => "rolled-back",
+            Outcome::HealthFailed => "health-failed",
         }
     }
 }

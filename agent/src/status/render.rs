@@ -207,6 +207,7 @@ pub fn render_history(h: &[HistoryEntry], color: bool, now_unix: u64) -> String 
             Some(Outcome::Failed) => p.paint(RED, "failed"),
             Some(Outcome::Cancelled) => p.paint(YELLOW, "cancelled"),
             Some(Outcome::RolledBack) => p.paint(YELLOW, "rolled-back"),
+            Some(Outcome::HealthFailed) => p.paint(RED, "health-failed"),
             None => p.paint(BOLD, "running"),
         };
         // Pad by the visible width: escape codes take no columns.

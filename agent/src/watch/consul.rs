@@ -67,11 +67,6 @@ pub enum WatchEvent {
 /// cancelled (or the receiver is gone) and sends each changed value on
 /// `tx`. Never returns an error: every failure is logged, counted in
 /// `stats`, and retried after a delay.
-#[tracing::instrument(
-    name = "consul_watch",
-    skip_all,
-    fields(key = %key, address = %client.address())
-)]
 pub async fn watch_key(
     client: ConsulClient,
     key: String,
@@ -79,12 +74,34 @@ pub async fn watch_key(
     stats: Arc<WatchStats>,
     shutdown: CancellationToken,
 ) {
+    watch_key_from(client, key, tx, stats, shutdown, 0).await
+}
+
+/// [`watch_key`] for a consumer that already acted on `applied_modify_index`
+/// (persisted across restarts): a first value older than that is re-read in
+/// default mode before it is sent (rule 12).
+#[tracing::instrument(
+    name = "consul_watch",
+    skip_all,
+    fields(key = %key, address = %client.address())
+)]
+pub async fn watch_key_from(
+    client: ConsulClient,
+    key: String,
+    tx: mpsc::Sender<WatchEvent>,
+    stats: Arc<WatchStats>,
+    shutdown: CancellationToken,
+    applied_modify_index: u64,
+) {
     let s = client.settings().clone();
     stats.start(client.address(), &key);
     let mut rng = StdRng::from_entropy();
     let mut bucket = TokenBucket::new(s.rate, Instant::now());
     let mut backoff = BackoffState::new(s.backoff);
-    let mut state = WatchState::default();
+    let mut state = WatchState {
+        applied_modify_index,
+        ..WatchState::default()
+    };
 
     // Rule 9: spread a fleet-wide restart.
     if !sleep_or_cancel(random_below(s.first_request_splay, &mut rng), &shutdown).await {

@@ -1,0 +1,187 @@
+//! The health gate: after a flip, decides whether the new build is good.
+//!
+//! A check is an HTTP GET to a local URL that must answer a given status,
+//! and/or a command (argv, run like the hooks: own process group, timeout,
+//! capped output) that must exit 0. An attempt passes when every configured
+//! check passes; attempts repeat every `interval` until one passes or the
+//! `window` is over. The deploy acts on the verdict (`deploy.rs`: flip
+//! back and quarantine the build).
+//!
+//! Nothing is persisted here. If the process dies during a check the new
+//! build stays live unjudged; the deploy record on disk shows the phase
+//! `verifying`, and the operator decides (`deploy-agent rollback`).
+
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tracing::{info, warn};
+
+use crate::config::duration;
+
+/// `[health]` in the config. Without `url` and `command` there is no gate.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct HealthConfig {
+    /// A local URL to GET, e.g. `http://127.0.0.1:8080/healthz`. Proxies
+    /// and redirects are not followed: the answer is the app's own.
+    pub url: Option<String>,
+    /// The status the URL must answer.
+    pub expect_status: u16,
+    /// A command that must exit 0 (argv, no shell). It gets the hooks'
+    /// environment (`DEPLOY_BUILD`, `DEPLOY_SLOT_DIR`, ...).
+    pub command: Option<Vec<String>>,
+    /// Bound of one attempt (the GET, or the command, which is killed with
+    /// its process group at the bound).
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// How long the build gets to pass; the verdict is "unhealthy" when no
+    /// attempt passed within it.
+    #[serde(deserialize_with = "duration")]
+    pub window: Duration,
+    /// Pause between attempts.
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            url: None,
+            expect_status: 200,
+            command: None,
+            timeout: Duration::from_secs(2),
+            window: Duration::from_secs(30),
+            interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl HealthConfig {
+    /// Whether a gate is configured.
+    pub fn is_enabled(&self) -> bool {
+        self.url.is_some() || self.command.is_some()
+    }
+
+    /// The reason this config cannot work, naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(u) = &self.url {
+            let parsed = reqwest::Url::parse(u).map_err(|e| format!("health.url: {u:?}: {e}"))?;
+            if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+                return Err(format!(
+                    "health.url: {u:?} must be an http(s) URL with a host"
+                ));
+            }
+        }
+        if self.command.as_ref().is_some_and(Vec::is_empty) {
+            return Err("health.command: must name a command".into());
+        }
+        if !(100..=599).contains(&self.expect_status) {
+            return Err("health.expect-status: must be an HTTP status, 100 to 599".into());
+        }
+        if self.timeout.is_zero() || self.window.is_zero() || self.interval.is_zero() {
+            return Err("health: timeout, window and interval must be above zero".into());
+        }
+        Ok(())
+    }
+}
+
+/// A passed gate.
+#[derive(Debug, Clone)]
+pub struct Passed {
+    pub attempts: u32,
+    pub took: Duration,
+}
+
+/// A failed gate: no attempt passed within the window.
+#[derive(Debug, Clone)]
+pub struct Unhealthy {
+    pub attempts: u32,
+    pub took: Duration,
+    /// Why the last attempt failed.
+    pub last_failure: String,
+}
+
+/// Runs the gate for the build just flipped in; returns the verdict.
+/// `env` is the hooks' environment, `output_limit` caps command output.
+pub async fn check(
+    cfg: &HealthConfig,
+    env: &[(String, String)],
+    output_limit: usize,
+) -> Result<Passed, Unhealthy> {
+    let start = Instant::now();
+    let deadline = tokio::time::Instant::now() + cfg.window;
+    // Local checks must not go through a proxy from the environment, and a
+    // redirect is an answer to judge, not to follow.
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(cfg.timeout)
+        .build();
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let failure = match &client {
+            Ok(client) => attempt(cfg, client, env, output_limit).await,
+            Err(e) => Some(format!("cannot build the HTTP client: {e}")),
+        };
+        match failure {
+            None => {
+                info!(
+                    attempts,
+                    took_ms = start.elapsed().as_millis() as u64,
+                    "health check passed"
+                );
+                return Ok(Passed {
+                    attempts,
+                    took: start.elapsed(),
+                });
+            }
+            Some(why) => {
+                let next = tokio::time::Instant::now() + cfg.interval;
+                if next >= deadline {
+                    warn!(attempts, last_failure = %why, window_ms = cfg.window.as_millis() as u64, "health check failed for the whole window");
+                    return Err(Unhealthy {
+                        attempts,
+                        took: start.elapsed(),
+                        last_failure: why,
+                    });
+                }
+                info!(attempt = attempts, failure = %why, "health check attempt failed; retrying");
+                tokio::time::sleep_until(next).await;
+            }
+        }
+    }
+}
+
+/// One attempt: `None` if every configured check passed, else why not.
+async fn attempt(
+    cfg: &HealthConfig,
+    client: &reqwest::Client,
+    env: &[(String, String)],
+    output_limit: usize,
+) -> Option<String> {
+    if let Some(url) = &cfg.url {
+        match client.get(url).send().await {
+            Ok(resp) if resp.status().as_u16() == cfg.expect_status => {}
+            Ok(resp) => {
+                return Some(format!(
+                    "GET {url} answered {}, expected {}",
+                    resp.status().as_u16(),
+                    cfg.expect_status
+                ))
+            }
+            Err(e) if e.is_timeout() => {
+                return Some(format!("GET {url} timed out after {:?}", cfg.timeout))
+            }
+            Err(e) => return Some(format!("GET {url} failed: {e}")),
+        }
+    }
+    if let Some(argv) = &cfg.command {
+        if let Err(e) =
+            crate::drain::run_hook("health-check", argv, env, cfg.timeout, output_limit).await
+        {
+            return Some(e.to_string());
+        }
+    }
+    None
+}
