@@ -116,6 +116,7 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Vec<
         unpack: Default::default(),
         drain: Default::default(),
         hooks: Default::default(),
+        fleet: Default::default(),
         status: crate::status::StatusConfig {
             socket: Some(base.join("agent.sock")),
             ..Default::default()

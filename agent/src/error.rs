@@ -233,6 +233,24 @@ pub enum Error {
 
     #[error("bad answer from the agent on {path}: {detail}; is another program listening there?")]
     AgentProtocol { path: PathBuf, detail: String },
+
+    // ---- fleet (fleet/*) ----
+    /// A release command's check-and-set lost: someone else wrote the key.
+    #[error("{key} changed while this command was running (it is no longer at ModifyIndex {expected}): another commander wrote it; run `deploy-agent release show`, then retry")]
+    ReleaseConflict { key: String, expected: u64 },
+
+    /// promote/rollback with nothing published.
+    #[error("nothing is published at {key}: run `deploy-agent release publish` first")]
+    ReleaseMissing { key: String },
+
+    /// A release command that would write a manifest agents reject, or one
+    /// that cannot apply to what is published.
+    #[error("release {key}: {reason}")]
+    ReleaseInvalid { key: String, reason: String },
+
+    /// `release freeze` while a freeze is already in place.
+    #[error("{key} is already frozen ({detail}); `deploy-agent release unfreeze` lifts it")]
+    ReleaseFrozen { key: String, detail: String },
 }
 
 /// Result with the agent's error.

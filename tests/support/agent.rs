@@ -72,6 +72,7 @@ impl Harness {
             unpack: Default::default(),
             drain: Default::default(),
             hooks: Default::default(),
+            fleet: Default::default(),
             status: deploy_agent::status::StatusConfig {
                 socket: Some(tmp.path().join("agent.sock")),
                 ..Default::default()
