@@ -15,6 +15,7 @@
 //! Everything here is pure computation apart from reading the host id once
 //! at start; nothing is persisted, so a crash loses nothing.
 
+pub mod cli;
 pub mod hostreport;
 pub mod member;
 pub mod release;

@@ -116,14 +116,15 @@ impl Release {
     pub async fn read(&self) -> Result<Option<Current>> {
         let r = self.client.get(&self.key, &QueryOptions::default()).await?;
         let Some(pair) = r.pair else { return Ok(None) };
-        let manifest = Manifest::parse(&pair.value, UrlPolicy { allow_file: true }).map_err(
-            |e| Error::ReleaseInvalid {
-                key: self.key.clone(),
-                reason: format!(
+        let manifest =
+            Manifest::parse(&pair.value, UrlPolicy { allow_file: true }).map_err(|e| {
+                Error::ReleaseInvalid {
+                    key: self.key.clone(),
+                    reason: format!(
                     "the published manifest does not parse ({e}); fix it with `release publish`"
                 ),
-            },
-        )?;
+                }
+            })?;
         let raw = match serde_json::from_slice(&pair.value) {
             Ok(Value::Object(m)) => m,
             _ => Map::new(),
