@@ -222,23 +222,26 @@ mod tests {
         }
     }
 
+    fn chosen(m: Manifest, bucket: f64) -> (Choice, Option<String>) {
+        let (d, s) = decide(&m, bucket);
+        assert_eq!(d.build, s.map(|s| s.build.clone()));
+        (d.choice, d.build)
+    }
+
     #[test]
     fn decision_cases() {
         let prev = spec("old");
-        let (d, s) = decide(&manifest(None, None), 99.0);
-        assert_eq!((d.choice, s.unwrap().build.as_str()), (Choice::All, "new"));
-        let (d, s) = decide(&manifest(Some(10.0), Some(prev.clone())), 9.99);
-        assert_eq!((d.choice, s.unwrap().build.as_str()), (Choice::New, "new"));
-        let (d, s) = decide(&manifest(Some(10.0), Some(prev.clone())), 10.0);
+        let new = Some("new".to_string());
         assert_eq!(
-            (d.choice, s.unwrap().build.as_str()),
-            (Choice::Previous, "old")
+            chosen(manifest(None, None), 99.0),
+            (Choice::All, new.clone())
         );
-        let (d, s) = decide(&manifest(Some(0.0), None), 0.0);
-        assert_eq!(d.choice, Choice::Stay);
-        assert!(s.is_none());
-        let (d, _) = decide(&manifest(Some(100.0), Some(prev)), 99.999);
-        assert_eq!(d.choice, Choice::All);
+        let m = manifest(Some(10.0), Some(prev.clone()));
+        assert_eq!(chosen(m.clone(), 9.99), (Choice::New, new.clone()));
+        assert_eq!(chosen(m, 10.0), (Choice::Previous, Some("old".into())));
+        assert_eq!(chosen(manifest(Some(0.0), None), 0.0), (Choice::Stay, None));
+        let m = manifest(Some(100.0), Some(prev));
+        assert_eq!(chosen(m, 99.999), (Choice::All, new));
     }
 
     #[test]

@@ -54,7 +54,7 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn cancel_ends_the_wait() {
         let c = CancellationToken::new();
         c.cancel();
