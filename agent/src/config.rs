@@ -126,7 +126,7 @@ pub struct SourceConfig {
 /// How to reach Consul. Environment variables (`CONSUL_HTTP_ADDR`, ...)
 /// override these, as every Consul tool does.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct ConsulConfig {
     pub address: String,
     pub token: Option<String>,

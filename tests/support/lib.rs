@@ -61,3 +61,4 @@ pub fn self_exe() -> PathBuf {
 }
 
 pub mod agent;
+pub mod fleet;
