@@ -48,10 +48,16 @@ fn expected(f: &Fleet) -> Vec<String> {
 /// reports it, idle; returns the hosts on `build`.
 async fn converge(f: &Fleet, which: &[usize], build: &str, what: &str) -> BTreeSet<usize> {
     let want = expected(f);
+    let index = f
+        .consul
+        .get(&format!("deploy/{APP}/{TIER}"))
+        .unwrap()
+        .modify_index;
     f.wait_hosts(which, what, T, |i| {
         f.hosts[i].served() == want[i]
             && f.report(i).is_some_and(|r| {
-                r.build.as_deref() == Some(want[i].as_str())
+                r.seen_index >= index
+                    && r.build.as_deref() == Some(want[i].as_str())
                     && matches!(r.phase, Phase::Done | Phase::Idle)
             })
     })

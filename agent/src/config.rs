@@ -143,6 +143,12 @@ pub struct ConsulConfig {
     /// LastContact above this triggers a consistent re-read.
     #[serde(deserialize_with = "duration")]
     pub max_stale: Duration,
+    /// Watch pacing (rule 9): requests allowed back to back, then one more
+    /// per `rate-interval`. The defaults (2, 15s) suit production; a test
+    /// fleet that changes its key every few seconds lowers the interval.
+    pub rate_burst: u32,
+    #[serde(deserialize_with = "duration")]
+    pub rate_interval: Duration,
 }
 
 impl Default for ConsulConfig {
@@ -159,6 +165,8 @@ impl Default for ConsulConfig {
             datacenter: None,
             wait: Duration::from_secs(300),
             max_stale: Duration::from_secs(10),
+            rate_burst: 2,
+            rate_interval: Duration::from_secs(15),
         }
     }
 }

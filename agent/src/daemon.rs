@@ -189,6 +189,10 @@ pub fn consul_settings(cfg: &Config) -> Result<ConsulSettings> {
         datacenter: c.datacenter.clone(),
         wait: c.wait,
         max_stale: c.max_stale,
+        rate: crate::watch::consul::RateLimit {
+            burst: c.rate_burst.max(1),
+            refill_interval: c.rate_interval,
+        },
         ..ConsulSettings::default()
     };
     if let Some(f) = &c.token_file {

@@ -273,7 +273,8 @@ impl Fleet {
                 r#"deploy-root = "{root}"
 [consul]
 address = "{consul}"
-wait = "5s"
+wait = "60s"
+rate-interval = "200ms"
 [download]
 connect-timeout = "1s"
 read-timeout = "3s"
@@ -435,6 +436,7 @@ splay-max = "{splay}ms"
             }
             let missing: Vec<usize> = which.iter().copied().filter(|i| !ok(*i)).collect();
             if missing.is_empty() {
+                eprintln!("[fleet] {what}: {:.1} s", start.elapsed().as_secs_f64());
                 return;
             }
             if start.elapsed() > limit {
