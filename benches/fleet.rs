@@ -38,7 +38,16 @@ async fn pull(f: &mut Fleet, build: &str, label: &str) {
     let mut flipped: Vec<Option<f64>> = vec![None; f.hosts.len()];
     let p = path.display().to_string();
     let t0 = Instant::now();
-    f.cli_ok(&["release", "publish", "--build", build, "--artifact", &p, "--url", &url]);
+    f.cli_ok(&[
+        "release",
+        "publish",
+        "--build",
+        build,
+        "--artifact",
+        &p,
+        "--url",
+        &url,
+    ]);
     let limit = Duration::from_secs(900);
     while flipped.iter().any(Option::is_none) {
         for (i, h) in f.hosts.iter().enumerate() {
@@ -46,7 +55,10 @@ async fn pull(f: &mut Fleet, build: &str, label: &str) {
                 flipped[i] = Some(t0.elapsed().as_secs_f64());
             }
         }
-        assert!(t0.elapsed() < limit, "{label}: not every host flipped in {limit:?}");
+        assert!(
+            t0.elapsed() < limit,
+            "{label}: not every host flipped in {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut t: Vec<f64> = flipped.into_iter().flatten().collect();
@@ -97,7 +109,9 @@ fn push_baseline(n: usize) {
         .status()
         .unwrap();
     assert!(st.success());
-    let dsts: Vec<_> = (0..n).map(|i| tmp.path().join(format!("host-{i:03}"))).collect();
+    let dsts: Vec<_> = (0..n)
+        .map(|i| tmp.path().join(format!("host-{i:03}")))
+        .collect();
     let t = Instant::now();
     for d in &dsts {
         rsync_to(&src, d);
@@ -161,7 +175,10 @@ fn main() {
         for h in &f.hosts {
             let p = h.dir.join("config.toml");
             let c = std::fs::read_to_string(&p).unwrap();
-            let c = c.replace("splay-max = \"0ms\"", &format!("splay-max = \"{}ms\"", splay.as_millis()));
+            let c = c.replace(
+                "splay-max = \"0ms\"",
+                &format!("splay-max = \"{}ms\"", splay.as_millis()),
+            );
             std::fs::write(&p, c).unwrap();
         }
         tokio::time::sleep(Duration::from_secs(8)).await;
