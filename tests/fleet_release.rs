@@ -271,3 +271,37 @@ async fn one_agent_follows_percent_freeze_and_rollback_and_reports_each_change()
     assert_eq!(writes(&h), before, "no writes while nothing changes");
     h.stop_agent().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_in_the_cache_or_the_cold_slot_skips_the_splay() {
+    let mut h = Harness::new(|c| {
+        c.fleet.app = Some("app".into());
+        c.fleet.tier = Some("production".into());
+        c.fleet.host_id = Some("web-1".into());
+        c.fleet.splay_max = Some(Duration::ZERO);
+        c.download.cache_keep = 3;
+    })
+    .await;
+    h.start_agent().await;
+    let (m1, _) = h.build("b1");
+    let (m2, _) = h.build("b2");
+    let (m3, _) = h.build("b3");
+    for (m, b) in [(&m1, "b1"), (&m2, "b2"), (&m3, "b3")] {
+        h.publish(m);
+        h.wait_live(b, T).await;
+    }
+    // Slots: b3 hot, b2 cold; the cache holds all three. A day of splay
+    // from now on: anything that waits for it cannot finish in time.
+    h.stop_agent().await;
+    h.config.fleet.splay_max = Some(Duration::from_secs(24 * 3600));
+    h.start_agent().await;
+    let reqs = h.artifacts.stats().requests;
+    h.publish(&m2);
+    let r = h.wait_live("b2", T).await;
+    assert_eq!(r.outcome, Some(Outcome::RolledBack), "from the cold slot");
+    h.publish(&m1);
+    let r = h.wait_live("b1", T).await;
+    assert!(r.from_cache, "from the cache: {r:?}");
+    assert_eq!(h.artifacts.stats().requests, reqs, "nothing downloaded");
+    h.stop_agent().await;
+}
