@@ -55,6 +55,68 @@ pub struct Config {
     /// Trusted manifest signing keys (`sign.rs`); none = no signature needed.
     #[serde(default)]
     pub signing: crate::sign::SigningConfig,
+    /// Tier, app, host id, rollout splay, host reports, freeze key.
+    #[serde(default)]
+    pub fleet: FleetConfig,
+}
+
+/// Fleet membership and behaviour (`[fleet]`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct FleetConfig {
+    /// The application this host serves; with `tier`, names the default
+    /// source key `deploy/<app>/<tier>`.
+    pub app: Option<String>,
+    /// The host's tier (staging, dogfood, canary, production, ...).
+    pub tier: Option<String>,
+    /// This host's id for rollout buckets and reports; default
+    /// `/etc/machine-id`, else the hostname.
+    pub host_id: Option<String>,
+    /// Longest random wait before a download, so a fleet does not hit the
+    /// artifact server in the same second. Default 20s when `app` is set,
+    /// else 0s (off).
+    #[serde(deserialize_with = "opt_duration")]
+    pub splay_max: Option<Duration>,
+    /// Write this host's state to Consul on every state change. Default on
+    /// when `app` is set.
+    pub report: Option<bool>,
+    /// Prefix of the per-host report keys (default `deploy/<app>/hosts/`).
+    pub report_prefix: Option<String>,
+    /// The fleet-wide freeze key (default `deploy/<app>/freeze`).
+    pub freeze_key: Option<String>,
+}
+
+/// The splay when `[fleet]` is set up but `splay-max` is not.
+pub const DEFAULT_FLEET_SPLAY: Duration = Duration::from_secs(20);
+
+impl FleetConfig {
+    /// The splay in effect.
+    pub fn splay(&self) -> Duration {
+        self.splay_max.unwrap_or(if self.app.is_some() {
+            DEFAULT_FLEET_SPLAY
+        } else {
+            Duration::ZERO
+        })
+    }
+
+    /// The report key prefix when reports are on.
+    pub fn report_prefix(&self) -> Option<String> {
+        if self.report == Some(false) {
+            return None;
+        }
+        match (&self.report_prefix, &self.app) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(app)) => Some(crate::fleet::report_prefix(app)),
+            (None, None) => None,
+        }
+    }
+
+    /// The freeze key every agent of the app watches.
+    pub fn freeze_key(&self) -> Option<String> {
+        self.freeze_key
+            .clone()
+            .or_else(|| self.app.as_deref().map(crate::fleet::freeze_key))
+    }
 }
 
 /// Where the desired state comes from.
@@ -87,6 +149,12 @@ pub struct ConsulConfig {
     /// LastContact above this triggers a consistent re-read.
     #[serde(deserialize_with = "duration")]
     pub max_stale: Duration,
+    /// Watch pacing (rule 9): requests allowed back to back, then one more
+    /// per `rate-interval`. The defaults (2, 15s) suit production; a test
+    /// fleet that changes its key every few seconds lowers the interval.
+    pub rate_burst: u32,
+    #[serde(deserialize_with = "duration")]
+    pub rate_interval: Duration,
 }
 
 impl Default for ConsulConfig {
@@ -103,6 +171,8 @@ impl Default for ConsulConfig {
             datacenter: None,
             wait: Duration::from_secs(300),
             max_stale: Duration::from_secs(10),
+            rate_burst: 2,
+            rate_interval: Duration::from_secs(15),
         }
     }
 }
@@ -254,6 +324,7 @@ impl Config {
             hooks: HooksConfig::default(),
             health: Default::default(),
             signing: Default::default(),
+            fleet: FleetConfig::default(),
             status: crate::status::StatusConfig::default(),
         }
     }
@@ -273,7 +344,27 @@ impl Config {
             path: path.to_path_buf(),
             message,
         };
-        let cfg: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let mut cfg: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        for (name, v) in [
+            ("fleet.app", &cfg.fleet.app),
+            ("fleet.tier", &cfg.fleet.tier),
+        ] {
+            if let Some(v) = v {
+                if v.is_empty() || v.contains('/') || !valid_key(v) {
+                    return Err(invalid(format!(
+                        "{name}: {v:?} must be [A-Za-z0-9._-], without '/'"
+                    )));
+                }
+            }
+        }
+        if let (None, None, Some(app), Some(tier)) = (
+            &cfg.source.key,
+            &cfg.source.file,
+            &cfg.fleet.app,
+            &cfg.fleet.tier,
+        ) {
+            cfg.source.key = Some(crate::fleet::tier_key(app, tier));
+        }
         if !cfg.deploy_root.is_absolute() {
             return Err(invalid("deploy-root: must be an absolute path".into()));
         }
@@ -285,7 +376,7 @@ impl Config {
             }
             (None, None) => {
                 return Err(invalid(
-                    "source: set `key` (a Consul KV key) or `file` (a local manifest)".into(),
+                    "source: set `key` (a Consul KV key) or `file` (a local manifest), or [fleet] `app` and `tier`".into(),
                 ))
             }
             (Some(k), None) if !valid_key(k) => {
@@ -294,6 +385,14 @@ impl Config {
                 )))
             }
             _ => {}
+        }
+        for (name, k) in [
+            ("fleet.report-prefix", &cfg.fleet.report_prefix),
+            ("fleet.freeze-key", &cfg.fleet.freeze_key),
+        ] {
+            if k.as_deref().is_some_and(|k| !valid_key(k)) {
+                return Err(invalid(format!("{name}: must be [A-Za-z0-9._/-]")));
+            }
         }
         if cfg.consul.wait.is_zero() || cfg.consul.wait > Duration::from_secs(600) {
             return Err(invalid("consul.wait: must be between 1s and 10m".into()));
@@ -374,6 +473,10 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     Some(total)
 }
 
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
 pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     parse_duration(&s).ok_or_else(|| {
@@ -422,6 +525,25 @@ mod tests {
         assert_eq!(c.consul.wait, Duration::from_secs(5));
         assert!(c.consul.ssl_verify);
         assert_eq!(c.consul.max_stale, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn app_and_tier_name_the_key() {
+        let c = parse("deploy-root = \"/srv/app\"\n[fleet]\napp = \"web\"\ntier = \"canary\"\n")
+            .unwrap();
+        assert_eq!(c.source.key.as_deref(), Some("deploy/web/canary"));
+        assert_eq!(c.fleet.splay(), DEFAULT_FLEET_SPLAY);
+        assert_eq!(
+            c.fleet.report_prefix().as_deref(),
+            Some("deploy/web/hosts/")
+        );
+        let c = parse("deploy-root = \"/s\"\n[fleet]\napp = \"web\"\ntier = \"c\"\nsplay-max = \"0s\"\n[source]\nkey = \"k/x\"\n").unwrap();
+        assert_eq!(c.source.key.as_deref(), Some("k/x"));
+        assert_eq!(c.fleet.splay(), Duration::ZERO);
+        let e = parse("deploy-root = \"/s\"\n[fleet]\napp = \"a/b\"\ntier = \"c\"\n").unwrap_err();
+        assert!(e.to_string().contains("app"), "{e}");
+        let e = parse("deploy-root = \"/s\"\n[fleet]\napp = \"web\"\n").unwrap_err();
+        assert!(e.to_string().contains("tier"), "{e}");
     }
 
     #[test]

@@ -81,12 +81,19 @@ pub struct Shared {
     inner: Mutex<StatusInner>,
     /// systemd's `STATUS=` line follows the phase.
     notifier: Option<crate::notify::Notifier>,
+    /// Rollout decision, freeze and host reports.
+    member: Option<Arc<crate::fleet::member::Member>>,
 }
 
 impl Shared {
     /// A copy of everything.
     pub fn snapshot(&self) -> StatusInner {
         self.lock().clone()
+    }
+
+    /// This host's fleet membership.
+    pub fn member(&self) -> Option<&Arc<crate::fleet::member::Member>> {
+        self.member.as_ref()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, StatusInner> {
@@ -116,6 +123,9 @@ impl Shared {
 impl Observer for Shared {
     fn record(&self, rec: &DeployRecord) {
         self.lock().deploy = Some(rec.clone());
+        if let Some(m) = &self.member {
+            m.observe(rec);
+        }
         if let Some(n) = &self.notifier {
             let _ = n.status(&format!("{} {}", rec.phase.as_str(), rec.build));
         }
@@ -179,6 +189,10 @@ pub fn consul_settings(cfg: &Config) -> Result<ConsulSettings> {
         datacenter: c.datacenter.clone(),
         wait: c.wait,
         max_stale: c.max_stale,
+        rate: crate::watch::consul::RateLimit {
+            burst: c.rate_burst.max(1),
+            refill_interval: c.rate_interval,
+        },
         ..ConsulSettings::default()
     };
     if let Some(f) = &c.token_file {
@@ -245,8 +259,18 @@ impl Agent {
             .notify
             .then(crate::notify::Notifier::from_env)
             .filter(|n| n.is_enabled());
+        let member = {
+            let consul = match (&opts.consul, &config.source.key) {
+                (Some(s), _) => Some(s.clone()),
+                (None, Some(_)) => Some(consul_settings(&config)?),
+                (None, None) => None,
+            };
+            let served = crate::fleet::member::served_build(&deployer.root);
+            crate::fleet::member::Member::start(&config, consul.as_ref(), served, shutdown.clone())?
+        };
         let shared = Arc::new(Shared {
             notifier: notifier.clone(),
+            member: Some(member.clone()),
             ..Shared::default()
         });
         let metrics = Arc::new(Metrics::new());
@@ -329,6 +353,7 @@ impl Agent {
             retry_initial: opts.retry_initial,
             metrics: metrics.clone(),
             notifier: notifier.clone(),
+            member,
         };
         let task = tokio::spawn(main.run(rx, cmd_rx, shutdown));
         if let Some(n) = &notifier {
@@ -357,6 +382,7 @@ struct MainLoop {
     retry_initial: Duration,
     metrics: Arc<Metrics>,
     notifier: Option<crate::notify::Notifier>,
+    member: Arc<crate::fleet::member::Member>,
 }
 
 struct Running {
@@ -425,6 +451,7 @@ impl MainLoop {
                                 false
                             }
                             Ok(m) => {
+                                let Some(m) = self.member.choose(m, modify_index) else { continue };
                                 info!(build = %m.spec.build, modify_index, "desired state received");
                                 self.shared.lock().desired = Some(Desired {
                                     build: m.spec.build.clone(),
@@ -492,6 +519,15 @@ impl MainLoop {
                     retry_at = None;
                     true
                 }
+                frozen = self.member.freeze_changed() => {
+                    // A freeze stops new flips: cancel the running deploy at
+                    // its next safe point (never mid-flip); unfreezing
+                    // applies the desired state again.
+                    if let (true, Some(r)) = (frozen, running.as_ref()) {
+                        r.cancel.cancel();
+                    }
+                    !frozen
+                }
                 req = cmds.recv() => {
                     let Some(req) = req else { continue };
                     info!(command = req.command.name(), uid = req.peer.uid, pid = req.peer.pid, "operator command");
@@ -500,7 +536,7 @@ impl MainLoop {
                     start
                 }
             };
-            if !start_now || self.shared.lock().hold.is_some() {
+            if !start_now || self.shared.lock().hold.is_some() || self.member.frozen() {
                 continue;
             }
             let Some(m) = desired.clone() else { continue };
@@ -656,6 +692,7 @@ impl MainLoop {
                             by_uid: Some(uid),
                         });
                         self.metrics.set_build(&rep.build_id, rep.to.dir_name());
+                        self.member.served(&rep.build_id);
                         (
                             Ok(format!(
                                 "rolled back to {} ({}); holding until resume",

@@ -484,6 +484,9 @@ impl Deployer {
                 })
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))??;
+                // A download is needed: spread the fleet's requests out.
+                crate::fleet::splay::wait(self.config.fleet.splay(), &m.spec.build, cancel).await;
+                check("the download")?;
             }
             drain::wait_cold_slot(
                 &cold_dir,

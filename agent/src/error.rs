@@ -273,6 +273,23 @@ pub enum Error {
     /// `deploy-agent sign` was given something that is not a valid manifest.
     #[error("cannot sign: {reason}; fix the manifest first")]
     Sign { reason: String },
+    // ---- fleet (fleet/*) ----
+    /// A release command's check-and-set lost: someone else wrote the key.
+    #[error("{key} changed while this command was running (it is no longer at ModifyIndex {expected}): another commander wrote it; run `deploy-agent release show`, then retry")]
+    ReleaseConflict { key: String, expected: u64 },
+
+    /// promote/rollback with nothing published.
+    #[error("nothing is published at {key}: run `deploy-agent release publish` first")]
+    ReleaseMissing { key: String },
+
+    /// A release command that would write a manifest agents reject, or one
+    /// that cannot apply to what is published.
+    #[error("release {key}: {reason}")]
+    ReleaseInvalid { key: String, reason: String },
+
+    /// `release freeze` while a freeze is already in place.
+    #[error("{key} is already frozen ({detail}); `deploy-agent release unfreeze` lifts it")]
+    ReleaseFrozen { key: String, detail: String },
 }
 
 /// Result with the agent's error.

@@ -9,6 +9,10 @@
 //! `drain` (wait for processes, run hooks) -> flip (in the `swapper` crate) ->
 //! `status` (local socket, history, metrics).
 //!
+//! `fleet` makes the host a member of a fleet: tier keys, the percentage
+//! rollout decided on each host, splay, host reports, the freeze key, and
+//! the commander's `release` and `fleet status` commands.
+//!
 //! `deploy` holds the state machine that drives one deploy through these
 //! stages; `daemon` is the long-running loop that feeds it manifests.
 //! `testserver` holds the Consul-compatible and artifact HTTP servers the
@@ -27,6 +31,7 @@ pub mod deploy;
 pub mod drain;
 pub mod error;
 pub mod fetch;
+pub mod fleet;
 pub mod fuzzing;
 pub mod guard;
 pub mod health;

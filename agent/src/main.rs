@@ -66,6 +66,10 @@ enum Cmd {
     },
     #[command(flatten)]
     Operator(OperatorCommand),
+    /// The deploy commander's release commands (publish, promote, rollback, freeze).
+    Release(deploy_agent::fleet::cli::ReleaseCommand),
+    /// The fleet as the hosts report it.
+    Fleet(deploy_agent::fleet::cli::FleetCommand),
 }
 
 /// Exit codes of `run`, `check-config` and `demo` (the operator commands
@@ -120,6 +124,8 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Release(cmd) => ExitCode::from(deploy_agent::fleet::cli::run_release(cmd)),
+        Cmd::Fleet(cmd) => ExitCode::from(deploy_agent::fleet::cli::run_fleet(cmd)),
         Cmd::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
                 println!("{}: ok", config.display());

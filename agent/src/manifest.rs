@@ -71,6 +71,16 @@ pub struct Manifest {
     pub deploy_id: Option<String>,
     pub max_unpacked_bytes: Option<u64>,
     pub max_entries: Option<u64>,
+    /// Percentage rollout (0-100, fractions allowed): hosts whose bucket is
+    /// below it run `spec`, the others `previous` (see `fleet`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<f64>,
+    /// Rollout salt; the build id when absent (see `fleet::salt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub salt: Option<String>,
+    /// The build hosts outside the percentage stay on, or return to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<BuildSpec>,
 }
 
 /// Why a manifest was rejected; always names the field.
@@ -127,6 +137,20 @@ impl Manifest {
             deploy_id,
             max_unpacked_bytes: opt_u64(obj, "max_unpacked_bytes")?,
             max_entries: opt_u64(obj, "max_entries")?,
+            percent: opt_percent(obj)?,
+            salt: match obj.get("salt") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => Some(s.clone()),
+                Some(_) => return Err(err("salt", "must be a string of 1 to 256 bytes")),
+            },
+            previous: match obj.get("previous") {
+                None | Some(Value::Null) => None,
+                Some(Value::Object(p)) => Some(
+                    BuildSpec::from_object(p, policy)
+                        .map_err(|e| err(&format!("previous.{}", e.field), e.reason))?,
+                ),
+                Some(_) => return Err(err("previous", "must be an object like the manifest")),
+            },
         })
     }
 
@@ -143,7 +167,9 @@ impl Manifest {
 }
 
 impl BuildSpec {
-    fn from_object(
+    /// Parses one build's fields (`build`, `url`, `mirrors`, `sha256`,
+    /// `size`, `format`) from a JSON object.
+    pub fn from_object(
         obj: &Map<String, Value>,
         policy: UrlPolicy,
     ) -> Result<BuildSpec, ManifestError> {
@@ -222,6 +248,17 @@ impl BuildSpec {
             size,
             format,
         })
+    }
+}
+
+fn opt_percent(obj: &Map<String, Value>) -> Result<Option<f64>, ManifestError> {
+    match obj.get("percent") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .filter(|p| (0.0..=100.0).contains(p))
+            .map(Some)
+            .ok_or_else(|| err("percent", "must be a number from 0 to 100")),
     }
 }
 
@@ -315,6 +352,24 @@ mod tests {
         assert!(m.is_ok());
         v["url"] = serde_json::json!("ftp://h/x");
         assert_eq!(parse(&v).unwrap_err().field, "url");
+    }
+
+    #[test]
+    fn rollout_fields() {
+        let mut v = good();
+        v["percent"] = serde_json::json!(12.5);
+        v["previous"] = good();
+        v["previous"]["build"] = serde_json::json!("b-0");
+        let m = parse(&v).unwrap();
+        assert_eq!(m.percent, Some(12.5));
+        assert_eq!(m.previous.as_ref().unwrap().build, "b-0");
+        v["percent"] = serde_json::json!(100.5);
+        assert_eq!(parse(&v).unwrap_err().field, "percent");
+        v["percent"] = serde_json::json!(50);
+        v["previous"]["sha256"] = serde_json::json!("zz");
+        assert_eq!(parse(&v).unwrap_err().field, "previous.sha256");
+        v["previous"] = serde_json::json!("b-0");
+        assert_eq!(parse(&v).unwrap_err().field, "previous");
     }
 
     #[test]

@@ -149,6 +149,7 @@ impl StatusSource for AgentView {
                 how: h.uses_summary(),
             })
             .collect();
+        rep.fleet = self.shared.member().map(|m| m.info());
         rep.last_error = s.last_error.as_ref().map(|e| LastError {
             message: e.message.clone(),
             at_unix: e.at,

@@ -83,3 +83,4 @@ pub fn agent_bin() -> PathBuf {
     })
     .clone()
 }
+pub mod fleet;

@@ -48,6 +48,9 @@ pub struct StatusReport {
     pub consul: Option<ConsulInfo>,
     /// Whether deploys are held by an operator.
     pub hold: HoldState,
+    /// Fleet membership: rollout bucket and decision, freeze.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::fleet::member::FleetInfo>,
 }
 
 impl StatusReport {

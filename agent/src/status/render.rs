@@ -143,6 +143,16 @@ pub fn render_status(r: &StatusReport, color: bool, now_unix: u64) -> String {
     } else {
         let _ = writeln!(o, "{:<9} not held", "hold");
     }
+    if let Some(f) = &r.fleet {
+        let _ = writeln!(o, "{:<9} {}", "fleet", crate::fleet::view::member_line(f));
+        if f.frozen {
+            let line = format!(
+                "FROZEN fleet-wide ({})",
+                f.freeze_key.as_deref().unwrap_or("-")
+            );
+            let _ = writeln!(o, "{:<9} {}", "", p.paint(YELLOW, &line));
+        }
+    }
     if let Some(e) = &r.last_error {
         let line = format!("{} ({})", e.message, ago(now_unix, e.at_unix));
         let _ = writeln!(o, "{:<9} {}", "error", p.paint(RED, &line));

@@ -214,8 +214,18 @@ impl ArtifactServer {
         Self::start_inner(Some(dir.into())).await
     }
 
+    /// Starts a server with no files on `addr` (the fleet tests bind the
+    /// address of a bridge they created).
+    pub async fn start_at(addr: std::net::SocketAddr) -> io::Result<ArtifactServer> {
+        Self::bind(addr, None).await
+    }
+
     async fn start_inner(dir: Option<PathBuf>) -> io::Result<ArtifactServer> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), dir).await
+    }
+
+    async fn bind(addr: std::net::SocketAddr, dir: Option<PathBuf>) -> io::Result<ArtifactServer> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
             dir,

@@ -996,6 +996,25 @@ impl ConsulClient {
         decode_bool(&url, &body)
     }
 
+    /// Deletes `key` only if its ModifyIndex is still `cas`; `false` when
+    /// the check-and-set lost.
+    pub async fn delete_cas(&self, key: &str, cas: u64) -> Result<bool> {
+        validate_key(key, false)?;
+        let url = self.url(key, &[("cas", Some(cas.to_string()))]);
+        let (status, _, body) = self
+            .exchange(
+                self.inner.http.delete(&url),
+                &url,
+                self.settings().request_timeout(false),
+                1024,
+            )
+            .await?;
+        if status.as_u16() != 200 {
+            return Err(status_error(&url, key, status.as_u16(), &body));
+        }
+        decode_bool(&url, &body)
+    }
+
     /// Every pair under `prefix` (`?recurse`); empty when there is none.
     pub async fn list(&self, prefix: &str) -> Result<Vec<KvPair>> {
         validate_key(prefix, true)?;

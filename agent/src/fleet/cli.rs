@@ -1,0 +1,355 @@
+//! The commander's command line: `deploy-agent release ...` and
+//! `deploy-agent fleet status`. Thin: parses flags, calls
+//! [`crate::fleet::release`] and [`crate::fleet::view`], prints, and maps
+//! errors to exit codes (0 ok, 1 failure, 2 usage, 3 check-and-set lost,
+//! 4 already frozen). Holds no state.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use crate::error::{Error, Result};
+use crate::fleet::release::{self, Release};
+use crate::manifest::Format;
+use crate::watch::consul::{ConsulClient, ConsulSettings};
+
+/// Exit codes.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILED: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const CONFLICT: u8 = 3;
+    pub const FROZEN: u8 = 4;
+}
+
+/// Which keys a command works on.
+#[derive(Debug, Clone, Args)]
+pub struct Target {
+    /// The application (`deploy/<app>/...`).
+    #[arg(long, env = "DEPLOY_APP", global = true)]
+    pub app: Option<String>,
+    /// The tier (`deploy/<app>/<tier>`).
+    #[arg(long, env = "DEPLOY_TIER", global = true)]
+    pub tier: Option<String>,
+    /// The tier key, instead of `deploy/<app>/<tier>`.
+    #[arg(long, global = true)]
+    pub key: Option<String>,
+    /// The freeze key, instead of `deploy/<app>/freeze`.
+    #[arg(long, global = true)]
+    pub freeze_key: Option<String>,
+    /// Consul address (else CONSUL_HTTP_ADDR, else http://127.0.0.1:8500).
+    #[arg(long, global = true)]
+    pub consul: Option<String>,
+}
+
+/// `deploy-agent release ...`
+#[derive(Debug, Clone, Args)]
+pub struct ReleaseCommand {
+    #[command(flatten)]
+    pub target: Target,
+    #[command(subcommand)]
+    pub action: ReleaseAction,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ReleaseAction {
+    /// Publish a build to the tier (the current build becomes `previous`).
+    Publish {
+        #[arg(long)]
+        build: String,
+        /// A local artifact: its sha256 and size are computed here.
+        #[arg(long)]
+        artifact: Option<PathBuf>,
+        /// Where hosts download it.
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        sha256: Option<String>,
+        #[arg(long)]
+        size: Option<u64>,
+        /// tar, tar.gz or tar.zst.
+        #[arg(long, default_value = "tar.gz")]
+        format: String,
+        /// Start at this percentage (0-100) instead of everyone at once.
+        #[arg(long)]
+        percent: Option<f64>,
+    },
+    /// Raise (or lower) the rollout percentage.
+    Promote {
+        #[arg(long)]
+        percent: f64,
+    },
+    /// Point the tier back at the previous build (hosts flip from their
+    /// cold slot without downloading).
+    Rollback,
+    /// Stop new flips on every host of the app.
+    Freeze {
+        #[arg(long, default_value = "frozen by the deploy commander")]
+        reason: String,
+    },
+    /// Lift the freeze.
+    Unfreeze,
+    /// Print the tier key and the freeze state.
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `deploy-agent fleet ...`
+#[derive(Debug, Clone, Args)]
+pub struct FleetCommand {
+    #[command(flatten)]
+    pub target: Target,
+    #[command(subcommand)]
+    pub action: FleetAction,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum FleetAction {
+    /// Hosts per build and phase, converged percentage, failed and stale hosts.
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// Redraw every `--interval` until interrupted.
+        #[arg(long)]
+        watch: bool,
+        #[arg(long, default_value = "2s", value_parser = parse_dur)]
+        interval: Duration,
+        /// A host that has not acknowledged the current release this long
+        /// after it was written is stale.
+        #[arg(long, default_value = "2m", value_parser = parse_dur)]
+        stale_after: Duration,
+        /// Report prefix, instead of `deploy/<app>/hosts/`.
+        #[arg(long)]
+        report_prefix: Option<String>,
+    },
+}
+
+fn parse_dur(s: &str) -> std::result::Result<Duration, String> {
+    crate::config::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration (5s, 2m)"))
+}
+
+impl Target {
+    /// The commander's view of the keys, connected to Consul.
+    pub fn release(&self) -> Result<Release> {
+        let usage = |reason: &str| Error::ReleaseInvalid {
+            key: String::new(),
+            reason: reason.into(),
+        };
+        let key = match (&self.key, &self.app, &self.tier) {
+            (Some(k), _, _) => k.clone(),
+            (None, Some(a), Some(t)) => crate::fleet::tier_key(a, t),
+            _ => return Err(usage("give --app and --tier (or --key)")),
+        };
+        let freeze_key = match (&self.freeze_key, &self.app) {
+            (Some(k), _) => k.clone(),
+            (None, Some(a)) => crate::fleet::freeze_key(a),
+            (None, None) => return Err(usage("give --app (or --freeze-key)")),
+        };
+        let mut settings = ConsulSettings::default().from_env()?;
+        if let Some(a) = &self.consul {
+            settings.address = if a.contains("://") {
+                a.clone()
+            } else {
+                format!("http://{a}")
+            };
+        }
+        Ok(Release {
+            client: ConsulClient::new(&settings)?,
+            key,
+            freeze_key,
+        })
+    }
+}
+
+fn code(e: &Error) -> u8 {
+    match e {
+        Error::ReleaseConflict { .. } => exit::CONFLICT,
+        Error::ReleaseFrozen { .. } => exit::FROZEN,
+        Error::ReleaseInvalid { .. } | Error::ReleaseMissing { .. } => exit::USAGE,
+        _ => exit::FAILED,
+    }
+}
+
+fn block(fut: impl std::future::Future<Output = Result<()>>) -> u8 {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return exit::FAILED;
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("error: {e}");
+            code(&e)
+        }
+    }
+}
+
+/// Runs `deploy-agent release ...`; returns the exit code.
+pub fn run_release(cmd: ReleaseCommand) -> u8 {
+    block(async move {
+        let r = cmd.target.release()?;
+        match cmd.action {
+            ReleaseAction::Publish {
+                build,
+                artifact,
+                url,
+                sha256,
+                size,
+                format,
+                percent,
+            } => {
+                let format = match format.as_str() {
+                    "tar" => Format::Tar,
+                    "tar.gz" | "tgz" => Format::TarGz,
+                    "tar.zst" | "tzst" => Format::TarZst,
+                    other => {
+                        return Err(Error::ReleaseInvalid {
+                            key: r.key.clone(),
+                            reason: format!("--format {other:?}: use tar, tar.gz or tar.zst"),
+                        })
+                    }
+                };
+                let spec = match (artifact, sha256, size) {
+                    (Some(path), None, None) => tokio::task::spawn_blocking(move || {
+                        release::spec_from_artifact(&build, &path, &url, format)
+                    })
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))??,
+                    (None, Some(sha256), Some(size)) => {
+                        release::check_spec(crate::manifest::BuildSpec {
+                            build,
+                            urls: vec![url],
+                            sha256: sha256.to_ascii_lowercase(),
+                            size,
+                            format,
+                        })?
+                    }
+                    _ => {
+                        return Err(Error::ReleaseInvalid {
+                            key: r.key.clone(),
+                            reason: "give --artifact FILE, or both --sha256 and --size".into(),
+                        })
+                    }
+                };
+                let i = r.publish(&spec, percent).await?;
+                println!(
+                    "published {} ({} bytes, sha256 {}) to {} at {}% (index {i})",
+                    spec.build,
+                    spec.size,
+                    spec.sha256,
+                    r.key,
+                    percent.unwrap_or(100.0)
+                );
+            }
+            ReleaseAction::Promote { percent } => {
+                let i = r.promote(percent).await?;
+                println!("{} promoted to {percent}% (index {i})", r.key);
+            }
+            ReleaseAction::Rollback => {
+                let i = r.rollback().await?;
+                let now = r.read().await?.map(|c| c.manifest.spec.build);
+                println!(
+                    "{} rolled back to {} (index {i}); hosts flip from their cold slot",
+                    r.key,
+                    now.unwrap_or_default()
+                );
+            }
+            ReleaseAction::Freeze { reason } => {
+                let by = std::env::var("SUDO_USER")
+                    .or_else(|_| std::env::var("USER"))
+                    .unwrap_or_else(|_| format!("uid {}", nix::unistd::getuid()));
+                r.freeze(&reason, &by).await?;
+                println!(
+                    "{} set: no host starts a new deploy until `release unfreeze`",
+                    r.freeze_key
+                );
+            }
+            ReleaseAction::Unfreeze => {
+                if r.unfreeze().await? {
+                    println!("{} removed: hosts resume", r.freeze_key);
+                } else {
+                    println!("{} was not set", r.freeze_key);
+                }
+            }
+            ReleaseAction::Show { json } => {
+                let s = r.show().await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+                } else {
+                    println!(
+                        "key     {} (index {})",
+                        s.key,
+                        s.modify_index.map_or("-".into(), |i| i.to_string())
+                    );
+                    match &s.manifest {
+                        Some(m) => {
+                            println!("{}", serde_json::to_string_pretty(m).unwrap_or_default())
+                        }
+                        None => println!("(nothing published)"),
+                    }
+                    match &s.freeze {
+                        Some(f) => println!("FROZEN  {f}"),
+                        None => println!("freeze  not set"),
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Runs `deploy-agent fleet ...`; returns the exit code.
+pub fn run_fleet(cmd: FleetCommand) -> u8 {
+    block(async move {
+        let r = cmd.target.release()?;
+        let FleetAction::Status {
+            json,
+            watch,
+            interval,
+            stale_after,
+            report_prefix,
+        } = cmd.action;
+        let prefix = match (report_prefix, &cmd.target.app) {
+            (Some(p), _) => p,
+            (None, Some(a)) => crate::fleet::report_prefix(a),
+            (None, None) => {
+                return Err(Error::ReleaseInvalid {
+                    key: r.key.clone(),
+                    reason: "give --app (or --report-prefix)".into(),
+                })
+            }
+        };
+        loop {
+            let s = crate::fleet::view::collect(
+                &r.client,
+                &r,
+                &prefix,
+                cmd.target.tier.as_deref(),
+                stale_after,
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string(&s).unwrap_or_default());
+            } else {
+                if watch {
+                    // Clear the screen and home the cursor.
+                    print!("\x1b[2J\x1b[H");
+                }
+                print!("{}", crate::fleet::view::render(&s));
+            }
+            if !watch {
+                return Ok(());
+            }
+            tokio::time::sleep(interval).await;
+        }
+    })
+}

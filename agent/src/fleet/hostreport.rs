@@ -1,0 +1,190 @@
+//! Host reports: this host's state written to Consul under
+//! `deploy/<app>/hosts/<host-id>` once per state change, never periodically,
+//! so a fleet of thousands costs Consul one write per host per deploy phase.
+//!
+//! The deploy never waits for Consul: [`HostReporter::observe`] only puts
+//! the newest record into a one-slot mailbox, and one writer task sends it.
+//! A failed write is not retried in a loop; the next state change carries
+//! the newest state anyway. If the process dies, the key keeps the last
+//! state written; the next start writes a fresh one.
+
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::deploy::{now_secs, DeployRecord, Outcome, Phase};
+use crate::fleet::Decision;
+use crate::watch::consul::ConsulClient;
+
+/// One host's report, as stored in Consul.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub host: String,
+    pub tier: Option<String>,
+    /// The build `current` serves.
+    pub build: Option<String>,
+    /// The build this host was told to run (after the rollout decision).
+    pub desired: Option<String>,
+    /// ModifyIndex of the tier key this host last acted on.
+    pub seen_index: u64,
+    pub phase: Phase,
+    pub outcome: Option<Outcome>,
+    pub error: Option<String>,
+    pub bucket: Option<f64>,
+    pub frozen: bool,
+    /// When the current (or last) deploy started and finished (Unix s).
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    /// When this report was written (Unix s).
+    pub updated_at: u64,
+    pub agent_version: String,
+}
+
+impl HostRecord {
+    /// What makes two reports different states (times excluded).
+    fn state(&self) -> impl PartialEq + '_ {
+        (
+            &self.build,
+            &self.desired,
+            self.seen_index,
+            self.phase,
+            self.outcome,
+            &self.error,
+            self.frozen,
+        )
+    }
+}
+
+/// Turns state changes into Consul writes, off the deploy's path.
+#[derive(Debug)]
+pub struct HostReporter {
+    key: String,
+    current: Mutex<HostRecord>,
+    /// The newest unsent record (a one-slot mailbox: older ones are moot).
+    pending: Mutex<Option<HostRecord>>,
+    wake: Notify,
+}
+
+impl HostReporter {
+    /// Starts the writer task. `served` is the build live at start.
+    pub fn start(
+        client: ConsulClient,
+        prefix: &str,
+        host: &str,
+        tier: Option<String>,
+        served: Option<String>,
+        shutdown: CancellationToken,
+    ) -> Arc<HostReporter> {
+        let rec = HostRecord {
+            host: host.to_string(),
+            tier,
+            build: served.clone(),
+            desired: None,
+            seen_index: 0,
+            phase: Phase::Idle,
+            outcome: None,
+            error: None,
+            bucket: None,
+            frozen: false,
+            started_at: None,
+            finished_at: None,
+            updated_at: now_secs(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let r = Arc::new(HostReporter {
+            key: format!("{}{}", prefix, host),
+            current: Mutex::new(rec.clone()),
+            pending: Mutex::new(Some(rec)),
+            wake: Notify::new(),
+        });
+        tokio::spawn(writer(r.clone(), client, shutdown));
+        r.wake.notify_one();
+        r
+    }
+
+    /// The key this host reports under.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Applies `f` to the current record and queues a write when the state
+    /// changed. Never blocks on the network.
+    pub fn update(&self, f: impl FnOnce(&mut HostRecord)) {
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let before = cur.clone();
+        f(&mut cur);
+        if before.state() == cur.state() {
+            return;
+        }
+        cur.updated_at = now_secs();
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(cur.clone());
+        drop(cur);
+        self.wake.notify_one();
+    }
+
+    /// A deploy transition (from the daemon's observer).
+    pub fn observe(&self, rec: &DeployRecord) {
+        self.update(|r| {
+            r.phase = rec.phase;
+            r.outcome = rec.outcome;
+            r.error = rec.error.as_ref().map(|e| e.message.clone());
+            r.started_at = Some(rec.started_at);
+            r.finished_at = rec.finished_at;
+            if rec.phase == Phase::Done {
+                r.build = Some(rec.build.clone());
+            }
+        });
+    }
+
+    /// A new desired state and the rollout decision for this host.
+    pub fn decided(&self, modify_index: u64, d: &Decision) {
+        self.update(|r| {
+            r.seen_index = modify_index;
+            r.desired = d.build.clone().or_else(|| r.build.clone());
+            r.bucket = Some(d.bucket);
+        });
+    }
+
+    /// The freeze key appeared or went away.
+    pub fn frozen(&self, frozen: bool) {
+        self.update(|r| r.frozen = frozen);
+    }
+
+    /// The served build changed outside a deploy (operator rollback).
+    pub fn served(&self, build: &str) {
+        self.update(|r| r.build = Some(build.to_string()));
+    }
+}
+
+async fn writer(r: Arc<HostReporter>, client: ConsulClient, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = r.wake.notified() => {}
+        }
+        let Some(rec) = r.pending.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            continue;
+        };
+        let body = match serde_json::to_vec(&rec) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "cannot encode the host report");
+                continue;
+            }
+        };
+        match client.put(&r.key, &body, None).await {
+            Ok(_) => debug!(key = %r.key, phase = rec.phase.as_str(), "host report written"),
+            Err(e) => {
+                // Keep it for the next state change unless a newer one came.
+                warn!(key = %r.key, error = %e, "cannot write the host report; the next state change retries");
+                let mut p = r.pending.lock().unwrap_or_else(|p| p.into_inner());
+                if p.is_none() {
+                    *p = Some(rec);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! A fleet on one machine for the fleet tests and the fleet benchmark: N
+//! real `deploy-agent run` processes, each in its own network namespace
+//! (a veth to a bridge in the root namespace) and mount namespace (`ip
+//! netns exec` makes one) with its own deploy root on tmpfs, plus one
+//! Consul-compatible server and one artifact server in this process, bound
+//! to the bridge's address.
+//!
+//! Every address lives on the bridge and inside the namespaces made here
+//! (198.18.0.0/15, the range reserved for benchmarking networks); [`Fleet`]
+//! tears all of it down on drop, panics included.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use deploy_agent::buildgen::{self, Artifact, BuildProfile};
+use deploy_agent::fleet::hostreport::HostRecord;
+use deploy_agent::manifest::Format;
+use deploy_agent::testserver::artifact::ArtifactServer;
+use deploy_agent::testserver::consul::{ConsulServer, ConsulServerConfig};
+
+pub const APP: &str = "web";
+pub const TIER: &str = "production";
+
+/// Why the fleet cannot run here, if it cannot (not root, no `ip`).
+pub fn unsupported() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not root: network namespaces need CAP_NET_ADMIN".into());
+    }
+    let ip = Command::new("ip").arg("-V").output();
+    if !ip.is_ok_and(|o| o.status.success()) {
+        return Some("`ip` (iproute2) is missing".into());
+    }
+    None
+}
+
+fn run(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+fn must(args: &[&str]) {
+    run(args).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Builds the `deploy-agent` binary of this profile (the root test package
+/// depends on the library only) and returns its path.
+pub fn agent_binary() -> PathBuf {
+    // target/<profile>/deps/<test> -> target/<profile>
+    let exe = crate::self_exe();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let mut cmd = Command::new(env!("CARGO"));
+    // Select this package too, so features unify as in the test build and
+    // the two builds do not keep recompiling each other's dependencies.
+    cmd.args([
+        "build",
+        "-q",
+        "-p",
+        "deploy-agent-tests",
+        "-p",
+        "deploy-agent",
+    ]);
+    cmd.args(["--bin", "deploy-agent"]);
+    if release {
+        cmd.arg("--release");
+    }
+    if let Some(target) = profile_dir.parent() {
+        cmd.env("CARGO_TARGET_DIR", target);
+    }
+    let st = cmd.status().expect("run cargo build");
+    assert!(st.success(), "cargo build -p deploy-agent failed");
+    let bin = profile_dir.join("deploy-agent");
+    assert!(bin.exists(), "{} missing after the build", bin.display());
+    bin
+}
+
+/// The network: a bridge and one namespace + veth per host.
+#[derive(Debug)]
+pub struct Net {
+    pub bridge: String,
+    pub subnet: u8,
+    pub namespaces: Vec<String>,
+    pub veths: Vec<String>,
+}
+
+impl Net {
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, self.subnet, 1)
+    }
+
+    fn create(n: usize) -> Net {
+        let pid = std::process::id();
+        let mut net = Net {
+            bridge: format!("dafbr{}", pid % 100_000),
+            subnet: (pid % 250) as u8 + 1,
+            namespaces: Vec::new(),
+            veths: Vec::new(),
+        };
+        let gw = format!("{}/24", net.gateway());
+        must(&["ip", "link", "add", &net.bridge, "type", "bridge"]);
+        must(&["ip", "addr", "add", &gw, "dev", &net.bridge]);
+        must(&["ip", "link", "set", &net.bridge, "up"]);
+        for i in 0..n {
+            let ns = format!("daf-{pid}-{i}");
+            let vh = format!("daf{}h{i}", pid % 10_000);
+            must(&["ip", "netns", "add", &ns]);
+            net.namespaces.push(ns.clone());
+            must(&[
+                "ip", "link", "add", &vh, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ]);
+            net.veths.push(vh.clone());
+            must(&["ip", "link", "set", &vh, "master", &net.bridge, "up"]);
+            let addr = format!("198.18.{}.{}/24", net.subnet, i + 2);
+            must(&["ip", "-n", &ns, "addr", "add", &addr, "dev", "eth0"]);
+            must(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+            must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        }
+        net
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for v in &self.veths {
+            let _ = run(&["ip", "link", "del", v]);
+        }
+        for ns in &self.namespaces {
+            let _ = run(&["ip", "netns", "del", ns]);
+        }
+        let _ = run(&["ip", "link", "del", &self.bridge]);
+    }
+}
+
+/// One host: its namespace, deploy root and agent process.
+#[derive(Debug)]
+pub struct Host {
+    pub id: String,
+    pub ns: String,
+    pub veth: String,
+    pub dir: PathBuf,
+    pub root: PathBuf,
+    pub child: Option<Child>,
+    /// A small tmpfs mounted as the deploy root (the disk-full host).
+    pub small_disk: bool,
+}
+
+impl Host {
+    /// The build `current` serves ("" when none).
+    pub fn served(&self) -> String {
+        std::fs::read_to_string(self.root.join("current/BUILD")).unwrap_or_default()
+    }
+
+    /// Cuts the host's link (the veth's bridge side goes down).
+    pub fn cut(&self) {
+        must(&["ip", "link", "set", &self.veth, "down"]);
+    }
+
+    pub fn restore(&self) {
+        must(&["ip", "link", "set", &self.veth, "up"]);
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if self.small_disk {
+            let _ = run(&["umount", "-l", &self.root.display().to_string()]);
+            self.small_disk = false;
+        }
+    }
+}
+
+/// Knobs of a fleet.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    pub hosts: usize,
+    pub splay_max: Duration,
+    /// Hosts whose deploy root is a tmpfs of this many MiB.
+    pub small_disks: Vec<(usize, u64)>,
+    pub profile: BuildProfile,
+}
+
+/// The whole fleet. Field order is drop order: agents stop first, then the
+/// servers, then the network goes away.
+#[allow(missing_debug_implementations)] // a test fixture, never printed
+pub struct Fleet {
+    pub hosts: Vec<Host>,
+    pub consul: ConsulServer,
+    pub artifacts: Option<ArtifactServer>,
+    pub artifact_addr: SocketAddr,
+    pub net: Net,
+    pub tmp: tempfile::TempDir,
+    pub bin: PathBuf,
+    /// Every artifact served, to re-add after an artifact-server restart.
+    files: Vec<(String, Vec<u8>)>,
+    profile: BuildProfile,
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for h in &mut self.hosts {
+            h.stop();
+        }
+    }
+}
+
+impl Fleet {
+    /// Creates the network, the servers and starts every agent.
+    pub async fn start(opts: FleetOptions) -> Fleet {
+        let bin = tokio::task::spawn_blocking(agent_binary).await.unwrap();
+        let net = Net::create(opts.hosts);
+        let gw = net.gateway();
+        let consul = ConsulServer::start(ConsulServerConfig {
+            addr: Some(SocketAddr::from((gw, 0))),
+            ..ConsulServerConfig::default()
+        })
+        .await
+        .unwrap();
+        let artifacts = ArtifactServer::start_at(SocketAddr::from((gw, 0)))
+            .await
+            .unwrap();
+        let artifact_addr: SocketAddr = artifacts
+            .url("/")
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .unwrap();
+        let tmp = crate::fast_tempdir();
+        let mut hosts = Vec::new();
+        for i in 0..opts.hosts {
+            let id = format!("host-{i:03}");
+            let dir = tmp.path().join(&id);
+            let root = dir.join("root");
+            std::fs::create_dir_all(&root).unwrap();
+            let small = opts.small_disks.iter().find(|(h, _)| *h == i);
+            if let Some((_, mib)) = small {
+                let size = format!("size={mib}m");
+                must(&[
+                    "mount",
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &size,
+                    "tmpfs",
+                    &root.display().to_string(),
+                ]);
+            }
+            let config = format!(
+                r#"deploy-root = "{root}"
+[consul]
+address = "{consul}"
+wait = "60s"
+rate-interval = "200ms"
+[download]
+connect-timeout = "1s"
+read-timeout = "3s"
+retries = 2
+[drain]
+cold-deadline = "2s"
+[status]
+socket = "{dir}/agent.sock"
+[fleet]
+app = "{APP}"
+tier = "{TIER}"
+host-id = "{id}"
+splay-max = "{splay}ms"
+"#,
+                root = root.display(),
+                consul = consul.url(),
+                dir = dir.display(),
+                splay = opts.splay_max.as_millis(),
+            );
+            std::fs::write(dir.join("config.toml"), config).unwrap();
+            hosts.push(Host {
+                id,
+                ns: net.namespaces[i].clone(),
+                veth: net.veths[i].clone(),
+                dir,
+                root,
+                child: None,
+                small_disk: small.is_some(),
+            });
+        }
+        let mut fleet = Fleet {
+            hosts,
+            consul,
+            artifacts: Some(artifacts),
+            artifact_addr,
+            net,
+            tmp,
+            bin,
+            files: Vec::new(),
+            profile: opts.profile,
+        };
+        for i in 0..fleet.hosts.len() {
+            fleet.spawn(i);
+        }
+        fleet
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let h = &mut self.hosts[i];
+        let log = std::fs::File::create(h.dir.join("agent.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &h.ns])
+            .arg(&self.bin)
+            .args(["--log-format", "text", "run", "--config"])
+            .arg(h.dir.join("config.toml"))
+            .env_remove("CONSUL_HTTP_ADDR")
+            .env_remove("CONSUL_HTTP_TOKEN")
+            .env_remove("NOTIFY_SOCKET")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        h.child = Some(child);
+    }
+
+    /// Generates build `id`, serves it, returns (local artifact path, url, artifact).
+    pub fn build(&mut self, id: &str) -> (PathBuf, String, Artifact) {
+        let path = self.tmp.path().join(format!("{id}.tar.gz"));
+        let a = buildgen::write_build(self.profile, 11, id, Format::TarGz, &path).unwrap();
+        let url_path = format!("/b/{id}.tar.gz");
+        let bytes = std::fs::read(&path).unwrap();
+        self.artifacts().add(&url_path, bytes.clone());
+        self.files.push((url_path.clone(), bytes));
+        (path, self.artifacts().url(&url_path), a)
+    }
+
+    pub fn artifacts(&self) -> &ArtifactServer {
+        self.artifacts.as_ref().expect("artifact server is up")
+    }
+
+    /// Takes the artifact server down (connections refused).
+    pub fn artifacts_down(&mut self) {
+        self.artifacts = None;
+    }
+
+    /// Brings it back on the same address with the same files.
+    pub async fn artifacts_up(&mut self) {
+        let mut tries = 0;
+        let s = loop {
+            match ArtifactServer::start_at(self.artifact_addr).await {
+                Ok(s) => break s,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("rebind {}: {e}", self.artifact_addr),
+            }
+        };
+        for (p, b) in &self.files {
+            s.add(p, b.clone());
+        }
+        self.artifacts = Some(s);
+    }
+
+    /// Host `i`'s report in Consul.
+    pub fn report(&self, i: usize) -> Option<HostRecord> {
+        let key = format!("deploy/{APP}/hosts/{}", self.hosts[i].id);
+        let e = self.consul.get(&key)?;
+        serde_json::from_slice(&e.value).ok()
+    }
+
+    /// Runs `deploy-agent <args> --app web --tier production --consul ...`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let out = Command::new(&self.bin)
+            .args(args)
+            .args(["--app", APP, "--tier", TIER, "--consul", &self.consul.url()])
+            .env_remove("CONSUL_HTTP_ADDR")
+            .output()
+            .unwrap();
+        out
+    }
+
+    /// Like [`Fleet::cli`], asserting success; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "deploy-agent {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until `ok(host index)` holds for every host in `which`.
+    pub async fn wait_hosts(
+        &self,
+        which: &[usize],
+        what: &str,
+        limit: Duration,
+        ok: impl Fn(usize) -> bool,
+    ) {
+        let start = Instant::now();
+        loop {
+            for h in &self.hosts {
+                if let Some(c) = h.child.as_ref() {
+                    let dead = std::fs::read_to_string(format!("/proc/{}/stat", c.id()))
+                        .map_or(true, |s| s.contains(") Z "));
+                    if dead {
+                        let log =
+                            std::fs::read_to_string(h.dir.join("agent.log")).unwrap_or_default();
+                        panic!("{what}: the agent of {} exited:\n{log}", h.id);
+                    }
+                }
+            }
+            let missing: Vec<usize> = which.iter().copied().filter(|i| !ok(*i)).collect();
+            if missing.is_empty() {
+                eprintln!("[fleet] {what}: {:.1} s", start.elapsed().as_secs_f64());
+                return;
+            }
+            if start.elapsed() > limit {
+                let detail: Vec<String> = missing
+                    .iter()
+                    .take(5)
+                    .map(|i| {
+                        let log = std::fs::read_to_string(self.hosts[*i].dir.join("agent.log"))
+                            .unwrap_or_default();
+                        let tail: Vec<&str> = log.lines().rev().take(8).collect();
+                        format!(
+                            "{} serves {:?}, report {:?}\n  log tail: {}",
+                            self.hosts[*i].id,
+                            self.hosts[*i].served(),
+                            self.report(*i),
+                            tail.into_iter().rev().collect::<Vec<_>>().join("\n  ")
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "{what}: {} hosts not there after {limit:?}:\n{}",
+                    missing.len(),
+                    detail.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn all(&self) -> Vec<usize> {
+        (0..self.hosts.len()).collect()
+    }
+}
