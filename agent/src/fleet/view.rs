@@ -125,7 +125,7 @@ pub fn summarise(
         // a host is stale when it has not acknowledged the current key
         // for longer than the threshold.
         let since = published_at.unwrap_or(r.updated_at).max(r.updated_at);
-        if !acked && now.saturating_sub(since) > stale_after.as_secs() {
+        if !acked && now.saturating_sub(since) >= stale_after.as_secs() {
             s.stale.push(r.host.clone());
         }
     }
