@@ -81,6 +81,16 @@ pub struct ConsulConfig {
     /// LastContact above this triggers a consistent re-read.
     #[serde(deserialize_with = "duration")]
     pub max_stale: Duration,
+    /// The first request waits a random delay below this (default 5s), so
+    /// a fleet-wide restart does not reach Consul in one burst.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub first_request_splay: Option<Duration>,
+    /// Watch token bucket: requests that may go out back to back (default 2).
+    #[serde(default)]
+    pub rate_burst: Option<u32>,
+    /// Watch token bucket: one more request per interval (default 15s).
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub rate_interval: Option<Duration>,
 }
 
 impl Default for ConsulConfig {
@@ -97,6 +107,9 @@ impl Default for ConsulConfig {
             datacenter: None,
             wait: Duration::from_secs(300),
             max_stale: Duration::from_secs(10),
+            first_request_splay: None,
+            rate_burst: None,
+            rate_interval: None,
         }
     }
 }
@@ -347,6 +360,10 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
             "{s:?} is not a duration (use e.g. 250ms, 5s, 2m, 1h)"
         ))
     })
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 #[cfg(test)]

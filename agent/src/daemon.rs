@@ -185,6 +185,15 @@ pub fn consul_settings(cfg: &Config) -> Result<ConsulSettings> {
         let t = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
         s.token = Some(t.trim().to_string());
     }
+    if let Some(d) = c.first_request_splay {
+        s.first_request_splay = d;
+    }
+    if let Some(b) = c.rate_burst {
+        s.rate.burst = b;
+    }
+    if let Some(i) = c.rate_interval {
+        s.rate.refill_interval = i;
+    }
     s.from_env()
 }
 

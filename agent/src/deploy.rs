@@ -379,6 +379,16 @@ impl Deployer {
                     tracing::error!(build = %m.spec.build, error = %e, "deploy failed; the previous build keeps serving");
                 }
                 run.finish(outcome, Some(&e));
+                // Each attempt's claim moved the cold slot's old contents
+                // (often the previous attempt's partial unpack) to the
+                // trash: empty it now, or retries of a failing deploy
+                // grow the disk by one slot each.
+                let root_path = self.root_path.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = swapper::purge_trash(&root_path) {
+                        warn!(error = %e, "cannot empty the trash");
+                    }
+                });
                 (outcome, Some(e))
             }
         }
