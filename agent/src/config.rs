@@ -64,7 +64,7 @@ pub struct SourceConfig {
 /// How to reach Consul. Environment variables (`CONSUL_HTTP_ADDR`, ...)
 /// override these, as every Consul tool does.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct ConsulConfig {
     pub address: String,
     pub token: Option<String>,
@@ -397,6 +397,17 @@ mod tests {
         assert!(e.to_string().contains("source.key"), "{e}");
         let e = parse("deploy-root = \"rel\"\n[source]\nkey=\"k\"").unwrap_err();
         assert!(e.to_string().contains("deploy-root"), "{e}");
+    }
+
+    #[test]
+    fn a_partial_consul_table_gets_defaults() {
+        let c = parse(
+            "deploy-root = \"/x\"\n[source]\nkey=\"k\"\n[consul]\naddress = \"http://10.0.0.1:8500\"\n",
+        )
+        .unwrap();
+        assert!(c.consul.ssl_verify);
+        assert_eq!(c.consul.wait, Duration::from_secs(300));
+        assert_eq!(c.consul.first_request_splay, None);
     }
 
     #[test]
