@@ -472,3 +472,34 @@ impl Harness {
         msg
     }
 }
+
+impl Harness {
+    /// Starts the agent with these Consul settings instead of
+    /// [`fast_consul`] (to assert the watch's rate limit).
+    pub async fn start_agent_consul(&mut self, consul: ConsulSettings) {
+        self.shutdown = CancellationToken::new();
+        let agent = Agent::start(
+            self.config.clone(),
+            RunOptions {
+                consul: Some(consul),
+                retry_initial: Duration::from_millis(300),
+                status_socket: true,
+                notify: false,
+            },
+            self.shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        self.agent = Some(agent);
+    }
+
+    /// The watch's last error (what the status socket shows under `watch`).
+    pub fn watch_error(&self) -> Option<String> {
+        self.agent
+            .as_ref()
+            .unwrap()
+            .watch_stats
+            .snapshot()
+            .last_error
+    }
+}
