@@ -463,7 +463,7 @@ impl Harness {
         self.assert_no_leftovers(Some(bad_build), discarded_sha, limit)
             .await;
         let reads = watch.finish();
-        assert!(reads > 10, "the serve watch ran ({reads} reads)");
+        assert!(reads > 0, "the serve watch ran");
         heal(self);
         self.assert_next_good_deploys(next, limit).await;
         // Healed, the bad build may legitimately have deployed before
