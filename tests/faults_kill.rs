@@ -18,24 +18,11 @@ use deploy_agent::buildgen::{self, Artifact, BuildProfile};
 use deploy_agent::manifest::Format;
 use deploy_agent::testserver::artifact::{ArtifactServer, Fault, FaultRule};
 use deploy_agent::testserver::consul::{ConsulServer, ConsulServerConfig};
+use deploy_agent_tests::agent::agent_binary;
 use rand::{Rng, SeedableRng};
 
 const KEY: &str = "deploy/app/kill";
 const DEPLOYS: usize = 110;
-
-/// Builds the real binary once and returns its path.
-pub fn agent_binary() -> PathBuf {
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "deploy-agent", "--bin", "deploy-agent"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap();
-    assert!(status.success(), "cargo build of deploy-agent failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
-    target.join("debug/deploy-agent")
-}
 
 fn write_config(dir: &Path, root: &Path, consul: &str) -> PathBuf {
     let path = dir.join("agent.toml");

@@ -503,3 +503,18 @@ impl Harness {
             .last_error
     }
 }
+
+/// Builds the real `deploy-agent` binary (debug) and returns its path.
+pub fn agent_binary() -> PathBuf {
+    let manifest_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", "deploy-agent", "--bin", "deploy-agent"])
+        .current_dir(manifest_dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cargo build of deploy-agent failed");
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest_dir.join("target"))
+        .join("debug/deploy-agent")
+}
