@@ -22,7 +22,7 @@ use deploy_agent_tests::agent::agent_binary;
 use rand::{Rng, SeedableRng};
 
 const KEY: &str = "deploy/app/kill";
-const DEPLOYS: usize = 110;
+const DEPLOYS: usize = 100;
 
 fn write_config(dir: &Path, root: &Path, consul: &str) -> PathBuf {
     let path = dir.join("agent.toml");
@@ -194,7 +194,7 @@ async fn sigkill_at_random_points_across_100_deploys() {
             // Slow enough that a kill lands mid-download.
             artifacts.set_fault(
                 FaultRule::always(Fault::Trickle {
-                    bytes_per_sec: artifact.size * 2,
+                    bytes_per_sec: artifact.size * 3,
                 })
                 .on_path(url_path.clone()),
             );
@@ -206,9 +206,9 @@ async fn sigkill_at_random_points_across_100_deploys() {
         let kill = rng.gen_bool(0.7);
         if kill {
             let delay = if trickled {
-                rng.gen_range(50..600)
+                rng.gen_range(30..300)
             } else {
-                rng.gen_range(0..250)
+                rng.gen_range(0..200)
             };
             tokio::time::sleep(Duration::from_millis(delay)).await;
             child.kill().unwrap(); // SIGKILL

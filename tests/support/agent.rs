@@ -460,6 +460,22 @@ impl Harness {
         let watch = ServeWatch::start(&self.root, &good);
         self.publish(bad_manifest);
         let msg = self.assert_error_visible(needle, limit).await;
+        // Let the agent retry a failing deploy a few times first: each
+        // attempt must clean up after the previous one, not pile up.
+        let start = Instant::now();
+        loop {
+            let failed = self
+                .status()
+                .history
+                .iter()
+                .filter(|r| r.build == bad_build && r.outcome == Some(Outcome::Failed))
+                .count();
+            let refused_early = failed == 0 && start.elapsed() > Duration::from_secs(1);
+            if failed >= 3 || refused_early || start.elapsed() > limit {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         self.assert_no_leftovers(Some(bad_build), discarded_sha, limit)
             .await;
         let reads = watch.finish();
