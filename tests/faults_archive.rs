@@ -116,7 +116,13 @@ fn none() -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dot_dot_escape() {
     hostile("h-dotdot", |b| file(b, "../escape", b"x"), none(), "escape").await;
-    hostile("h-dotdot-mid", |b| file(b, "a/../../escape", b"x"), none(), "escape").await;
+    hostile(
+        "h-dotdot-mid",
+        |b| file(b, "a/../../escape", b"x"),
+        none(),
+        "escape",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,7 +141,14 @@ async fn through_a_symlink() {
     hostile(
         "h-symlink-out",
         |b| {
-            raw_entry(b, "link", tar::EntryType::Symlink, "../../outside", 0o777, b"");
+            raw_entry(
+                b,
+                "link",
+                tar::EntryType::Symlink,
+                "../../outside",
+                0o777,
+                b"",
+            );
             file(b, "link/escape", b"x");
         },
         none(),
@@ -219,7 +232,14 @@ async fn setuid_bits_are_stripped_not_deployed() {
         &h,
         "h-suid",
         archive("h-suid", |b| {
-            raw_entry(b, "suid", tar::EntryType::Regular, "", 0o4755, b"#!/bin/sh\n");
+            raw_entry(
+                b,
+                "suid",
+                tar::EntryType::Regular,
+                "",
+                0o4755,
+                b"#!/bin/sh\n",
+            );
             raw_entry(b, "sgid", tar::EntryType::Regular, "", 0o2777, b"x");
         }),
         none(),

@@ -33,7 +33,14 @@ async fn artifact_case(id: &str, fault: Fault, needle: &str, digest_fails: bool)
         .set_fault(FaultRule::always(fault).on_path(Harness::url_path(id)));
     let discarded = digest_fails.then_some(a.sha256.as_str());
     let msg = h
-        .fault_case(&m, id, discarded, needle, |h| h.artifacts.clear_faults(), "next")
+        .fault_case(
+            &m,
+            id,
+            discarded,
+            needle,
+            |h| h.artifacts.clear_faults(),
+            "next",
+        )
         .await;
     assert!(msg.contains(id), "the error names the build: {msg}");
     h.stop_agent().await;
@@ -41,7 +48,13 @@ async fn artifact_case(id: &str, fault: Fault, needle: &str, digest_fails: bool)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_body() {
-    artifact_case("bad-trunc", Fault::Truncate { after: 1000 }, "bad-trunc", false).await;
+    artifact_case(
+        "bad-trunc",
+        Fault::Truncate { after: 1000 },
+        "bad-trunc",
+        false,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,7 +64,13 @@ async fn flipped_bytes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_length() {
-    artifact_case("bad-len", Fault::WrongLength { extra: 100 }, "bad-len", false).await;
+    artifact_case(
+        "bad-len",
+        Fault::WrongLength { extra: 100 },
+        "bad-len",
+        false,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,9 +98,8 @@ async fn unavailable_then_recovering() {
     let (m, _) = h.build("flaky");
     // More 503s than one attempt's retries: the first deploy fails, a
     // later retry (with backoff) succeeds without anyone healing anything.
-    h.artifacts.set_fault(
-        FaultRule::times(Fault::Unavailable, 12).on_path(Harness::url_path("flaky")),
-    );
+    h.artifacts
+        .set_fault(FaultRule::times(Fault::Unavailable, 12).on_path(Harness::url_path("flaky")));
     let watch = ServeWatch::start(&h.root, "good");
     h.publish(&m);
     h.assert_error_visible("503", T).await;
@@ -112,9 +130,8 @@ async fn server_ignoring_range() {
     watch.finish();
     // Ignoring Range AND cutting the body: the restart from zero is bounded.
     let (m, a) = h.build("norange-cut");
-    h.artifacts.set_fault(
-        FaultRule::always(Fault::IgnoreRange).on_path(Harness::url_path("norange-cut")),
-    );
+    h.artifacts
+        .set_fault(FaultRule::always(Fault::IgnoreRange).on_path(Harness::url_path("norange-cut")));
     h.artifacts.set_fault(
         FaultRule::always(Fault::Truncate { after: 1500 })
             .on_path(Harness::url_path("norange-cut")),

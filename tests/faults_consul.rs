@@ -13,7 +13,9 @@ use tokio::time::Instant;
 
 use deploy_agent::testserver::consul::Fault;
 use deploy_agent::watch::consul::{Backoff, ConsulSettings, RateLimit};
-use deploy_agent_tests::agent::{capture_logs, captured_logs, fast_consul, Harness, ServeWatch, KEY};
+use deploy_agent_tests::agent::{
+    capture_logs, captured_logs, fast_consul, Harness, ServeWatch, KEY,
+};
 
 const T: Duration = Duration::from_secs(60);
 const BURST: u32 = 2;
@@ -124,7 +126,12 @@ async fn connection_resets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stall_longer_than_the_timeout() {
-    consul_case(Fault::Stall(Duration::from_secs(6)), Duration::from_secs(8), "").await;
+    consul_case(
+        Fault::Stall(Duration::from_secs(6)),
+        Duration::from_secs(8),
+        "",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,7 +24,13 @@ impl Tmpfs {
     fn mount(dir: &Path, size_mb: u64) -> Tmpfs {
         std::fs::create_dir_all(dir).unwrap();
         let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size_mb}M,mode=0755"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size_mb}M,mode=0755"),
+                "tmpfs",
+            ])
             .arg(dir)
             .status()
             .unwrap();
@@ -66,8 +72,16 @@ async fn wait_downloading(h: &Harness, build: &str) {
     let start = Instant::now();
     loop {
         let d = h.status().deploy;
-        if d.as_ref().is_some_and(|d| d.build == build && d.phase == Phase::Downloading)
-            && h.agent.as_ref().unwrap().deployer.progress.snapshot().bytes_downloaded > 0
+        if d.as_ref()
+            .is_some_and(|d| d.build == build && d.phase == Phase::Downloading)
+            && h.agent
+                .as_ref()
+                .unwrap()
+                .deployer
+                .progress
+                .snapshot()
+                .bytes_downloaded
+                > 0
         {
             return;
         }
@@ -106,7 +120,10 @@ async fn disk_full_on_the_cache_before_and_during_download() {
             "next1",
         )
         .await;
-    assert!(msg.contains(&cache.display().to_string()), "names the filesystem: {msg}");
+    assert!(
+        msg.contains(&cache.display().to_string()),
+        "names the filesystem: {msg}"
+    );
     assert!(!filler.exists());
 
     // Full while downloading: preallocation reserved the artifact's space,

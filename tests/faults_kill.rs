@@ -89,7 +89,10 @@ fn slot_matches_archive(slot: &Path, archive: &Path) -> Result<(), String> {
         let got = std::fs::read(slot.join(&rel))
             .map_err(|err| format!("{}: {err}", slot.join(&rel).display()))?;
         if got != want {
-            return Err(format!("{}: content differs from the archive", rel.display()));
+            return Err(format!(
+                "{}: content differs from the archive",
+                rel.display()
+            ));
         }
         files += 1;
     }
@@ -123,7 +126,9 @@ fn check_after_kill(root: &Path, builds: &HashMap<String, Published>) -> Option<
                 .marker(slot)
                 .unwrap_or_else(|| panic!("{slot} serves {b} without a marker: {report:?}"));
             assert_eq!(m.build.build_id, b, "marker and BUILD disagree");
-            let p = builds.get(&b).unwrap_or_else(|| panic!("unknown build {b}"));
+            let p = builds
+                .get(&b)
+                .unwrap_or_else(|| panic!("unknown build {b}"));
             assert_eq!(
                 m.build.sha256.as_deref(),
                 Some(p.artifact.sha256.as_str()),
@@ -141,7 +146,11 @@ fn check_after_kill(root: &Path, builds: &HashMap<String, Published>) -> Option<
 
 async fn wait_served(root: &Path, build: &str, limit: Duration, log: &Path) {
     let start = Instant::now();
-    while std::fs::read_to_string(root.join("current/BUILD")).ok().as_deref() != Some(build) {
+    while std::fs::read_to_string(root.join("current/BUILD"))
+        .ok()
+        .as_deref()
+        != Some(build)
+    {
         if start.elapsed() > limit {
             let log = std::fs::read_to_string(log).unwrap_or_default();
             let tail: String = log
@@ -215,9 +224,7 @@ async fn sigkill_at_random_points_across_100_deploys() {
             child.wait().unwrap();
             kills += 1;
             let sha = &builds[&id].artifact.sha256;
-            let partial = root
-                .join(".deploy/cache")
-                .join(format!("{sha}.partial"));
+            let partial = root.join(".deploy/cache").join(format!("{sha}.partial"));
             let had_partial = partial.exists();
             let served = tokio::task::block_in_place(|| check_after_kill(&root, &builds));
             if i > 0 {
@@ -246,8 +253,14 @@ async fn sigkill_at_random_points_across_100_deploys() {
         started.elapsed()
     );
     assert!(kills >= 50, "{kills} kills");
-    assert!(mid_download >= 5, "only {mid_download} kills landed mid-download");
-    assert!(reused >= 1, "no restart reused downloaded bytes ({mid_download} mid-download kills)");
+    assert!(
+        mid_download >= 5,
+        "only {mid_download} kills landed mid-download"
+    );
+    assert!(
+        reused >= 1,
+        "no restart reused downloaded bytes ({mid_download} mid-download kills)"
+    );
     // Nothing grows the disk across all of this: at most cache-keep
     // artifacts plus the last partial, and nothing in the trash beyond
     // what the last kill may have left before its deploy's cleanup.

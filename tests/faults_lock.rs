@@ -31,7 +31,9 @@ async fn second_agent_on_the_same_root_refuses() {
         tokio_util::sync::CancellationToken::new(),
     )
     .await;
-    let err = second.err().expect("a second agent must not start").to_string();
+    let err = second
+        .expect_err("a second agent must not start")
+        .to_string();
     let pid = std::process::id();
     assert!(err.contains(&format!("locked by pid {pid}")), "{err}");
 

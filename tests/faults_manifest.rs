@@ -39,7 +39,10 @@ async fn refused(make: impl FnOnce(&Harness) -> String, needle: &str) -> String 
         "a refused manifest starts no deploy: {:#?}",
         s.history
     );
-    assert!(h.artifacts.stats().requests > requests, "next was downloaded");
+    assert!(
+        h.artifacts.stats().requests > requests,
+        "next was downloaded"
+    );
     h.stop_agent().await;
     msg
 }

@@ -97,11 +97,17 @@ async fn socket_abuse_while_deploying() {
         garbage.push((0..2000).map(|i| (i * 7 % 251) as u8).collect());
         for g in &garbage {
             let a = request(&s, g);
-            assert!(a.is_ok(), "garbage {:?} got no answer: {a:?}", &g[..g.len().min(20)]);
+            assert!(
+                a.is_ok(),
+                "garbage {:?} got no answer: {a:?}",
+                &g[..g.len().min(20)]
+            );
             answers.push(a);
         }
         // 100 connections at once, held open.
-        let held: Vec<UnixStream> = (0..100).filter_map(|_| UnixStream::connect(&s).ok()).collect();
+        let held: Vec<UnixStream> = (0..100)
+            .filter_map(|_| UnixStream::connect(&s).ok())
+            .collect();
         assert!(held.len() >= 90, "{} connections", held.len());
         // While all that is held, a legitimate client still gets an
         // answer (200, or 503 "busy" when the client cap is reached).
@@ -115,7 +121,16 @@ async fn socket_abuse_while_deploying() {
         let sock = sock.clone();
         move || {
             let out = std::process::Command::new("curl")
-                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "--unix-socket"])
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "-X",
+                    "POST",
+                    "--unix-socket",
+                ])
                 .arg(&sock)
                 .arg("http://agent/v1/rollback")
                 .uid(65534)
@@ -143,7 +158,9 @@ async fn socket_abuse_while_deploying() {
     assert!(st.hold.is_none(), "{:?}", st.hold);
     // And the agent still answers normally.
     let s = sock.clone();
-    let after = tokio::task::spawn_blocking(move || get_status(&s)).await.unwrap();
+    let after = tokio::task::spawn_blocking(move || get_status(&s))
+        .await
+        .unwrap();
     assert!(after.as_ref().unwrap().contains(" 200 "), "{after:?}");
     h.assert_next_good_deploys("three", T).await;
     h.stop_agent().await;

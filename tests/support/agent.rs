@@ -333,9 +333,7 @@ impl ServeWatch {
 impl Harness {
     /// The agent's current deploy is not in flight.
     pub fn deploy_idle(&self) -> bool {
-        self.status()
-            .deploy
-            .is_none_or(|d| !d.phase.is_active())
+        self.status().deploy.is_none_or(|d| !d.phase.is_active())
     }
 
     /// (b) Waits (up to `limit`) until the deploy root holds nothing that
