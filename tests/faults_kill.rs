@@ -203,7 +203,7 @@ async fn sigkill_at_random_points_across_100_deploys() {
             // Slow enough that a kill lands mid-download.
             artifacts.set_fault(
                 FaultRule::always(Fault::Trickle {
-                    bytes_per_sec: artifact.size * 3,
+                    bytes_per_sec: artifact.size * 2,
                 })
                 .on_path(url_path.clone()),
             );
@@ -215,7 +215,7 @@ async fn sigkill_at_random_points_across_100_deploys() {
         let kill = rng.gen_bool(0.7);
         if kill {
             let delay = if trickled {
-                rng.gen_range(30..300)
+                rng.gen_range(50..450)
             } else {
                 rng.gen_range(0..200)
             };
