@@ -193,8 +193,7 @@ async fn sigkill_at_random_points_across_100_deploys() {
         let id = format!("k{i}");
         let archive = tmp.path().join(format!("{id}.tar"));
         let artifact = tokio::task::block_in_place(|| {
-            buildgen::write_build(BuildProfile::TINY, i as u64, &id, Format::Tar, &archive)
-                .unwrap()
+            buildgen::write_build(BuildProfile::TINY, i as u64, &id, Format::Tar, &archive).unwrap()
         });
         let url_path = format!("/b/{id}.tar");
         artifacts.add(&url_path, std::fs::read(&archive).unwrap());
