@@ -149,12 +149,16 @@ pub struct ConsulConfig {
     /// LastContact above this triggers a consistent re-read.
     #[serde(deserialize_with = "duration")]
     pub max_stale: Duration,
-    /// Watch pacing (rule 9): requests allowed back to back, then one more
-    /// per `rate-interval`. The defaults (2, 15s) suit production; a test
-    /// fleet that changes its key every few seconds lowers the interval.
-    pub rate_burst: u32,
-    #[serde(deserialize_with = "duration")]
-    pub rate_interval: Duration,
+    /// The first request waits a random delay below this (default 5s), so
+    /// a fleet-wide restart does not reach Consul in one burst.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub first_request_splay: Option<Duration>,
+    /// Watch token bucket: requests that may go out back to back (default 2).
+    #[serde(default)]
+    pub rate_burst: Option<u32>,
+    /// Watch token bucket: one more request per interval (default 15s).
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub rate_interval: Option<Duration>,
 }
 
 impl Default for ConsulConfig {
@@ -171,8 +175,9 @@ impl Default for ConsulConfig {
             datacenter: None,
             wait: Duration::from_secs(300),
             max_stale: Duration::from_secs(10),
-            rate_burst: 2,
-            rate_interval: Duration::from_secs(15),
+            first_request_splay: None,
+            rate_burst: None,
+            rate_interval: None,
         }
     }
 }
@@ -544,6 +549,17 @@ mod tests {
         assert!(e.to_string().contains("app"), "{e}");
         let e = parse("deploy-root = \"/s\"\n[fleet]\napp = \"web\"\n").unwrap_err();
         assert!(e.to_string().contains("tier"), "{e}");
+    }
+
+    #[test]
+    fn a_partial_consul_table_gets_defaults() {
+        let c = parse(
+            "deploy-root = \"/x\"\n[source]\nkey=\"k\"\n[consul]\naddress = \"http://10.0.0.1:8500\"\n",
+        )
+        .unwrap();
+        assert!(c.consul.ssl_verify);
+        assert_eq!(c.consul.wait, Duration::from_secs(300));
+        assert_eq!(c.consul.first_request_splay, None);
     }
 
     #[test]

@@ -189,15 +189,20 @@ pub fn consul_settings(cfg: &Config) -> Result<ConsulSettings> {
         datacenter: c.datacenter.clone(),
         wait: c.wait,
         max_stale: c.max_stale,
-        rate: crate::watch::consul::RateLimit {
-            burst: c.rate_burst.max(1),
-            refill_interval: c.rate_interval,
-        },
         ..ConsulSettings::default()
     };
     if let Some(f) = &c.token_file {
         let t = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
         s.token = Some(t.trim().to_string());
+    }
+    if let Some(d) = c.first_request_splay {
+        s.first_request_splay = d;
+    }
+    if let Some(b) = c.rate_burst {
+        s.rate.burst = b.max(1);
+    }
+    if let Some(i) = c.rate_interval {
+        s.rate.refill_interval = i;
     }
     s.from_env()
 }

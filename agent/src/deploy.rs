@@ -392,29 +392,10 @@ impl Deployer {
                 run.finish(outcome, None);
                 // Off the critical path: delete what claims moved aside and
                 // keep only the newest artifacts.
-                let root_path = self.root_path.clone();
-                let cache = self.cache.clone();
-                let sha = m.spec.sha256.clone();
-                tokio::task::spawn_blocking(move || {
-                    if let Err(e) = swapper::purge_trash(&root_path) {
-                        warn!(error = %e, "cannot empty the trash");
-                    }
-                    if let Err(e) = cache.prune(Some(&sha)) {
-                        warn!(error = %e, "cannot prune the artifact cache");
-                    }
-                });
+                self.purge_off_critical_path(Some(m.spec.sha256.clone()));
                 (outcome, None)
             }
             Err(e) => {
-                // A failed deploy's half-written slot went to the trash at
-                // the next claim; empty it now too, so failures never grow
-                // the disk.
-                let root_path = self.root_path.clone();
-                tokio::task::spawn_blocking(move || {
-                    if let Err(e) = swapper::purge_trash(&root_path) {
-                        warn!(error = %e, "cannot empty the trash");
-                    }
-                });
                 let unhealthy = matches!(
                     e,
                     Error::HealthCheckFailed { .. } | Error::HealthRollbackImpossible { .. }
@@ -444,9 +425,32 @@ impl Deployer {
                     tracing::error!(build = %m.spec.build, error = %e, "deploy failed; the previous build keeps serving");
                 }
                 run.finish(outcome, Some(&e));
+                // Each attempt's claim moved the cold slot's old contents
+                // (often the previous attempt's partial unpack) to the
+                // trash: empty it now, or retries of a failing deploy
+                // grow the disk by one slot each.
+                self.purge_off_critical_path(None);
                 (outcome, Some(e))
             }
         }
+    }
+
+    /// Empties the trash and, after a success, prunes the artifact cache
+    /// down to the newest builds (keeping `live_sha`), on a blocking thread
+    /// so no deploy waits for it.
+    fn purge_off_critical_path(&self, live_sha: Option<String>) {
+        let root_path = self.root_path.clone();
+        let cache = self.cache.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = swapper::purge_trash(&root_path) {
+                warn!(error = %e, "cannot empty the trash");
+            }
+            if let Some(sha) = live_sha {
+                if let Err(e) = cache.prune(Some(&sha)) {
+                    warn!(error = %e, "cannot prune the artifact cache");
+                }
+            }
+        });
     }
 
     async fn drive(

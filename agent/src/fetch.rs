@@ -452,6 +452,9 @@ fn persist_sidecar(path: &Path, chunks: &Chunks) {
     let result =
         std::fs::write(&tmp, chunks.to_sidecar()).and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = result {
+        // A full disk fails the write half way: do not leave the temp
+        // file behind (nothing else removes it for the current build).
+        let _ = std::fs::remove_file(&tmp);
         // Only resume granularity is lost; the download itself goes on.
         warn!(path = %path.display(), error = %e, "cannot persist download progress");
     }

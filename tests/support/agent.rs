@@ -205,3 +205,312 @@ impl Harness {
             .unwrap_or_default()
     }
 }
+
+// ---- fault matrix helpers (tests/faults_*.rs) ----
+
+/// Everything the agent logged in this test process (all tests of one
+/// binary share it; messages carry build ids, so tests look for their own).
+pub fn captured_logs() -> String {
+    String::from_utf8_lossy(&log_buffer().lock().unwrap()).into_owned()
+}
+
+/// Installs (once) a global tracing subscriber writing into a buffer, so a
+/// test can assert the error an operator would see in the journal.
+pub fn capture_logs() {
+    use std::sync::OnceLock;
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let buf = log_buffer().clone();
+        let sub = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || LogWriter(buf.clone()))
+            .finish();
+        let _ = tracing::subscriber::set_global_default(sub);
+    });
+}
+
+fn log_buffer() -> &'static std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    use std::sync::{Arc, Mutex, OnceLock};
+    static BUF: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    BUF.get_or_init(|| Arc::new(Mutex::new(Vec::new())))
+}
+
+struct LogWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let mut g = self.0.lock().unwrap();
+        // Bounded: a test that loops on errors must not eat the memory.
+        if g.len() < 64 << 20 {
+            g.extend_from_slice(b);
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// (a) Reads `<root>/current/BUILD` in a tight loop on its own thread and
+/// records every read that is not `expect` (ENOENT included).
+#[allow(missing_debug_implementations)] // a test fixture, never printed
+pub struct ServeWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<(u64, Vec<String>)>,
+    expect: String,
+}
+
+impl ServeWatch {
+    pub fn start(root: &std::path::Path, expect: &str) -> ServeWatch {
+        ServeWatch::start_any(root, &[expect])
+    }
+
+    /// Like [`ServeWatch::start`], accepting any of `builds` (a flip in
+    /// the window): still never ENOENT nor a half-written build.
+    pub fn start_any(root: &std::path::Path, builds: &[&str]) -> ServeWatch {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let path = root.join("current/BUILD");
+        let want: Vec<String> = builds.iter().map(|b| b.to_string()).collect();
+        let expect = want.join("|");
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let (mut reads, mut bad) = (0u64, Vec::new());
+            while !s.load(Ordering::Relaxed) {
+                match std::fs::read_to_string(&path) {
+                    Ok(b) if want.contains(&b) => {}
+                    Ok(b) => bad.push(format!("read {b:?}")),
+                    Err(e) => bad.push(format!("{e}")),
+                }
+                reads += 1;
+                if bad.len() > 20 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            (reads, bad)
+        });
+        ServeWatch {
+            stop,
+            handle,
+            expect,
+        }
+    }
+
+    /// Stops the reader; panics if any read did not see the expected build.
+    pub fn finish(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (reads, bad) = self.handle.join().unwrap();
+        assert!(
+            bad.is_empty(),
+            "current/BUILD did not always serve {:?}: {bad:?}",
+            self.expect
+        );
+        assert!(reads > 0);
+        reads
+    }
+}
+
+impl Harness {
+    /// The agent's current deploy is not in flight.
+    pub fn deploy_idle(&self) -> bool {
+        self.status().deploy.is_none_or(|d| !d.phase.is_active())
+    }
+
+    /// (b) Waits (up to `limit`) until the deploy root holds nothing that
+    /// grows the disk: an empty trash, at most `cache_keep` complete
+    /// artifacts, no partial of `discarded_sha` (a build whose digest
+    /// failed), no temp files, and no ready-marker naming `bad_build`.
+    pub async fn assert_no_leftovers(
+        &self,
+        bad_build: Option<&str>,
+        discarded_sha: Option<&str>,
+        limit: Duration,
+    ) {
+        let start = Instant::now();
+        loop {
+            let problems = self.leftovers(bad_build, discarded_sha);
+            if problems.is_empty() {
+                return;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "leftovers after {limit:?}: {problems:?}; cache {:?}",
+                self.cache_entries()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// What [`Harness::assert_no_leftovers`] complains about, now.
+    pub fn leftovers(&self, bad_build: Option<&str>, discarded_sha: Option<&str>) -> Vec<String> {
+        let mut problems = Vec::new();
+        let cache = self.config.cache_dir();
+        let entries = self.cache_entries_in(&cache);
+        let complete = entries
+            .iter()
+            .filter(|e| e.len() == 64 && !e.contains('.'))
+            .count();
+        if complete > self.config.download.cache_keep {
+            problems.push(format!(
+                "{complete} complete artifacts > cache-keep {}",
+                self.config.download.cache_keep
+            ));
+        }
+        for e in &entries {
+            let (stem, ext) = e.split_once('.').unwrap_or((e, ""));
+            if discarded_sha.is_some_and(|s| s.eq_ignore_ascii_case(stem)) && !ext.is_empty() {
+                problems.push(format!("partial of a failed digest kept: {e}"));
+            }
+            if !matches!(ext, "" | "partial" | "progress") {
+                problems.push(format!("stray cache file: {e}"));
+            }
+        }
+        let partials = entries.iter().filter(|e| e.ends_with(".partial")).count();
+        if partials > 1 {
+            problems.push(format!("{partials} partial downloads"));
+        }
+        let trash = self.root.join(".deploy/trash");
+        let in_trash = std::fs::read_dir(&trash).map(|d| d.count()).unwrap_or(0);
+        if in_trash > 0 {
+            problems.push(format!("{in_trash} entries in the trash"));
+        }
+        if let Some(bad) = bad_build {
+            for m in ["slot-a.ready", "slot-b.ready"] {
+                let text =
+                    std::fs::read_to_string(self.root.join(".deploy").join(m)).unwrap_or_default();
+                if text.contains(&format!("\"{bad}\"")) {
+                    problems.push(format!("{m} names the bad build {bad}: {text}"));
+                }
+            }
+        }
+        problems
+    }
+
+    fn cache_entries_in(&self, dir: &std::path::Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// (c) The error is in status (what the socket shows) and in the log.
+    pub async fn assert_error_visible(&self, needle: &str, limit: Duration) -> String {
+        let msg = self.wait_error(needle, limit).await;
+        let start = Instant::now();
+        // The whole message: it names this test's build or server port, so
+        // another test's log line cannot satisfy it.
+        while !captured_logs().contains(&msg) {
+            assert!(
+                start.elapsed() < limit,
+                "status shows {msg:?} but the log never says so"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        msg
+    }
+
+    /// (d) A fresh good build deploys after the fault.
+    pub async fn assert_next_good_deploys(&self, id: &str, limit: Duration) {
+        let (m, _) = self.build(id);
+        self.publish(&m);
+        self.wait_live(id, limit).await;
+    }
+
+    /// Runs one fault case end to end: with `good` live, publishes `bad`
+    /// (whose fault the caller set up), and checks (a) `good` serves
+    /// throughout, (b) no leftovers, (c) `needle` in status and log, then
+    /// calls `heal` and checks (d) `next` deploys, and (b) again.
+    pub async fn fault_case(
+        &self,
+        bad_manifest: &str,
+        bad_build: &str,
+        discarded_sha: Option<&str>,
+        needle: &str,
+        heal: impl FnOnce(&Harness),
+        next: &str,
+    ) -> String {
+        let limit = Duration::from_secs(60);
+        let good = self.served();
+        assert!(!good.is_empty(), "a build must be live before the fault");
+        let watch = ServeWatch::start(&self.root, &good);
+        self.publish(bad_manifest);
+        let msg = self.assert_error_visible(needle, limit).await;
+        // Let the agent retry a failing deploy a few times first: each
+        // attempt must clean up after the previous one, not pile up.
+        let start = Instant::now();
+        loop {
+            let failed = self
+                .status()
+                .history
+                .iter()
+                .filter(|r| r.build == bad_build && r.outcome == Some(Outcome::Failed))
+                .count();
+            let refused_early = failed == 0 && start.elapsed() > Duration::from_secs(1);
+            if failed >= 3 || refused_early || start.elapsed() > limit {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.assert_no_leftovers(Some(bad_build), discarded_sha, limit)
+            .await;
+        let reads = watch.finish();
+        assert!(reads > 0, "the serve watch ran");
+        heal(self);
+        self.assert_next_good_deploys(next, limit).await;
+        // Healed, the bad build may legitimately have deployed before
+        // `next` (it is then the rollback build in the cold slot).
+        self.assert_no_leftovers(None, discarded_sha, limit).await;
+        msg
+    }
+}
+
+impl Harness {
+    /// Starts the agent with these Consul settings instead of
+    /// [`fast_consul`] (to assert the watch's rate limit).
+    pub async fn start_agent_consul(&mut self, consul: ConsulSettings) {
+        self.shutdown = CancellationToken::new();
+        let agent = Agent::start(
+            self.config.clone(),
+            RunOptions {
+                consul: Some(consul),
+                retry_initial: Duration::from_millis(300),
+                status_socket: true,
+                notify: false,
+            },
+            self.shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        self.agent = Some(agent);
+    }
+
+    /// The watch's last error (what the status socket shows under `watch`).
+    pub fn watch_error(&self) -> Option<String> {
+        self.agent
+            .as_ref()
+            .unwrap()
+            .watch_stats
+            .snapshot()
+            .last_error
+    }
+}
+
+/// Builds the real `deploy-agent` binary (debug) and returns its path.
+pub fn agent_binary() -> PathBuf {
+    let manifest_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", "deploy-agent", "--bin", "deploy-agent"])
+        .current_dir(manifest_dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cargo build of deploy-agent failed");
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest_dir.join("target"))
+        .join("debug/deploy-agent")
+}

@@ -1,0 +1,196 @@
+//! Fault matrix, disk full: on a small tmpfs (needs root; skipped with a
+//! message otherwise) the disk fills once before/while downloading (the
+//! cache's filesystem) and once while unpacking (the slots' filesystem).
+//! The live build keeps serving, the error names the space problem in
+//! status and in the log, nothing is left that keeps the disk full, and
+//! once space is freed the agent deploys by itself.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use deploy_agent::deploy::Phase;
+use deploy_agent::testserver::artifact::{Fault, FaultRule};
+use deploy_agent_tests::agent::{capture_logs, Harness, ServeWatch};
+
+const T: Duration = Duration::from_secs(60);
+
+/// A tmpfs mounted for the test; lazily unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size_mb: u64) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size_mb}M,mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs on {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Writes a file into `dir` until the filesystem is full.
+fn fill(dir: &Path) -> PathBuf {
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0xa5u8; 64 * 1024];
+    loop {
+        match f.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("filler: {e}"),
+        }
+    }
+    let _ = f.sync_all();
+    path
+}
+
+async fn wait_downloading(h: &Harness, build: &str) {
+    let start = Instant::now();
+    loop {
+        let d = h.status().deploy;
+        if d.as_ref()
+            .is_some_and(|d| d.build == build && d.phase == Phase::Downloading)
+            && h.agent
+                .as_ref()
+                .unwrap()
+                .deployer
+                .progress
+                .snapshot()
+                .bytes_downloaded
+                > 0
+        {
+            return;
+        }
+        assert!(start.elapsed() < T, "never downloading: {d:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_on_the_cache_before_and_during_download() {
+    if !is_root() {
+        println!("SKIPPED: mounting a small tmpfs needs root");
+        return;
+    }
+    capture_logs();
+    let mut h = Harness::new(|_| {}).await;
+    let cache = h.tmp.path().join("cache");
+    h.config.cache_dir = Some(cache.clone());
+    let _mount = Tmpfs::mount(&cache, 16);
+    h.start_agent().await;
+    let (m, _) = h.build("good");
+    h.publish(&m);
+    h.wait_live("good", T).await;
+
+    // Full before the download: the free-space check refuses up front.
+    let filler = fill(&cache);
+    let (bad, _) = h.build("full1");
+    let c = cache.clone();
+    let msg = h
+        .fault_case(
+            &bad,
+            "full1",
+            None,
+            "free space",
+            move |_| std::fs::remove_file(c.join("filler")).unwrap(),
+            "next1",
+        )
+        .await;
+    assert!(
+        msg.contains(&cache.display().to_string()),
+        "names the filesystem: {msg}"
+    );
+    assert!(!filler.exists());
+
+    // Full while downloading: preallocation reserved the artifact's space,
+    // so the download either completes or fails visibly; either way the
+    // rules hold.
+    let (m2, a2) = h.build("full2");
+    h.artifacts.set_fault(
+        FaultRule::always(Fault::Trickle {
+            bytes_per_sec: a2.size / 2,
+        })
+        .on_path(Harness::url_path("full2")),
+    );
+    let watch = ServeWatch::start_any(&h.root, &["next1", "full2"]);
+    h.publish(&m2);
+    wait_downloading(&h, "full2").await;
+    let filler = fill(&cache);
+    let start = Instant::now();
+    while h.served() != "full2" && h.status().last_error.is_none() {
+        assert!(start.elapsed() < T);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    watch.finish();
+    std::fs::remove_file(&filler).unwrap();
+    h.artifacts.clear_faults();
+    h.wait_live("full2", T).await;
+    h.assert_no_leftovers(None, None, T).await;
+    h.assert_next_good_deploys("next2", T).await;
+    h.stop_agent().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_while_unpacking() {
+    if !is_root() {
+        println!("SKIPPED: mounting a small tmpfs needs root");
+        return;
+    }
+    capture_logs();
+    let mut h = Harness::new(|_| {}).await;
+    let _mount = Tmpfs::mount(&h.root, 24);
+    h.start_agent().await;
+    let (m, _) = h.build("good");
+    h.publish(&m);
+    h.wait_live("good", T).await;
+
+    // The download is slow, the unpack streams behind it; the disk fills
+    // after the space check passed and the artifact was preallocated.
+    let (bad, a) = h.build("unpackfull");
+    h.artifacts.set_fault(
+        FaultRule::always(Fault::Trickle {
+            bytes_per_sec: a.size / 3,
+        })
+        .on_path(Harness::url_path("unpackfull")),
+    );
+    let watch = ServeWatch::start(&h.root, "good");
+    h.publish(&bad);
+    wait_downloading(&h, "unpackfull").await;
+    let filler = fill(&h.root);
+    let msg = h.assert_error_visible("space", T).await;
+    println!("{msg}");
+    watch.finish();
+    assert_eq!(h.served(), "good");
+    // Freeing the space is all the operator does; the retry succeeds.
+    std::fs::remove_file(&filler).unwrap();
+    h.artifacts.clear_faults();
+    h.wait_live("unpackfull", T).await;
+    h.assert_no_leftovers(None, None, T).await;
+    h.assert_next_good_deploys("next", T).await;
+    h.assert_no_leftovers(None, None, T).await;
+    h.stop_agent().await;
+}
