@@ -81,6 +81,21 @@ pub struct ConsulConfig {
     /// LastContact above this triggers a consistent re-read.
     #[serde(deserialize_with = "duration")]
     pub max_stale: Duration,
+    /// Watch pacing (RULES.md rule 8): requests allowed back to back.
+    #[serde(default = "default_watch_burst")]
+    pub watch_burst: u32,
+    /// Watch pacing: one more request per interval ("15s"); the benchmark
+    /// lowers it to publish many builds in a row.
+    #[serde(default = "default_watch_refill", deserialize_with = "duration")]
+    pub watch_refill: Duration,
+}
+
+fn default_watch_burst() -> u32 {
+    crate::watch::consul::RateLimit::default().burst
+}
+
+fn default_watch_refill() -> Duration {
+    crate::watch::consul::RateLimit::default().refill_interval
 }
 
 impl Default for ConsulConfig {
@@ -97,6 +112,8 @@ impl Default for ConsulConfig {
             datacenter: None,
             wait: Duration::from_secs(300),
             max_stale: Duration::from_secs(10),
+            watch_burst: default_watch_burst(),
+            watch_refill: default_watch_refill(),
         }
     }
 }

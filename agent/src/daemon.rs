@@ -179,6 +179,10 @@ pub fn consul_settings(cfg: &Config) -> Result<ConsulSettings> {
         datacenter: c.datacenter.clone(),
         wait: c.wait,
         max_stale: c.max_stale,
+        rate: crate::watch::consul::RateLimit {
+            burst: c.watch_burst.max(1),
+            refill_interval: c.watch_refill,
+        },
         ..ConsulSettings::default()
     };
     if let Some(f) = &c.token_file {
