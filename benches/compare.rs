@@ -83,7 +83,8 @@ fn main() {
     // ---- where ----
     let cleanup = Cleanup;
     rt.spawn(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -119,7 +120,9 @@ fn main() {
             mnt
         }
         (None, false) => {
-            eprintln!("not root: no loop image; benchmarking in a temp dir under the current directory");
+            eprintln!(
+                "not root: no loop image; benchmarking in a temp dir under the current directory"
+            );
             let w = std::env::current_dir()
                 .unwrap()
                 .join(format!("deploy-agent-bench-{}", std::process::id()));
@@ -153,12 +156,23 @@ fn main() {
     let tiny: Vec<Artifact> = (0..args.publishes)
         .map(|i| {
             let id = format!("r{i}");
-            cached_build(&art_dir, &format!("tiny-{i}.tar.gz"), BuildProfile::TINY, 7, &id, Format::TarGz)
+            cached_build(
+                &art_dir,
+                &format!("tiny-{i}.tar.gz"),
+                BuildProfile::TINY,
+                7,
+                &id,
+                Format::TarGz,
+            )
         })
         .collect();
     if small_gz.is_some() {
         // Served from the same root as the main build.
-        fs::copy(artifacts_dir("small").join("main.tar.gz"), art_dir.join("small.tar.gz")).unwrap();
+        fs::copy(
+            artifacts_dir("small").join("main.tar.gz"),
+            art_dir.join("small.tar.gz"),
+        )
+        .unwrap();
     }
     eprintln!(
         "build: {} entries, {} MB tar, {} MB tar.gz",
@@ -227,9 +241,16 @@ fn main() {
         );
         rows[2].1.push(timed(&pipe));
         settle(&[&slot]);
-        rows[3].1.push(timed(&format!("curl -sf -o /dev/null {url}")));
-        rows[4].1.push(timed(&format!("sha256sum {} >/dev/null", gz_path.display())));
-        rows[5].1.push(timed(&format!("gzip -dc {} >/dev/null", gz_path.display())));
+        rows[3]
+            .1
+            .push(timed(&format!("curl -sf -o /dev/null {url}")));
+        rows[4].1.push(timed(&format!(
+            "sha256sum {} >/dev/null",
+            gz_path.display()
+        )));
+        rows[5]
+            .1
+            .push(timed(&format!("gzip -dc {} >/dev/null", gz_path.display())));
         let slot = fresh(&diy.join("slot"));
         rows[6].1.push(timed(&format!(
             "tar -xf {} -C {s} && sync -f {s}",
@@ -242,7 +263,9 @@ fn main() {
     // ---- memory: does it stream? ----
     let small_rss = small_gz.as_ref().map(|s| {
         let u = server.url("/small.tar.gz");
-        (0..args.runs).map(|_| deploy(&mut agent, &u, s).1).collect::<Vec<_>>()
+        (0..args.runs)
+            .map(|_| deploy(&mut agent, &u, s).1)
+            .collect::<Vec<_>>()
     });
 
     // ---- 1 Gbit/s per connection: 4 ranges vs 1 stream ----
@@ -264,7 +287,12 @@ fn main() {
         let before = server.requests_seen();
         let written = SystemTime::now();
         let t0 = Instant::now();
-        agent.publish(&consul, &format!("r{i}"), &server.url(&format!("/tiny-{i}.tar.gz")), a);
+        agent.publish(
+            &consul,
+            &format!("r{i}"),
+            &server.url(&format!("/tiny-{i}.tar.gz")),
+            a,
+        );
         let first = server.first_request_after(before, written, t0);
         agent.wait_build(&format!("r{i}"));
         reaction.push(first.as_secs_f64());
@@ -280,9 +308,17 @@ fn main() {
         let i = if j % 2 == 0 { n - 2 } else { n - 1 };
         let old = fs::read_link(agent.root.join("current")).unwrap();
         let t0 = Instant::now();
-        agent.publish(&consul, &format!("r{i}"), &server.url(&format!("/tiny-{i}.tar.gz")), &tiny[i]);
+        agent.publish(
+            &consul,
+            &format!("r{i}"),
+            &server.url(&format!("/tiny-{i}.tar.gz")),
+            &tiny[i],
+        );
         while fs::read_link(agent.root.join("current")).unwrap() == old {
-            assert!(t0.elapsed() < Duration::from_secs(60), "rollback never flipped");
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "rollback never flipped"
+            );
             std::thread::sleep(Duration::from_micros(200));
         }
         rollback.push(t0.elapsed().as_secs_f64());
@@ -320,10 +356,15 @@ fn main() {
     let med = |v: &[f64]| median(v);
     let m: Vec<(String, f64)> = rows.iter().map(|(n, v)| (n.to_string(), med(v))).collect();
     let get = |name: &str| m.iter().find(|(n, _)| n == name).unwrap().1;
-    let floor = ["floor_curl", "floor_sha256sum", "floor_gunzip", "floor_tar_xf_syncfs"]
-        .iter()
-        .map(|n| get(n))
-        .fold(0.0, f64::max);
+    let floor = [
+        "floor_curl",
+        "floor_sha256sum",
+        "floor_gunzip",
+        "floor_tar_xf_syncfs",
+    ]
+    .iter()
+    .map(|n| get(n))
+    .fold(0.0, f64::max);
     let agent_t = get("agent");
     let peak_rss = agent_rss.iter().copied().max().unwrap_or(0);
     println!();
@@ -342,7 +383,10 @@ fn main() {
         println!(
             "| {name} | {:.3} | {} |",
             med(v),
-            v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(" ")
+            v.iter()
+                .map(|x| format!("{x:.3}"))
+                .collect::<Vec<_>>()
+                .join(" ")
         );
     }
     println!("| tool floor (slowest floor) | {floor:.3} | |");
@@ -352,15 +396,33 @@ fn main() {
     println!("|---|---|---|---|");
     let mut targets = vec![];
     let mut target = |name: &str, measured: String, goal: &str, met: bool| {
-        println!("| {name} | {measured} | {goal} | {} |", if met { "yes" } else { "NO" });
+        println!(
+            "| {name} | {measured} | {goal} | {} |",
+            if met { "yes" } else { "NO" }
+        );
         targets.push(json!({"target": name, "measured": measured, "goal": goal, "met": met}));
     };
     let r_seq = ratio(get("diy_sequential"));
     let r_pipe = ratio(get("diy_pipelined"));
     let r_floor = ratio(floor);
-    target("agent / DIY sequential", format!("{r_seq:.2}"), "<= 0.50", r_seq <= 0.50);
-    target("agent / DIY pipelined", format!("{r_pipe:.2}"), "<= 0.60", r_pipe <= 0.60);
-    target("agent / tool floor", format!("{r_floor:.2}"), "<= 0.85", r_floor <= 0.85);
+    target(
+        "agent / DIY sequential",
+        format!("{r_seq:.2}"),
+        "<= 0.50",
+        r_seq <= 0.50,
+    );
+    target(
+        "agent / DIY pipelined",
+        format!("{r_pipe:.2}"),
+        "<= 0.60",
+        r_pipe <= 0.60,
+    );
+    target(
+        "agent / tool floor",
+        format!("{r_floor:.2}"),
+        "<= 0.85",
+        r_floor <= 0.85,
+    );
     target(
         "peak RSS during a deploy",
         format!("{:.1} MiB", peak_rss as f64 / 1024.0),
@@ -397,34 +459,55 @@ fn main() {
     );
     target(
         &format!("idle: CPU ticks in {} s", args.idle_secs),
-        format!("{idle_cpu_ticks} ({} ms)", idle_cpu_ticks * 1000 / clk_tck()),
+        format!(
+            "{idle_cpu_ticks} ({} ms)",
+            idle_cpu_ticks * 1000 / clk_tck()
+        ),
         "~0 (<= 1 tick per request)",
         idle_cpu_ticks <= idle_requests as u64 + 1,
     );
     let p99r = percentile(&reaction, 0.99);
     target(
-        &format!("reaction p99, key write -> first artifact request ({} publishes)", reaction.len()),
-        format!("{:.1} ms (p50 {:.1})", p99r * 1e3, percentile(&reaction, 0.5) * 1e3),
+        &format!(
+            "reaction p99, key write -> first artifact request ({} publishes)",
+            reaction.len()
+        ),
+        format!(
+            "{:.1} ms (p50 {:.1})",
+            p99r * 1e3,
+            percentile(&reaction, 0.5) * 1e3
+        ),
         "<= 50 ms",
         p99r <= 0.050,
     );
     let p99f = percentile(&swapper_flips, 0.99);
     target(
         "flip p99 (swapper, dir fsync included, 200 flips 20 ms apart)",
-        format!("{:.3} ms (p50 {:.3})", p99f * 1e3, percentile(&swapper_flips, 0.5) * 1e3),
+        format!(
+            "{:.3} ms (p50 {:.3})",
+            p99f * 1e3,
+            percentile(&swapper_flips, 0.5) * 1e3
+        ),
         "<= 1 ms",
         p99f <= 0.001,
     );
     let p99af = percentile(&agent_flips, 0.99);
     target(
         &format!("flip p99 (agent log, {} flips)", agent_flips.len()),
-        format!("{:.3} ms (p50 {:.3})", p99af * 1e3, percentile(&agent_flips, 0.5) * 1e3),
+        format!(
+            "{:.3} ms (p50 {:.3})",
+            p99af * 1e3,
+            percentile(&agent_flips, 0.5) * 1e3
+        ),
         "<= 1 ms",
         p99af <= 0.001,
     );
     let p99rb = percentile(&rollback, 0.99);
     target(
-        &format!("rollback p99, key write -> flipped ({} publishes)", rollback.len()),
+        &format!(
+            "rollback p99, key write -> flipped ({} publishes)",
+            rollback.len()
+        ),
         format!(
             "{:.1} ms (p50 {:.1}), {} artifact requests",
             p99rb * 1e3,
@@ -548,7 +631,11 @@ fn which(tool: &str) -> bool {
 /// Installs what the run needs from Debian's packages when missing (as
 /// root); nginx is optional (the project's artifact server stands in).
 fn ensure_tools(is_root: bool) {
-    let wanted = [("curl", "curl"), ("mkfs.ext4", "e2fsprogs"), ("nginx", "nginx-light")];
+    let wanted = [
+        ("curl", "curl"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("nginx", "nginx-light"),
+    ];
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(tool, _)| !which(tool))
@@ -574,7 +661,14 @@ fn ensure_tools(is_root: bool) {
 fn build_agent() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let st = Command::new(cargo)
-        .args(["build", "--release", "-p", "deploy-agent", "--bin", "deploy-agent"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "deploy-agent",
+            "--bin",
+            "deploy-agent",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
         .unwrap();
@@ -661,8 +755,11 @@ fn filesystem_of(p: &Path) -> String {
             .map(|n| n.to_string_lossy().into_owned())
             .and_then(|n| {
                 fs::read_dir("/proc/fs/jbd2").ok().map(|d| {
-                    d.flatten()
-                        .any(|e| e.file_name().to_string_lossy().starts_with(&format!("{n}-")))
+                    d.flatten().any(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .starts_with(&format!("{n}-"))
+                    })
                 })
             })
             .unwrap_or(false);
@@ -703,16 +800,27 @@ fn leftovers() -> std::sync::MutexGuard<'static, Leftovers> {
 fn clean_up_now() {
     let (pids, mount, remove) = {
         let mut l = leftovers();
-        (std::mem::take(&mut l.pids), l.mount.take(), std::mem::take(&mut l.remove))
+        (
+            std::mem::take(&mut l.pids),
+            l.mount.take(),
+            std::mem::take(&mut l.remove),
+        )
     };
     for pid in &pids {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
     }
     if !pids.is_empty() {
         std::thread::sleep(Duration::from_millis(500));
     }
     if let Some(m) = mount {
-        let ok = Command::new("umount").arg(&m).status().map(|s| s.success()).unwrap_or(false);
+        let ok = Command::new("umount")
+            .arg(&m)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
         if !ok {
             let _ = Command::new("umount").arg("-l").arg(&m).status();
         }
@@ -764,7 +872,11 @@ impl Drop for Proc {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 enum Server {
@@ -866,7 +978,9 @@ http {{
     /// Requests answered so far (nginx: access log lines).
     fn requests_seen(&self) -> usize {
         match self {
-            Server::Nginx { log, .. } => fs::read_to_string(log).map(|s| s.lines().count()).unwrap_or(0),
+            Server::Nginx { log, .. } => fs::read_to_string(log)
+                .map(|s| s.lines().count())
+                .unwrap_or(0),
             Server::Own(s) => s.stats().requests as usize,
         }
     }
@@ -931,7 +1045,7 @@ impl AgentLog {
             return;
         };
         self.offset += end as u64 + 1;
-        for line in BufReader::new(buf[..end].as_bytes()).lines() {
+        for line in BufReader::new(&buf.as_bytes()[..end]).lines() {
             if let Ok(v) = serde_json::from_str::<Value>(&line.unwrap()) {
                 self.lines.push(v);
             }
@@ -940,7 +1054,10 @@ impl AgentLog {
 
     fn all_fields(&mut self, field: &str) -> Vec<f64> {
         self.poll();
-        self.lines.iter().filter_map(|v| v[field].as_f64()).collect()
+        self.lines
+            .iter()
+            .filter_map(|v| v[field].as_f64())
+            .collect()
     }
 
     /// `took_us` of every "flip complete" line, in seconds.
@@ -1020,7 +1137,11 @@ parallel-ranges = {ranges}
         // The first watch request comes after a random splay (< 5 s).
         let t = Instant::now();
         while consul.requests_for(KEY).len() == requests_before {
-            assert!(t.elapsed() < Duration::from_secs(30), "agent never asked Consul; see {}", a.log.path.display());
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "agent never asked Consul; see {}",
+                a.log.path.display()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         a.log.poll();
@@ -1040,7 +1161,10 @@ parallel-ranges = {ranges}
     fn wait_idle(&self) {
         let trash = self.root.join(".deploy/trash");
         let t = Instant::now();
-        while fs::read_dir(&trash).map(|mut d| d.next().is_some()).unwrap_or(false) {
+        while fs::read_dir(&trash)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
+        {
             assert!(t.elapsed() < Duration::from_secs(120), "trash never purged");
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -1065,7 +1189,13 @@ parallel-ranges = {ranges}
     /// One timed deploy of a new build id: key write -> `current` flipped
     /// (the flip's directory fsync is inside swapper's flip, measured
     /// separately). Returns the time and the peak RSS (KiB) during it.
-    fn deploy(&mut self, consul: &ConsulServer, id: &str, url: &str, a: &Artifact) -> (Duration, u64) {
+    fn deploy(
+        &mut self,
+        consul: &ConsulServer,
+        id: &str,
+        url: &str,
+        a: &Artifact,
+    ) -> (Duration, u64) {
         self.wait_idle();
         // Same bytes, new build id: drop the cached artifact so it downloads.
         if let Ok(d) = fs::read_dir(&self.cache) {
@@ -1075,7 +1205,7 @@ parallel-ranges = {ranges}
         }
         run("sync");
         std::thread::sleep(Duration::from_millis(250)); // the watch's token bucket
-        // Reset VmHWM to the current RSS.
+                                                        // Reset VmHWM to the current RSS.
         fs::write(format!("/proc/{}/clear_refs", self.pid), "5").unwrap();
         let old = fs::read_link(self.root.join("current")).ok();
         let flips_before = self.log.flips().len();
@@ -1100,7 +1230,11 @@ parallel-ranges = {ranges}
             std::thread::sleep(Duration::from_millis(5));
         }
         let rss = self.status_kib("VmHWM");
-        eprintln!("  agent deploy {id}: {:.3} s, peak RSS {} KiB", took.as_secs_f64(), rss);
+        eprintln!(
+            "  agent deploy {id}: {:.3} s, peak RSS {} KiB",
+            took.as_secs_f64(),
+            rss
+        );
         (took, rss)
     }
 

@@ -30,7 +30,9 @@ fn build() -> (Vec<u8>, Vec<u8>) {
 }
 
 fn hashing(c: &mut Criterion) {
-    let data: Vec<u8> = (0..16u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     let mut g = c.benchmark_group("sha256");
     g.throughput(Throughput::Bytes(data.len() as u64));
     g.bench_function("16MiB", |b| b.iter(|| Sha256::digest(&data)));
