@@ -383,6 +383,27 @@ mod tests {
     }
 
     #[test]
+    fn watch_pacing_defaults_and_overrides() {
+        let c = parse("deploy-root = \"/x\"\n[source]\nkey = \"k\"\n").unwrap();
+        assert_eq!(
+            (c.consul.watch_burst, c.consul.watch_refill),
+            (2, Duration::from_secs(15))
+        );
+        let c = parse(
+            "deploy-root = \"/x\"\n[source]\nkey = \"k\"\n[consul]\naddress = \"http://127.0.0.1:8500\"\n\
+             ssl-verify = true\nwait = \"20s\"\nmax-stale = \"10s\"\nwatch-burst = 3\nwatch-refill = \"100ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.consul.watch_burst, c.consul.watch_refill),
+            (3, Duration::from_millis(100))
+        );
+        let s = crate::daemon::consul_settings(&c).unwrap();
+        assert_eq!(s.rate.burst, 3);
+        assert_eq!(s.rate.refill_interval, Duration::from_millis(100));
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_name_the_key() {
         let e = parse("deploy-root = \"/x\"\nbogus = 1\n[source]\nkey=\"k\"").unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
