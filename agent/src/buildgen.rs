@@ -31,15 +31,15 @@ pub struct BuildProfile {
 impl BuildProfile {
     /// About 40,000 files and 400 MB: the benchmark default.
     pub const FULL: BuildProfile = BuildProfile {
-        sources: 39_600,
-        assets: 330,
-        binaries: 6,
+        sources: 39_000,
+        assets: 200,
+        binaries: 4,
         per_dir: 40,
     };
     /// About 4,000 files and 40 MB (`--small`).
     pub const SMALL: BuildProfile = BuildProfile {
-        sources: 3_960,
-        assets: 33,
+        sources: 3_900,
+        assets: 20,
         binaries: 1,
         per_dir: 40,
     };
@@ -224,7 +224,10 @@ fn fill<W: Write>(
             dir_header(&mut tar, &dir)?;
             entries += 1;
         }
-        let len = content_rng.gen_range(1024..20 * 1024);
+        // 1-20 KB, most of them small (mean about 5.8 KB), as in a real
+        // source tree.
+        let u: f64 = content_rng.gen();
+        let len = 1024 + (u * u * u * (19.0 * 1024.0)) as usize;
         let changed = change_rng.gen_bool(0.1);
         let tag = if changed { build_id } else { "base" };
         text(&mut content_rng, len, tag, &mut buf);

@@ -508,6 +508,24 @@ mod tests {
     }
 
     #[test]
+    fn watch_pacing_defaults_and_overrides() {
+        let c = parse("deploy-root = \"/x\"\n[source]\nkey = \"k\"\n").unwrap();
+        assert_eq!((c.consul.rate_burst, c.consul.rate_interval), (None, None));
+        let s = crate::daemon::consul_settings(&c).unwrap();
+        assert_eq!(
+            (s.rate.burst, s.rate.refill_interval),
+            (2, Duration::from_secs(15))
+        );
+        let c = parse(
+            "deploy-root = \"/x\"\n[source]\nkey = \"k\"\n[consul]\nrate-burst = 3\nrate-interval = \"100ms\"\n",
+        )
+        .unwrap();
+        let s = crate::daemon::consul_settings(&c).unwrap();
+        assert_eq!(s.rate.burst, 3);
+        assert_eq!(s.rate.refill_interval, Duration::from_millis(100));
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_name_the_key() {
         let e = parse("deploy-root = \"/x\"\nbogus = 1\n[source]\nkey=\"k\"").unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");

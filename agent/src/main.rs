@@ -164,6 +164,7 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Run { config } => {
+            deploy_agent::pipeline::limit_malloc_arenas();
             if let Err(e) = deploy_agent::logging::init(cli.log_format) {
                 eprintln!("error: cannot set up logging: {e}");
                 return ExitCode::from(exit::RUNTIME);

@@ -143,6 +143,7 @@ pub async fn fetch_and_unpack(
     let read = reader
         .await
         .map_err(|e| Error::io(slot_dir, std::io::Error::other(e)))?;
+    release_memory();
     let unpack_time = started.elapsed();
     let Some((digest, bytes)) = read.digest else {
         return Err(stopped(read, &cancel, &spec.sha256));
@@ -211,6 +212,7 @@ async fn from_cache(
     let read = reader
         .await
         .map_err(|e| Error::io(slot_dir, std::io::Error::other(e)))?;
+    release_memory();
     let Some((digest, bytes)) = read.digest else {
         return Err(stopped(read, &cancel, &spec.sha256));
     };
@@ -229,6 +231,32 @@ async fn from_cache(
         download_time: Duration::ZERO,
         unpack_time: started.elapsed(),
     })
+}
+
+/// Hands the reader's freed buffers back to the kernel. glibc keeps freed
+/// memory in per-thread arenas, so without this an idle agent holds on to
+/// most of its last deploy's peak (measured: 33 MiB idle after a deploy).
+fn release_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions; it only walks the
+    // allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Caps glibc's malloc arenas at 2. By default glibc gives every thread
+/// that allocates concurrently an arena of its own (up to 8 per core); the
+/// range workers, the reader and the writers each leave one behind holding
+/// freed memory, which is most of an idle agent's anonymous RSS after a
+/// deploy. Call once at startup, before the runtime starts its threads.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt has no preconditions; M_ARENA_MAX only bounds how
+    // many arenas later allocations may create.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }
 
 /// The error for a read that stopped before the last byte.

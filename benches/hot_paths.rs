@@ -1,0 +1,118 @@
+//! Criterion micro-benchmarks of the data path's hot spots: sha256,
+//! gzip inflate, unpacking a build into a slot, and the flip.
+//! `cargo bench --bench hot_paths`. Scratch files live in /dev/shm (or the
+//! temp dir) and are deleted when each benchmark ends.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark fails loudly by design
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use deploy_agent::buildgen::{self, BuildProfile};
+use deploy_agent::manifest::Format;
+use deploy_agent::progress::Progress;
+use deploy_agent::unpack::{unpack, ArchiveFormat, UnpackLimits};
+use sha2::{Digest, Sha256};
+
+fn scratch() -> tempfile::TempDir {
+    deploy_agent_tests::fast_tempdir()
+}
+
+/// The DEMO build (about 1,500 files, 12 MB) as tar and tar.gz bytes.
+fn build() -> (Vec<u8>, Vec<u8>) {
+    let dir = scratch();
+    let tar = dir.path().join("b.tar");
+    let gz = dir.path().join("b.tar.gz");
+    buildgen::write_build(BuildProfile::DEMO, 1, "bench", Format::Tar, &tar).unwrap();
+    buildgen::write_build(BuildProfile::DEMO, 1, "bench", Format::TarGz, &gz).unwrap();
+    (std::fs::read(tar).unwrap(), std::fs::read(gz).unwrap())
+}
+
+fn hashing(c: &mut Criterion) {
+    let data: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut g = c.benchmark_group("sha256");
+    g.throughput(Throughput::Bytes(data.len() as u64));
+    g.bench_function("16MiB", |b| b.iter(|| Sha256::digest(&data)));
+    g.finish();
+}
+
+fn inflating(c: &mut Criterion) {
+    let (tar, gz) = build();
+    let mut g = c.benchmark_group("inflate");
+    g.throughput(Throughput::Bytes(tar.len() as u64));
+    g.bench_function("demo_build_gz", |b| {
+        b.iter(|| {
+            let mut d = flate2::read::GzDecoder::new(&gz[..]);
+            let mut buf = vec![0u8; 256 << 10];
+            let mut n = 0usize;
+            loop {
+                let k = d.read(&mut buf).unwrap();
+                if k == 0 {
+                    break;
+                }
+                n += k;
+            }
+            assert_eq!(n, tar.len());
+        })
+    });
+    g.finish();
+}
+
+fn unpacking(c: &mut Criterion) {
+    let (tar, _) = build();
+    let mut g = c.benchmark_group("unpack");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes(tar.len() as u64));
+    g.bench_function("demo_build_tar_tmpfs", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let dir = scratch();
+                let t = Instant::now();
+                unpack(
+                    &tar[..],
+                    ArchiveFormat::Tar,
+                    dir.path(),
+                    &UnpackLimits::default(),
+                    &Progress::default(),
+                )
+                .unwrap();
+                total += t.elapsed();
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
+fn flipping(c: &mut Criterion) {
+    let dir = scratch();
+    let (mut r, _) = swapper::DeployRoot::open(dir.path()).unwrap();
+    for i in 0..2 {
+        let (slot, d) = r.claim_cold().unwrap();
+        std::fs::write(d.join("BUILD"), format!("f{i}")).unwrap();
+        r.mark_ready(
+            slot,
+            swapper::BuildInfo {
+                build_id: format!("f{i}"),
+                sha256: None,
+                entries: 1,
+                bytes: 2,
+            },
+        )
+        .unwrap();
+        r.flip_to(slot).unwrap();
+    }
+    c.bench_function("flip_tmpfs", |b| {
+        b.iter(|| {
+            let target = r.cold();
+            r.flip_to(target).unwrap()
+        })
+    });
+}
+
+criterion_group!(benches, hashing, inflating, unpacking, flipping);
+criterion_main!(benches);
