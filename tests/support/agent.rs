@@ -159,8 +159,11 @@ impl Harness {
         let start = Instant::now();
         loop {
             let s = self.status();
+            // The last finished deploy must be this build's: an older
+            // record of the same build (deployed before, now being rolled
+            // back to) must not count while the new deploy is still running.
             if self.served() == build {
-                if let Some(r) = s.history.iter().rev().find(|r| {
+                if let Some(r) = s.history.back().filter(|r| {
                     r.build == build
                         && matches!(r.outcome, Some(Outcome::Success | Outcome::RolledBack))
                 }) {
