@@ -268,7 +268,17 @@ impl Run<'_> {
         let path = self.d.root_path.join(".deploy/agent-state.json");
         match serde_json::to_vec_pretty(&self.rec) {
             Ok(bytes) => {
-                if let Err(e) = swapper::fsutil::write_atomic(&path, &bytes) {
+                // Only `verifying` must survive a power cut (the health
+                // gate runs again at start); every other phase is rebuilt
+                // from the deploy root and the watch, so it is replaced
+                // without the two fsyncs that would otherwise sit on the
+                // deploy's critical path at every transition.
+                let r = if self.rec.phase == Phase::Verifying {
+                    swapper::fsutil::write_atomic(&path, &bytes)
+                } else {
+                    swapper::fsutil::replace_atomic(&path, &bytes)
+                };
+                if let Err(e) = r {
                     warn!(error = %e, "cannot persist deploy state");
                 }
             }

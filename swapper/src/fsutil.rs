@@ -58,6 +58,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
+/// Replaces `path` with `bytes` atomically but not durably: temp file in
+/// the same directory, then rename, no fsync. A killed process leaves the
+/// old or the new content, never a mix; a power cut may lose the update.
+/// For records that are informational or rebuilt at start, where an fsync
+/// per update would cost more than it protects.
+pub fn replace_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = parent(path);
+    let base = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let tmp = dir.join(unique_tmp_name(&base));
+    let result = std::fs::write(&tmp, bytes)
+        .at(&tmp)
+        .and_then(|()| fs::rename(&tmp, path).at(path));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// fsyncs a directory so that renames and unlinks inside it are durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).at(dir)

@@ -980,27 +980,22 @@ impl ConsulClient {
 
     /// Deletes `key`; returns Consul's `true`/`false`.
     pub async fn delete(&self, key: &str) -> Result<bool> {
-        validate_key(key, false)?;
-        let url = self.url(key, &[]);
-        let (status, _, body) = self
-            .exchange(
-                self.inner.http.delete(&url),
-                &url,
-                self.settings().request_timeout(false),
-                1024,
-            )
-            .await?;
-        if status.as_u16() != 200 {
-            return Err(status_error(&url, key, status.as_u16(), &body));
-        }
-        decode_bool(&url, &body)
+        self.delete_with(key, None).await
     }
 
     /// Deletes `key` only if its ModifyIndex is still `cas`; `false` when
     /// the check-and-set lost.
     pub async fn delete_cas(&self, key: &str, cas: u64) -> Result<bool> {
+        self.delete_with(key, Some(cas)).await
+    }
+
+    async fn delete_with(&self, key: &str, cas: Option<u64>) -> Result<bool> {
         validate_key(key, false)?;
-        let url = self.url(key, &[("cas", Some(cas.to_string()))]);
+        // A `None` value means a bare flag (`?raw`), so leave `cas` out
+        // entirely for a plain delete.
+        let params: Vec<(&str, Option<String>)> =
+            cas.map(|c| ("cas", Some(c.to_string()))).into_iter().collect();
+        let url = self.url(key, &params);
         let (status, _, body) = self
             .exchange(
                 self.inner.http.delete(&url),
