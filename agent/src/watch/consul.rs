@@ -993,8 +993,10 @@ impl ConsulClient {
         validate_key(key, false)?;
         // A `None` value means a bare flag (`?raw`), so leave `cas` out
         // entirely for a plain delete.
-        let params: Vec<(&str, Option<String>)> =
-            cas.map(|c| ("cas", Some(c.to_string()))).into_iter().collect();
+        let params: Vec<(&str, Option<String>)> = cas
+            .map(|c| ("cas", Some(c.to_string())))
+            .into_iter()
+            .collect();
         let url = self.url(key, &params);
         let (status, _, body) = self
             .exchange(
