@@ -111,7 +111,7 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Vec<
         // RULES.md default of one request per 15 s after a burst of 2.
         rate: crate::watch::consul::RateLimit {
             burst: 2,
-            refill_interval: Duration::from_millis(500),
+            refill_interval: Duration::from_millis(100),
         },
         ..ConsulSettings::default()
     };

@@ -75,12 +75,13 @@ pub enum Phase {
 
 impl Phase {
     /// The working phases in the order a deploy goes through them.
-    pub const PIPELINE: [Phase; 5] = [
+    pub const PIPELINE: [Phase; 6] = [
         Phase::WaitingForColdSlot,
         Phase::Downloading,
         Phase::Unpacking,
         Phase::Draining,
         Phase::Flipping,
+        Phase::Verifying,
     ];
 
     /// The kebab-case name used in status, logs and metrics.
