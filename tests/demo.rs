@@ -34,6 +34,7 @@ async fn demo_deploys_twice_and_rolls_back() {
         "{text}"
     );
     assert!(text.contains("demo complete"), "{text}");
+    assert!(text.contains("deploy-agent status --socket"), "{text}");
     assert_eq!(
         std::fs::read_to_string(tmp.path().join("srv/app/current/BUILD")).unwrap(),
         "2026.11.26-1"

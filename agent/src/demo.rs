@@ -130,6 +130,13 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Vec<
         out,
         format!("  agent running on deploy root {}", root.display()),
     );
+    p(
+        out,
+        format!(
+            "  status socket: deploy-agent status --socket {}",
+            base.join("agent.sock").display()
+        ),
+    );
 
     let mut records = Vec::new();
     let steps = [
