@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::deploy::{now_secs, DeployRecord, Deployer, ErrorRecord, Observer, Outcome, Phase};
+use crate::deploy::{now_secs, DeployRecord, Deployer, ErrorRecord, Observer, Outcome};
 use crate::error::{Error, Result};
 use crate::fetch::{ArtifactCache, FetchSettings};
 use crate::manifest::{Manifest, UrlPolicy};
@@ -99,6 +99,11 @@ impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, StatusInner> {
         // Plain data: a panic elsewhere cannot leave it inconsistent.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy of the running (or last) deploy's record only.
+    fn deploy_record(&self) -> Option<DeployRecord> {
+        self.lock().deploy.clone()
     }
 
     fn error(&self, message: String) {
@@ -486,7 +491,7 @@ impl MainLoop {
                 } => {
                     let r = running.take();
                     let (outcome, err) = res.unwrap_or_else(|e| (Outcome::Failed, Some(Error::Internal(format!("deploy task panicked: {e}")))));
-                    if let Some(rec) = self.shared.snapshot().deploy {
+                    if let Some(rec) = self.shared.deploy_record() {
                         let slot = rec.slot;
                         crate::report::count_deploy(&self.metrics, &rec, slot);
                         if outcome != Outcome::NoChange {
@@ -571,7 +576,7 @@ impl MainLoop {
                 info!(old = %r.identity, new = %identity, "newer manifest: cancelling the running deploy");
                 r.cancel.cancel();
                 self.join_pinging(r.handle, &mut watchdog).await;
-                if let Some(rec) = self.shared.snapshot().deploy {
+                if let Some(rec) = self.shared.deploy_record() {
                     self.shared.finished(rec);
                 }
             }
@@ -721,18 +726,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         .task
         .await
         .map_err(|e| Error::Internal(format!("main loop panicked: {e}")))?
-}
-
-/// Where the deploy root of `config` keeps the agent's record.
-pub fn state_path(config: &Config) -> PathBuf {
-    config.deploy_root.join(".deploy/agent-state.json")
-}
-
-impl Phase {
-    /// True while a deploy is in flight.
-    pub fn is_active(self) -> bool {
-        !matches!(self, Phase::Idle | Phase::Done | Phase::Failed)
-    }
 }
 
 /// Runs the agent from the config file at `path` until `shutdown`,

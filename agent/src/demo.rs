@@ -7,7 +7,7 @@
 //! leaves only the temp dir behind.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -233,9 +233,4 @@ async fn wait_for(agent: &Agent, build: &str, nth: usize, limit: Duration) -> Re
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-/// Used by the CLI to say where the demo left its files.
-pub fn describe(dir: &Path) -> String {
-    format!("files kept in {}", dir.display())
 }

@@ -102,6 +102,11 @@ impl Phase {
     fn is_terminal(self) -> bool {
         matches!(self, Phase::Idle | Phase::Done | Phase::Failed)
     }
+
+    /// True while a deploy is in flight.
+    pub fn is_active(self) -> bool {
+        !self.is_terminal()
+    }
 }
 
 /// What moves a deploy from one phase to the next.
@@ -266,7 +271,7 @@ impl Run<'_> {
 
     fn persist(&self) {
         self.obs.record(&self.rec);
-        let path = self.d.root_path.join(".deploy/agent-state.json");
+        let path = record_path(&self.d.root_path);
         match serde_json::to_vec_pretty(&self.rec) {
             Ok(bytes) => {
                 // Only `verifying` must survive a power cut (the health
@@ -301,9 +306,14 @@ impl Run<'_> {
     }
 }
 
+/// Where a deploy root keeps the record of its current or last deploy.
+fn record_path(root: &std::path::Path) -> PathBuf {
+    root.join(".deploy/agent-state.json")
+}
+
 /// Reads the persisted record of the last deploy, if any.
 pub fn load_record(root: &std::path::Path) -> Option<DeployRecord> {
-    let bytes = std::fs::read(root.join(".deploy/agent-state.json")).ok()?;
+    let bytes = std::fs::read(record_path(root)).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 
