@@ -435,7 +435,7 @@ impl Config {
     }
 }
 
-/// Consul key rule (RULES.md 15).
+/// Consul key rule (docs/consul-watch-rules.md 15).
 pub fn valid_key(k: &str) -> bool {
     !k.is_empty()
         && !k.starts_with('/')

@@ -2,7 +2,7 @@
 //!
 //! It serves `/v1/kv/<key>` on a real loopback socket and answers the way
 //! Consul 1.9.0 does in the recorded exchanges under
-//! `shared/consul-reference/` (status, headers, JSON shape, blocking-query
+//! `tests/data/consul-reference/` (status, headers, JSON shape, blocking-query
 //! semantics, ACL errors). `tests/consul_reference.rs` replays every recorded
 //! exchange against it, so where this file and the recordings disagree, the
 //! test fails.
@@ -747,7 +747,7 @@ impl Shared {
             let flags = flags.unwrap_or(0);
             match existing {
                 // Writing an identical value is a no-op in Consul's state
-                // store: ModifyIndex stays (RULES.md rule 18).
+                // store: ModifyIndex stays (docs/consul-watch-rules.md rule 18).
                 Some(e) if e.value == value && e.flags == flags => false,
                 _ => {
                     st.index += 1;

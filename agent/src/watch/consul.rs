@@ -9,7 +9,7 @@
 //!
 //! [`watch_key`] runs blocking queries on one key and hands every *changed*
 //! value to the rest of the agent. It follows every rule of
-//! `shared/consul-reference/RULES.md` (the rule numbers in comments refer to
+//! `docs/consul-watch-rules.md` (the rule numbers in comments refer to
 //! it): explicit `wait`, index from the header with the reset rules,
 //! de-duplicated wake-ups, 404 as "nothing published", a per-request timeout
 //! above `wait * 17/16`, a token bucket so no server bug can make it spin,
@@ -40,7 +40,7 @@ pub use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 
-/// Largest value Consul stores (`kv_max_value_size`), RULES.md rule 15.
+/// Largest value Consul stores (`kv_max_value_size`), docs/consul-watch-rules.md rule 15.
 pub const MAX_VALUE_SIZE: usize = 512 * 1024;
 /// Consul caps `wait` at 10 minutes (rule 2).
 pub const MAX_WAIT: Duration = Duration::from_secs(600);
