@@ -251,6 +251,7 @@ async fn index_ahead_of_the_server_returns_lower_index_after_wait() {
                 index: ahead,
                 wait: Some(Duration::from_millis(300)),
                 stale: false,
+                consistent: false,
             },
         )
         .await

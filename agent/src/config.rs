@@ -80,7 +80,7 @@ pub struct FleetConfig {
     /// Write this host's state to Consul on every state change. Default on
     /// when `app` is set.
     pub report: Option<bool>,
-    /// Prefix of the per-host report keys (default `deploy/<app>/hosts/`).
+    /// Prefix of the per-host report keys (default `deploy-hosts/<app>/`).
     pub report_prefix: Option<String>,
     /// The fleet-wide freeze key (default `deploy/<app>/freeze`).
     pub freeze_key: Option<String>,
@@ -558,7 +558,7 @@ mod tests {
         assert_eq!(c.fleet.splay(), DEFAULT_FLEET_SPLAY);
         assert_eq!(
             c.fleet.report_prefix().as_deref(),
-            Some("deploy/web/hosts/")
+            Some("deploy-hosts/web/")
         );
         let c = parse("deploy-root = \"/s\"\n[fleet]\napp = \"web\"\ntier = \"c\"\nsplay-max = \"0s\"\n[source]\nkey = \"k/x\"\n").unwrap();
         assert_eq!(c.source.key.as_deref(), Some("k/x"));

@@ -121,7 +121,7 @@ pub enum FleetAction {
         /// after it was written is stale.
         #[arg(long, default_value = "2m", value_parser = parse_dur)]
         stale_after: Duration,
-        /// Report prefix, instead of `deploy/<app>/hosts/`.
+        /// Report prefix, instead of `deploy-hosts/<app>/`.
         #[arg(long)]
         report_prefix: Option<String>,
     },
