@@ -285,6 +285,11 @@ pub enum Error {
     #[error("{key} changed while this command was running (it is no longer at ModifyIndex {expected}): another commander wrote it; run `deploy-agent release show`, then retry")]
     ReleaseConflict { key: String, expected: u64 },
 
+    /// The check-and-set write went through but stored the value already
+    /// there: an identical write by someone else came first.
+    #[error("{key} already held exactly this value (index {index}, written by an identical command that came first); this command changed nothing")]
+    ReleaseNoChange { key: String, index: u64 },
+
     /// promote/rollback with nothing published.
     #[error("nothing is published at {key}: run `deploy-agent release publish` first")]
     ReleaseMissing { key: String },

@@ -166,7 +166,7 @@ impl Target {
 
 fn code(e: &Error) -> u8 {
     match e {
-        Error::ReleaseConflict { .. } => exit::CONFLICT,
+        Error::ReleaseConflict { .. } | Error::ReleaseNoChange { .. } => exit::CONFLICT,
         Error::ReleaseFrozen { .. } => exit::FROZEN,
         Error::ReleaseInvalid { .. } | Error::ReleaseMissing { .. } => exit::USAGE,
         _ => exit::FAILED,

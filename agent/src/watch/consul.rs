@@ -221,6 +221,12 @@ pub async fn watch_key_from(
                 let retry_in_ms = delay.as_millis() as u64;
                 if kind == ErrorKind::Forbidden {
                     tracing::error!(error = %e, retry_in_ms, "Consul denied the watch: configuration error");
+                    // A fixed token file applies at once, not after the
+                    // slow 403 retry.
+                    if !sleep_until_token_changes(&client, delay, &shutdown).await {
+                        return;
+                    }
+                    continue;
                 } else {
                     tracing::warn!(error = %e, ?kind, retry_in_ms, "Consul watch request failed");
                 }
@@ -228,6 +234,25 @@ pub async fn watch_key_from(
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Sleeps `delay`, or less when the token file changes meanwhile (checked
+/// every second); `false` if `shutdown` fired first.
+async fn sleep_until_token_changes(
+    client: &ConsulClient,
+    delay: Duration,
+    shutdown: &CancellationToken,
+) -> bool {
+    let until = Instant::now() + delay;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || client.token_file_changed() {
+            return true;
+        }
+        if !sleep_or_cancel(left.min(Duration::from_secs(1)), shutdown).await {
+            return false;
         }
     }
 }
@@ -912,6 +937,15 @@ impl ConsulClient {
             }
         }
         t.value.clone()
+    }
+
+    /// Whether the token file changed since the token in use was read.
+    pub fn token_file_changed(&self) -> bool {
+        let Some(path) = &self.inner.settings.token_file else {
+            return false;
+        };
+        let t = self.inner.token.lock().unwrap_or_else(|p| p.into_inner());
+        file_stamp(path) != t.stamp
     }
 
     /// The settings this client runs with (`wait` already capped).
