@@ -356,6 +356,7 @@ impl Agent {
             progress: Arc::new(Progress::default()),
             fetch,
             guard: guard.clone(),
+            flip_gate: std::sync::OnceLock::new(),
         });
         let tracker = TaskTracker::new();
         let notifier = opts
@@ -377,6 +378,11 @@ impl Agent {
                 shutdown.clone(),
             )?
         };
+        if member.watches_freeze() {
+            let gate: Arc<dyn crate::deploy::FlipGate> = member.clone();
+            // The only `set` of a fresh OnceLock: it cannot fail.
+            let _ = deployer.flip_gate.set(gate);
+        }
         let (mut control, control_error) = crate::control::load(&deployer.root_path);
         if control.frozen && !member.watches_freeze() {
             // No freeze key any more (config changed): nothing can lift it.

@@ -283,6 +283,21 @@ pub struct Deployer {
     pub fetch: FetchSettings,
     /// Quarantine and applied ModifyIndex, persisted in `.deploy/guard.json`.
     pub guard: Arc<crate::guard::Guard>,
+    /// Asked right before every flip (set once the fleet member exists).
+    pub flip_gate: std::sync::OnceLock<Arc<dyn FlipGate>>,
+}
+
+/// Whether a flip may happen now. The fleet member answers with the
+/// freeze read in Consul's consistent mode, so a `release freeze` that
+/// returned is never followed by a flip caused by the tier key, even for a
+/// deploy that was already past its download when the freeze was written.
+pub trait FlipGate: Send + Sync + std::fmt::Debug {
+    /// `Ok` to flip to `build`; an error cancels (frozen) or fails
+    /// (freeze state unknown) the deploy before anything changed.
+    fn check<'a>(
+        &'a self,
+        build: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>;
 }
 
 struct Run<'a> {
@@ -617,6 +632,10 @@ impl Deployer {
         )
         .await?;
         run.obs.holders(&[]);
+        check("the flip")?;
+        if let Some(gate) = self.flip_gate.get() {
+            gate.check(&m.spec.build).await?;
+        }
         check("the flip")?;
         run.step(Event::Drained)?;
 

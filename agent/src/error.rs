@@ -158,6 +158,11 @@ pub enum Error {
     #[error("invalid artifact spec: {reason}; fix the manifest")]
     InvalidArtifact { reason: String },
 
+    /// The freeze could not be read right before a flip: the flip does not
+    /// happen, and the deploy is retried.
+    #[error("not flipping to {build}: cannot confirm the fleet freeze ({message}); the deploy is retried")]
+    FreezeUnconfirmed { build: String, message: String },
+
     /// The operation was cancelled (shutdown or a newer build); partial downloads are kept.
     #[error("{what} cancelled; a later attempt resumes from the partial download")]
     Cancelled { what: String },
