@@ -365,6 +365,54 @@ impl Run<'_> {
     }
 }
 
+/// The free-space check before the cold slot is claimed. What the agent
+/// itself occupies and will clear (the cold slot, about to be claimed; the
+/// trash; partial downloads no deploy uses) counts as free: a failed
+/// deploy's leftovers must never stop the next deploy. The claim and
+/// [`fetch::ensure_space`] then actually free it.
+fn space_before_claim(
+    cache: &ArtifactCache,
+    root: &std::path::Path,
+    cold: &std::path::Path,
+    download: u64,
+    unpacked: u64,
+) -> Result<()> {
+    match fetch::free_space_check(cache.dir(), cold, download, unpacked) {
+        Err(Error::NotEnoughSpace { path, needed, .. }) => {
+            // Clear what can go now (the trash, unused partials), so the
+            // claim itself has room for its few writes.
+            if let Err(e) = swapper::purge_trash(root) {
+                warn!(error = %e, "cannot empty the trash");
+            }
+            if let Err(e) = cache.remove_stale_partials() {
+                warn!(error = %e, "cannot remove unused partial downloads");
+            }
+            let free = match fetch::free_space_check(cache.dir(), cold, download, unpacked) {
+                Ok(()) => return Ok(()),
+                Err(Error::NotEnoughSpace { free, .. }) => free,
+                Err(e) => return Err(e),
+            };
+            let reclaimable = swapper::fsutil::disk_usage(cold);
+            if free.saturating_add(reclaimable) >= needed {
+                info!(
+                    needed,
+                    free,
+                    reclaimable,
+                    "space short until the agent's own leftovers are cleared; going on"
+                );
+                return Ok(());
+            }
+            Err(Error::NotEnoughSpace {
+                path,
+                needed,
+                free,
+                reclaimable,
+            })
+        }
+        r => r,
+    }
+}
+
 /// Where a deploy root keeps the record of its current or last deploy.
 fn record_path(root: &std::path::Path) -> PathBuf {
     root.join(".deploy/deploy.json")
@@ -426,6 +474,9 @@ impl Deployer {
         cancel: CancellationToken,
         obs: Arc<dyn Observer>,
     ) -> (Option<Outcome>, Option<Error>) {
+        // Before any lookup: a prune running for the previous deploy must
+        // not delete this build's artifact or partial under us.
+        let _pin = self.cache.pin(&m.spec.sha256);
         let hot = self.root.lock().unwrap_or_else(|p| p.into_inner()).hot();
         let holding = self.slot_holding(m);
         let mut reverify = false;
@@ -561,11 +612,12 @@ impl Deployer {
             };
             let limits = self.limits(m);
             let spec = self.spec(m);
-            let (cache_dir, cold) = (self.cache.dir().to_path_buf(), cold_dir.clone());
+            let cold = cold_dir.clone();
             if self.cache.lookup(&m.spec.sha256).is_none() {
                 let est = fetch::unpacked_estimate(&spec, &limits);
+                let (cache, root) = (self.cache.clone(), self.root_path.clone());
                 tokio::task::spawn_blocking(move || {
-                    fetch::free_space_check(&cache_dir, &cold, spec.size, est)
+                    space_before_claim(&cache, &root, &cold, spec.size, est)
                 })
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))??;

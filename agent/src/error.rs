@@ -78,14 +78,19 @@ pub enum Error {
     WatchFile { path: PathBuf, message: String },
     // ---- fetch / verify / unpack (fetch.rs, verify.rs, unpack.rs, testserver/artifact.rs) ----
     /// The cache or slot filesystem cannot hold the artifact and its unpacked tree.
+    /// `reclaimable` is what the agent's own leftovers (a failed deploy's
+    /// cold slot, the trash, unused partial downloads) would add: it is
+    /// counted and cleared before this error is raised.
     #[error(
-        "not enough free space on {path}: need {needed} bytes, {free} free; \
-         free space (prune old builds or the artifact cache) or raise the disk size"
+        "not enough free space on {path}: need {needed} bytes, {free} free and {reclaimable} \
+         more in the agent's own leftovers (cleared automatically); free space outside the \
+         agent's directories or raise the disk size: the next retry notices"
     )]
     NotEnoughSpace {
         path: PathBuf,
         needed: u64,
         free: u64,
+        reclaimable: u64,
     },
 
     /// Every mirror failed (network errors, timeouts, HTTP errors) after retries.
