@@ -451,7 +451,6 @@ async fn serve(target: Target, args: ServeArgs) -> Result<()> {
             freeze_key,
             report_prefix,
             stale_after: args.stale_after,
-            wait: args.wait,
             min_interval: args.min_interval,
             read_only: args.read_only,
         },

@@ -54,8 +54,6 @@ pub struct FeedSettings {
     pub report_prefix: String,
     /// See `fleet status --stale-after`.
     pub stale_after: Duration,
-    /// Blocking-query `wait`.
-    pub wait: Duration,
     /// Least time between two reads of one prefix: a rollout of thousands
     /// of hosts writes reports many times a second, the page needs at most
     /// one read per interval.
@@ -269,16 +267,32 @@ pub struct Published {
 /// The receiving end: clone it per browser.
 pub type FeedReceiver = watch::Receiver<Arc<Published>>;
 
+/// Makes every watch re-read at once (after the page's own write), so the
+/// page shows the result without waiting for the blocking query; also
+/// covers a delete that a Consul-compatible server without tombstones
+/// would not wake a prefix query for.
+#[derive(Debug, Clone)]
+pub struct Nudge(Arc<watch::Sender<u64>>);
+
+impl Nudge {
+    /// Asks every prefix watch for an immediate re-read.
+    pub fn reread(&self) {
+        self.0.send_modify(|g| *g = g.wrapping_add(1));
+    }
+}
+
 /// Starts the watch tasks; they stop when `shutdown` fires.
 pub fn start(
     release: Release,
     settings: FeedSettings,
     tracker: &tokio_util::task::TaskTracker,
     shutdown: CancellationToken,
-) -> FeedReceiver {
+) -> (FeedReceiver, Nudge) {
     let (tx, rx) = watch::channel(Arc::new(Published::default()));
+    let (nudge, _) = watch::channel(0u64);
+    let nudge = Nudge(Arc::new(nudge));
     let prefixes = settings.prefixes();
-    info!(app = %settings.app, prefixes = ?prefixes, wait = ?settings.wait, min_interval = ?settings.min_interval, "fleet page: watching Consul");
+    info!(app = %settings.app, prefixes = ?prefixes, wait = ?release.client.settings().wait, min_interval = ?settings.min_interval, "fleet page: watching Consul");
     let (up_tx, up_rx) = mpsc::channel(prefixes.len() * 2);
     for p in &prefixes {
         tracker.spawn(watch_prefix(
@@ -286,12 +300,13 @@ pub fn start(
             p.clone(),
             settings.clone(),
             up_tx.clone(),
+            nudge.0.subscribe(),
             shutdown.clone(),
         ));
     }
     drop(up_tx);
     tracker.spawn(assemble(release, settings, prefixes, up_rx, tx, shutdown));
-    rx
+    (rx, nudge)
 }
 
 /// What one prefix's watch reports.
@@ -308,6 +323,7 @@ async fn watch_prefix(
     prefix: String,
     settings: FeedSettings,
     tx: mpsc::Sender<Update>,
+    mut nudged: watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) {
     let mut index = 0u64;
@@ -317,11 +333,17 @@ async fn watch_prefix(
         let started = Instant::now();
         let opts = QueryOptions {
             index,
-            wait: Some(settings.wait),
+            // The client's own `wait`: its request timeout is sized on it.
+            wait: Some(client.settings().wait),
             stale: false,
         };
         let read = tokio::select! {
             _ = shutdown.cancelled() => return,
+            // Dropping the blocking request closes it; read afresh.
+            _ = nudged.changed() => {
+                index = 0;
+                continue;
+            }
             r = client.list_blocking(&prefix, &opts) => r,
         };
         let pause = match read {
@@ -356,6 +378,7 @@ async fn watch_prefix(
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = nudged.changed() => index = 0,
             _ = tokio::time::sleep(pause) => {}
         }
     }

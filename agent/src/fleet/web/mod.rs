@@ -125,7 +125,7 @@ impl FleetPage {
             reason: e.to_string(),
         })?;
         let tracker = TaskTracker::new();
-        let feed = feed::start(
+        let (feed, nudge) = feed::start(
             release.clone(),
             opts.feed.clone(),
             &tracker,
@@ -154,6 +154,7 @@ impl FleetPage {
             read_only: opts.read_only,
             user_header: opts.user_header.clone(),
             feed,
+            nudge,
             csrf,
             hosts,
             origins,
@@ -202,6 +203,7 @@ struct State {
     read_only: bool,
     user_header: Option<String>,
     feed: FeedReceiver,
+    nudge: feed::Nudge,
     csrf: String,
     /// `Host` values the server answers to.
     hosts: Vec<String>,
@@ -423,7 +425,10 @@ async fn control(state: &State, req: Request<Incoming>) -> Response<Body> {
         freeze_key: state.release.freeze_key.clone(),
     };
     match actions::apply(&release, &state.app, &ar, &by).await {
-        Ok(o) => json_response(StatusCode::OK, &outcome_json(&o)),
+        Ok(o) => {
+            state.nudge.reread();
+            json_response(StatusCode::OK, &outcome_json(&o))
+        }
         Err(e) => {
             let (status, kind) = match &e {
                 Error::ReleaseConflict { .. } | Error::ReleaseFrozen { .. } => {

@@ -28,6 +28,8 @@ function el(tag, attrs, ...kids) {
       if (k === 'class') e.className = v;
       else if (k === 'text') e.textContent = v;
       else if (k.startsWith('on')) e.addEventListener(k.slice(2), v);
+      // Through the CSSOM: the CSP (style-src 'self') blocks style attributes.
+      else if (k === 'width') e.style.width = v;
       else e.setAttribute(k, v === true ? '' : v);
     }
   }
@@ -145,7 +147,7 @@ function tierCard(t) {
       const p = pct(st.converged, st.hosts);
       bars.append(
         el('span', { text: st.percent + '%' + (st.percent === t.percent ? ' ◀' : '') }),
-        el('div', { class: 'bar' + (st.reached ? '' : ' future'), title: st.reached ? 'converged on ' + t.build : 'not reached yet; already on ' + t.build }, el('i', { style: 'width:' + p.toFixed(1) + '%' })),
+        el('div', { class: 'bar' + (st.reached ? '' : ' future'), title: st.reached ? 'converged on ' + t.build : 'not reached yet; already on ' + t.build }, el('i', { width: p.toFixed(1) + '%' })),
         el('span', { class: 'step-text', 'data-step': st.percent, text: st.reached ? st.converged + '/' + st.hosts + ' (' + p.toFixed(0) + '%)' : 'not yet (' + st.converged + '/' + st.hosts + ')' }));
     }
     card.append(bars);
@@ -161,7 +163,7 @@ function breakdown(map, total, kind, cls) {
   const entries = Object.entries(map).sort((a, b) => b[1] - a[1]);
   for (const [k, n] of entries) {
     bars.append(el('span', { class: 'mono', text: k, title: k }),
-      el('div', { class: 'bar ' + kind }, el('i', { style: 'width:' + pct(n, total).toFixed(1) + '%' })),
+      el('div', { class: 'bar ' + kind }, el('i', { width: pct(n, total).toFixed(1) + '%' })),
       el('span', { 'data-key': k, text: String(n) }));
   }
   if (!entries.length) bars.append(el('span', { class: 'muted', text: 'no hosts' }));
