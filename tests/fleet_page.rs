@@ -817,3 +817,98 @@ async fn controls_need_same_origin_csrf_and_a_writable_page() {
     .unwrap_err();
     assert!(err.to_string().contains("--allow-remote"), "{err}");
 }
+
+/// What the demo prints, readable while it runs.
+#[derive(Clone, Default)]
+struct SharedOut(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedOut {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `deploy demo --keep` prints a `fleet serve` command; the real binary
+/// run with it shows the demo's host and its 2% rollout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_serve_works_against_the_kept_demo() {
+    use deploy_agent::buildgen::BuildProfile;
+    use deploy_agent::demo::{run_and_keep, DemoOptions};
+
+    let tmp = deploy_agent_tests::fast_tempdir();
+    let out = SharedOut::default();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut demo_out = out.clone();
+    let dir = tmp.path().to_path_buf();
+    let demo = tokio::spawn(async move {
+        run_and_keep(
+            DemoOptions {
+                dir: Some(dir),
+                profile: BuildProfile::TINY,
+                format: Format::TarGz,
+            },
+            &mut demo_out,
+            async {
+                let _ = stopped.await;
+            },
+        )
+        .await
+    });
+    let start = Instant::now();
+    let command = loop {
+        let text = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.contains("deploy-agent fleet serve"))
+        {
+            break line.trim().to_string();
+        }
+        assert!(!demo.is_finished(), "the demo ended: {text}");
+        assert!(start.elapsed() < Duration::from_secs(120), "{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // deploy-agent fleet serve --consul URL --app demo
+    let args: Vec<&str> = command.split_whitespace().skip(1).collect();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut serve = Command::new(deploy_agent_tests::agent_bin())
+        .args(&args)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/api/snapshot");
+    let start = Instant::now();
+    let snap = loop {
+        if let Ok(r) = http.get(&url).send().await {
+            let body = r.bytes().await.unwrap_or_default();
+            if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+                let host_seen = v["hosts"]
+                    .as_array()
+                    .is_some_and(|h| h.iter().any(|r| r[0] == "demo-host-1"));
+                if v["tiers"][0]["percent"] == json!(2.0) && host_seen {
+                    break v;
+                }
+            }
+        }
+        assert!(start.elapsed() < T, "fleet serve never showed the demo");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert_eq!(snap["app"], "demo");
+    assert_eq!(snap["tiers"][0]["tier"], "production");
+    assert_eq!(snap["tiers"][0]["build"], "2026.11.26-2");
+    assert_eq!(snap["tiers"][0]["previous"], "2026.11.26-1");
+    stop.send(()).unwrap();
+    demo.await.unwrap().unwrap();
+}

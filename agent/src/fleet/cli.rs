@@ -418,6 +418,11 @@ async fn serve(target: Target, args: ServeArgs) -> Result<()> {
         .app
         .clone()
         .ok_or_else(|| usage("give --app (the page shows one app)"))?;
+    if target.key.is_some() {
+        return Err(usage(
+            "fleet serve finds the tier keys under --app; use --tier to show one, not --key",
+        ));
+    }
     let freeze_key = target
         .freeze_key
         .clone()
@@ -430,6 +435,8 @@ async fn serve(target: Target, args: ServeArgs) -> Result<()> {
         wait: args.wait,
         ..ConsulSettings::default()
     })?;
+    // The page writes tier keys named per control; `key` only names the
+    // tier shown (or the app's control subtree) in logs.
     let release = Release {
         client,
         key: target.tier.as_deref().map_or_else(

@@ -881,3 +881,122 @@ fn tier_view(
         actions,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::watch::consul::ConsulSettings;
+
+    fn settings(report_prefix: &str) -> FeedSettings {
+        FeedSettings {
+            app: "web".into(),
+            tier: None,
+            freeze_key: crate::fleet::freeze_key("web"),
+            report_prefix: report_prefix.into(),
+            stale_after: Duration::from_secs(120),
+            min_interval: Duration::from_secs(1),
+            read_only: false,
+        }
+    }
+
+    fn release() -> Release {
+        Release {
+            client: ConsulClient::new(&ConsulSettings::default()).unwrap(),
+            key: crate::fleet::tier_key("web", ""),
+            freeze_key: crate::fleet::freeze_key("web"),
+        }
+    }
+
+    fn pair(key: &str, value: Value, index: u64) -> KvPair {
+        KvPair {
+            key: key.into(),
+            value: serde_json::to_vec(&value).unwrap(),
+            modify_index: index,
+            create_index: index,
+            flags: 0,
+        }
+    }
+
+    fn report(host: &str, build: &str, seen: u64, phase: &str) -> Value {
+        serde_json::json!({"host": host, "tier": "production", "build": build, "desired": build,
+            "seen_index": seen, "phase": phase, "outcome": null, "error": null, "bucket": null,
+            "frozen": false, "started_at": null, "finished_at": null, "updated_at": 1000,
+            "agent_version": "t"})
+    }
+
+    #[test]
+    fn one_prefix_when_reports_live_under_the_control_keys_two_when_not() {
+        let today = settings(&crate::fleet::report_prefix("web"));
+        let control = today.control_prefix();
+        if today.report_prefix.starts_with(&control) {
+            assert_eq!(today.prefixes(), vec![control.clone()]);
+        }
+        // Issue 11 moves reports out of the control subtree.
+        let moved = settings("deploy-hosts/web/");
+        assert_eq!(
+            moved.prefixes(),
+            vec!["deploy-hosts/web/".to_string(), control]
+        );
+    }
+
+    #[test]
+    fn snapshot_classifies_keys_and_plans_the_next_step() {
+        for prefix in [
+            crate::fleet::report_prefix("web"),
+            "deploy-hosts/web/".into(),
+        ] {
+            let s = settings(&prefix);
+            let spec = |b: &str| {
+                serde_json::json!({"build": b, "url": "http://h/a.tar.gz",
+                    "sha256": "ab".repeat(32), "size": 1, "format": "tar.gz"})
+            };
+            let mut m = spec("b2");
+            m["percent"] = serde_json::json!(10);
+            m["previous"] = spec("b1");
+            m["published_at"] = serde_json::json!(900);
+            let pairs = [
+                pair(&crate::fleet::tier_key("web", "production"), m, 50),
+                pair(&format!("{prefix}h1"), report("h1", "b2", 50, "done"), 51),
+                pair(&format!("{prefix}h2"), report("h2", "b1", 40, "idle"), 41),
+            ];
+            let refs: Vec<&KvPair> = pairs.iter().collect();
+            let snap = snapshot(&release(), &s, &refs, None, 2000);
+            assert_eq!(snap.tiers.len(), 1, "{prefix}");
+            let t = &snap.tiers[0];
+            assert_eq!((t.build.as_deref(), t.percent), (Some("b2"), 10.0));
+            assert_eq!(t.summary.hosts, 2);
+            let p = t.actions.promote.as_ref().unwrap();
+            assert_eq!((p.percent, p.expected_index), (Some(25.0), 50));
+            assert!(
+                p.cli.ends_with("--tier production promote --percent 25"),
+                "{}",
+                p.cli
+            );
+            assert_eq!(
+                t.actions.rollback.as_ref().unwrap().build.as_deref(),
+                Some("b1")
+            );
+            assert!(t.actions.freeze.is_some() && t.actions.unfreeze.is_none());
+            // h2 never acknowledged index 50, published long ago: stale.
+            assert_eq!(t.stale.len(), 1);
+            assert_eq!(t.stale[0].host, "h2");
+            assert_eq!(t.stale[0].silent_secs, 1000);
+            let states: Vec<_> = snap.hosts.iter().map(|h| h.state).collect();
+            assert_eq!(states, vec![HostState::Converged, HostState::Stale]);
+            assert_eq!(
+                serde_json::to_value(&snap.hosts[0]).unwrap()[0],
+                serde_json::json!("h1")
+            );
+        }
+    }
+
+    #[test]
+    fn steps_and_quoting() {
+        assert_eq!(next_step(0.0), Some(2.0));
+        assert_eq!(next_step(10.0), Some(25.0));
+        assert_eq!(next_step(33.0), Some(50.0));
+        assert_eq!(next_step(100.0), None);
+        assert_eq!(quote("b-1.2"), "b-1.2");
+        assert_eq!(quote("it's bad"), r"'it'\''s bad'");
+    }
+}
