@@ -635,9 +635,10 @@ async fn a_rollout_in_a_real_browser() {
         .await
         .unwrap();
     println!(
-        "5,000 hosts (written in {writing:?}): parse + render {:.1} ms, to paint {:.1} ms, on \
-         screen {seen:?} after the last report write (includes the 1 s read interval); search \
-         in {:.1} ms ({})",
+        "5,000 hosts (written in {writing:?}, snapshot {:.0} KB): parse + render {:.1} ms, to \
+         paint {:.1} ms, on screen {seen:?} after the last report write (includes the 1 s read \
+         interval); search in {:.1} ms ({})",
+        s["bytes"].as_f64().unwrap_or(-1.0) / 1024.0,
         s["lastRenderMs"].as_f64().unwrap_or(-1.0),
         s["lastPaintMs"].as_f64().unwrap_or(-1.0),
         search[0].as_f64().unwrap_or(-1.0),

@@ -234,6 +234,12 @@ async fn run_inner(
             t0.elapsed().as_secs_f64()
         ),
     );
+    if keep.is_none() {
+        p(
+            out,
+            "(deploy-agent demo --keep keeps the servers up and prints the `deploy-agent fleet serve` command for a live page)".into(),
+        );
+    }
     if let Some(until) = keep {
         keep_up(&consul, &builds[1].2, out).await?;
         let _ = out.flush();

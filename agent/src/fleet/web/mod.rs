@@ -118,7 +118,7 @@ impl FleetPage {
                 .await
                 .map_err(|e| Error::FleetPageListen {
                     addr: opts.listen.to_string(),
-                    reason: e.to_string(),
+                    reason: format!("{e}; pick a free address with --listen"),
                 })?;
         let addr = listener.local_addr().map_err(|e| Error::FleetPageListen {
             addr: opts.listen.to_string(),

@@ -8,7 +8,7 @@ const READ_ONLY = document.querySelector('meta[name="read-only"]').content === '
 const $ = (id) => document.getElementById(id);
 
 // Exposed for the browser tests and for curious commanders.
-const stats = (window.fleetStats = { snapshots: 0, version: 0, lastRenderMs: 0, lastPaintMs: 0, hosts: 0, actions: 0 });
+const stats = (window.fleetStats = { snapshots: 0, version: 0, lastRenderMs: 0, lastPaintMs: 0, hosts: 0, bytes: 0, actions: 0 });
 
 let snap = null;        // the last snapshot
 let receivedAt = 0;     // Date.now() when it arrived
@@ -84,6 +84,7 @@ function onSnapshot(data, version) {
   stats.snapshots++;
   stats.version = version || stats.version + 1;
   stats.hosts = rows.length;
+  stats.bytes = data.length;
   stats.lastRenderMs = performance.now() - t0;
   requestAnimationFrame(() => setTimeout(() => { stats.lastPaintMs = performance.now() - t0; }, 0));
 }
