@@ -84,7 +84,6 @@ async fn start_page(consul: &ConsulServer, read_only: bool) -> (FleetPage, Cance
             stale_after: Duration::from_secs(3),
             // The CLI's default.
             min_interval: Duration::from_secs(1),
-            read_only,
         },
     };
     let page = FleetPage::start(release(consul), opts, shutdown.clone())
@@ -809,7 +808,6 @@ async fn controls_need_same_origin_csrf_and_a_writable_page() {
                 report_prefix: deploy_agent::fleet::report_prefix(APP),
                 stale_after: Duration::from_secs(120),
                 min_interval: Duration::from_secs(1),
-                read_only: false,
             },
         },
         CancellationToken::new(),

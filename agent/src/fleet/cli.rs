@@ -459,7 +459,6 @@ async fn serve(target: Target, args: ServeArgs) -> Result<()> {
             report_prefix,
             stale_after: args.stale_after,
             min_interval: args.min_interval,
-            read_only: args.read_only,
         },
     };
     let shutdown = tokio_util::sync::CancellationToken::new();

@@ -58,7 +58,6 @@ pub struct FeedSettings {
     /// of hosts writes reports many times a second, the page needs at most
     /// one read per interval.
     pub min_interval: Duration,
-    pub read_only: bool,
 }
 
 impl FeedSettings {
@@ -91,7 +90,6 @@ pub struct Snapshot {
     pub app: String,
     /// Unix seconds of this snapshot (the page ages hosts from it).
     pub generated_at: u64,
-    pub read_only: bool,
     /// The Consul address the server talks to (for the CLI equivalents).
     pub consul: String,
     /// The last Consul error of the watch, while it lasts.
@@ -627,7 +625,6 @@ pub fn snapshot(
     Snapshot {
         app: settings.app.clone(),
         generated_at: now,
-        read_only: settings.read_only,
         consul,
         error,
         freeze_key: settings.freeze_key.clone(),
@@ -895,7 +892,6 @@ mod tests {
             report_prefix: report_prefix.into(),
             stale_after: Duration::from_secs(120),
             min_interval: Duration::from_secs(1),
-            read_only: false,
         }
     }
 
