@@ -149,7 +149,7 @@ function tierCard(t) {
       bars.append(
         el('span', { text: st.percent + '%' + (st.percent === t.percent ? ' ◀' : '') }),
         el('div', { class: 'bar' + (st.reached ? '' : ' future'), title: st.reached ? 'converged on ' + t.build : 'not reached yet; already on ' + t.build }, el('i', { width: p.toFixed(1) + '%' })),
-        el('span', { class: 'step-text', 'data-step': st.percent, text: st.reached ? st.converged + '/' + st.hosts + ' (' + p.toFixed(0) + '%)' : 'not yet (' + st.converged + '/' + st.hosts + ')' }));
+        el('span', { class: 'step-text', 'data-step': st.percent, text: st.reached ? st.converged + '/' + st.hosts + ' (' + p.toFixed(0) + '%)' : 'not yet: ' + st.converged + '/' + st.hosts + ' on it' }));
     }
     card.append(bars);
   }
