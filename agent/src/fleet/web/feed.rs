@@ -266,9 +266,8 @@ pub struct Published {
 pub type FeedReceiver = watch::Receiver<Arc<Published>>;
 
 /// Makes every watch re-read at once (after the page's own write), so the
-/// page shows the result without waiting for the blocking query; also
-/// covers a delete that a Consul-compatible server without tombstones
-/// would not wake a prefix query for.
+/// page shows the result without waiting for the blocking query to return
+/// and the min interval to pass.
 #[derive(Debug, Clone)]
 pub struct Nudge(Arc<watch::Sender<u64>>);
 
@@ -334,6 +333,7 @@ async fn watch_prefix(
             // The client's own `wait`: its request timeout is sized on it.
             wait: Some(client.settings().wait),
             stale: false,
+            consistent: false,
         };
         let read = tokio::select! {
             _ = shutdown.cancelled() => return,
