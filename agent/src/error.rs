@@ -309,6 +309,10 @@ pub enum Error {
     #[error("release {key}: {reason}")]
     ReleaseInvalid { key: String, reason: String },
 
+    /// `fleet serve` cannot listen where asked.
+    #[error("fleet page: cannot listen on {addr}: {reason}")]
+    FleetPageListen { addr: String, reason: String },
+
     /// `release freeze` while a freeze is already in place.
     #[error("{key} is already frozen ({detail}); `deploy-agent release unfreeze` lifts it")]
     ReleaseFrozen { key: String, detail: String },

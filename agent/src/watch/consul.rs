@@ -1163,6 +1163,36 @@ impl ConsulClient {
             s => Err(status_error(&url, prefix, Needs::List, s, &body)),
         }
     }
+
+    /// [`ConsulClient::list`] as a blocking query: returns when the
+    /// prefix's index passes `opts.index` (or `wait` runs out), with the
+    /// `X-Consul-Index` to pass next time. The fleet page's one watch.
+    pub async fn list_blocking(
+        &self,
+        prefix: &str,
+        opts: &QueryOptions,
+    ) -> Result<(u64, Vec<KvPair>)> {
+        validate_key(prefix, true)?;
+        let mut params: Vec<(&str, Option<String>)> = vec![("recurse", None)];
+        let blocking = opts.index > 0;
+        if blocking {
+            params.push(("index", Some(opts.index.to_string())));
+            if let Some(w) = opts.wait {
+                params.push(("wait", Some(format!("{}ms", w.min(MAX_WAIT).as_millis()))));
+            }
+        }
+        let url = self.url(prefix, &params);
+        let timeout = self.settings().request_timeout(blocking);
+        let (status, headers, body) = self
+            .exchange(self.inner.http.get(&url), &url, timeout, MAX_LIST_BODY)
+            .await?;
+        let index = header_u64(&headers, "x-consul-index").unwrap_or(0);
+        match status.as_u16() {
+            200 => Ok((index, decode_pairs(&url, &body)?)),
+            404 => Ok((index, Vec::new())),
+            s => Err(status_error(&url, prefix, Needs::List, s, &body)),
+        }
+    }
 }
 
 fn split_host_port(hostport: &str, default_port: u16) -> Option<(String, u16)> {
