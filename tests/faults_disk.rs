@@ -258,6 +258,23 @@ async fn a_build_that_filled_the_disk_does_not_wedge_the_next_one() {
     let msg = h.assert_error_visible("space", T).await;
     println!("{msg}");
     assert_eq!(h.served(), "small-a");
+    // Status says what the cold slot really holds, not "(empty)".
+    let sock = h.tmp.path().join("agent.sock");
+    let start = Instant::now();
+    loop {
+        let out = std::process::Command::new(deploy_agent_tests::agent_bin())
+            .args(["status", "--json", "--socket"])
+            .arg(&sock)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if v["cold"]["unmarked_bytes"].as_u64().unwrap_or(0) > 20 << 20 {
+            assert!(v["cold"]["build"].is_null(), "{v:#}");
+            break;
+        }
+        assert!(start.elapsed() < T, "cold slot leftovers not shown: {v:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // The next small build goes live by itself.
     let (c, _) = h.build("small-c");

@@ -124,10 +124,15 @@ impl Shared {
         self.lock().deploy.clone()
     }
 
+    /// Records an error that stops progress; it belongs to the desired
+    /// build, if one is known.
     fn error(&self, message: String) {
-        self.lock().last_error = Some(ErrorRecord {
-            message,
+        let mut g = self.lock();
+        let build = g.desired.as_ref().map(|d| d.build.clone());
+        g.last_error = Some(ErrorRecord {
+            message: crate::redact::message(&message),
             at: now_secs(),
+            build,
         });
     }
 
@@ -689,6 +694,15 @@ impl MainLoop {
                 value,
                 modify_index,
             } => (value, modify_index),
+            WatchEvent::Rejected { reason } => {
+                let err = Error::ManifestSource {
+                    source_name: self.source.clone(),
+                    reason,
+                };
+                error!(error = %err, "manifest rejected");
+                self.shared.error(err.to_string());
+                return false;
+            }
         };
         self.shared.lock().nothing_published = false;
         let m = match crate::sign::verify(&value, &self.trust)

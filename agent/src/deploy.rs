@@ -232,6 +232,9 @@ pub struct ErrorRecord {
     pub message: String,
     /// Seconds since the Unix epoch.
     pub at: u64,
+    /// The build the error belongs to, when it belongs to one.
+    #[serde(default)]
+    pub build: Option<String>,
 }
 
 /// The persisted record of the current (or last) deploy.
@@ -356,9 +359,12 @@ impl Run<'_> {
         self.rec.finished_at = Some(now_secs());
         self.rec.progress = self.d.progress.snapshot();
         if let Some(e) = error {
+            // The record feeds status, history and host reports: no
+            // credentials, no unbounded text.
             self.rec.error = Some(ErrorRecord {
-                message: e.to_string(),
+                message: crate::redact::message(&e.to_string()),
                 at: now_secs(),
+                build: Some(self.rec.build.clone()),
             });
         }
         self.persist();
@@ -704,8 +710,9 @@ impl Deployer {
             {
                 warn!(error = %e, "post-flip hook failed");
                 run.rec.error = Some(ErrorRecord {
-                    message: e.to_string(),
+                    message: crate::redact::message(&e.to_string()),
                     at: now_secs(),
+                    build: Some(m.spec.build.clone()),
                 });
             }
         }

@@ -73,6 +73,10 @@ pub enum Error {
     #[error("Consul setting {setting}: {message}")]
     ConsulConfig { setting: String, message: String },
 
+    /// The manifest source holds something that cannot be a manifest.
+    #[error("manifest from {source_name} rejected: {reason}")]
+    ManifestSource { source_name: String, reason: String },
+
     /// The local file source could not be watched.
     #[error("cannot watch {path}: {message}; check the directory exists and is readable")]
     WatchFile { path: PathBuf, message: String },

@@ -61,6 +61,9 @@ pub enum WatchEvent {
     /// 404: nothing is published. Informational: the consumer keeps serving
     /// what is deployed and never undeploys because of it (rule 6).
     Missing,
+    /// The source holds something that cannot be a manifest (not a regular
+    /// file, too large): shown in status like a rejected manifest.
+    Rejected { reason: String },
 }
 
 /// The watch loop: runs blocking queries on `key` until `shutdown` is
@@ -193,6 +196,7 @@ pub async fn watch_key_from(
                     WatchEvent::Missing => {
                         tracing::warn!("key not found: nothing published; keeping what is deployed")
                     }
+                    WatchEvent::Rejected { reason } => tracing::error!(%reason, "value rejected"),
                 }
                 tokio::select! {
                     r = tx.send(event) => if r.is_err() {
