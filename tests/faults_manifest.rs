@@ -220,8 +220,12 @@ async fn a_manifest_file_is_read_bounded_and_typed() {
         ("not a regular file", &|p| {
             nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap()
         }),
-        ("not a regular file", &|p| std::os::unix::fs::symlink("/dev/zero", p).unwrap()),
-        ("larger than the 512 KiB", &|p| std::fs::write(p, vec![b' '; 600 * 1024]).unwrap()),
+        ("not a regular file", &|p| {
+            std::os::unix::fs::symlink("/dev/zero", p).unwrap()
+        }),
+        ("larger than the 512 KiB", &|p| {
+            std::fs::write(p, vec![b' '; 600 * 1024]).unwrap()
+        }),
     ];
     for (needle, make) in cases {
         swap(make);
@@ -231,7 +235,10 @@ async fn a_manifest_file_is_read_bounded_and_typed() {
             if e.contains(needle) {
                 break;
             }
-            assert!(start.elapsed() < T, "{needle:?} never in status (last error: {e})");
+            assert!(
+                start.elapsed() < T,
+                "{needle:?} never in status (last error: {e})"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(h.served(), "good");

@@ -838,11 +838,17 @@ fn prune_never_touches_a_pinned_artifact_or_partial() {
     });
     let exists = |n: String| dir.path().join(n).exists();
     assert!(exists(sha('a')), "a pinned artifact was pruned");
-    assert!(exists(format!("{}.partial", sha('d'))), "the next deploy's partial was pruned");
+    assert!(
+        exists(format!("{}.partial", sha('d'))),
+        "the next deploy's partial was pruned"
+    );
     assert!(exists(format!("{}.progress", sha('d'))));
     assert!(exists(sha('c')), "the live build was pruned");
     assert!(!exists(sha('b')), "an unused old artifact was kept");
-    assert!(!exists(format!("{}.partial", sha('e'))), "a stale partial was kept");
+    assert!(
+        !exists(format!("{}.partial", sha('e'))),
+        "a stale partial was kept"
+    );
     drop((pin_a, pin_d));
     cache.prune(Some(&sha('c'))).unwrap();
     assert!(!exists(sha('a')) && !exists(format!("{}.partial", sha('d'))));

@@ -894,7 +894,19 @@ impl MainLoop {
         let cancel = shutdown.child_token();
         let deployer = self.deployer.clone();
         let obs: Arc<dyn Observer> = self.shared.clone();
-        let force = std::mem::take(&mut l.force_next);
+        // A new `deploy_id` for the build that is live is a deliberate
+        // redeploy (rule 18): run it again rather than call it live. The
+        // last deploy's record (persisted) says which id went live, so a
+        // restart does not redeploy.
+        let new_id = m.deploy_id.is_some()
+            && self
+                .shared
+                .deploy_record()
+                .is_some_and(|r| r.build == m.spec.build && r.deploy_id != m.deploy_id);
+        if new_id {
+            info!(build = %m.spec.build, deploy_id = m.deploy_id.as_deref().unwrap_or(""), "new deploy id: deploying the build again");
+        }
+        let force = std::mem::take(&mut l.force_next) || new_id;
         let c = cancel.clone();
         let handle = tokio::spawn(async move { deployer.execute(&m, force, c, obs).await });
         l.running = Some(Running {

@@ -457,10 +457,16 @@ impl Deployer {
         .map_err(Error::from)
     }
 
-    /// Which slot holds `m`'s artifact with a valid marker, if any.
+    /// Which slot holds `m`'s artifact with a valid marker, if any; the hot
+    /// slot first (after a redeploy both slots may hold the same build, and
+    /// the live one is the answer, not a "rollback" to its twin).
     pub fn slot_holding(&self, m: &Manifest) -> Option<Slot> {
         let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
-        Slot::ALL.into_iter().find(|s| {
+        let order = match root.hot() {
+            Some(h) => [h, h.other()],
+            None => Slot::ALL,
+        };
+        order.into_iter().find(|s| {
             root.marker(*s).is_some_and(|mk| {
                 mk.build.build_id == m.spec.build
                     && mk.build.sha256.as_deref() == Some(&m.spec.sha256)

@@ -105,7 +105,10 @@ mod tests {
         let m = "download of https://bob:hunter2@art.example/b.tar.gz?X-Amz-Signature=abc&part=1 failed";
         let r = secrets(m);
         assert!(!r.contains("hunter2") && !r.contains("abc"), "{r}");
-        assert!(r.contains("https://***@art.example/b.tar.gz?X-Amz-Signature=***&part=1"), "{r}");
+        assert!(
+            r.contains("https://***@art.example/b.tar.gz?X-Amz-Signature=***&part=1"),
+            "{r}"
+        );
         assert_eq!(secrets("no urls here"), "no urls here");
         assert_eq!(
             secrets("\"http://h/x\" and http://u@h2/y"),

@@ -125,10 +125,7 @@ impl StatusSource for AgentView {
         rep.phase = rec.map(|r| r.phase).unwrap_or_default();
         if !rep.phase.is_active() {
             if let Some(cold) = rep.cold.as_mut().filter(|c| c.build.is_none()) {
-                let dir = self
-                    .deployer
-                    .root_path
-                    .join(format!("slot-{}", cold.name));
+                let dir = self.deployer.root_path.join(format!("slot-{}", cold.name));
                 cold.unmarked_bytes = Some(self.leftover_bytes(dir)).filter(|n| *n > 0);
             }
         }
@@ -171,7 +168,12 @@ impl StatusSource for AgentView {
             .control
             .history
             .iter()
-            .filter(|h| matches!(h.outcome, Some(deploy::Outcome::Success | deploy::Outcome::RolledBack)))
+            .filter(|h| {
+                matches!(
+                    h.outcome,
+                    Some(deploy::Outcome::Success | deploy::Outcome::RolledBack)
+                )
+            })
             .filter_map(|h| h.finished_unix)
             .max();
         let desired = s.desired.as_ref().map(|d| d.build.as_str());
