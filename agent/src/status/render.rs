@@ -359,6 +359,7 @@ mod tests {
         r.last_error = Some(LastError {
             message: "checksum mismatch".into(),
             at_unix: 100,
+            ..LastError::default()
         });
         r.hold = HoldState {
             held: true,
