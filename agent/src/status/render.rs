@@ -313,6 +313,25 @@ pub fn duration(secs: u64) -> String {
     }
 }
 
+/// A duration for messages, to the precision a reader can use: `250ms`,
+/// `2.5s`, `30s`, `4m05s`, `3h12m` (never `2.521672156s`).
+pub fn human_duration(d: std::time::Duration) -> String {
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    if ms < 60_000 {
+        // Tenths, rounded; a whole number of seconds has no `.0`.
+        let tenths = (ms + 50) / 100;
+        return if tenths % 10 == 0 {
+            format!("{}s", tenths / 10)
+        } else {
+            format!("{}.{}s", tenths / 10, tenths % 10)
+        };
+    }
+    duration(d.as_secs())
+}
+
 fn millis(ms: u64) -> String {
     if ms < 1000 {
         format!("{ms}ms")
@@ -350,6 +369,16 @@ mod tests {
         assert_eq!(bar(5, 10, 10), "[#####-----]");
         assert_eq!(bar(20, 10, 4), "[####]");
         assert_eq!(bar(1, 0, 4), "[----]");
+    }
+
+    #[test]
+    fn human_durations_are_rounded() {
+        use std::time::Duration;
+        assert_eq!(human_duration(Duration::from_nanos(2_521_672_156)), "2.5s");
+        assert_eq!(human_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(human_duration(Duration::from_secs(2)), "2s");
+        assert_eq!(human_duration(Duration::from_millis(59_990)), "60s");
+        assert_eq!(human_duration(Duration::from_secs(245)), "4m05s");
     }
 
     #[test]
