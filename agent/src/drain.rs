@@ -181,7 +181,7 @@ pub async fn wait_cold_slot(
         ) if !cancel.is_cancelled() => {
             for sig in [Signal::SIGTERM, Signal::SIGKILL] {
                 for h in &holders {
-                    warn!(pid = h.pid, command = %h.command, signal = ?sig, "signalling process still using the cold slot");
+                    warn!(pid = h.pid, command = %h.command, signal = %sig, "signalling process still using the cold slot");
                     let _ = nix::sys::signal::kill(Pid::from_raw(h.pid), sig);
                 }
                 if wait_no_process(

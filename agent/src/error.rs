@@ -239,6 +239,14 @@ pub enum Error {
     #[error("permission denied on {path}: {hint}, or run the command with sudo")]
     SocketPermissionDenied { path: PathBuf, hint: String },
 
+    /// The socket (or its directory) belongs to group root: joining a
+    /// group cannot help, only root may connect.
+    #[error(
+        "permission denied on {path}: only root may connect (it belongs to group root); \
+         run the command with sudo, or ask for a socket-group in the agent's [status] config"
+    )]
+    SocketRootOnly { path: PathBuf },
+
     #[error("{message}")]
     Forbidden { message: String },
 
@@ -316,6 +324,14 @@ pub enum Error {
     /// `fleet serve` cannot listen where asked.
     #[error("fleet page: cannot listen on {addr}: {reason}")]
     FleetPageListen { addr: String, reason: String },
+
+    /// An answer from the Consul address that Consul would never give (a
+    /// KV read without `X-Consul-Index`): the address is some other server.
+    #[error(
+        "{url} did not answer like a Consul agent ({detail}); check --consul, \
+         CONSUL_HTTP_ADDR or [consul] address: it must be the HTTP API of a Consul agent"
+    )]
+    NotConsul { url: String, detail: String },
 
     /// `release freeze` while a freeze is already in place.
     #[error("{key} is already frozen ({detail}); `deploy-agent release unfreeze` lifts it")]

@@ -232,7 +232,7 @@ pub async fn watch_key_from(
                     }
                     continue;
                 } else {
-                    tracing::warn!(error = %e, ?kind, retry_in_ms, "Consul watch request failed");
+                    tracing::warn!(error = %e, kind = kind.as_str(), retry_in_ms, "Consul watch request failed");
                 }
                 if !sleep_or_cancel(delay, &shutdown).await {
                     return;
@@ -365,6 +365,19 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// The snake_case name used in logs and stats.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Connect => "connect",
+            ErrorKind::Http5xx => "http_5xx",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::Decode => "decode",
+            ErrorKind::Other => "other",
+        }
+    }
+
     /// Classifies an error of this module.
     pub fn of(e: &Error) -> ErrorKind {
         match e {
@@ -1230,9 +1243,11 @@ fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
 fn consul_index(url: &str, status: u16, h: &reqwest::header::HeaderMap) -> Result<u64> {
     match (status, header_u64(h, "x-consul-index")) {
         (200 | 404, Some(i)) => Ok(i),
-        (200 | 404, None) => Err(Error::ConsulDecode {
+        (200 | 404, None) => Err(Error::NotConsul {
             url: url.to_string(),
-            message: format!("answered {status} without an X-Consul-Index header, which every Consul KV read carries"),
+            detail: format!(
+                "a {status} without the X-Consul-Index header every Consul KV read carries"
+            ),
         }),
         _ => Ok(0),
     }
