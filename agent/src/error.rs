@@ -28,7 +28,7 @@ pub enum Error {
     ConsulConnect { url: String, message: String },
 
     /// No answer within the per-request timeout (wait * 17/16 + margin).
-    #[error("Consul request to {url} timed out after {timeout:?}; check the local Consul agent and any proxy idle timeout on the path")]
+    #[error("Consul request to {url} timed out after {}; check the local Consul agent and any proxy idle timeout on the path", crate::status::render::human_duration(*timeout))]
     ConsulTimeout {
         url: String,
         timeout: std::time::Duration,
@@ -193,7 +193,7 @@ pub enum Error {
         output: String,
     },
 
-    #[error("drain condition ({what}) did not hold within {waited:?}; the flip was not done, check the workers or raise drain.hot-deadline")]
+    #[error("drain condition ({what}) did not hold within {}; the flip was not done, check the workers or raise drain.hot-deadline", crate::status::render::human_duration(*waited))]
     DrainCondition {
         what: String,
         waited: std::time::Duration,
