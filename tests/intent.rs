@@ -107,7 +107,9 @@ async fn freeze_then_release_rollback_flips_nobody_until_unfreeze() {
     for h in &hosts {
         h.wait_served("b1");
     }
-    std::thread::sleep(Duration::from_secs(1));
+    // Past the watches' first-request splay (up to 5 s after start), so
+    // their first reads do not count as wake-ups.
+    std::thread::sleep(Duration::from_secs(6));
     let freeze_reads = |c: &ConsulServer| c.requests_for("deploy/app/freeze").len();
     let report_writes = |c: &ConsulServer| {
         (0..2)
