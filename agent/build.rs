@@ -33,7 +33,10 @@ fn main() {
                 .map_or(0, |d| d.as_secs() as i64)
         });
     println!("cargo:rustc-env=DEPLOY_AGENT_COMMIT={commit}");
-    println!("cargo:rustc-env=DEPLOY_AGENT_BUILD_DATE={}", civil_date(secs));
+    println!(
+        "cargo:rustc-env=DEPLOY_AGENT_BUILD_DATE={}",
+        civil_date(secs)
+    );
 }
 
 /// The short commit, or `None` outside a git checkout. Also tells cargo to

@@ -85,10 +85,7 @@ enum Cmd {
     Fleet(deploy_agent::fleet::cli::FleetCommand),
     /// Packaging only: write the man pages or shell completions into DIR.
     #[command(hide = true)]
-    Generate {
-        what: generate::What,
-        dir: PathBuf,
-    },
+    Generate { what: generate::What, dir: PathBuf },
 }
 
 /// Exit codes of `run`, `check-config` and `demo` (the operator commands

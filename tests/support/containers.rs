@@ -7,12 +7,17 @@
 //! share a subnet). The package under test (`debian/build-deb.sh`) is
 //! installed inside each container with `dpkg -i`, as an operator would.
 //!
-//! Crash guarantees: every container, overlay mount, veth and namespace is
-//! owned by a value here whose `Drop` removes it, panics included. nspawn
-//! is spawned with `PR_SET_PDEATHSIG=SIGTERM`, so if the test process is
-//! killed outright the containers still shut down; only the bridge, the
-//! namespaces and a persistent overlay's mount would then stay behind, all
-//! named after the dead test's pid (`dac*`), and are not reused.
+//! Each nspawn runs in a cgroup of its own (`dac-<test pid>-<name>`): the
+//! host's PID 1 is not systemd, and containers sharing one cgroup would run
+//! their systemd instances in the same cgroup tree and hang at boot.
+//!
+//! Crash guarantees: every container, cgroup, overlay mount, veth and
+//! namespace is owned by a value here whose `Drop` removes it, panics
+//! included. nspawn is spawned with `PR_SET_PDEATHSIG=SIGTERM`, so if the
+//! test process is killed outright the containers still shut down; only
+//! the bridge, the namespaces, empty cgroups and a persistent overlay's
+//! mount would then stay behind, all named after the dead test's pid
+//! (`dac*`), never reused.
 
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -56,9 +61,8 @@ pub fn unsupported() -> Option<String> {
         ("nsenter", "util-linux"),
         ("ip", "iproute2"),
     ] {
-        let found = std::env::var_os("PATH").is_some_and(|p| {
-            std::env::split_paths(&p).any(|d| d.join(tool).is_file())
-        });
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
         if !found {
             return Some(format!(
                 "`{tool}` is missing (apt-get install {pkg}; .ci/run does)"
@@ -66,7 +70,9 @@ pub fn unsupported() -> Option<String> {
         }
     }
     if std::env::var_os(DEB_ENV).is_none() {
-        let deb = Command::new(env!("CARGO")).args(["deb", "--version"]).output();
+        let deb = Command::new(env!("CARGO"))
+            .args(["deb", "--version"])
+            .output();
         if !deb.is_ok_and(|o| o.status.success()) {
             return Some(format!(
                 "cargo-deb is missing (cargo install cargo-deb --locked; .ci/run does), \
@@ -319,22 +325,31 @@ fn spawn_long_lived(cmd: Command) -> std::io::Result<Child> {
         .map_err(|_| std::io::Error::other("spawner thread gone"))?
 }
 
-/// The child of `parent` (nspawn's only child is the container's init).
-fn child_of(parent: u32) -> Option<i32> {
+/// The container's init: the child of `parent` (nspawn) that is PID 1 in
+/// its own PID namespace. nspawn first forks an "outer child" that forks
+/// init and exits, so the first child seen is not always init.
+fn init_of(parent: u32) -> Option<i32> {
     let rd = std::fs::read_dir("/proc").ok()?;
     for e in rd.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
             continue;
         };
-        // pid (comm) state ppid ...: comm may hold spaces, split after ')'.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(parent) {
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.split_whitespace().collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        let ppid = field("PPid:");
+        let nspid = field("NSpid:");
+        if ppid.first() == Some(&parent.to_string().as_str())
+            && nspid.len() > 1
+            && nspid.last() == Some(&"1")
+        {
             return Some(pid);
         }
     }
@@ -371,7 +386,22 @@ impl Container {
             .append(true)
             .open(&self.console)
             .unwrap_or_else(|e| panic!("{}: {e}", self.console.display()));
-        let mut cmd = Command::new("systemd-nspawn");
+        // nspawn runs in a cgroup of its own (it then splits it into
+        // `supervisor` and `payload`): two containers in one cgroup would
+        // both run their systemd in the same cgroup tree and hang at boot.
+        let cgroups = self.cgroups();
+        for d in &cgroups {
+            std::fs::create_dir_all(d).unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+        }
+        let paths: Vec<String> = cgroups.iter().map(|d| d.display().to_string()).collect();
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args([
+            "-c",
+            r#"for g in $DAC_CGROUPS; do echo $$ > "$g/cgroup.procs" || exit 1; done; exec "$@""#,
+            "sh",
+            "systemd-nspawn",
+        ])
+        .env("DAC_CGROUPS", paths.join(" "));
         match &self.rootfs {
             RootFs::Volatile(image) => {
                 cmd.arg("-D").arg(image).arg("--volatile=overlay");
@@ -383,7 +413,10 @@ impl Container {
         cmd.args(["--register=no", "--keep-unit", "--boot", "-q"])
             .arg(format!("--machine={}", self.name))
             .arg(format!("--hostname={}", self.name))
-            .arg(format!("--network-namespace-path=/run/netns/{}", self.netns))
+            .arg(format!(
+                "--network-namespace-path=/run/netns/{}",
+                self.netns
+            ))
             .arg(format!("--bind-ro={}:/share", self.share.display()))
             // Its own process group: a Ctrl-C of the test does not reach
             // nspawn before our destructors have run.
@@ -407,7 +440,7 @@ impl Container {
         self.nspawn = Some(child);
         let start = Instant::now();
         loop {
-            if let Some(p) = child_of(nspawn_pid) {
+            if let Some(p) = init_of(nspawn_pid) {
                 self.pid1 = p;
                 return;
             }
@@ -427,13 +460,48 @@ impl Container {
         }
     }
 
+    /// The cgroups nspawn runs in: `dac-<test pid>-<name>` in the unified
+    /// hierarchy and, on a hybrid host, in the name=systemd one too.
+    fn cgroups(&self) -> Vec<PathBuf> {
+        let leaf = format!("dac-{}-{}", std::process::id(), self.name);
+        let base = Path::new("/sys/fs/cgroup");
+        if base.join("cgroup.controllers").exists() {
+            return vec![base.join(leaf)];
+        }
+        ["unified", "systemd"]
+            .iter()
+            .map(|h| base.join(h))
+            .filter(|h| h.is_dir())
+            .map(|h| h.join(&leaf))
+            .collect()
+    }
+
+    /// Removes this container's (empty, stopped) cgroup trees, deepest first.
+    fn remove_cgroups(&self) {
+        fn rm(dir: &Path) {
+            if let Ok(rd) = std::fs::read_dir(dir) {
+                for e in rd.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        rm(&e.path());
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+        for d in self.cgroups() {
+            rm(&d);
+        }
+    }
+
     /// Waits until `systemctl is-system-running` says running (or
     /// degraded, with the failed units in the panic message otherwise).
     pub fn wait_booted(&self, limit: Duration) -> Result<(), String> {
         let start = Instant::now();
         loop {
             let out = self.exec(&["systemctl", "is-system-running"]);
-            let state = out.as_ref().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+            let state = out
+                .as_ref()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
             match state.as_deref() {
                 Ok("running") => return Ok(()),
                 Ok("degraded") => {
@@ -501,7 +569,9 @@ impl Container {
 
     /// Writes `content` to `path` inside the container (mode 0644).
     pub fn write(&self, path: &str, content: &str) {
-        let script = format!("mkdir -p \"$(dirname '{path}')\" && cat > '{path}.tmp' && mv '{path}.tmp' '{path}'");
+        let script = format!(
+            "mkdir -p \"$(dirname '{path}')\" && cat > '{path}.tmp' && mv '{path}.tmp' '{path}'"
+        );
         let mut child = self
             .nsenter()
             .args(["/bin/sh", "-c", &script])
@@ -586,6 +656,7 @@ impl Container {
             }
         }
         self.pid1 = 0;
+        self.remove_cgroups();
     }
 
     /// Boots it again on the same root (after [`Container::poweroff`]).
@@ -606,14 +677,24 @@ impl Container {
             nix::sys::signal::Signal::SIGTERM,
         );
         let start = Instant::now();
+        let mut exited = false;
         while start.elapsed() < Duration::from_secs(20) {
             if let Ok(Some(_)) = child.try_wait() {
-                return;
+                exited = true;
+                break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = child.kill();
-        let _ = child.wait();
+        if !exited {
+            let _ = child.kill();
+            let _ = child.wait();
+            // nspawn is gone; take whatever is left of the container with it.
+            for d in self.cgroups() {
+                let _ = std::fs::write(d.join("cgroup.kill"), "1");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.remove_cgroups();
     }
 }
 
