@@ -76,7 +76,7 @@ async fn status_history_hold_resume_rollback_redeploy_and_metrics() {
     let v = status_json(&h);
     assert_eq!(v["hold"]["held"], true);
     assert_eq!(v["hold"]["reason"], "incident 42");
-    assert_eq!(v["phase"], "holding");
+    assert_eq!(v["state"]["state"], "held");
     // Resume: the desired build goes live.
     assert!(cli(&h, &["resume"]).status.success());
     h.wait_live("three", T).await;
@@ -153,7 +153,14 @@ async fn hot_drain_by_command_and_by_http_gate_the_flip() {
     h.start_agent().await;
     let (m1, _) = h.build("one");
     h.publish(&m1);
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Wait for the deploy to reach the drain (a fixed sleep raced a
+    // loaded machine), then check it stays there while the command fails.
+    let t0 = std::time::Instant::now();
+    while h.status().deploy.map(|d| d.phase) != Some(deploy_agent::deploy::Phase::Draining) {
+        assert!(t0.elapsed() < T, "deploy never reached draining");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(h.served(), "", "flip must wait for the drain command");
     assert_eq!(
         h.status().deploy.unwrap().phase,

@@ -4,96 +4,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use deploy_agent::buildgen::{self, BuildProfile};
 use deploy_agent::manifest::Format;
 use deploy_agent::testserver::artifact::{ArtifactServer, Fault, FaultRule};
 use deploy_agent::testserver::consul::{ConsulServer, ConsulServerConfig};
+use deploy_agent_tests::process::Proc;
 use deploy_agent_tests::{agent_bin, fast_tempdir};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 const KEY: &str = "deploy/app/production";
-
-struct Proc {
-    child: Child,
-    log: Arc<Mutex<String>>,
-}
-
-impl Proc {
-    fn start(config: &Path, notify: Option<&Path>) -> Proc {
-        let mut cmd = Command::new(agent_bin());
-        cmd.args(["run", "--config"])
-            .arg(config)
-            .env("DEPLOY_AGENT_LOG", "info")
-            .env_remove("JOURNAL_STREAM")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        match notify {
-            Some(p) => {
-                cmd.env("NOTIFY_SOCKET", p).env("WATCHDOG_USEC", "300000");
-            }
-            None => {
-                cmd.env_remove("NOTIFY_SOCKET");
-            }
-        }
-        let mut child = cmd.spawn().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let err = child.stderr.take().unwrap();
-        let l = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let mut g = l.lock().unwrap();
-                g.push_str(&line);
-                g.push('\n');
-            }
-        });
-        Proc { child, log }
-    }
-
-    fn wait_log(&self, needle: &str, limit: Duration) {
-        let start = Instant::now();
-        while !self.log.lock().unwrap().contains(needle) {
-            assert!(
-                start.elapsed() < limit,
-                "log never contained {needle:?}:\n{}",
-                self.log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn signal(&self, sig: Signal) {
-        kill(Pid::from_raw(self.child.id() as i32), sig).unwrap();
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                start.elapsed() < limit,
-                "agent did not exit within {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn write_config(dir: &Path, consul: &str, extra: &str) -> PathBuf {
     let path = dir.join("config.toml");

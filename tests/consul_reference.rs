@@ -1,5 +1,5 @@
 //! Replays every recorded Consul 1.9.0 exchange in
-//! `shared/consul-reference/NN-*.txt` against `testserver::consul` and checks
+//! `tests/data/consul-reference/NN-*.txt` against `testserver::consul` and checks
 //! status, the headers that matter, the body byte for byte, and the timings
 //! of the blocking queries from the README table.
 //!
@@ -37,7 +37,7 @@ struct Exchange {
 }
 
 fn reference_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/consul-reference")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/consul-reference")
 }
 
 fn parse_exchange(path: &Path) -> Exchange {

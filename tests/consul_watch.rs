@@ -178,11 +178,51 @@ async fn spurious_wakeups_on_a_missing_key_emit_missing_once() {
         tokio::time::sleep(Duration::from_millis(120)).await;
     }
     w.quiet(Duration::from_millis(300)).await;
-    // The server did wake the query (404 with a new index) each time...
-    assert!(server.requests_for(KEY).len() >= before + 3);
+    // The server did wake the query (404 with a new index), and the watch
+    // asked again, paced by WAKE_GAP rather than once per write...
+    let asked = server.requests_for(KEY).len() - before;
+    assert!((1..=4).contains(&asked), "{asked} requests for 5 wake-ups");
     // ...yet nothing reached the consumer. Creating the key does.
     server.put(KEY, b"v1".to_vec());
     assert!(same_value(&w.next(Duration::from_secs(2)).await, b"v1"));
+    w.stop().await;
+}
+
+/// With the shipped pacing (burst 2, then one request per 15 s), a stream
+/// of wake-ups caused by other keys' writes must not leave the watch asleep
+/// when its own key is finally written: the real change is seen within one
+/// WAKE_GAP, not after a bucket refill.
+#[tokio::test]
+async fn wakeups_by_other_writes_do_not_starve_the_watch_with_shipped_rates() {
+    let server = ConsulServer::start(ConsulServerConfig::default())
+        .await
+        .unwrap();
+    let settings = ConsulSettings {
+        rate: RateLimit::default(),
+        ..fast(server.url())
+    };
+    let mut w = Watch::start(&settings, KEY);
+    assert_eq!(w.next(Duration::from_secs(2)).await, WatchEvent::Missing);
+    until_blocking(&server, KEY).await;
+    let before = server.requests_for(KEY).len();
+    for i in 0..20 {
+        server.put("deploy/web/other", format!("x{i}").into_bytes());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let asked = server.requests_for(KEY).len() - before;
+    let bound = 2000 / deploy_agent::watch::consul::WAKE_GAP.as_millis() as usize + 2;
+    assert!(asked <= bound, "{asked} requests in 2 s of wake-ups (bound {bound})");
+    let t0 = Instant::now();
+    server.put(KEY, b"frozen".to_vec());
+    // A drained bucket would take the 15 s refill; the bound here is far
+    // from both that and the expected WAKE_GAP, so load cannot flip it.
+    let ev = w.next(Duration::from_secs(10)).await;
+    assert!(same_value(&ev, b"frozen"), "{ev:?}");
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the change took {took:?}: the bucket was drained by wake-ups"
+    );
     w.stop().await;
 }
 
@@ -251,6 +291,7 @@ async fn index_ahead_of_the_server_returns_lower_index_after_wait() {
                 index: ahead,
                 wait: Some(Duration::from_millis(300)),
                 stale: false,
+                consistent: false,
             },
         )
         .await

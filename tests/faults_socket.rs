@@ -155,7 +155,7 @@ async fn socket_abuse_while_deploying() {
     h.wait_live("two", T).await;
     watch.finish();
     let st = h.status();
-    assert!(st.hold.is_none(), "{:?}", st.hold);
+    assert!(!st.control.state.is_held(), "{:?}", st.control.state);
     // And the agent still answers normally.
     let s = sock.clone();
     let after = tokio::task::spawn_blocking(move || get_status(&s))

@@ -133,7 +133,7 @@ async fn release_commands_write_with_cas_and_the_second_commander_loses() {
 }
 
 fn report(h: &Harness, host: &str) -> Option<HostRecord> {
-    let e = h.consul.get(&format!("deploy/app/hosts/{host}"))?;
+    let e = h.consul.get(&format!("deploy-hosts/app/{host}"))?;
     Some(serde_json::from_slice(&e.value).unwrap())
 }
 
@@ -261,7 +261,7 @@ async fn one_agent_follows_percent_freeze_and_rollback_and_reports_each_change()
     // One write per state change, never periodic: nothing while idle.
     let writes = |h: &Harness| {
         h.consul
-            .requests_for(&format!("deploy/app/hosts/{HOST}"))
+            .requests_for(&format!("deploy-hosts/app/{HOST}"))
             .iter()
             .filter(|r| r.method == "PUT")
             .count()

@@ -537,7 +537,7 @@ async fn a_build_left_unjudged_by_a_crash_is_judged_again_at_start() {
 
     // What a crash during the gate leaves on disk: B live, record in
     // `verifying`. B's app is broken now.
-    let state = h.root.join(".deploy/agent-state.json");
+    let state = h.root.join(".deploy/deploy.json");
     let mut rec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
     assert_eq!(rec["build"], "u-b");

@@ -70,6 +70,7 @@ fn fixed_report() -> StatusReport {
         last_index: Some(77),
         last_contact_ms: Some(120),
         consecutive_errors: 2,
+        last_error: None,
     });
     r.hold = HoldState {
         held: true,
@@ -102,6 +103,9 @@ impl StatusSource for FixedSource {
                     Outcome::Success
                 }),
                 error: (i == 0).then(|| "checksum mismatch".to_owned()),
+                kind: Default::default(),
+                by_uid: None,
+                reason: None,
                 phase_ms: BTreeMap::from([
                     ("downloading".to_owned(), 1500),
                     ("flipping".to_owned(), 3),

@@ -80,7 +80,7 @@ pub struct FleetConfig {
     /// Write this host's state to Consul on every state change. Default on
     /// when `app` is set.
     pub report: Option<bool>,
-    /// Prefix of the per-host report keys (default `deploy/<app>/hosts/`).
+    /// Prefix of the per-host report keys (default `deploy-hosts/<app>/`).
     pub report_prefix: Option<String>,
     /// The fleet-wide freeze key (default `deploy/<app>/freeze`).
     pub freeze_key: Option<String>,
@@ -435,13 +435,10 @@ impl Config {
     }
 }
 
-/// Consul key rule (RULES.md 15).
+/// Consul key rule (docs/consul-watch-rules.md rule 15): the Consul
+/// client's own validator, so `check-config` and the client never disagree.
 pub fn valid_key(k: &str) -> bool {
-    !k.is_empty()
-        && !k.starts_with('/')
-        && !k.split('/').any(|c| c == "..")
-        && k.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'-'))
+    crate::watch::consul::validate_key(k, false).is_ok()
 }
 
 /// Parses durations such as `250ms`, `5s`, `2m`, `1h`, `1m30s`.
@@ -497,6 +494,21 @@ mod tests {
 
     fn parse(t: &str) -> Result<Config, ConfigError> {
         Config::parse(t, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn keys_are_checked_by_the_consul_clients_own_rule() {
+        // `a..b` once passed check-config and was then refused by the
+        // client on every request, forever.
+        for k in ["deploy/a..b", "deploy/x", "/deploy/x", "deploy/x y"] {
+            let cfg = format!("deploy-root = \"/s\"\n[source]\nkey = \"{k}\"\n");
+            assert_eq!(
+                parse(&cfg).is_ok(),
+                crate::watch::consul::validate_key(k, false).is_ok(),
+                "{k}"
+            );
+        }
+        assert!(parse("deploy-root = \"/s\"\n[source]\nkey = \"deploy/a..b\"\n").is_err());
     }
 
     #[test]
@@ -558,7 +570,7 @@ mod tests {
         assert_eq!(c.fleet.splay(), DEFAULT_FLEET_SPLAY);
         assert_eq!(
             c.fleet.report_prefix().as_deref(),
-            Some("deploy/web/hosts/")
+            Some("deploy-hosts/web/")
         );
         let c = parse("deploy-root = \"/s\"\n[fleet]\napp = \"web\"\ntier = \"c\"\nsplay-max = \"0s\"\n[source]\nkey = \"k/x\"\n").unwrap();
         assert_eq!(c.source.key.as_deref(), Some("k/x"));

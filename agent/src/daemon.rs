@@ -1,15 +1,21 @@
 //! The long-running agent: feeds manifests from the watch into deploys.
 //!
-//! One deploy runs at a time. A newer manifest cancels the running deploy
-//! at its next safe point and starts the new one; a manifest naming the hot
-//! build does nothing; one naming the cold slot's build flips without a
-//! download. A failed deploy is retried with backoff while it stays the
-//! desired state. Everything the agent knows is in [`Shared`], which the
-//! status socket reads.
+//! The main loop is: receive an event (watch, deploy end, retry timer,
+//! freeze, operator command) -> apply it to the agent's state machine
+//! (`control.rs`) -> act (start, cancel or leave the deploy). One deploy
+//! runs at a time. A newer manifest cancels the running deploy at its next
+//! safe point and starts the new one; a manifest naming the hot build does
+//! nothing; one naming the cold slot's build flips without a download. A
+//! failed deploy is retried with backoff while it stays the desired state.
+//! Everything the agent knows is in [`Shared`], which the status socket
+//! reads.
 //!
-//! If the process dies, nothing here is lost that matters: the deploy root
-//! recovers itself on the next start, the watch hands over the desired
-//! state again, and the deploy resumes from the cached partial download.
+//! If the process dies, nothing here is lost that matters: operator and
+//! commander intent (hold, pinned rollback, freeze) and the history are
+//! persisted in `.deploy/agent.json` before a command is answered; the
+//! deploy root recovers itself on the next start, the watch hands over the
+//! desired state again, and the deploy resumes from the cached partial
+//! download.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -21,25 +27,31 @@ use swapper::DeployRoot;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
+use crate::control::{AgentEvent, AgentState, Control};
 use crate::deploy::{now_secs, DeployRecord, Deployer, ErrorRecord, Observer, Outcome};
 use crate::error::{Error, Result};
 use crate::fetch::{ArtifactCache, FetchSettings};
 use crate::manifest::{Manifest, UrlPolicy};
 use crate::progress::Progress;
 use crate::report::AgentView;
+use crate::status::model::{HistoryEntry, HistoryKind};
 use crate::status::{Command, CommandRequest, Metrics, SocketSettings, StatusServer};
 use crate::watch::consul::{ConsulClient, ConsulSettings, WatchEvent, WatchStats};
 
-/// How many finished deploys the agent remembers.
+/// How many deploy records of this process the agent keeps in memory.
 pub const HISTORY_LEN: usize = 50;
 /// First retry delay of a failed deploy; doubles up to [`RETRY_MAX`].
 pub const RETRY_INITIAL: Duration = Duration::from_secs(5);
 pub const RETRY_MAX: Duration = Duration::from_secs(300);
 /// How long shutdown waits for the running deploy to reach a safe point.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// How soon the freeze is read again when it could not be confirmed
+/// before acting on a tier change (Consul unreachable).
+pub const FREEZE_RECHECK: Duration = Duration::from_secs(5);
 
 /// The desired state as last received.
 #[derive(Debug, Clone, Serialize)]
@@ -53,25 +65,20 @@ pub struct Desired {
     pub received_at: u64,
 }
 
-/// An operator hold.
-#[derive(Debug, Clone, Serialize)]
-pub struct Hold {
-    pub reason: String,
-    pub since: u64,
-    /// The operator's uid, from the socket peer credentials.
-    pub by_uid: Option<u32>,
-}
-
 /// What the agent knows, for the status socket, the demo and tests.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct StatusInner {
     pub desired: Option<Desired>,
     /// The running deploy, or the last one.
     pub deploy: Option<DeployRecord>,
+    /// The deploys this process ran, with every detail (the persisted,
+    /// operator-facing history is `control.history`).
     pub history: VecDeque<DeployRecord>,
+    /// The agent's state machine, the freeze as last seen, and the
+    /// persisted history.
+    pub control: Control,
     pub last_error: Option<ErrorRecord>,
     pub holders: Vec<swapper::drain::Holder>,
-    pub hold: Option<Hold>,
     pub nothing_published: bool,
 }
 
@@ -79,6 +86,8 @@ pub struct StatusInner {
 #[derive(Debug, Default)]
 pub struct Shared {
     inner: Mutex<StatusInner>,
+    /// Where `.deploy/agent.json` lives.
+    root_path: PathBuf,
     /// systemd's `STATUS=` line follows the phase.
     notifier: Option<crate::notify::Notifier>,
     /// Rollout decision, freeze and host reports.
@@ -101,6 +110,15 @@ impl Shared {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The agent's state now.
+    pub fn state(&self) -> AgentState {
+        self.lock().control.state.clone()
+    }
+
+    fn frozen(&self) -> bool {
+        self.lock().control.frozen
+    }
+
     /// A copy of the running (or last) deploy's record only.
     fn deploy_record(&self) -> Option<DeployRecord> {
         self.lock().deploy.clone()
@@ -111,6 +129,32 @@ impl Shared {
             message,
             at: now_secs(),
         });
+    }
+
+    /// Applies `event` to the agent's state machine and persists the
+    /// result (with fsync when it is intent), then adds `entry` to the
+    /// history. Called from the main loop only, so writes never reorder.
+    /// A state file that cannot be written is an error for the caller to
+    /// report; the state in memory has moved on regardless.
+    fn apply(&self, event: AgentEvent, entry: Option<HistoryEntry>) -> Result<()> {
+        let (control, durable) = {
+            let mut g = self.lock();
+            let durable = g.control.apply(&event, now_secs())?;
+            if let Some(e) = entry {
+                g.control.push_history(e);
+            }
+            (g.control.clone(), durable)
+        };
+        crate::control::save(&self.root_path, &control, durable)
+    }
+
+    /// [`Shared::apply`] for events that are not answered to anyone: a
+    /// failure is logged and shown in status.
+    fn apply_logged(&self, event: AgentEvent, entry: Option<HistoryEntry>) {
+        if let Err(e) = self.apply(event, entry) {
+            warn!(error = %e, "agent state");
+            self.error(e.to_string());
+        }
     }
 
     fn finished(&self, rec: DeployRecord) {
@@ -125,9 +169,54 @@ impl Shared {
     }
 }
 
+/// The history entry of a finished deploy.
+pub fn deploy_entry(r: &DeployRecord) -> HistoryEntry {
+    HistoryEntry {
+        id: format!("{}-{}", r.started_at, r.build),
+        kind: HistoryKind::Deploy,
+        build: r.build.clone(),
+        started_unix: r.started_at,
+        finished_unix: r.finished_at,
+        outcome: r.outcome,
+        error: r.error.as_ref().map(|e| e.message.clone()),
+        phase_ms: r.phase_ms.clone(),
+        ..HistoryEntry::default()
+    }
+}
+
+/// The history entry of an operator action.
+fn action_entry(kind: HistoryKind, uid: u32, build: &str, reason: Option<String>) -> HistoryEntry {
+    let now = now_secs();
+    HistoryEntry {
+        id: format!(
+            "{now}-{}",
+            serde_json::to_value(kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        ),
+        kind,
+        by_uid: Some(uid),
+        reason,
+        build: build.to_string(),
+        started_unix: now,
+        finished_unix: Some(now),
+        ..HistoryEntry::default()
+    }
+}
+
 impl Observer for Shared {
     fn record(&self, rec: &DeployRecord) {
-        self.lock().deploy = Some(rec.clone());
+        {
+            let mut g = self.lock();
+            g.deploy = Some(rec.clone());
+            if rec.phase.is_active() {
+                // In memory only: the deploy record on disk has the phase.
+                let _ = g
+                    .control
+                    .apply(&AgentEvent::PhaseChanged(rec.phase), now_secs());
+            }
+        }
         if let Some(m) = &self.member {
             m.observe(rec);
         }
@@ -174,6 +263,10 @@ pub struct Agent {
     pub commands: mpsc::Sender<CommandRequest>,
     pub started: Instant,
     pub task: JoinHandle<Result<()>>,
+    /// The watches, the freeze watch and the report writer of this
+    /// generation: a reload waits for them, so an old writer never
+    /// publishes after the new one started.
+    pub tracker: TaskTracker,
     /// The status socket's task, when serving one.
     pub status_task: Option<JoinHandle<()>>,
 }
@@ -196,10 +289,9 @@ pub fn consul_settings(cfg: &Config) -> Result<ConsulSettings> {
         max_stale: c.max_stale,
         ..ConsulSettings::default()
     };
-    if let Some(f) = &c.token_file {
-        let t = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
-        s.token = Some(t.trim().to_string());
-    }
+    // Read now (a missing file fails the start) and again by the client
+    // whenever it changes.
+    s.token_file = c.token_file.clone();
     if let Some(d) = c.first_request_splay {
         s.first_request_splay = d;
     }
@@ -265,6 +357,7 @@ impl Agent {
             fetch,
             guard: guard.clone(),
         });
+        let tracker = TaskTracker::new();
         let notifier = opts
             .notify
             .then(crate::notify::Notifier::from_env)
@@ -276,13 +369,38 @@ impl Agent {
                 (None, None) => None,
             };
             let served = crate::fleet::member::served_build(&deployer.root);
-            crate::fleet::member::Member::start(&config, consul.as_ref(), served, shutdown.clone())?
+            crate::fleet::member::Member::start(
+                &config,
+                consul.as_ref(),
+                served,
+                &tracker,
+                shutdown.clone(),
+            )?
         };
+        let (mut control, control_error) = crate::control::load(&deployer.root_path);
+        if control.frozen && !member.watches_freeze() {
+            // No freeze key any more (config changed): nothing can lift it.
+            control.frozen = false;
+            if matches!(control.state, AgentState::Frozen { .. }) {
+                control.state = AgentState::Idle;
+            }
+        }
+        info!(
+            state = control.state.as_str(),
+            frozen = control.frozen,
+            "agent state recovered"
+        );
         let shared = Arc::new(Shared {
             notifier: notifier.clone(),
             member: Some(member.clone()),
+            root_path: deployer.root_path.clone(),
             ..Shared::default()
         });
+        shared.lock().control = control;
+        if let Some(e) = control_error {
+            error!(error = %e, "agent state file");
+            shared.error(e.to_string());
+        }
         let metrics = Arc::new(Metrics::new());
         {
             let root = deployer.root.lock().unwrap_or_else(|p| p.into_inner());
@@ -307,7 +425,7 @@ impl Agent {
                 let name = format!("consul:{}/{}", client.address(), key);
                 // Rule 12 across restarts: a value older than the one
                 // acted on before is re-read in default mode first.
-                tokio::spawn(crate::watch::consul::watch_key_from(
+                tracker.spawn(crate::watch::consul::watch_key_from(
                     client,
                     key.clone(),
                     tx,
@@ -318,7 +436,7 @@ impl Agent {
                 name
             }
             (None, Some(path)) => {
-                tokio::spawn(crate::watch::file::watch_file(
+                tracker.spawn(crate::watch::file::watch_file(
                     path.clone(),
                     tx,
                     shutdown.clone(),
@@ -377,6 +495,7 @@ impl Agent {
             commands: cmd_tx,
             started: Instant::now(),
             task,
+            tracker,
             status_task,
         })
     }
@@ -398,7 +517,45 @@ struct MainLoop {
 struct Running {
     identity: String,
     cancel: CancellationToken,
-    handle: JoinHandle<(Outcome, Option<Error>)>,
+    handle: JoinHandle<(Option<Outcome>, Option<Error>)>,
+}
+
+/// What the main loop remembers between events besides the agent state.
+struct Loop {
+    /// The newest accepted desired state.
+    desired: Option<Manifest>,
+    /// Identity of the desired state last brought to an end (live, rolled
+    /// back or quarantined): not started again unless forced.
+    applied: Option<String>,
+    running: Option<Running>,
+    /// The tokio instant of `retry-wait`'s `at`.
+    retry_at: Option<tokio::time::Instant>,
+    retry_delay: Duration,
+    attempt: u32,
+    /// The freeze could not be confirmed; read it again at this instant.
+    recheck_at: Option<tokio::time::Instant>,
+    /// `redeploy`: run the desired build again even if it is live.
+    force_next: bool,
+    watchdog: tokio::time::Interval,
+}
+
+/// One thing the main loop reacts to.
+enum LoopEvent {
+    Watchdog,
+    Shutdown,
+    Watch(Option<WatchEvent>),
+    DeployEnded(std::result::Result<(Option<Outcome>, Option<Error>), tokio::task::JoinError>),
+    RetryDue,
+    FreezeRecheck,
+    Freeze(bool),
+    Command(Option<CommandRequest>),
+}
+
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
 }
 
 impl MainLoop {
@@ -408,190 +565,323 @@ impl MainLoop {
         mut cmds: mpsc::Receiver<CommandRequest>,
         shutdown: CancellationToken,
     ) -> Result<()> {
-        let mut desired: Option<Manifest> = None;
-        let mut applied: Option<String> = None;
-        let mut running: Option<Running> = None;
-        let mut retry_at: Option<tokio::time::Instant> = None;
-        let mut retry_delay = self.retry_initial;
-        let mut force_next = false;
-        // Pinged from this loop, so a wedged loop stops the pings and
-        // systemd restarts the agent.
-        let mut watchdog = tokio::time::interval(
-            crate::notify::watchdog_interval().unwrap_or(Duration::from_secs(3600)),
-        );
+        let mut l = Loop {
+            desired: None,
+            applied: None,
+            running: None,
+            retry_at: None,
+            retry_delay: self.retry_initial,
+            attempt: 0,
+            recheck_at: None,
+            force_next: false,
+            // Pinged from this loop, so a wedged loop stops the pings and
+            // systemd restarts the agent.
+            watchdog: tokio::time::interval(
+                crate::notify::watchdog_interval().unwrap_or(Duration::from_secs(3600)),
+            ),
+        };
         loop {
-            let start_now = tokio::select! {
-                _ = watchdog.tick() => {
-                    if let Some(n) = &self.notifier {
-                        let _ = n.watchdog();
-                    }
-                    false
-                }
-                _ = shutdown.cancelled() => {
-                    if let Some(n) = &self.notifier {
-                        let _ = n.stopping();
-                    }
-                    if let Some(r) = running.take() {
-                        info!("shutdown: stopping the running deploy at its next safe point");
-                        r.cancel.cancel();
-                        if tokio::time::timeout(SHUTDOWN_GRACE, self.join_pinging(r.handle, &mut watchdog)).await.is_err() {
-                            warn!("deploy did not reach a safe point in time; its slot stays unmarked");
-                        }
-                    }
-                    return Ok(());
-                }
-                ev = rx.recv() => match ev {
-                    None => {
-                        // The watch only stops on shutdown.
-                        shutdown.cancelled().await;
-                        continue;
-                    }
-                    Some(WatchEvent::Missing) => {
-                        info!(source = %self.source, "nothing published; keep serving the current build");
-                        self.shared.lock().nothing_published = true;
-                        false
-                    }
-                    Some(WatchEvent::Value { value, modify_index }) => {
-                        self.shared.lock().nothing_published = false;
-                        match crate::sign::verify(&value, &self.trust).and_then(|()| Manifest::parse(&value, self.policy)) {
-                            Err(e) => {
-                                let err = Error::Manifest { source_name: self.source.clone(), error: e };
-                                error!(error = %err, "manifest rejected");
-                                self.shared.error(err.to_string());
-                                false
-                            }
-                            Ok(m) => {
-                                let Some(m) = self.member.choose(m, modify_index) else { continue };
-                                info!(build = %m.spec.build, modify_index, "desired state received");
-                                self.shared.lock().desired = Some(Desired {
-                                    build: m.spec.build.clone(),
-                                    sha256: m.spec.sha256.clone(),
-                                    deploy_id: m.deploy_id.clone(),
-                                    source: self.source.clone(),
-                                    modify_index,
-                                    received_at: now_secs(),
-                                });
-                                self.remember(&m, modify_index).await;
-                                let same = desired.as_ref().map(Manifest::identity) == Some(m.identity());
-                                desired = Some(m);
-                                if !same {
-                                    retry_delay = self.retry_initial;
-                                    retry_at = None;
-                                }
-                                !same || (applied.is_none() && running.is_none() && retry_at.is_none())
-                            }
-                        }
-                    }
-                },
+            let event = tokio::select! {
+                _ = l.watchdog.tick() => LoopEvent::Watchdog,
+                _ = shutdown.cancelled() => LoopEvent::Shutdown,
+                ev = rx.recv() => LoopEvent::Watch(ev),
                 res = async {
-                    match running.as_mut() {
+                    match l.running.as_mut() {
                         Some(r) => (&mut r.handle).await,
                         None => std::future::pending().await,
                     }
-                } => {
-                    let r = running.take();
-                    let (outcome, err) = res.unwrap_or_else(|e| (Outcome::Failed, Some(Error::Internal(format!("deploy task panicked: {e}")))));
-                    if let Some(rec) = self.shared.deploy_record() {
-                        let slot = rec.slot;
-                        crate::report::count_deploy(&self.metrics, &rec, slot);
-                        if outcome != Outcome::NoChange {
-                            self.shared.finished(rec);
-                        }
-                    }
-                    match outcome {
-                        Outcome::Success | Outcome::RolledBack | Outcome::NoChange => {
-                            applied = r.map(|r| r.identity);
-                            retry_delay = self.retry_initial;
-                            retry_at = None;
-                        }
-                        Outcome::Failed => {
-                            if let Some(e) = err { self.shared.error(e.to_string()); }
-                            retry_at = Some(tokio::time::Instant::now() + retry_delay);
-                            info!(retry_in_ms = retry_delay.as_millis() as u64, "will retry the deploy");
-                            retry_delay = (retry_delay * 2).min(RETRY_MAX);
-                        }
-                        Outcome::HealthFailed => {
-                            // Quarantined and (normally) rolled back: no
-                            // retry until a new build or `redeploy`.
-                            applied = r.map(|r| r.identity);
-                            retry_at = None;
-                        }
-                        Outcome::Cancelled => {}
-                    }
-                    false
-                }
-                _ = async {
-                    match retry_at {
-                        Some(t) => tokio::time::sleep_until(t).await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    retry_at = None;
-                    true
-                }
-                frozen = self.member.freeze_changed() => {
-                    // A freeze stops new flips: cancel the running deploy at
-                    // its next safe point (never mid-flip); unfreezing
-                    // applies the desired state again.
-                    if let (true, Some(r)) = (frozen, running.as_ref()) {
-                        r.cancel.cancel();
-                    }
-                    !frozen
-                }
-                req = cmds.recv() => {
-                    let Some(req) = req else { continue };
-                    info!(command = req.command.name(), uid = req.peer.uid, pid = req.peer.pid, "operator command");
-                    let (answer, start) = self.command(req.command, req.peer.uid, &mut running, &mut applied, &mut force_next).await;
-                    let _ = req.reply.send(answer.map(serde_json::Value::String));
-                    start
-                }
+                } => LoopEvent::DeployEnded(res),
+                _ = until(l.retry_at) => LoopEvent::RetryDue,
+                _ = until(l.recheck_at) => LoopEvent::FreezeRecheck,
+                frozen = self.member.freeze_changed() => LoopEvent::Freeze(frozen),
+                req = cmds.recv() => LoopEvent::Command(req),
             };
-            if !start_now || self.shared.lock().hold.is_some() || self.member.frozen() {
-                continue;
-            }
-            let Some(m) = desired.clone() else { continue };
-            let identity = m.identity();
-            if !force_next && applied.as_deref() == Some(identity.as_str()) && running.is_none() {
-                continue;
-            }
-            if !force_next {
-                if let Some(q) = self.deployer.guard.quarantined(&m) {
-                    let err = Error::Quarantined {
-                        build: q.build,
-                        reason: q.reason,
-                    };
-                    warn!(build = %m.spec.build, error = %err, "not deploying a quarantined build");
-                    self.shared.error(err.to_string());
-                    if running.is_none() {
-                        applied = Some(identity);
-                    }
-                    continue;
+            let start_now = match event {
+                LoopEvent::Shutdown => {
+                    self.shutdown(&mut l).await;
+                    return Ok(());
                 }
+                ev => self.on_event(ev, &mut l, &shutdown).await,
+            };
+            if start_now {
+                self.start_desired(&mut l, &shutdown).await;
             }
-            if let Some(r) = running.take() {
-                if r.identity == identity && !force_next {
-                    running = Some(r);
-                    continue;
-                }
-                info!(old = %r.identity, new = %identity, "newer manifest: cancelling the running deploy");
-                r.cancel.cancel();
-                self.join_pinging(r.handle, &mut watchdog).await;
-                if let Some(rec) = self.shared.deploy_record() {
-                    self.shared.finished(rec);
-                }
-            }
-            let cancel = shutdown.child_token();
-            let deployer = self.deployer.clone();
-            let obs: Arc<dyn Observer> = self.shared.clone();
-            let force = std::mem::take(&mut force_next);
-            let c = cancel.clone();
-            let handle = tokio::spawn(async move { deployer.execute(&m, force, c, obs).await });
-            running = Some(Running {
-                identity,
-                cancel,
-                handle,
-            });
         }
+    }
+
+    /// Applies one event; returns whether the desired state should be
+    /// (re)applied now.
+    async fn on_event(&self, event: LoopEvent, l: &mut Loop, shutdown: &CancellationToken) -> bool {
+        match event {
+            LoopEvent::Shutdown => false,
+            LoopEvent::Watchdog => {
+                if let Some(n) = &self.notifier {
+                    let _ = n.watchdog();
+                }
+                false
+            }
+            LoopEvent::Watch(None) => {
+                // The watch only stops on shutdown.
+                shutdown.cancelled().await;
+                false
+            }
+            LoopEvent::Watch(Some(ev)) => self.on_watch(ev, l).await,
+            LoopEvent::DeployEnded(res) => {
+                self.on_deploy_ended(res, l);
+                false
+            }
+            LoopEvent::RetryDue => {
+                l.retry_at = None;
+                self.shared.apply_logged(AgentEvent::RetryDue, None);
+                true
+            }
+            LoopEvent::FreezeRecheck => {
+                l.recheck_at = None;
+                true
+            }
+            LoopEvent::Freeze(frozen) => self.on_freeze(frozen, l),
+            LoopEvent::Command(None) => false,
+            LoopEvent::Command(Some(req)) => {
+                info!(
+                    command = req.command.name(),
+                    uid = req.peer.uid,
+                    pid = req.peer.pid,
+                    "operator command"
+                );
+                let (answer, start) = self.command(req.command, req.peer.uid, l).await;
+                let _ = req.reply.send(answer.map(serde_json::Value::String));
+                start
+            }
+        }
+    }
+
+    async fn shutdown(&self, l: &mut Loop) {
+        if let Some(n) = &self.notifier {
+            let _ = n.stopping();
+        }
+        if let Some(r) = l.running.take() {
+            info!("shutdown: stopping the running deploy at its next safe point");
+            r.cancel.cancel();
+            if tokio::time::timeout(SHUTDOWN_GRACE, self.join_pinging(r.handle, &mut l.watchdog))
+                .await
+                .is_err()
+            {
+                warn!("deploy did not reach a safe point in time; its slot stays unmarked");
+            }
+        }
+    }
+
+    /// A new value (or a 404) from the watch.
+    async fn on_watch(&self, ev: WatchEvent, l: &mut Loop) -> bool {
+        let (value, modify_index) = match ev {
+            WatchEvent::Missing => {
+                info!(source = %self.source, "nothing published; keep serving the current build");
+                self.shared.lock().nothing_published = true;
+                return false;
+            }
+            WatchEvent::Value {
+                value,
+                modify_index,
+            } => (value, modify_index),
+        };
+        self.shared.lock().nothing_published = false;
+        let m = match crate::sign::verify(&value, &self.trust)
+            .and_then(|()| Manifest::parse(&value, self.policy))
+        {
+            Ok(m) => m,
+            Err(e) => {
+                let err = Error::Manifest {
+                    source_name: self.source.clone(),
+                    error: e,
+                };
+                error!(error = %err, "manifest rejected");
+                self.shared.error(err.to_string());
+                return false;
+            }
+        };
+        let Some(m) = self.member.choose(m, modify_index) else {
+            return false;
+        };
+        info!(build = %m.spec.build, modify_index, "desired state received");
+        self.shared.lock().desired = Some(Desired {
+            build: m.spec.build.clone(),
+            sha256: m.spec.sha256.clone(),
+            deploy_id: m.deploy_id.clone(),
+            source: self.source.clone(),
+            modify_index,
+            received_at: now_secs(),
+        });
+        self.remember(&m, modify_index).await;
+        let same = l.desired.as_ref().map(Manifest::identity) == Some(m.identity());
+        l.desired = Some(m);
+        if !same {
+            l.retry_delay = self.retry_initial;
+            l.attempt = 0;
+        }
+        // Before acting on a tier change, read the freeze in the same
+        // consistent view: a `release freeze` that returned before this
+        // change was written is seen here, whatever its own watch is doing.
+        if !same && self.member.watches_freeze() {
+            match self.member.confirm_freeze().await {
+                Ok(frozen) => {
+                    if frozen != self.shared.frozen() {
+                        self.on_freeze(frozen, l);
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, retry_in_s = FREEZE_RECHECK.as_secs(), "cannot confirm the fleet freeze; not acting on the change yet");
+                    self.shared.error(format!(
+                        "cannot confirm the fleet freeze before deploying: {e}"
+                    ));
+                    l.recheck_at = Some(tokio::time::Instant::now() + FREEZE_RECHECK);
+                    return false;
+                }
+            }
+        }
+        !same || (l.applied.is_none() && l.running.is_none() && l.retry_at.is_none())
+    }
+
+    /// The freeze changed (watch or confirmation read).
+    fn on_freeze(&self, frozen: bool, l: &mut Loop) -> bool {
+        let event = if frozen {
+            AgentEvent::Freeze
+        } else {
+            AgentEvent::Unfreeze
+        };
+        self.shared.apply_logged(event, None);
+        if frozen {
+            // A freeze stops new flips: cancel the running deploy at its
+            // next safe point (never mid-flip) and drop a pending retry.
+            if let Some(r) = l.running.as_ref() {
+                r.cancel.cancel();
+            }
+            l.retry_at = None;
+        }
+        !frozen
+    }
+
+    /// The running deploy's task ended.
+    fn on_deploy_ended(
+        &self,
+        res: std::result::Result<(Option<Outcome>, Option<Error>), tokio::task::JoinError>,
+        l: &mut Loop,
+    ) {
+        let r = l.running.take();
+        let (outcome, err) = res.unwrap_or_else(|e| {
+            (
+                Some(Outcome::Failed),
+                Some(Error::Internal(format!("deploy task panicked: {e}"))),
+            )
+        });
+        let mut entry = None;
+        if let (Some(_), Some(rec)) = (outcome, self.shared.deploy_record()) {
+            // `None` is "already live": no deploy ran, nothing to count.
+            crate::report::count_deploy(&self.metrics, &rec, rec.slot);
+            entry = Some(deploy_entry(&rec));
+            self.shared.finished(rec);
+        }
+        let mut retry = None;
+        match outcome {
+            None | Some(Outcome::Success | Outcome::RolledBack) => {
+                l.applied = r.map(|r| r.identity);
+                l.retry_delay = self.retry_initial;
+                l.attempt = 0;
+            }
+            Some(Outcome::Failed) => {
+                if let Some(e) = err {
+                    self.shared.error(e.to_string());
+                }
+                l.attempt += 1;
+                let at = now_secs() + l.retry_delay.as_secs();
+                retry = Some((at, l.attempt));
+                info!(
+                    retry_in_ms = l.retry_delay.as_millis() as u64,
+                    attempt = l.attempt,
+                    "will retry the deploy"
+                );
+                l.retry_at = Some(tokio::time::Instant::now() + l.retry_delay);
+                l.retry_delay = (l.retry_delay * 2).min(RETRY_MAX);
+            }
+            Some(Outcome::HealthFailed) => {
+                // Quarantined and (normally) rolled back: no retry until
+                // a new build or `redeploy`.
+                l.applied = r.map(|r| r.identity);
+            }
+            Some(Outcome::Cancelled) => {}
+        }
+        self.shared
+            .apply_logged(AgentEvent::DeployEnded { outcome, retry }, entry);
+        if !matches!(self.shared.state(), AgentState::RetryWait { .. }) {
+            l.retry_at = None;
+        }
+    }
+
+    /// Starts (or keeps) the deploy of the desired state if the agent's
+    /// state allows it.
+    async fn start_desired(&self, l: &mut Loop, shutdown: &CancellationToken) {
+        match self.shared.state() {
+            AgentState::Idle => {}
+            // A running deploy may be replaced by a newer desired state.
+            AgentState::Deploying { .. } => {}
+            AgentState::RetryWait { .. } | AgentState::Held { .. } | AgentState::Frozen { .. } => {
+                return
+            }
+        }
+        let Some(m) = l.desired.clone() else { return };
+        let identity = m.identity();
+        if !l.force_next && l.applied.as_deref() == Some(identity.as_str()) && l.running.is_none() {
+            return;
+        }
+        if !l.force_next {
+            if let Some(q) = self.deployer.guard.quarantined(&m) {
+                let err = Error::Quarantined {
+                    build: q.build,
+                    reason: q.reason,
+                };
+                warn!(build = %m.spec.build, error = %err, "not deploying a quarantined build");
+                self.shared.error(err.to_string());
+                if l.running.is_none() {
+                    l.applied = Some(identity);
+                }
+                return;
+            }
+        }
+        if let Some(r) = l.running.take() {
+            if r.identity == identity && !l.force_next {
+                l.running = Some(r);
+                return;
+            }
+            info!(old = %r.identity, new = %identity, "newer manifest: cancelling the running deploy");
+            r.cancel.cancel();
+            let res = self.join_pinging(r.handle, &mut l.watchdog).await;
+            self.on_deploy_ended(res, l);
+            if !matches!(
+                self.shared.state(),
+                AgentState::Idle | AgentState::RetryWait { .. }
+            ) {
+                return;
+            }
+        }
+        if let Err(e) = self.shared.apply(
+            AgentEvent::DeployStarted {
+                build: m.spec.build.clone(),
+            },
+            None,
+        ) {
+            warn!(error = %e, "agent state");
+        }
+        l.retry_at = None;
+        let cancel = shutdown.child_token();
+        let deployer = self.deployer.clone();
+        let obs: Arc<dyn Observer> = self.shared.clone();
+        let force = std::mem::take(&mut l.force_next);
+        let c = cancel.clone();
+        let handle = tokio::spawn(async move { deployer.execute(&m, force, c, obs).await });
+        l.running = Some(Running {
+            identity,
+            cancel,
+            handle,
+        });
     }
 
     /// Waits for a cancelled deploy to reach its safe point (a hook may take
@@ -599,12 +889,12 @@ impl MainLoop {
     /// would otherwise kill a healthy agent that is only waiting.
     async fn join_pinging(
         &self,
-        mut handle: JoinHandle<(Outcome, Option<Error>)>,
+        mut handle: JoinHandle<(Option<Outcome>, Option<Error>)>,
         watchdog: &mut tokio::time::Interval,
-    ) {
+    ) -> std::result::Result<(Option<Outcome>, Option<Error>), tokio::task::JoinError> {
         loop {
             tokio::select! {
-                _ = &mut handle => return,
+                r = &mut handle => return r,
                 _ = watchdog.tick() => {
                     if let Some(n) = &self.notifier {
                         let _ = n.watchdog();
@@ -639,32 +929,47 @@ impl MainLoop {
     }
 
     /// Applies an operator command; returns the answer and whether the
-    /// desired state should be (re)applied now.
+    /// desired state should be (re)applied now. Intent is persisted (with
+    /// fsync) before the answer goes out; when it cannot be, the answer
+    /// says the hold will not survive a restart.
     async fn command(
         &self,
         cmd: Command,
         uid: u32,
-        running: &mut Option<Running>,
-        applied: &mut Option<String>,
-        force_next: &mut bool,
+        l: &mut Loop,
     ) -> (std::result::Result<String, String>, bool) {
+        let served = crate::fleet::member::served_build(&self.deployer.root).unwrap_or_default();
         match cmd {
             Command::Hold { reason } => {
-                self.shared.lock().hold = Some(Hold {
-                    reason: reason.clone(),
-                    since: now_secs(),
-                    by_uid: Some(uid),
-                });
-                if let Some(r) = running.as_ref() {
+                let entry = action_entry(HistoryKind::Hold, uid, &served, Some(reason.clone()));
+                let persisted = self.shared.apply(
+                    AgentEvent::Hold {
+                        by_uid: Some(uid),
+                        reason: reason.clone(),
+                    },
+                    Some(entry),
+                );
+                if let Some(r) = l.running.as_ref() {
                     r.cancel.cancel();
                 }
+                l.retry_at = None;
                 info!(reason = %reason, "hold: not acting on new manifests");
-                (Ok(format!("held: {reason}")), false)
+                (
+                    Ok(with_persist(format!("held: {reason}"), persisted)),
+                    false,
+                )
             }
             Command::Resume => {
-                self.shared.lock().hold = None;
+                if !self.shared.state().is_held() {
+                    return (Ok("not held".into()), false);
+                }
+                let entry = action_entry(HistoryKind::Resume, uid, &served, None);
+                let persisted = self.shared.apply(AgentEvent::Resume, Some(entry));
                 info!("resumed");
-                (Ok("resumed".into()), true)
+                (
+                    Ok(with_persist(self.resumed_answer("resumed"), persisted)),
+                    true,
+                )
             }
             Command::Redeploy => {
                 let guard = self.deployer.guard.clone();
@@ -676,45 +981,93 @@ impl MainLoop {
                     Ok(Err(e)) => return (Err(format!("cannot lift the quarantine: {e}")), false),
                     Err(e) => return (Err(e.to_string()), false),
                 }
-                *force_next = true;
-                *applied = None;
-                (Ok("redeploying the desired build".into()), true)
+                let build = l
+                    .desired
+                    .as_ref()
+                    .map(|m| m.spec.build.clone())
+                    .unwrap_or_default();
+                let entry = action_entry(HistoryKind::Redeploy, uid, &build, None);
+                let persisted = self.shared.apply(AgentEvent::Redeploy, Some(entry));
+                l.force_next = true;
+                l.applied = None;
+                l.retry_at = None;
+                (
+                    Ok(with_persist(
+                        self.resumed_answer("redeploying the desired build"),
+                        persisted,
+                    )),
+                    true,
+                )
             }
-            Command::Rollback => {
-                if running.is_some() {
-                    return (
-                        Err("a deploy is running; hold first, then roll back".into()),
-                        false,
-                    );
-                }
-                let root = self.deployer.root.clone();
-                let r = tokio::task::spawn_blocking(move || {
-                    root.lock().unwrap_or_else(|p| p.into_inner()).rollback()
-                })
-                .await;
-                match r {
-                    Ok(Ok(rep)) => {
-                        // Stay on the rolled-back build until the desired
-                        // state changes; hold so the watch does not undo it.
-                        self.shared.lock().hold = Some(Hold {
-                            reason: format!("operator rollback to {}", rep.build_id),
-                            since: now_secs(),
-                            by_uid: Some(uid),
-                        });
-                        self.metrics.set_build(&rep.build_id, rep.to.dir_name());
-                        self.member.served(&rep.build_id);
-                        (
-                            Ok(format!(
-                                "rolled back to {} ({}); holding until resume",
-                                rep.build_id, rep.to
-                            )),
-                            false,
-                        )
-                    }
-                    Ok(Err(e)) => (Err(e.to_string()), false),
-                    Err(e) => (Err(e.to_string()), false),
-                }
-            }
+            Command::Rollback => self.rollback(uid, l).await,
+        }
+    }
+
+    /// What `resume` and `redeploy` answer: the freeze still applies.
+    fn resumed_answer(&self, what: &str) -> String {
+        if self.shared.frozen() {
+            format!("{what}; the fleet is frozen: nothing deploys until `release unfreeze`")
+        } else {
+            what.to_string()
+        }
+    }
+
+    /// `deploy-agent rollback`: flip to the cold slot's build and hold
+    /// there (pinned) until `resume` or `redeploy`.
+    async fn rollback(
+        &self,
+        uid: u32,
+        l: &mut Loop,
+    ) -> (std::result::Result<String, String>, bool) {
+        if l.running.is_some() {
+            return (
+                Err("a deploy is running; hold first, then roll back".into()),
+                false,
+            );
+        }
+        let root = self.deployer.root.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            root.lock().unwrap_or_else(|p| p.into_inner()).rollback()
+        })
+        .await;
+        let rep = match r {
+            Ok(Ok(rep)) => rep,
+            Ok(Err(e)) => return (Err(e.to_string()), false),
+            Err(e) => return (Err(e.to_string()), false),
+        };
+        let entry = action_entry(
+            HistoryKind::Rollback,
+            uid,
+            &rep.build_id,
+            Some(format!("flipped to {} ({})", rep.build_id, rep.to)),
+        );
+        // Hold there (persisted first) so neither the watch nor a restart
+        // undoes the operator's rollback.
+        let persisted = self.shared.apply(
+            AgentEvent::RolledBack {
+                by_uid: Some(uid),
+                build: rep.build_id.clone(),
+            },
+            Some(entry),
+        );
+        l.retry_at = None;
+        self.metrics.set_build(&rep.build_id, rep.to.dir_name());
+        self.member.served(&rep.build_id);
+        let answer = format!(
+            "rolled back to {} ({}); holding until resume",
+            rep.build_id, rep.to
+        );
+        (Ok(with_persist(answer, persisted)), false)
+    }
+}
+
+/// Appends a warning to an answer whose intent could not be persisted.
+fn with_persist(answer: String, persisted: Result<()>) -> String {
+    match persisted {
+        Ok(()) => answer,
+        Err(e) => {
+            error!(error = %e, "operator intent not persisted");
+            format!("{answer} (WARNING: not persisted, a restart would lose it: {e})")
         }
     }
 }
@@ -750,7 +1103,12 @@ pub async fn run_with_reload(path: PathBuf, shutdown: CancellationToken) -> Resu
                     return res.map_err(|e| Error::Internal(format!("main loop panicked: {e}")))?;
                 }
                 why = reload_rx.recv() => {
-                    let why = why.unwrap_or("reload");
+                    // The reload sources only stop at shutdown: a closed
+                    // channel is not a reload request.
+                    let Some(why) = why else {
+                        shutdown.cancelled().await;
+                        break None;
+                    };
                     match Config::load(&path) {
                         Err(e) => {
                             error!(error = %e, trigger = why, "new config rejected; keeping the running one");
@@ -771,6 +1129,10 @@ pub async fn run_with_reload(path: PathBuf, shutdown: CancellationToken) -> Resu
         if let Some(t) = agent.status_task.take() {
             let _ = t.await;
         }
+        // The old generation's watches and report writer end before the
+        // new one starts, so an old writer never publishes after it.
+        agent.tracker.close();
+        agent.tracker.wait().await;
         match next {
             Some(c) => config = c,
             None => return Ok(()),

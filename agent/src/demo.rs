@@ -108,7 +108,7 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Vec<
         wait: Duration::from_secs(30),
         first_request_splay: Duration::ZERO,
         // The demo publishes every few seconds; production keeps the
-        // RULES.md default of one request per 15 s after a burst of 2.
+        // docs/consul-watch-rules.md default of one request per 15 s after a burst of 2.
         rate: crate::watch::consul::RateLimit {
             burst: 2,
             refill_interval: Duration::from_millis(100),

@@ -17,7 +17,7 @@
 //!
 //! [`transition`] is the one transition function; an unlisted (phase, event)
 //! pair is an error. Every transition is persisted atomically to
-//! `.deploy/agent-state.json` (even when the step failed) and logged.
+//! `.deploy/deploy.json` (even when the step failed) and logged.
 //!
 //! If the process dies mid-deploy: the cold slot has no ready-marker until
 //! `unpacking` ends (so it counts as empty), the partial download stays in
@@ -43,11 +43,15 @@ use crate::manifest::{Format, Manifest};
 use crate::progress::{Progress, ProgressSnapshot};
 use crate::unpack::{ArchiveFormat, UnpackLimits};
 
-/// The phases of a deploy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash, PartialOrd, Ord)]
+/// The phases of a deploy. This is the one phase vocabulary: status, logs,
+/// metrics and host reports all use it.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, Hash, PartialOrd, Ord,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
     /// Nothing to do: the hot build is the desired one (or nothing is published).
+    #[default]
     Idle,
     /// Waiting for processes from an earlier deploy to leave the cold slot
     /// (bounded by `drain.cold-deadline`).
@@ -74,6 +78,19 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase, in pipeline order (metrics).
+    pub const ALL: [Phase; 9] = [
+        Phase::Idle,
+        Phase::WaitingForColdSlot,
+        Phase::Downloading,
+        Phase::Unpacking,
+        Phase::Draining,
+        Phase::Flipping,
+        Phase::Verifying,
+        Phase::Done,
+        Phase::Failed,
+    ];
+
     /// The working phases in the order a deploy goes through them.
     pub const PIPELINE: [Phase; 6] = [
         Phase::WaitingForColdSlot,
@@ -106,6 +123,12 @@ impl Phase {
     /// True while a deploy is in flight.
     pub fn is_active(self) -> bool {
         !self.is_terminal()
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -165,21 +188,42 @@ pub fn transition(phase: Phase, event: Event) -> Result<Phase> {
     Ok(next)
 }
 
-/// How a deploy ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// How a deploy ended (the one outcome vocabulary, as for [`Phase`]).
+/// A desired build that was already live is no deploy and has no outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Outcome {
     /// The build went live.
     Success,
-    /// The build went live by flipping to the cold slot (no download).
-    RolledBack,
-    /// The build was already live.
-    NoChange,
     Failed,
     Cancelled,
+    /// The build went live by flipping to the cold slot (no download).
+    RolledBack,
     /// The build went live, failed its health check, and was quarantined;
     /// the agent flipped back to the previous build when there was one.
     HealthFailed,
+}
+
+impl Outcome {
+    /// Every outcome (metrics).
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Success,
+        Outcome::Failed,
+        Outcome::Cancelled,
+        Outcome::RolledBack,
+        Outcome::HealthFailed,
+    ];
+
+    /// The kebab-case name used in JSON and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failed => "failed",
+            Outcome::Cancelled => "cancelled",
+            Outcome::RolledBack => "rolled-back",
+            Outcome::HealthFailed => "health-failed",
+        }
+    }
 }
 
 /// A timestamped error, as shown in status.
@@ -308,7 +352,7 @@ impl Run<'_> {
 
 /// Where a deploy root keeps the record of its current or last deploy.
 fn record_path(root: &std::path::Path) -> PathBuf {
-    root.join(".deploy/agent-state.json")
+    root.join(".deploy/deploy.json")
 }
 
 /// Reads the persisted record of the last deploy, if any.
@@ -355,9 +399,10 @@ impl Deployer {
         })
     }
 
-    /// Drives one deploy of `m` to its end. Returns the outcome; the
-    /// record (persisted and given to `obs`) carries the details. The hot
-    /// build keeps serving on every error path.
+    /// Drives one deploy of `m` to its end. Returns the outcome (`None`:
+    /// the build was already live, no deploy ran); the record (persisted
+    /// and given to `obs`) carries the details. The hot build keeps serving
+    /// on every error path.
     #[instrument(skip_all, fields(build = %m.spec.build))]
     pub async fn execute(
         &self,
@@ -365,14 +410,14 @@ impl Deployer {
         force: bool,
         cancel: CancellationToken,
         obs: Arc<dyn Observer>,
-    ) -> (Outcome, Option<Error>) {
+    ) -> (Option<Outcome>, Option<Error>) {
         let hot = self.root.lock().unwrap_or_else(|p| p.into_inner()).hot();
         let holding = self.slot_holding(m);
         let mut reverify = false;
         if !force && holding.is_some() && holding == hot {
             if !self.unjudged(m) {
                 info!(build = %m.spec.build, "desired build is already live");
-                return (Outcome::NoChange, None);
+                return (None, None);
             }
             warn!(build = %m.spec.build, "the agent stopped while judging this live build; running its health check again");
             reverify = true;
@@ -414,7 +459,7 @@ impl Deployer {
                 // Off the critical path: delete what claims moved aside and
                 // keep only the newest artifacts.
                 self.purge_off_critical_path(Some(m.spec.sha256.clone()));
-                (outcome, None)
+                (Some(outcome), None)
             }
             Err(e) => {
                 let unhealthy = matches!(
@@ -451,7 +496,7 @@ impl Deployer {
                 // trash: empty it now, or retries of a failing deploy
                 // grow the disk by one slot each.
                 self.purge_off_critical_path(None);
-                (outcome, Some(e))
+                (Some(outcome), Some(e))
             }
         }
     }

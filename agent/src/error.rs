@@ -17,6 +17,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The agent's control state file (`.deploy/agent.json`) cannot be
+    /// read or written.
+    #[error("agent state file {path}: {message}")]
+    StateFile { path: PathBuf, message: String },
+
     // ---- watch / consul (watch/*, testserver/consul.rs) ----
     /// The Consul agent could not be reached or the connection broke.
     #[error("Consul request to {url} failed: {message}; check CONSUL_HTTP_ADDR and that the local Consul agent is running")]
@@ -30,11 +35,13 @@ pub enum Error {
     },
 
     /// 403: the ACL token is missing, unknown or lacks permission.
-    #[error("Consul refused {url} with 403 ({body}): check the ACL token (config, CONSUL_HTTP_TOKEN or CONSUL_HTTP_TOKEN_FILE) has key:read on {key}")]
+    #[error("Consul refused {url} with 403 ({body}): check the ACL token (config token/token-file, CONSUL_HTTP_TOKEN or CONSUL_HTTP_TOKEN_FILE) has {permission} on {key}")]
     ConsulForbidden {
         url: String,
         key: String,
         body: String,
+        /// The permission this request needs (`key:read`, `key:write`, ...).
+        permission: &'static str,
     },
 
     /// 429: the agent's rate limit is hit; the watch retries soon.
@@ -277,6 +284,11 @@ pub enum Error {
     /// A release command's check-and-set lost: someone else wrote the key.
     #[error("{key} changed while this command was running (it is no longer at ModifyIndex {expected}): another commander wrote it; run `deploy-agent release show`, then retry")]
     ReleaseConflict { key: String, expected: u64 },
+
+    /// The check-and-set write went through but stored the value already
+    /// there: an identical write by someone else came first.
+    #[error("{key} already held exactly this value (index {index}, written by an identical command that came first); this command changed nothing")]
+    ReleaseNoChange { key: String, index: u64 },
 
     /// promote/rollback with nothing published.
     #[error("nothing is published at {key}: run `deploy-agent release publish` first")]

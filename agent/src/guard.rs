@@ -1,6 +1,6 @@
 //! What the agent must remember across restarts to avoid acting twice on
 //! something it already judged: the build quarantined after a failed health
-//! check, and the highest Consul `ModifyIndex` it has acted on (RULES.md
+//! check, and the highest Consul `ModifyIndex` it has acted on (docs/consul-watch-rules.md
 //! rule 12).
 //!
 //! Kept in `<root>/.deploy/guard.json`, replaced atomically

@@ -25,6 +25,7 @@
 
 pub mod buildgen;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod deploy;

@@ -6,12 +6,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use crate::control::AgentState;
 use crate::daemon::Shared;
 use crate::deploy::{self, DeployRecord, Deployer, Phase};
 use crate::status::metrics::ConsulErrorKind;
 use crate::status::model::{
-    self, ConsulInfo, DesiredBuild, DrainHolder, HoldState, LastError, ProgressInfo, SlotInfo,
-    Source, SourceKind,
+    ConsulInfo, DesiredBuild, DrainHolder, HoldState, LastError, ProgressInfo, SlotInfo, Source,
+    SourceKind,
 };
 use crate::status::{HistoryEntry, Metrics, StatusReport, StatusSource};
 use crate::watch::consul::WatchStats;
@@ -26,6 +27,10 @@ pub struct AgentView {
     pub started: Instant,
     /// (time, bytes) of the previous status call, for the download rate.
     rate: Mutex<Option<(Instant, u64, u64)>>,
+    /// The slots as last read. The deploy root's lock is held across a
+    /// whole `syncfs` while a slot is marked ready; status never waits for
+    /// that and shows the slots as they were just before.
+    slots: Mutex<(Option<SlotInfo>, Option<SlotInfo>)>,
 }
 
 impl AgentView {
@@ -42,47 +47,32 @@ impl AgentView {
             metrics,
             started: Instant::now(),
             rate: Mutex::new(None),
+            slots: Mutex::new((None, None)),
         }
     }
 }
 
-impl From<Phase> for model::Phase {
-    fn from(p: Phase) -> Self {
-        match p {
-            Phase::Idle => model::Phase::Idle,
-            Phase::WaitingForColdSlot => model::Phase::WaitingForColdSlot,
-            Phase::Downloading => model::Phase::Downloading,
-            Phase::Unpacking => model::Phase::Unpacking,
-            Phase::Draining => model::Phase::Draining,
-            Phase::Flipping => model::Phase::Flipping,
-            Phase::Verifying => model::Phase::Verifying,
-            Phase::Done => model::Phase::Done,
-            Phase::Failed => model::Phase::Failed,
+impl AgentView {
+    /// The hot and cold slots; the last ones read when the deploy root is
+    /// busy (see the `slots` field).
+    fn slots(&self) -> (Option<SlotInfo>, Option<SlotInfo>) {
+        let mut cache = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let root = match self.deployer.root.try_lock() {
+            Ok(g) => Some(g),
+            // Plain data: a panic elsewhere cannot leave it inconsistent.
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        if let Some(root) = root {
+            let info = |slot: swapper::Slot| SlotInfo {
+                name: slot.dir_name().trim_start_matches("slot-").to_string(),
+                build: root.marker(slot).map(|m| m.build.build_id.clone()),
+                sha256: root.marker(slot).and_then(|m| m.build.sha256.clone()),
+                marked_unix: root.marker(slot).map(|m| m.marked_at),
+            };
+            *cache = (root.hot().map(info), Some(info(root.cold())));
         }
-    }
-}
-
-/// The wire outcome of a deploy outcome; `NoChange` is not a deploy.
-pub fn outcome(o: deploy::Outcome) -> Option<model::Outcome> {
-    match o {
-        deploy::Outcome::Success => Some(model::Outcome::Success),
-        deploy::Outcome::RolledBack => Some(model::Outcome::RolledBack),
-        deploy::Outcome::Failed => Some(model::Outcome::Failed),
-        deploy::Outcome::Cancelled => Some(model::Outcome::Cancelled),
-        deploy::Outcome::HealthFailed => Some(model::Outcome::HealthFailed),
-        deploy::Outcome::NoChange => None,
-    }
-}
-
-fn history_entry(r: &DeployRecord) -> HistoryEntry {
-    HistoryEntry {
-        id: format!("{}-{}", r.started_at, r.build),
-        build: r.build.clone(),
-        started_unix: r.started_at,
-        finished_unix: r.finished_at,
-        outcome: r.outcome.and_then(outcome),
-        error: r.error.as_ref().map(|e| e.message.clone()),
-        phase_ms: r.phase_ms.clone(),
+        cache.clone()
     }
 }
 
@@ -103,22 +93,10 @@ impl StatusSource for AgentView {
                 modify_index: Some(d.modify_index),
             }
         });
-        {
-            let root = self.deployer.root.lock().unwrap_or_else(|p| p.into_inner());
-            let info = |slot: swapper::Slot| SlotInfo {
-                name: slot.dir_name().trim_start_matches("slot-").to_string(),
-                build: root.marker(slot).map(|m| m.build.build_id.clone()),
-                sha256: root.marker(slot).and_then(|m| m.build.sha256.clone()),
-                marked_unix: root.marker(slot).map(|m| m.marked_at),
-            };
-            rep.hot = root.hot().map(info);
-            rep.cold = Some(info(root.cold()));
-        }
+        (rep.hot, rep.cold) = self.slots();
         let rec = s.deploy.as_ref();
-        rep.phase = rec.map(|r| r.phase.into()).unwrap_or_default();
-        if s.hold.is_some() && !rep.phase.is_active() {
-            rep.phase = model::Phase::Holding;
-        }
+        rep.phase = rec.map(|r| r.phase).unwrap_or_default();
+        rep.state = s.control.state.clone();
         if let Some(r) = rec.filter(|r| r.phase.is_active()) {
             let p = self.deployer.progress.snapshot();
             let now = Instant::now();
@@ -156,6 +134,21 @@ impl StatusSource for AgentView {
         });
         rep.consul = self.watch.as_ref().map(|w| {
             let w = w.snapshot();
+            let watch_error = (w.consecutive_errors > 0)
+                .then(|| w.last_error.clone().zip(w.last_error_unix))
+                .flatten()
+                .map(|(message, at_unix)| LastError { message, at_unix });
+            // An error that stops the watch stops progress: it is the
+            // error an operator must see first, while it lasts.
+            if let Some(e) = &watch_error {
+                if rep
+                    .last_error
+                    .as_ref()
+                    .is_none_or(|l| l.at_unix <= e.at_unix)
+                {
+                    rep.last_error = Some(e.clone());
+                }
+            }
             let now_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
@@ -166,23 +159,39 @@ impl StatusSource for AgentView {
                 last_index: Some(w.last_index),
                 last_contact_ms: w.last_success_unix_ms.map(|t| now_ms.saturating_sub(t)),
                 consecutive_errors: w.consecutive_errors.min(u32::MAX as u64) as u32,
+                last_error: watch_error,
             }
         });
-        rep.hold = match &s.hold {
-            Some(h) => HoldState {
+        if let Some(f) = &rep.fleet {
+            if let Some(e) = f.freeze_error.as_ref().or(f.report_error.as_ref()) {
+                if rep.last_error.is_none() {
+                    rep.last_error = Some(LastError {
+                        message: e.clone(),
+                        at_unix: deploy::now_secs(),
+                    });
+                }
+            }
+        }
+        rep.hold = match &s.control.state {
+            AgentState::Held {
+                by_uid,
+                reason,
+                since_unix,
+                ..
+            } => HoldState {
                 held: true,
-                reason: Some(h.reason.clone()),
-                since_unix: Some(h.since),
-                by_uid: h.by_uid,
+                reason: Some(reason.clone()),
+                since_unix: Some(*since_unix),
+                by_uid: *by_uid,
             },
-            None => HoldState::default(),
+            _ => HoldState::default(),
         };
         rep
     }
 
     fn history(&self) -> Vec<HistoryEntry> {
         let s = self.shared.snapshot();
-        s.history.iter().rev().map(history_entry).collect()
+        s.control.history.iter().rev().cloned().collect()
     }
 
     fn metrics(&self) -> String {
@@ -203,18 +212,18 @@ impl StatusSource for AgentView {
                 ],
             );
         }
-        self.metrics.set_held(self.shared.snapshot().hold.is_some());
+        self.metrics.set_held(self.shared.state().is_held());
         self.metrics.render()
     }
 }
 
 /// Feeds a finished deploy into the metrics.
 pub fn count_deploy(metrics: &Metrics, rec: &DeployRecord, slot: Option<swapper::Slot>) {
-    if let Some(o) = rec.outcome.and_then(outcome) {
+    if let Some(o) = rec.outcome {
         metrics.deploy_finished(o);
     }
     for (phase, ms) in &rec.phase_ms {
-        if let Some(p) = model::Phase::ALL.iter().find(|p| p.as_str() == phase) {
+        if let Some(p) = Phase::ALL.iter().find(|p| p.as_str() == phase) {
             metrics.phase_finished(*p, std::time::Duration::from_millis(*ms));
         }
     }

@@ -384,7 +384,7 @@ splay-max = "{splay}ms"
 
     /// Host `i`'s report in Consul.
     pub fn report(&self, i: usize) -> Option<HostRecord> {
-        let key = format!("deploy/{APP}/hosts/{}", self.hosts[i].id);
+        let key = format!("deploy-hosts/{APP}/{}", self.hosts[i].id);
         let e = self.consul.get(&key)?;
         serde_json::from_slice(&e.value).ok()
     }

@@ -121,7 +121,7 @@ pub enum FleetAction {
         /// after it was written is stale.
         #[arg(long, default_value = "2m", value_parser = parse_dur)]
         stale_after: Duration,
-        /// Report prefix, instead of `deploy/<app>/hosts/`.
+        /// Report prefix, instead of `deploy-hosts/<app>/`.
         #[arg(long)]
         report_prefix: Option<String>,
     },
@@ -166,7 +166,7 @@ impl Target {
 
 fn code(e: &Error) -> u8 {
     match e {
-        Error::ReleaseConflict { .. } => exit::CONFLICT,
+        Error::ReleaseConflict { .. } | Error::ReleaseNoChange { .. } => exit::CONFLICT,
         Error::ReleaseFrozen { .. } => exit::FROZEN,
         Error::ReleaseInvalid { .. } | Error::ReleaseMissing { .. } => exit::USAGE,
         _ => exit::FAILED,

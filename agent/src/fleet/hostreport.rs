@@ -1,6 +1,15 @@
 //! Host reports: this host's state written to Consul under
-//! `deploy/<app>/hosts/<host-id>` once per state change, never periodically,
-//! so a fleet of thousands costs Consul one write per host per deploy phase.
+//! `deploy-hosts/<app>/<host-id>` once per state change, never periodically.
+//!
+//! Two things keep a fleet of thousands cheap for Consul:
+//! - The prefix is outside `deploy/<app>/`, the radix subtree of the
+//!   control keys (tier keys, freeze). Real Consul wakes a blocking query on
+//!   a missing key for every write in its subtree, so reports there would
+//!   wake every host's freeze watch once per report of every other host.
+//! - Phase progress is coalesced: a report is written when the host sees a
+//!   new desired state, when a deploy starts, and when it ends (plus freeze
+//!   and operator changes), so a deploy costs at most 3 writes per host,
+//!   not one per phase. `fleet status` still shows which hosts are busy.
 //!
 //! The deploy never waits for Consul: [`HostReporter::observe`] only puts
 //! the newest record into a one-slot mailbox, and one writer task sends it.
@@ -13,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::deploy::{now_secs, DeployRecord, Outcome, Phase};
@@ -44,13 +54,15 @@ pub struct HostRecord {
 }
 
 impl HostRecord {
-    /// What makes two reports different states (times excluded).
+    /// What makes two reports different states (times excluded). Only
+    /// whether a deploy is in flight counts, not its phase: phase progress
+    /// rides along with the next write instead of costing one of its own.
     fn state(&self) -> impl PartialEq + '_ {
         (
             &self.build,
             &self.desired,
             self.seen_index,
-            self.phase,
+            self.phase.is_active(),
             self.outcome,
             &self.error,
             self.frozen,
@@ -66,6 +78,8 @@ pub struct HostReporter {
     /// The newest unsent record (a one-slot mailbox: older ones are moot).
     pending: Mutex<Option<HostRecord>>,
     wake: Notify,
+    /// The last write's error, cleared by a successful write.
+    last_error: Mutex<Option<String>>,
 }
 
 impl HostReporter {
@@ -76,6 +90,7 @@ impl HostReporter {
         host: &str,
         tier: Option<String>,
         served: Option<String>,
+        tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Arc<HostReporter> {
         let rec = HostRecord {
@@ -99,10 +114,19 @@ impl HostReporter {
             current: Mutex::new(rec.clone()),
             pending: Mutex::new(Some(rec)),
             wake: Notify::new(),
+            last_error: Mutex::new(None),
         });
-        tokio::spawn(writer(r.clone(), client, shutdown));
+        tracker.spawn(writer(r.clone(), client, shutdown));
         r.wake.notify_one();
         r
+    }
+
+    /// Why the last write failed, until one succeeds.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The key this host reports under.
@@ -176,8 +200,12 @@ async fn writer(r: Arc<HostReporter>, client: ConsulClient, shutdown: Cancellati
             }
         };
         match client.put(&r.key, &body, None).await {
-            Ok(_) => debug!(key = %r.key, phase = rec.phase.as_str(), "host report written"),
+            Ok(_) => {
+                debug!(key = %r.key, phase = rec.phase.as_str(), "host report written");
+                *r.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
             Err(e) => {
+                *r.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                 // Keep it for the next state change unless a newer one came.
                 warn!(key = %r.key, error = %e, "cannot write the host report; the next state change retries");
                 let mut p = r.pending.lock().unwrap_or_else(|p| p.into_inner());

@@ -6,13 +6,16 @@
 //!
 //! Nothing here is persisted: after a crash the watches deliver the key and
 //! the freeze state again and the decision is recomputed (it is a pure
-//! function of the manifest and the host id).
+//! function of the manifest and the host id). The freeze as last seen is
+//! also kept in the agent's state file (`control.rs`), so a restarted agent
+//! stays frozen until its freeze watch answers.
 
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -21,7 +24,7 @@ use crate::error::Result;
 use crate::fleet::hostreport::HostReporter;
 use crate::fleet::{Choice, Decision};
 use crate::manifest::Manifest;
-use crate::watch::consul::{ConsulClient, ConsulSettings, WatchEvent, WatchStats};
+use crate::watch::consul::{ConsulClient, ConsulSettings, QueryOptions, WatchEvent, WatchStats};
 
 /// What `status` shows about the fleet.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -38,6 +41,12 @@ pub struct FleetInfo {
     pub frozen: bool,
     pub freeze_key: Option<String>,
     pub report_key: Option<String>,
+    /// Why the freeze watch is failing, while it is (with its time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_error: Option<String>,
+    /// Why the last host report could not be written, until one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_error: Option<String>,
 }
 
 /// The fleet side of one running agent.
@@ -47,6 +56,10 @@ pub struct Member {
     info: Mutex<FleetInfo>,
     reporter: Option<Arc<HostReporter>>,
     frozen: Mutex<watch::Receiver<bool>>,
+    /// The freeze key and a client to confirm it with, when watched.
+    freeze: Option<(ConsulClient, String, Arc<WatchStats>)>,
+    /// Sends confirmed freeze states to the same channel as the watch.
+    freeze_tx: watch::Sender<bool>,
 }
 
 impl Member {
@@ -56,6 +69,7 @@ impl Member {
         config: &Config,
         consul: Option<&ConsulSettings>,
         served: Option<String>,
+        tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Arc<Member>> {
         let host_id = crate::fleet::host_id(config);
@@ -66,6 +80,7 @@ impl Member {
             ..FleetInfo::default()
         };
         let mut reporter = None;
+        let mut freeze = None;
         if let Some(settings) = consul {
             let client = ConsulClient::new(settings)?;
             if let Some(prefix) = config.fleet.report_prefix() {
@@ -75,6 +90,7 @@ impl Member {
                     &host_id,
                     config.fleet.tier.clone(),
                     served,
+                    tracker,
                     shutdown.clone(),
                 );
                 info.report_key = Some(r.key().to_string());
@@ -83,14 +99,17 @@ impl Member {
             if let Some(key) = config.fleet.freeze_key() {
                 info.freeze_key = Some(key.clone());
                 let (tx, mut rx) = mpsc::channel(4);
-                tokio::spawn(crate::watch::consul::watch_key(
+                let stats = Arc::new(WatchStats::new());
+                freeze = Some((client.clone(), key.clone(), stats.clone()));
+                tracker.spawn(crate::watch::consul::watch_key(
                     client,
                     key.clone(),
                     tx,
-                    Arc::new(WatchStats::new()),
+                    stats,
                     shutdown.clone(),
                 ));
-                tokio::spawn(async move {
+                let ftx = ftx.clone();
+                tracker.spawn(async move {
                     while let Some(ev) = rx.recv().await {
                         let frozen = matches!(ev, WatchEvent::Value { .. });
                         if *ftx.borrow() != frozen {
@@ -107,6 +126,8 @@ impl Member {
             info: Mutex::new(info),
             reporter,
             frozen: Mutex::new(frx),
+            freeze,
+            freeze_tx: ftx,
         }))
     }
 
@@ -149,6 +170,46 @@ impl Member {
         }
     }
 
+    /// Whether a freeze key is watched.
+    pub fn watches_freeze(&self) -> bool {
+        self.freeze.is_some()
+    }
+
+    /// Reads the freeze key now, in Consul's consistent mode (the leader
+    /// confirms its leadership first), so a freeze whose `release freeze`
+    /// returned before a tier change was written is always seen by a host
+    /// that has seen that change. `false` without a freeze key.
+    pub async fn confirm_freeze(&self) -> Result<bool> {
+        let Some((client, key, _)) = &self.freeze else {
+            return Ok(false);
+        };
+        let read = client
+            .get(
+                key,
+                &QueryOptions {
+                    consistent: true,
+                    ..QueryOptions::default()
+                },
+            )
+            .await?;
+        let frozen = read.pair.is_some();
+        if *self.freeze_tx.borrow() != frozen {
+            info!(key = %key, frozen, "fleet freeze changed (confirmed before acting)");
+        }
+        // The loop applies this state itself; keep the watch channel in
+        // step so `freeze_changed` does not report it a second time.
+        self.freeze_tx.send_replace(frozen);
+        self.frozen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .borrow_and_update();
+        self.info.lock().unwrap_or_else(|p| p.into_inner()).frozen = frozen;
+        if let Some(r) = &self.reporter {
+            r.frozen(frozen);
+        }
+        Ok(frozen)
+    }
+
     /// Whether the fleet-wide freeze is in place.
     pub fn frozen(&self) -> bool {
         *self
@@ -186,6 +247,15 @@ impl Member {
     pub fn info(&self) -> FleetInfo {
         let mut i = self.info.lock().unwrap_or_else(|p| p.into_inner()).clone();
         i.frozen = self.frozen();
+        if let Some((_, _, stats)) = &self.freeze {
+            let w = stats.snapshot();
+            if w.consecutive_errors > 0 {
+                i.freeze_error = w.last_error;
+            }
+        }
+        if let Some(r) = &self.reporter {
+            i.report_error = r.last_error();
+        }
         i
     }
 }

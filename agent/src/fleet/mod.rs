@@ -41,9 +41,13 @@ pub fn freeze_key(app: &str) -> String {
     format!("deploy/{app}/freeze")
 }
 
-/// The default prefix of per-host reports: `deploy/<app>/hosts/`.
+/// The default prefix of per-host reports: `deploy-hosts/<app>/`. Outside
+/// `deploy/<app>/` on purpose: real Consul wakes a blocking query on a
+/// missing key (the freeze key, a tier key before its first publish) for
+/// every write in the key's radix subtree, and reports are the fleet's most
+/// frequent writes (see `hostreport.rs`).
 pub fn report_prefix(app: &str) -> String {
-    format!("deploy/{app}/hosts/")
+    format!("deploy-hosts/{app}/")
 }
 
 /// This host's id: the config's `host-id`, else `/etc/machine-id`, else the

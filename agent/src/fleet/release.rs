@@ -147,7 +147,18 @@ impl Release {
             });
         }
         let r = self.client.get(&self.key, &QueryOptions::default()).await?;
-        Ok(r.pair.map(|p| p.modify_index).unwrap_or(r.index))
+        let index = r.pair.map(|p| p.modify_index).unwrap_or(r.index);
+        if index == expected && expected != 0 {
+            // Consul keeps the ModifyIndex when a write stores the value
+            // already there (rule 18): another commander's identical write
+            // got there first, and this one changed nothing. Say so rather
+            // than print their index as ours.
+            return Err(Error::ReleaseNoChange {
+                key: self.key.clone(),
+                index,
+            });
+        }
+        Ok(index)
     }
 
     /// The manifest `publish` writes: `spec` at `percent`, with the current

@@ -1,5 +1,5 @@
 //! The fleet view (`deploy-agent fleet status`): reads every host report
-//! under `deploy/<app>/hosts/` and the tier key, and summarises hosts per
+//! under `deploy-hosts/<app>/` and the tier key, and summarises hosts per
 //! build and per phase, the converged percentage, failed hosts and stale
 //! hosts. Read-only: nothing here writes, so a crash changes nothing.
 

@@ -33,6 +33,9 @@ pub struct StatusReport {
     pub hot: Option<SlotInfo>,
     /// The other slot, where the next build is unpacked.
     pub cold: Option<SlotInfo>,
+    /// The agent's state: why it is or is not deploying (`held`,
+    /// `frozen`, `retry-wait`, ...), with who and when.
+    pub state: AgentState,
     /// What the deploy is doing now.
     pub phase: Phase,
     /// When the current phase was entered.
@@ -112,74 +115,12 @@ pub struct SlotInfo {
     pub marked_unix: Option<u64>,
 }
 
-/// Phases of a deploy as reported; mirrors the daemon's state machine.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
-#[serde(rename_all = "kebab-case")]
-pub enum Phase {
-    #[default]
-    Idle,
-    WaitingForColdSlot,
-    Downloading,
-    Unpacking,
-    Draining,
-    Flipping,
-    /// The new build is live and the health gate is judging it.
-    Verifying,
-    Done,
-    Failed,
-    Holding,
-}
+/// The phases and outcomes of a deploy: one vocabulary, defined by the
+/// per-deploy state machine and shown on the wire as is.
+pub use crate::deploy::{Outcome, Phase};
 
-impl Phase {
-    /// Every phase, in pipeline order (for metrics and docs).
-    pub const ALL: [Phase; 10] = [
-        Phase::Idle,
-        Phase::WaitingForColdSlot,
-        Phase::Downloading,
-        Phase::Unpacking,
-        Phase::Draining,
-        Phase::Flipping,
-        Phase::Verifying,
-        Phase::Done,
-        Phase::Failed,
-        Phase::Holding,
-    ];
-
-    /// The kebab-case name used in JSON and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Idle => "idle",
-            Phase::WaitingForColdSlot => "waiting-for-cold-slot",
-            Phase::Downloading => "downloading",
-            Phase::Unpacking => "unpacking",
-            Phase::Draining => "draining",
-            Phase::Flipping => "flipping",
-            Phase::Verifying => "verifying",
-            Phase::Done => "done",
-            Phase::Failed => "failed",
-            Phase::Holding => "holding",
-        }
-    }
-
-    /// Whether a deploy is in flight in this phase.
-    pub fn is_active(self) -> bool {
-        matches!(
-            self,
-            Phase::WaitingForColdSlot
-                | Phase::Downloading
-                | Phase::Unpacking
-                | Phase::Draining
-                | Phase::Flipping
-                | Phase::Verifying
-        )
-    }
-}
-
-impl std::fmt::Display for Phase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// The agent's own state (idle, deploying, retry-wait, held, frozen).
+pub use crate::control::AgentState;
 
 /// Progress of a byte- or entry-counting phase.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -227,6 +168,8 @@ pub struct ConsulInfo {
     pub last_contact_ms: Option<u64>,
     /// Failed requests in a row (0 when healthy).
     pub consecutive_errors: u32,
+    /// The error of the last failed request, while the watch is failing.
+    pub last_error: Option<LastError>,
 }
 
 /// The operator hold: while held, the daemon does not start new deploys.
@@ -240,12 +183,35 @@ pub struct HoldState {
     pub by_uid: Option<u32>,
 }
 
-/// One finished (or running) deploy, for `GET /v1/history`.
+/// What a history entry records.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum HistoryKind {
+    /// A deploy (finished, or cancelled).
+    #[default]
+    Deploy,
+    /// `deploy-agent hold`.
+    Hold,
+    /// `deploy-agent resume`.
+    Resume,
+    /// `deploy-agent rollback` (the build it flipped to is `build`).
+    Rollback,
+    /// `deploy-agent redeploy`.
+    Redeploy,
+}
+
+/// One finished deploy or operator action, for `GET /v1/history`.
+/// Persisted with the agent state, so history survives restarts.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
 pub struct HistoryEntry {
-    /// Daemon-assigned deploy id.
+    /// Daemon-assigned id.
     pub id: String,
+    pub kind: HistoryKind,
+    /// The operator's uid (operator actions).
+    pub by_uid: Option<u32>,
+    /// The operator's reason (hold), or what the action did.
+    pub reason: Option<String>,
     pub build: String,
     pub started_unix: u64,
     /// `None` while running.
@@ -256,41 +222,6 @@ pub struct HistoryEntry {
     /// Duration of each phase that ran, in milliseconds, keyed by
     /// [`Phase::as_str`].
     pub phase_ms: BTreeMap<String, u64>,
-}
-
-/// How a deploy ended.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
-#[serde(rename_all = "kebab-case")]
-pub enum Outcome {
-    Success,
-    Failed,
-    Cancelled,
-    RolledBack,
-    /// Went live, failed the health gate, quarantined (and flipped back
-    /// when a previous build was there).
-    HealthFailed,
-}
-
-impl Outcome {
-    /// Every outcome, for metrics.
-    pub const ALL: [Outcome; 5] = [
-        Outcome::Success,
-        Outcome::Failed,
-        Outcome::Cancelled,
-        Outcome::RolledBack,
-        Outcome::HealthFailed,
-    ];
-
-    /// The kebab-case name used in JSON and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Success => "success",
-            Outcome::Failed => "failed",
-            Outcome::Cancelled => "cancelled",
-            Outcome::RolledBack => "rolled-back",
-            Outcome::HealthFailed => "health-failed",
-        }
-    }
 }
 
 /// What the daemon exposes to the status socket. Implementations must be

@@ -71,9 +71,9 @@ pub fn render_status(r: &StatusReport, color: bool, now_unix: u64) -> String {
         }
         let _ = writeln!(o, "{line}");
     }
+    let _ = writeln!(o, "{:<9} {}", "state", state_line(&r.state, now_unix, p));
     let phase = match r.phase {
         Phase::Failed => p.paint(RED, r.phase.as_str()),
-        Phase::Holding => p.paint(YELLOW, r.phase.as_str()),
         Phase::Done | Phase::Idle => p.paint(GREEN, r.phase.as_str()),
         _ => p.paint(BOLD, r.phase.as_str()),
     };
@@ -119,6 +119,9 @@ pub fn render_status(r: &StatusReport, color: bool, now_unix: u64) -> String {
         if c.consecutive_errors > 0 {
             let errs = format!("  {} consecutive errors", c.consecutive_errors);
             line.push_str(&p.paint(RED, &errs));
+            if let Some(e) = &c.last_error {
+                let _ = write!(line, "\n{:<9} {}", "", p.paint(RED, &e.message));
+            }
         }
         let _ = writeln!(o, "{line}");
     }
@@ -158,6 +161,45 @@ pub fn render_status(r: &StatusReport, color: bool, now_unix: u64) -> String {
         let _ = writeln!(o, "{:<9} {}", "error", p.paint(RED, &line));
     }
     o
+}
+
+/// The agent state in one line: what it does, or why it does not deploy.
+fn state_line(state: &super::model::AgentState, now_unix: u64, p: Paint) -> String {
+    use super::model::AgentState as S;
+    match state {
+        S::Idle => p.paint(GREEN, "idle"),
+        S::Deploying { build, phase } => p.paint(BOLD, &format!("deploying {build} ({phase})")),
+        S::RetryWait {
+            build,
+            at_unix,
+            attempt,
+        } => p.paint(
+            RED,
+            &format!(
+                "retry-wait: {build} failed {attempt} time(s), next try in {}",
+                duration(at_unix.saturating_sub(now_unix))
+            ),
+        ),
+        S::Held {
+            reason,
+            since_unix,
+            pinned,
+            ..
+        } => {
+            let mut line = format!("held {}: {reason}", ago(now_unix, *since_unix));
+            if let Some(b) = pinned {
+                let _ = write!(line, " (pinned to {b})");
+            }
+            p.paint(YELLOW, &line)
+        }
+        S::Frozen { since_unix } => p.paint(
+            YELLOW,
+            &format!(
+                "frozen {}: the commander froze the fleet (release unfreeze lifts it)",
+                ago(now_unix, *since_unix)
+            ),
+        ),
+    }
 }
 
 /// `[#####-----]  48%  12.0 MiB / 25.0 MiB  3.1 MiB/s  ETA 4s  1200 entries`

@@ -2,10 +2,13 @@
 //!
 //! It serves `/v1/kv/<key>` on a real loopback socket and answers the way
 //! Consul 1.9.0 does in the recorded exchanges under
-//! `shared/consul-reference/` (status, headers, JSON shape, blocking-query
+//! `tests/data/consul-reference/` (status, headers, JSON shape, blocking-query
 //! semantics, ACL errors). `tests/consul_reference.rs` replays every recorded
 //! exchange against it, so where this file and the recordings disagree, the
-//! test fails.
+//! test fails. The behaviours measured by hand (`WAKEUPS.md` there: which
+//! writes wake a blocking query on a missing key, deletes waking listings,
+//! ACL-filtered listings, parameter parsing) are checked by
+//! `tests/consul_wakeups.rs`.
 //!
 //! On top of Consul it can misbehave on demand ([`Fault`]): answer an error
 //! status, drop connections, stall, move its index backwards (a snapshot
@@ -14,9 +17,10 @@
 //! Everything lives in memory; if the process dies the store is simply gone,
 //! which is what a test wants.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -157,7 +161,28 @@ struct State {
     index: u64,
     /// Counts snapshot restores, so blocking queries can be abandoned.
     restores: u64,
+    /// Consul's graveyard: the index at which each key (or, for a
+    /// recursive delete, each prefix) was deleted. A listing's index is the
+    /// highest of its entries' and its tombstones' (Consul's `kvsListTxn`),
+    /// which is what makes a blocking `?recurse`/`?keys` wake on a delete.
+    /// Consul reaps tombstones after a while; a test never lives that long.
+    tombstones: BTreeMap<String, u64>,
+    /// The keys as memdb's `id` index stores them in its radix tree: the
+    /// key bytes plus a NUL terminator. Kept beside `kv` so the radix model
+    /// ([`RadixWatch`]) can work on bytes (a radix node may end inside a
+    /// UTF-8 character).
+    radix: BTreeSet<Vec<u8>>,
+    /// Counts changes of the tree; `touches` holds the latest ones.
+    seq: u64,
+    /// The radix nodes recent changes wrote, tagged with their `seq`, so a
+    /// blocking query on a missing key can tell whether its node changed.
+    touches: VecDeque<(u64, Touch)>,
 }
+
+/// How many tree changes [`State::touches`] remembers. A blocking query
+/// that fell further behind than this simply re-runs (Consul would at
+/// worst have woken it too).
+const TOUCH_LOG: usize = 4096;
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -184,6 +209,43 @@ impl std::error::Error for DropConnection {}
 /// critical section leaves it consistent.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl State {
+    fn record(&mut self, t: Touch) {
+        self.seq += 1;
+        if self.touches.len() >= TOUCH_LOG {
+            self.touches.pop_front();
+        }
+        self.touches.push_back((self.seq, t));
+    }
+
+    /// The highest tombstone index under `prefix`, 0 when none.
+    fn graveyard_max(&self, prefix: &str) -> u64 {
+        self.tombstones
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, i)| *i)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// A listing's index, as Consul's `kvsListTxn`/`kvsKeysTxn` compute it:
+    /// the highest `ModifyIndex` of the entries (`entries_max`, before any
+    /// ACL filtering) or of the tombstones under the prefix, and the table
+    /// index when both are 0 or the prefix is empty.
+    fn list_index(&self, prefix: &str, entries_max: u64) -> u64 {
+        let sub = if prefix.is_empty() {
+            self.index
+        } else {
+            entries_max.max(self.graveyard_max(prefix))
+        };
+        if sub != 0 {
+            sub
+        } else {
+            self.index
+        }
+    }
 }
 
 impl ConsulServer {
@@ -283,6 +345,9 @@ impl ConsulServer {
             for e in st.kv.values_mut() {
                 e.create_index = e.create_index.min(to);
                 e.modify_index = e.modify_index.min(to);
+            }
+            for i in st.tombstones.values_mut() {
+                *i = (*i).min(to);
             }
         }
         self.shared.changed.send_modify(|g| *g += 1);
@@ -437,7 +502,7 @@ impl Shared {
             .map(str::to_string);
         let key = path
             .strip_prefix("/v1/kv/")
-            .map(percent_decode)
+            .map(|p| percent_decode(p, false))
             .unwrap_or_default();
         lock(&self.requests).push(RequestRecord {
             at: Instant::now(),
@@ -472,6 +537,14 @@ impl Shared {
             return Ok(self.text(StatusCode::NOT_FOUND, ""));
         }
         let method = req.method().clone();
+        // Consul's handler wrapper refuses other methods before the KV
+        // endpoint looks at anything else.
+        if !matches!(method, Method::GET | Method::PUT | Method::DELETE) {
+            return Ok(self.text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!("method {method} not allowed"),
+            ));
+        }
         // Consul accepts the token from the header or `?token=`.
         let token = header_token.or_else(|| q_get(&query, "token").map(str::to_string));
 
@@ -487,9 +560,19 @@ impl Shared {
                 if key.is_empty() {
                     return Ok(self.text(StatusCode::BAD_REQUEST, "Missing key name"));
                 }
-                if let Err(msg) = self.authorize(token.as_deref(), &key, true) {
-                    return Ok(self.text(StatusCode::FORBIDDEN, msg));
-                }
+                // Consul's `KVSPut` order: parse `flags` and `cas` (a bad
+                // one is the plain error, a 500), check the size (413), and
+                // only then the RPC checks the ACL (403).
+                let flags = match q_get(&query, "flags").map(go_parse_uint) {
+                    None => None,
+                    Some(Ok(f)) => Some(f),
+                    Some(Err(msg)) => return Ok(self.text(StatusCode::INTERNAL_SERVER_ERROR, &msg)),
+                };
+                let cas = match q_get(&query, "cas").map(go_parse_uint) {
+                    None => None,
+                    Some(Ok(c)) => Some(c),
+                    Some(Err(msg)) => return Ok(self.text(StatusCode::INTERNAL_SERVER_ERROR, &msg)),
+                };
                 let body = match Limited::new(req.into_body(), MAX_BUFFERED_BODY)
                     .collect()
                     .await
@@ -508,18 +591,9 @@ impl Shared {
                         .insert(CONNECTION, HeaderValue::from_static("close"));
                     return Ok(resp);
                 }
-                let flags = match q_get(&query, "flags").map(str::parse::<u64>) {
-                    None => None,
-                    Some(Ok(f)) => Some(f),
-                    Some(Err(_)) => return Ok(self.text(StatusCode::BAD_REQUEST, "Invalid flags")),
-                };
-                let cas = match q_get(&query, "cas").map(str::parse::<u64>) {
-                    None => None,
-                    Some(Ok(c)) => Some(c),
-                    Some(Err(_)) => {
-                        return Ok(self.text(StatusCode::BAD_REQUEST, "Invalid cas index"))
-                    }
-                };
+                if let Err(msg) = self.authorize(token.as_deref(), &key, true) {
+                    return Ok(self.text(StatusCode::FORBIDDEN, msg));
+                }
                 let ok = self.write(&key, body.to_vec(), flags, cas);
                 Ok(self.json_bool(ok))
             }
@@ -528,20 +602,22 @@ impl Shared {
                 if key.is_empty() && !recurse {
                     return Ok(self.text(StatusCode::BAD_REQUEST, "Missing key name"));
                 }
+                let cas = match q_get(&query, "cas").map(go_parse_uint) {
+                    None => None,
+                    Some(Ok(c)) => Some(c),
+                    Some(Err(msg)) => return Ok(self.text(StatusCode::INTERNAL_SERVER_ERROR, &msg)),
+                };
                 if let Err(msg) = self.authorize(token.as_deref(), &key, true) {
                     return Ok(self.text(StatusCode::FORBIDDEN, msg));
                 }
-                let cas = match q_get(&query, "cas").map(str::parse::<u64>) {
-                    None => None,
-                    Some(Ok(c)) => Some(c),
-                    Some(Err(_)) => {
-                        return Ok(self.text(StatusCode::BAD_REQUEST, "Invalid cas index"))
-                    }
-                };
                 let ok = self.delete(&key, recurse, cas);
                 Ok(self.json_bool(ok))
             }
-            _ => Ok(self.text(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed")),
+            // Refused above.
+            _ => Ok(self.text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!("method {method} not allowed"),
+            )),
         }
     }
 
@@ -551,15 +627,16 @@ impl Shared {
         query: &[(String, Option<String>)],
         token: Option<&str>,
     ) -> Resp {
-        // Consul parses `wait` before `index` (12-*.txt has both).
-        let wait = match q_get(query, "wait") {
+        // Consul parses `wait` before `index` (12-*.txt has both). Both go
+        // through `query.Get(..) != ""`: an empty value is no value.
+        let wait = match q_get(query, "wait").filter(|w| !w.is_empty()) {
             None => None,
             Some(w) => match parse_go_duration(w) {
                 Some(d) => Some(d),
                 None => return self.text(StatusCode::BAD_REQUEST, "Invalid wait time"),
             },
         };
-        let min_index = match q_get(query, "index") {
+        let min_index = match q_get(query, "index").filter(|i| !i.is_empty()) {
             None => 0,
             Some(i) => match i.parse::<u64>() {
                 Ok(i) => i,
@@ -579,9 +656,17 @@ impl Shared {
         if key.is_empty() && !recurse && !keys {
             return self.text(StatusCode::BAD_REQUEST, "Missing key name");
         }
-        if let Err(msg) = self.authorize(token, key, false) {
+        if recurse || keys {
+            // A listing is filtered to what the token may read (Consul's
+            // `FilterDirEnt`/`FilterKeys`), so only an unknown token is an
+            // error.
+            if let Err(msg) = self.resolve(token) {
+                return self.text(StatusCode::FORBIDDEN, msg);
+            }
+        } else if let Err(msg) = self.authorize(token, key, false) {
             return self.text(StatusCode::FORBIDDEN, msg);
         }
+        let readable = |k: &str| self.authorize(token, k, false).is_ok();
         let separator = q_get(query, "separator").map(str::to_string);
         let last_contact = if stale {
             self.last_contact_ms.load(Ordering::Relaxed)
@@ -607,7 +692,7 @@ impl Shared {
             // Mark the current generation seen before reading, so a write
             // between the read and the wait still wakes us.
             rx.borrow_and_update();
-            let resp = {
+            let (resp, mut parked) = {
                 let leader = lock(&self.state);
                 let follower = if stale {
                     lock(&self.follower).clone()
@@ -617,9 +702,9 @@ impl Shared {
                 let restored = leader.restores != restores_at_start;
                 let st: &State = follower.as_ref().unwrap_or(&leader);
                 let (index, resp) = if recurse {
-                    self.answer_list(st, key, last_contact)
+                    self.answer_list(st, key, &readable, last_contact)
                 } else if keys {
-                    self.answer_keys(st, key, separator.as_deref(), last_contact)
+                    self.answer_keys(st, key, separator.as_deref(), &readable, last_contact)
                 } else {
                     self.answer_one(st, key, last_contact, raw)
                 };
@@ -630,12 +715,40 @@ impl Shared {
                 }
                 // Not newer than the caller's index: hold it, and answer
                 // this if nothing changes before the deadline.
-                resp
+                //
+                // A missing key's answer carries the table index, which any
+                // write raises; Consul re-runs the query only when the radix
+                // node it is parked on changes (the model above
+                // `RadixWatch`), so remember that node. Everything else
+                // re-runs on every change and answers only once its index
+                // moved, which is what its watch channels amount to: an
+                // existing key's leaf, a listing's prefix node and
+                // graveyard. A frozen follower view never changes under
+                // it, so it simply re-runs.
+                let parked = (follower.is_none() && !recurse && !keys && !st.kv.contains_key(key))
+                    .then(|| Parked {
+                        node: radix_watch(&st.radix, &terminated(key)),
+                        seen: st.seq,
+                    });
+                (resp, parked)
             };
-            tokio::select! {
-                _ = rx.changed() => {}
-                _ = tokio::time::sleep_until(deadline) => return resp,
-                _ = self.shutdown.cancelled() => return resp,
+            loop {
+                tokio::select! {
+                    _ = rx.changed() => {}
+                    _ = tokio::time::sleep_until(deadline) => return resp,
+                    _ = self.shutdown.cancelled() => return resp,
+                }
+                let Some(p) = parked.as_mut() else { break };
+                // Everything up to the state read below is checked here;
+                // a later change bumps the generation again.
+                rx.borrow_and_update();
+                let st = lock(&self.state);
+                if st.restores != restores_at_start
+                    || (stale && lock(&self.follower).is_some())
+                    || p.woken(&st)
+                {
+                    break;
+                }
             }
         }
     }
@@ -653,10 +766,14 @@ impl Shared {
                 let idx = e.modify_index.max(1);
                 let resp = if raw {
                     let mut r = self.base(StatusCode::OK, Bytes::from(e.value.clone()));
-                    r.headers_mut().insert(
-                        CONTENT_TYPE,
-                        HeaderValue::from_static(sniff_content_type(&e.value)),
-                    );
+                    // Go's ResponseWriter sniffs the type on the first
+                    // write; an empty value is never written, so it has none.
+                    if !e.value.is_empty() {
+                        r.headers_mut().insert(
+                            CONTENT_TYPE,
+                            HeaderValue::from_static(sniff_content_type(&e.value)),
+                        );
+                    }
                     r
                 } else {
                     self.json(StatusCode::OK, &[JsonPair::new(key, e)])
@@ -666,47 +783,52 @@ impl Shared {
         }
     }
 
-    fn answer_list(&self, st: &State, prefix: &str, last_contact: u64) -> (u64, Resp) {
+    /// `?recurse`: the entries under `prefix` that `readable` allows. The
+    /// index is computed before the ACL filter, as Consul does; an empty
+    /// result is a 404 that still carries it.
+    fn answer_list(
+        &self,
+        st: &State,
+        prefix: &str,
+        readable: &dyn Fn(&str) -> bool,
+        last_contact: u64,
+    ) -> (u64, Resp) {
+        let mut max = 0;
         let pairs: Vec<JsonPair<'_>> = st
             .kv
             .range(prefix.to_string()..)
             .take_while(|(k, _)| k.starts_with(prefix))
+            .inspect(|(_, e)| max = max.max(e.modify_index))
+            .filter(|(k, _)| readable(k))
             .map(|(k, e)| JsonPair::new(k, e))
             .collect();
-        if pairs.is_empty() {
-            let idx = st.index.max(1);
-            return (
-                idx,
-                self.meta(self.empty(StatusCode::NOT_FOUND), idx, last_contact),
-            );
-        }
-        let idx = pairs
-            .iter()
-            .map(|p| p.modify_index)
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        (
-            idx,
-            self.meta(self.json(StatusCode::OK, &pairs), idx, last_contact),
-        )
+        let idx = st.list_index(prefix, max).max(1);
+        let resp = if pairs.is_empty() {
+            self.empty(StatusCode::NOT_FOUND)
+        } else {
+            self.json(StatusCode::OK, &pairs)
+        };
+        (idx, self.meta(resp, idx, last_contact))
     }
 
+    /// `?keys`: like [`Shared::answer_list`], names only, folded at
+    /// `separator`.
     fn answer_keys(
         &self,
         st: &State,
         prefix: &str,
         separator: Option<&str>,
+        readable: &dyn Fn(&str) -> bool,
         last_contact: u64,
     ) -> (u64, Resp) {
         let mut keys: Vec<String> = Vec::new();
-        let mut idx = 0;
+        let mut max = 0;
         for (k, e) in st
             .kv
             .range(prefix.to_string()..)
             .take_while(|(k, _)| k.starts_with(prefix))
         {
-            idx = idx.max(e.modify_index);
+            max = max.max(e.modify_index);
             let rest = &k[prefix.len()..];
             let shown = match separator.filter(|s| !s.is_empty()).and_then(|s| {
                 rest.find(s)
@@ -719,18 +841,14 @@ impl Shared {
                 keys.push(shown);
             }
         }
-        if keys.is_empty() {
-            let idx = st.index.max(1);
-            return (
-                idx,
-                self.meta(self.empty(StatusCode::NOT_FOUND), idx, last_contact),
-            );
-        }
-        let idx = idx.max(1);
-        (
-            idx,
-            self.meta(self.json(StatusCode::OK, &keys), idx, last_contact),
-        )
+        keys.retain(|k| readable(k));
+        let idx = st.list_index(prefix, max).max(1);
+        let resp = if keys.is_empty() {
+            self.empty(StatusCode::NOT_FOUND)
+        } else {
+            self.json(StatusCode::OK, &keys)
+        };
+        (idx, self.meta(resp, idx, last_contact))
     }
 
     /// Applies a write; returns false when a `cas` check fails.
@@ -747,12 +865,15 @@ impl Shared {
             let flags = flags.unwrap_or(0);
             match existing {
                 // Writing an identical value is a no-op in Consul's state
-                // store: ModifyIndex stays (RULES.md rule 18).
+                // store: ModifyIndex stays (docs/consul-watch-rules.md rule 18).
                 Some(e) if e.value == value && e.flags == flags => false,
                 _ => {
                     st.index += 1;
                     let idx = st.index;
                     let create_index = existing.map(|e| e.create_index).unwrap_or(idx);
+                    let q = terminated(key);
+                    st.record(Touch::Set(q.clone()));
+                    st.radix.insert(q);
                     st.kv.insert(
                         key.to_string(),
                         Entry {
@@ -775,11 +896,12 @@ impl Shared {
     fn delete(&self, key: &str, recurse: bool, cas: Option<u64>) -> bool {
         let changed = {
             let mut st = lock(&self.state);
+            let existing = st.kv.get(key).map(|e| e.modify_index);
             if let Some(c) = cas {
-                match st.kv.get(key) {
-                    Some(e) if e.modify_index == c => {}
-                    None if c == 0 => {}
-                    _ => return false,
+                // Consul's `kvsDeleteCASTxn` answers `entry == nil` when
+                // the index does not match: a missing key is `true`.
+                if existing.is_some_and(|i| i != c) {
+                    return false;
                 }
             }
             let doomed: Vec<String> = if recurse {
@@ -797,9 +919,26 @@ impl Shared {
                 false
             } else {
                 st.index += 1;
+                let idx = st.index;
+                // The radix path the delete walks, and the top of the
+                // subtree it removes (`DeletePrefix` takes the prefix
+                // without the terminator).
+                let (path, top) = if recurse {
+                    let first = terminated(&doomed[0]);
+                    let last = terminated(&doomed[doomed.len() - 1]);
+                    (key.as_bytes().to_vec(), top_of(&first, &last))
+                } else {
+                    (terminated(key), terminated(key))
+                };
+                let merged = merged_sibling(&st.radix, &top);
+                st.record(Touch::Delete { path, merged });
                 for k in doomed {
+                    st.radix.remove(&terminated(&k));
                     st.kv.remove(&k);
                 }
+                // One tombstone per delete: the key, or the prefix of a
+                // recursive delete (Consul's `kvsDeleteTreeTxn`).
+                st.tombstones.insert(key.to_string(), idx);
                 true
             }
         };
@@ -807,6 +946,19 @@ impl Shared {
             self.changed.send_modify(|g| *g += 1);
         }
         true
+    }
+
+    /// Checks that `token` is one Consul would know (no token is the
+    /// anonymous token); `Err` is the 403 body.
+    fn resolve(&self, token: Option<&str>) -> Result<(), &'static str> {
+        let Some(acl) = &self.acl else { return Ok(()) };
+        match token {
+            None | Some("") => Ok(()),
+            Some(t) if t == acl.master_token || acl.tokens.iter().any(|k| k.secret_id == t) => {
+                Ok(())
+            }
+            Some(_) => Err("ACL not found"),
+        }
     }
 
     /// `Err(message)` is the 403 body Consul would send.
@@ -888,6 +1040,222 @@ impl Shared {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Which writes wake a blocking query on a missing key.
+//
+// Consul keeps the KV store in go-memdb, whose `id` index is an immutable
+// radix tree (go-immutable-radix) over the key bytes plus a NUL terminator.
+// A blocking GET of one key gets its watch channel from `GetWatch(key\0)`:
+// - the key exists: the channel of its leaf, closed only when that key is
+//   updated or deleted (file 07: other writes do not wake it);
+// - the key is missing: the channel of the deepest node the search reached,
+//   which is either the last node whose whole path is a prefix of `key\0`
+//   (no edge for the next byte) or the node behind the matching edge whose
+//   label diverges from the key part-way.
+// A transaction closes the channel of every node it copies: on an insert or
+// update, every node on the written key's path, plus the node it splits
+// when the key diverges inside an edge label; on a delete, every node on
+// the deleted key's (or prefix's) path, the removed subtree, and a sibling
+// that gets merged into its parent when the parent is left with one child.
+// After a wake-up the query re-runs and answers the (higher) table index: a
+// 404 with a new index, even though this key did not change (file 24).
+//
+// The tree is canonical (nodes only at the root, at keys, and where keys
+// branch), so everything follows from the sorted key set. With `w` the path
+// of the watched node and `pl` the path length of its parent:
+// - a write (insert or update) of `k` touches it iff `lcp(k\0, w) > pl`:
+//   either `w` is on the path of `k\0`, or `k\0` follows the edge into the
+//   node and diverges inside its label (a split);
+// - a delete touches it iff `w` is on the deleted path, inside the deleted
+//   subtree, or is the sibling merged into the parent;
+// - the root (no parent) is written by every change.
+// Example from WAKEUPS.md: with `a/b/hosts/h0` and `a/b/production` stored,
+// `a/b/freeze` parks on the node `a/b/` (parent: root). Writes to
+// `a/b/hosts/h1` or `a/b/production` pass through it and wake the query;
+// `zz/other` shares nothing with it and does not. A longest-common-prefix
+// rule alone would miss the split (a write to `a/c` splits `a/b/` into
+// `a/` + `b/`, which wakes the query) and the merge (deleting one of two
+// children merges the other into the parent, which wakes a query parked on
+// that other child); both follow from go-immutable-radix's code, and were
+// not measured separately.
+// ---------------------------------------------------------------------------
+
+/// Radix nodes one change of the store wrote (see the model above).
+#[derive(Debug, Clone)]
+enum Touch {
+    /// A key was inserted or its entry changed; holds `key\0`.
+    Set(Vec<u8>),
+    /// A key (`key\0`) or, for a recursive delete, a prefix (no NUL) was
+    /// deleted; `merged` is the path of the sibling merged into the parent.
+    Delete {
+        path: Vec<u8>,
+        merged: Option<Vec<u8>>,
+    },
+}
+
+/// The radix node a blocking query on a missing key is parked on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RadixWatch {
+    /// The node's full path from the root.
+    path: Vec<u8>,
+    /// The length of its parent's path; `None` for the root itself.
+    parent_len: Option<usize>,
+}
+
+impl RadixWatch {
+    fn touched_by(&self, t: &Touch) -> bool {
+        let Some(pl) = self.parent_len else {
+            // Every change copies the root.
+            return true;
+        };
+        match t {
+            Touch::Set(k) => lcp(k, &self.path) > pl,
+            Touch::Delete { path, merged } => {
+                path.starts_with(&self.path)
+                    || self.path.starts_with(path)
+                    || merged.as_deref() == Some(self.path.as_slice())
+            }
+        }
+    }
+}
+
+/// A blocking query parked on a radix node, and the last change it checked.
+#[derive(Debug)]
+struct Parked {
+    node: RadixWatch,
+    seen: u64,
+}
+
+impl Parked {
+    /// Whether a change after `seen` wrote the node; marks them checked.
+    /// An untouched node keeps its place in the tree, so `node` stays valid.
+    fn woken(&mut self, st: &State) -> bool {
+        if st.seq == self.seen {
+            return false;
+        }
+        let lost = st
+            .touches
+            .front()
+            .is_none_or(|(first, _)| *first > self.seen + 1);
+        let woken = lost
+            || st
+                .touches
+                .iter()
+                .filter(|(s, _)| *s > self.seen)
+                .any(|(_, t)| self.node.touched_by(t));
+        self.seen = st.seq;
+        woken
+    }
+}
+
+/// `key` as memdb's string index stores it.
+fn terminated(key: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(key.len() + 1);
+    v.extend_from_slice(key.as_bytes());
+    v.push(0);
+    v
+}
+
+fn lcp(a: &[u8], b: &[u8]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// The smallest byte string above every string starting with `x`, `None`
+/// when there is none (`x` is all 0xFF).
+fn prefix_end(x: &[u8]) -> Option<Vec<u8>> {
+    let mut v = x.to_vec();
+    while let Some(last) = v.pop() {
+        if last < 0xFF {
+            v.push(last + 1);
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// The stored (terminated) keys starting with `x`, in order.
+fn with_prefix<'a>(
+    set: &'a BTreeSet<Vec<u8>>,
+    x: &[u8],
+) -> std::collections::btree_set::Range<'a, Vec<u8>> {
+    let hi = prefix_end(x).map_or(Bound::Unbounded, Bound::Excluded);
+    set.range((Bound::Included(x.to_vec()), hi))
+}
+
+/// The path length of the parent of the node at `x`: the deepest branch
+/// above it, where some key outside its subtree leaves `x`. Only the keys
+/// right before and right after the subtree can share the most with `x`.
+fn parent_len(set: &BTreeSet<Vec<u8>>, x: &[u8]) -> usize {
+    let before = set
+        .range::<Vec<u8>, _>((Bound::Unbounded, Bound::Excluded(x.to_vec())))
+        .next_back();
+    let after = prefix_end(x).and_then(|e| set.range(e..).next());
+    [before, after]
+        .into_iter()
+        .flatten()
+        .map(|k| lcp(k, x))
+        .max()
+        .unwrap_or(0)
+}
+
+/// The path of the node at the top of a non-empty sorted run of keys.
+fn top_of(first: &[u8], last: &[u8]) -> Vec<u8> {
+    first[..lcp(first, last)].to_vec()
+}
+
+/// Where `GetWatch(q)` parks for a `q` (`key\0`) that is not stored.
+fn radix_watch(set: &BTreeSet<Vec<u8>>, q: &[u8]) -> RadixWatch {
+    let before = set
+        .range::<Vec<u8>, _>((Bound::Unbounded, Bound::Excluded(q.to_vec())))
+        .next_back();
+    let after = set
+        .range::<Vec<u8>, _>((Bound::Excluded(q.to_vec()), Bound::Unbounded))
+        .next();
+    let m = [before, after]
+        .into_iter()
+        .flatten()
+        .map(|k| lcp(k, q))
+        .max()
+        .unwrap_or(0);
+    let mut run = with_prefix(set, &q[..m]);
+    let (Some(first), true) = (run.next(), m > 0) else {
+        // No stored key starts with q's first byte: the root has no edge
+        // for it, so the search stops at the root.
+        return RadixWatch {
+            path: Vec::new(),
+            parent_len: None,
+        };
+    };
+    let last = run.next_back().unwrap_or(first);
+    // Either the keys sharing m bytes with q branch right there (a node
+    // that is a prefix of q, with no edge for q's next byte), or they all
+    // continue together past m (the edge into their top node diverges from
+    // q inside its label). Both cases: the top node of that run.
+    let path = top_of(first, last);
+    let parent_len = Some(parent_len(set, &path));
+    RadixWatch { path, parent_len }
+}
+
+/// The sibling a delete of the subtree topped at `top` merges into its
+/// parent: when the parent is not the root and keeps exactly one child.
+fn merged_sibling(set: &BTreeSet<Vec<u8>>, top: &[u8]) -> Option<Vec<u8>> {
+    let pl = parent_len(set, top);
+    if pl == 0 {
+        // The root never merges.
+        return None;
+    }
+    let parent = &top[..pl];
+    let mut rest = with_prefix(set, parent).filter(|k| !k.starts_with(top));
+    let first = rest.next()?;
+    let last = with_prefix(set, parent)
+        .rev()
+        .find(|k| !k.starts_with(top))
+        .unwrap_or(first);
+    // One remaining child iff all remaining keys leave the parent through
+    // the same edge.
+    (first.get(pl) == last.get(pl)).then(|| top_of(first, last))
+}
+
 /// The JSON shape of one KV pair, fields in Consul's order; `Session` is
 /// omitted when empty, `Value` is `null` for an empty value.
 #[derive(Serialize)]
@@ -945,10 +1313,69 @@ fn go_json(value: &impl Serialize) -> Vec<u8> {
     escaped
 }
 
-/// A cut-down `http.DetectContentType`: Consul leaves `?raw` responses to
-/// Go's sniffing, which calls text anything without binary control bytes.
+/// Enough of Go's `http.DetectContentType` for KV values: Consul leaves
+/// `?raw` responses to the ResponseWriter's sniffing.
 fn sniff_content_type(data: &[u8]) -> &'static str {
     let head = &data[..data.len().min(512)];
+    // HTML and XML signatures skip leading whitespace and compare
+    // case-insensitively; an HTML tag must be followed by a space or `>`.
+    let ws = head
+        .iter()
+        .position(|b| !matches!(b, b'\t' | b'\n' | 0x0C | b'\r' | b' '))
+        .unwrap_or(head.len());
+    let text = &head[ws..];
+    const HTML: [&[u8]; 17] = [
+        b"<!DOCTYPE HTML",
+        b"<HTML",
+        b"<HEAD",
+        b"<SCRIPT",
+        b"<IFRAME",
+        b"<H1",
+        b"<DIV",
+        b"<FONT",
+        b"<TABLE",
+        b"<A",
+        b"<STYLE",
+        b"<TITLE",
+        b"<B",
+        b"<BODY",
+        b"<BR",
+        b"<P",
+        b"<!--",
+    ];
+    let html = HTML.iter().any(|sig| {
+        text.len() > sig.len()
+            && text[..sig.len()].eq_ignore_ascii_case(sig)
+            && matches!(text[sig.len()], b' ' | b'>')
+    });
+    if html {
+        return "text/html; charset=utf-8";
+    }
+    if text.starts_with(b"<?xml") {
+        return "text/xml; charset=utf-8";
+    }
+    const EXACT: [(&[u8], &str); 10] = [
+        (b"%PDF-", "application/pdf"),
+        (b"%!PS-Adobe-", "application/postscript"),
+        (b"\xFE\xFF", "text/plain; charset=utf-16be"),
+        (b"\xFF\xFE", "text/plain; charset=utf-16le"),
+        (b"\xEF\xBB\xBF", "text/plain; charset=utf-8"),
+        (b"GIF87a", "image/gif"),
+        (b"GIF89a", "image/gif"),
+        (b"\x89PNG\x0D\x0A\x1A\x0A", "image/png"),
+        (b"\xFF\xD8\xFF", "image/jpeg"),
+        (b"\x1F\x8B\x08", "application/x-gzip"),
+    ];
+    if let Some((_, t)) = EXACT.iter().find(|(sig, _)| head.starts_with(sig)) {
+        return t;
+    }
+    if head.starts_with(b"PK\x03\x04") {
+        return "application/zip";
+    }
+    if head.starts_with(b"\x00asm") {
+        return "application/wasm";
+    }
+    // Go's text test: no "binary" control bytes at all.
     let binary = head
         .iter()
         .any(|&b| matches!(b, 0x00..=0x08 | 0x0B | 0x0E..=0x1A | 0x1C..=0x1F));
@@ -959,12 +1386,46 @@ fn sniff_content_type(data: &[u8]) -> &'static str {
     }
 }
 
+/// Go's `strconv.ParseUint(s, 10, 64)`, with its error text: Consul sends
+/// that text as a 500 for a bad `cas` or `flags`. Unlike Rust's parser it
+/// takes no sign.
+fn go_parse_uint(s: &str) -> Result<u64, String> {
+    let quoted = go_quote(s);
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "strconv.ParseUint: parsing {quoted}: invalid syntax"
+        ));
+    }
+    s.parse()
+        .map_err(|_| format!("strconv.ParseUint: parsing {quoted}: value out of range"))
+}
+
+/// Close enough to Go's `strconv.Quote` for query values.
+fn go_quote(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7F => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 fn parse_query(q: &str) -> Vec<(String, Option<String>)> {
     q.split('&')
         .filter(|p| !p.is_empty())
         .map(|p| match p.split_once('=') {
-            Some((k, v)) => (percent_decode(k), Some(percent_decode(v))),
-            None => (percent_decode(p), None),
+            Some((k, v)) => (percent_decode(k, true), Some(percent_decode(v, true))),
+            None => (percent_decode(p, true), None),
         })
         .collect()
 }
@@ -979,7 +1440,9 @@ fn q_has(q: &[(String, Option<String>)], name: &str) -> bool {
     q.iter().any(|(k, _)| k == name)
 }
 
-fn percent_decode(s: &str) -> String {
+/// Decodes `%XX`; `plus_is_space` for query strings only: Go's URL parser
+/// leaves a `+` in the path alone (`PUT /v1/kv/plus/a+b` stores `plus/a+b`).
+fn percent_decode(s: &str, plus_is_space: bool) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -1000,7 +1463,7 @@ fn percent_decode(s: &str) -> String {
                     }
                 }
             }
-            b'+' => {
+            b'+' if plus_is_space => {
                 out.push(b' ');
                 i += 1;
             }
@@ -1094,8 +1557,10 @@ mod tests {
 
     #[test]
     fn percent_decoding() {
-        assert_eq!(percent_decode("a%2Fb"), "a/b");
-        assert_eq!(percent_decode("a%2"), "a%2");
-        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("a%2Fb", false), "a/b");
+        assert_eq!(percent_decode("a%2", false), "a%2");
+        assert_eq!(percent_decode("100%", false), "100%");
+        assert_eq!(percent_decode("a+b", false), "a+b");
+        assert_eq!(percent_decode("a+b", true), "a b");
     }
 }

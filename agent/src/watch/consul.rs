@@ -9,7 +9,7 @@
 //!
 //! [`watch_key`] runs blocking queries on one key and hands every *changed*
 //! value to the rest of the agent. It follows every rule of
-//! `shared/consul-reference/RULES.md` (the rule numbers in comments refer to
+//! `docs/consul-watch-rules.md` (the rule numbers in comments refer to
 //! it): explicit `wait`, index from the header with the reset rules,
 //! de-duplicated wake-ups, 404 as "nothing published", a per-request timeout
 //! above `wait * 17/16`, a token bucket so no server bug can make it spin,
@@ -40,7 +40,7 @@ pub use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 
-/// Largest value Consul stores (`kv_max_value_size`), RULES.md rule 15.
+/// Largest value Consul stores (`kv_max_value_size`), docs/consul-watch-rules.md rule 15.
 pub const MAX_VALUE_SIZE: usize = 512 * 1024;
 /// Consul caps `wait` at 10 minutes (rule 2).
 pub const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -107,7 +107,14 @@ pub async fn watch_key_from(
     if !sleep_or_cancel(random_below(s.first_request_splay, &mut rng), &shutdown).await {
         return;
     }
+    let mut not_before: Option<Instant> = None;
     loop {
+        if let Some(t) = not_before.take() {
+            let wait = t.saturating_duration_since(Instant::now());
+            if !sleep_or_cancel(wait, &shutdown).await {
+                return;
+            }
+        }
         // Rule 8: every request, re-reads included, takes a token.
         if !bucket.acquire(&shutdown).await {
             return;
@@ -121,9 +128,23 @@ pub async fn watch_key_from(
         // spinning: give its token back, so two real changes a few seconds
         // apart are both seen at once. Immediate answers (errors, a server
         // that ignores `index`) keep paying, which is what bounds a spin.
-        if result.is_ok() && Instant::now().saturating_duration_since(asked) >= BLOCKED_LONG_ENOUGH
-        {
+        let held = Instant::now().saturating_duration_since(asked);
+        if result.is_ok() && held >= BLOCKED_LONG_ENOUGH {
             bucket.refund();
+        }
+        // A quick answer with a higher index is Consul waking us for a
+        // write near the key (a missing key wakes on its whole radix
+        // subtree, docs/consul-watch-rules.md rule 5 and WAKEUPS.md). Such
+        // wake-ups must not drain the bucket, or the watch would be asleep
+        // exactly when its key is finally written; they are paced by
+        // `WAKE_GAP` instead, which bounds them to one request per gap
+        // while a real change is still seen within one gap.
+        let woken = matches!(&result, Ok(a) if query.index > 0 && a.index > query.index);
+        if woken && held < BLOCKED_LONG_ENOUGH {
+            bucket.refund();
+            // Paced at the top of the next round, after this answer's
+            // event (if any) went out.
+            not_before = Some(asked + WAKE_GAP);
         }
         if let Ok(answer) = &result {
             if let Some(reason) = state.reread_reason(answer, s.max_stale) {
@@ -200,6 +221,12 @@ pub async fn watch_key_from(
                 let retry_in_ms = delay.as_millis() as u64;
                 if kind == ErrorKind::Forbidden {
                     tracing::error!(error = %e, retry_in_ms, "Consul denied the watch: configuration error");
+                    // A fixed token file applies at once, not after the
+                    // slow 403 retry.
+                    if !sleep_until_token_changes(&client, delay, &shutdown).await {
+                        return;
+                    }
+                    continue;
                 } else {
                     tracing::warn!(error = %e, ?kind, retry_in_ms, "Consul watch request failed");
                 }
@@ -207,6 +234,25 @@ pub async fn watch_key_from(
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Sleeps `delay`, or less when the token file changes meanwhile (checked
+/// every second); `false` if `shutdown` fired first.
+async fn sleep_until_token_changes(
+    client: &ConsulClient,
+    delay: Duration,
+    shutdown: &CancellationToken,
+) -> bool {
+    let until = Instant::now() + delay;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || client.token_file_changed() {
+            return true;
+        }
+        if !sleep_or_cancel(left.min(Duration::from_secs(1)), shutdown).await {
+            return false;
         }
     }
 }
@@ -247,6 +293,7 @@ impl WatchState {
             index: self.index,
             wait: (self.index > 0).then_some(wait),
             stale: true,
+            consistent: false,
         }
     }
 
@@ -358,6 +405,8 @@ pub struct WatchStatsSnapshot {
     pub events_sent: u64,
     pub errors: ErrorCounts,
     pub last_error: Option<String>,
+    /// When `last_error` happened (Unix seconds).
+    pub last_error_unix: Option<u64>,
 }
 
 /// Live stats of one watch, written by the loop and read by the status
@@ -416,6 +465,10 @@ impl WatchStats {
         let mut s = self.lock();
         s.consecutive_errors += 1;
         s.last_error = Some(e.to_string());
+        s.last_error_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs());
         let c = &mut s.errors;
         match kind {
             ErrorKind::Timeout => c.timeout += 1,
@@ -477,6 +530,11 @@ pub struct ConsulSettings {
     pub address: String,
     /// ACL token, sent as `X-Consul-Token` (rule 13).
     pub token: Option<String>,
+    /// A file holding the token (config `token-file` or
+    /// `CONSUL_HTTP_TOKEN_FILE`). Wins over `token`, and the client reads it
+    /// again whenever it changes, so a fixed token applies without a
+    /// restart (SIGHUP, a 403, or simply the next request).
+    pub token_file: Option<PathBuf>,
     /// PEM CA bundle to verify the agent's certificate.
     pub ca_cert: Option<PathBuf>,
     /// PEM client certificate, with `client_key`, for mutual TLS.
@@ -518,6 +576,7 @@ impl Default for ConsulSettings {
     fn default() -> Self {
         ConsulSettings {
             address: "http://127.0.0.1:8500".into(),
+            token_file: None,
             token: None,
             ca_cert: None,
             client_cert: None,
@@ -559,6 +618,7 @@ impl fmt::Debug for ConsulSettings {
             .field("timeout_margin", &self.timeout_margin)
             .field("first_request_splay", &self.first_request_splay)
             .field("forbidden_retry", &self.forbidden_retry)
+            .field("token_file", &self.token_file)
             .finish()
     }
 }
@@ -596,13 +656,13 @@ impl ConsulSettings {
         }
         // Like Consul's api package, a token file wins over the variable.
         if let Some(path) = get("CONSUL_HTTP_TOKEN_FILE") {
-            let t = std::fs::read_to_string(&path).map_err(|e| Error::ConsulConfig {
-                setting: "CONSUL_HTTP_TOKEN_FILE".into(),
-                message: format!("cannot read {path}: {e}"),
-            })?;
-            let t = t.trim();
-            if !t.is_empty() {
-                self.token = Some(t.to_string());
+            self.token_file = Some(path.into());
+        }
+        if let Some(path) = &self.token_file {
+            // Read once here so a missing file is a start-up error; the
+            // client reads it again whenever it changes.
+            if let Some(t) = read_token_file(path)? {
+                self.token = Some(t);
             }
         }
         if let Some(v) = get("CONSUL_CACERT") {
@@ -641,6 +701,16 @@ impl ConsulSettings {
     }
 }
 
+/// The token in `path`, trimmed; `None` when the file is empty.
+fn read_token_file(path: &std::path::Path) -> Result<Option<String>> {
+    let t = std::fs::read_to_string(path).map_err(|e| Error::ConsulConfig {
+        setting: "token-file".into(),
+        message: format!("cannot read {}: {e}", path.display()),
+    })?;
+    let t = t.trim();
+    Ok((!t.is_empty()).then(|| t.to_string()))
+}
+
 /// Go's `strconv.ParseBool`, which Consul uses for its variables.
 fn parse_bool(setting: &str, v: &str) -> Result<bool> {
     match v {
@@ -662,6 +732,10 @@ pub struct QueryOptions {
     pub wait: Option<Duration>,
     /// `?stale`: any server may answer.
     pub stale: bool,
+    /// `?consistent`: the leader confirms it is still the leader first.
+    /// Never in the watch (rule 11); only for the one read that must be
+    /// linearizable: the freeze check before acting on a tier change.
+    pub consistent: bool,
 }
 
 /// One read of a key.
@@ -715,6 +789,15 @@ struct Inner {
     /// `scheme://host:port`, no trailing slash.
     base: String,
     settings: ConsulSettings,
+    /// The token in use and the token file's (mtime, length) it was read
+    /// at; re-read when the file changes.
+    token: Mutex<TokenState>,
+}
+
+#[derive(Debug, Default)]
+struct TokenState {
+    value: Option<String>,
+    stamp: Option<(SystemTime, u64)>,
 }
 
 impl ConsulClient {
@@ -820,13 +903,49 @@ impl ConsulClient {
         let http = builder
             .build()
             .map_err(|e| cfg_err("tls", format!("cannot build the HTTP client: {e}")))?;
+        let token = Mutex::new(TokenState {
+            value: settings.token.clone(),
+            stamp: settings.token_file.as_deref().and_then(file_stamp),
+        });
         Ok(ConsulClient {
             inner: Arc::new(Inner {
                 http,
                 base,
                 settings,
+                token,
             }),
         })
+    }
+
+    /// The token to send now: the token file is read again when its mtime
+    /// or length changed since the last read (one `stat` per request, which
+    /// is nothing next to the request). A file that became unreadable keeps
+    /// the last good token and logs why.
+    fn token(&self) -> Option<String> {
+        let mut t = self.inner.token.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(path) = &self.inner.settings.token_file {
+            let stamp = file_stamp(path);
+            if stamp != t.stamp {
+                match read_token_file(path) {
+                    Ok(v) => {
+                        tracing::info!(path = %path.display(), "Consul token file changed; using the new token");
+                        t.value = v;
+                        t.stamp = stamp;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "keeping the previous Consul token"),
+                }
+            }
+        }
+        t.value.clone()
+    }
+
+    /// Whether the token file changed since the token in use was read.
+    pub fn token_file_changed(&self) -> bool {
+        let Some(path) = &self.inner.settings.token_file else {
+            return false;
+        };
+        let t = self.inner.token.lock().unwrap_or_else(|p| p.into_inner());
+        file_stamp(path) != t.stamp
     }
 
     /// The settings this client runs with (`wait` already capped).
@@ -874,7 +993,7 @@ impl ConsulClient {
         cap: usize,
     ) -> Result<(reqwest::StatusCode, reqwest::header::HeaderMap, Vec<u8>)> {
         let mut req = req;
-        if let Some(t) = &self.inner.settings.token {
+        if let Some(t) = self.token() {
             // Rule 13: header only, never `?token=` (URLs end up in logs).
             req = req.header("X-Consul-Token", t);
         }
@@ -916,6 +1035,8 @@ impl ConsulClient {
         }
         if opts.stale {
             params.push(("stale", None));
+        } else if opts.consistent {
+            params.push(("consistent", None));
         }
         let url = self.url(key, &params);
         let timeout = self.settings().request_timeout(blocking);
@@ -942,7 +1063,7 @@ impl ConsulClient {
                 }
             }
             404 => None,
-            _ => return Err(status_error(&url, key, status.as_u16(), &body)),
+            _ => return Err(status_error(&url, key, Needs::Read, status.as_u16(), &body)),
         };
         Ok(KvRead {
             index,
@@ -973,7 +1094,13 @@ impl ConsulClient {
             .exchange(req, &url, self.settings().request_timeout(false), 1024)
             .await?;
         if status.as_u16() != 200 {
-            return Err(status_error(&url, key, status.as_u16(), &body));
+            return Err(status_error(
+                &url,
+                key,
+                Needs::Write,
+                status.as_u16(),
+                &body,
+            ));
         }
         decode_bool(&url, &body)
     }
@@ -1007,7 +1134,13 @@ impl ConsulClient {
             )
             .await?;
         if status.as_u16() != 200 {
-            return Err(status_error(&url, key, status.as_u16(), &body));
+            return Err(status_error(
+                &url,
+                key,
+                Needs::Write,
+                status.as_u16(),
+                &body,
+            ));
         }
         decode_bool(&url, &body)
     }
@@ -1027,7 +1160,7 @@ impl ConsulClient {
         match status.as_u16() {
             200 => decode_pairs(&url, &body),
             404 => Ok(Vec::new()),
-            s => Err(status_error(&url, prefix, s, &body)),
+            s => Err(status_error(&url, prefix, Needs::List, s, &body)),
         }
     }
 }
@@ -1047,6 +1180,12 @@ fn split_host_port(hostport: &str, default_port: u16) -> Option<(String, u16)> {
         Some((h, p)) => Some((h.to_string(), p.parse().ok()?)),
         None => Some((hostport.to_string(), default_port)),
     }
+}
+
+/// What identifies a version of the token file without reading it.
+fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
 }
 
 fn header_u64(h: &reqwest::header::HeaderMap, name: &str) -> Option<u64> {
@@ -1075,7 +1214,25 @@ fn transport_error(url: &str, e: reqwest::Error) -> Error {
     }
 }
 
-fn status_error(url: &str, key: &str, status: u16, body: &[u8]) -> Error {
+/// The ACL permission a request needs, named in 403 errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Needs {
+    Read,
+    List,
+    Write,
+}
+
+impl Needs {
+    fn as_str(self) -> &'static str {
+        match self {
+            Needs::Read => "key:read",
+            Needs::List => "key:list (key_prefix ... policy = \"list\" or \"read\")",
+            Needs::Write => "key:write",
+        }
+    }
+}
+
+fn status_error(url: &str, key: &str, needs: Needs, status: u16, body: &[u8]) -> Error {
     let mut body = String::from_utf8_lossy(body).trim().to_string();
     if body.len() > 200 {
         let mut cut = 200;
@@ -1089,6 +1246,7 @@ fn status_error(url: &str, key: &str, status: u16, body: &[u8]) -> Error {
             url: url.into(),
             key: key.into(),
             body,
+            permission: needs.as_str(),
         },
         429 => Error::ConsulRateLimited { url: url.into() },
         _ => Error::ConsulStatus {
@@ -1201,6 +1359,11 @@ pub fn next_index(previous: u64, received: u64) -> u64 {
         received
     }
 }
+
+/// Shortest time between two requests of a watch that Consul woke without
+/// its key changing: the bound on how late such a watch sees a real change,
+/// and on the requests spurious wake-ups can cost (one per gap).
+pub const WAKE_GAP: Duration = Duration::from_millis(500);
 
 /// How long the server must have held a successful query for its token to
 /// be refunded (see [`TokenBucket::refund`]).
@@ -1350,7 +1513,8 @@ mod tests {
             QueryOptions {
                 index: 0,
                 wait: None,
-                stale: true
+                stale: true,
+                consistent: false,
             }
         );
         assert_eq!(st.on_answer(answer(10, None)), Some(WatchEvent::Missing));

@@ -1,0 +1,319 @@
+//! Operator and commander intent survives what a host lives through
+//! (issue "Control you can trust", items 1 and 2), on the real binary with
+//! the shipped `[consul]` rate settings:
+//! - an operator rollback is not undone by SIGKILL + restart, a SIGTERM
+//!   restart, or a reload with a changed config; only `resume` lifts it;
+//! - `release freeze` then `release rollback` a moment later flips nobody
+//!   while the fleet is frozen, with host reports being written meanwhile.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use deploy_agent::buildgen::{self, BuildProfile};
+use deploy_agent::manifest::Format;
+use deploy_agent::testserver::artifact::ArtifactServer;
+use deploy_agent::testserver::consul::{ConsulServer, ConsulServerConfig};
+use deploy_agent_tests::process::Proc;
+use deploy_agent_tests::{agent_bin, fast_tempdir};
+use nix::sys::signal::Signal;
+
+const APP: &str = "app";
+const TIER: &str = "production";
+const T: Duration = Duration::from_secs(60);
+
+/// One host: its directory, config and (when running) process.
+struct Host {
+    dir: PathBuf,
+    config: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Host {
+    /// Writes the config: shipped defaults everywhere except paths, the
+    /// host id, and a short download splay (the splay is not what these
+    /// tests are about, and it would only add up to 20 s per deploy).
+    fn new(base: &Path, id: &str, consul: &str, extra: &str) -> Host {
+        let dir = base.join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("config.toml");
+        let h = Host {
+            dir,
+            config,
+            proc: None,
+        };
+        h.write_config(id, consul, extra);
+        h
+    }
+
+    fn write_config(&self, id: &str, consul: &str, extra: &str) {
+        let text = format!(
+            "deploy-root = \"{root}\"\n{extra}\n[fleet]\napp = \"{APP}\"\ntier = \"{TIER}\"\nhost-id = \"{id}\"\nsplay-max = \"1s\"\n[consul]\naddress = \"{consul}\"\n[status]\nsocket = \"{sock}\"\n",
+            root = self.dir.join("root").display(),
+            sock = self.sock().display(),
+        );
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    fn sock(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+
+    fn start(&mut self) {
+        self.proc = Some(Proc::start(&self.config, None));
+    }
+
+    fn proc(&self) -> &Proc {
+        self.proc.as_ref().unwrap()
+    }
+
+    fn served(&self) -> String {
+        std::fs::read_to_string(self.dir.join("root/current/BUILD")).unwrap_or_default()
+    }
+
+    fn wait_served(&self, id: &str) {
+        let start = Instant::now();
+        while self.served() != id {
+            assert!(
+                start.elapsed() < T,
+                "{id} not served within {T:?} (serving {:?})\n{}",
+                self.served(),
+                self.proc.as_ref().map(Proc::log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(agent_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(self.sock())
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap()
+    }
+
+    /// `status --json`, waiting for the socket after a (re)start.
+    fn status(&self) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let out = self.cli(&["status", "--json"]);
+            if out.status.success() {
+                return serde_json::from_slice(&out.stdout).unwrap();
+            }
+            assert!(
+                start.elapsed() < T,
+                "status: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn release(consul: &str, args: &[&str]) -> Output {
+    let out = Command::new(agent_bin())
+        .args(["release", "--consul", consul, "--app", APP, "--tier", TIER])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "release {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Publishes build `id` with `release publish` (the current build becomes
+/// `previous`, as in a real rollout).
+fn publish(consul: &ConsulServer, art: &ArtifactServer, dir: &Path, id: &str) {
+    let path = dir.join(format!("{id}.tar.gz"));
+    buildgen::write_build(BuildProfile::TINY, 3, id, Format::TarGz, &path).unwrap();
+    let url = format!("/{id}.tar.gz");
+    art.add(&url, std::fs::read(&path).unwrap());
+    let full = art.url(&url);
+    let out = Command::new(agent_bin())
+        .args([
+            "release",
+            "--consul",
+            &consul.url(),
+            "--app",
+            APP,
+            "--tier",
+            TIER,
+            "publish",
+            "--build",
+            id,
+            "--percent",
+            "100",
+            "--artifact",
+        ])
+        .arg(&path)
+        .args(["--url", &full])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "publish {id}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_rollback_survives_sigkill_restart_and_reload() {
+    let tmp = fast_tempdir();
+    let consul = ConsulServer::start(ConsulServerConfig::default())
+        .await
+        .unwrap();
+    let art = ArtifactServer::start().await.unwrap();
+    let mut h = Host::new(tmp.path(), "h1", &consul.url(), "");
+    h.start();
+    publish(&consul, &art, tmp.path(), "b1");
+    h.wait_served("b1");
+    publish(&consul, &art, tmp.path(), "b2");
+    h.wait_served("b2");
+
+    let out = h.cli(&["rollback"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(h.served(), "b1");
+    let held = |h: &Host| {
+        let v = h.status();
+        assert_eq!(v["state"]["state"], "held", "{v:#}");
+        assert_eq!(v["state"]["pinned"], "b1", "{v:#}");
+        assert_eq!(v["hold"]["held"], true);
+    };
+    held(&h);
+
+    // SIGKILL (a crash, a watchdog kill) and start again.
+    h.proc().signal(Signal::SIGKILL);
+    h.proc.as_mut().unwrap().wait_exit(T);
+    h.start();
+    held(&h);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(h.served(), "b1", "a restart undid the operator rollback");
+
+    // A clean restart (systemctl restart).
+    h.proc().signal(Signal::SIGTERM);
+    h.proc.as_mut().unwrap().wait_exit(T);
+    h.start();
+    held(&h);
+
+    // A reload with a changed config rebuilds the agent's parts.
+    h.write_config("h1", &consul.url(), "[hooks]\ntimeout = \"42s\"");
+    h.proc().signal(Signal::SIGHUP);
+    h.proc().wait_log("config changed", T);
+    std::thread::sleep(Duration::from_secs(2));
+    held(&h);
+    assert_eq!(h.served(), "b1", "a reload undid the operator rollback");
+
+    // History survived the restarts and records the operator's action.
+    let out = h.cli(&["history", "--json"]);
+    let hist: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kinds: Vec<&str> = hist
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert!(kinds.contains(&"rollback"), "{hist:#}");
+    assert!(
+        kinds.iter().filter(|k| **k == "deploy").count() >= 2,
+        "{hist:#}"
+    );
+
+    // Only an explicit command lifts it.
+    let out = h.cli(&["resume"]);
+    assert!(out.status.success());
+    h.wait_served("b2");
+    assert_eq!(h.status()["state"]["state"], "idle");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeze_then_release_rollback_flips_nobody_until_unfreeze() {
+    let tmp = fast_tempdir();
+    let consul = ConsulServer::start(ConsulServerConfig::default())
+        .await
+        .unwrap();
+    let art = ArtifactServer::start().await.unwrap();
+    let mut hosts: Vec<Host> = ["h1", "h2"]
+        .iter()
+        .map(|id| Host::new(tmp.path(), id, &consul.url(), ""))
+        .collect();
+    for h in &mut hosts {
+        h.start();
+    }
+    publish(&consul, &art, tmp.path(), "b1");
+    for h in &hosts {
+        h.wait_served("b1");
+    }
+    publish(&consul, &art, tmp.path(), "b2");
+    for h in &hosts {
+        h.wait_served("b2");
+    }
+    // Let the hosts' reports and watches settle into their blocking reads.
+    std::thread::sleep(Duration::from_secs(2));
+
+    // The README's incident steps, a moment apart.
+    let frozen_at = Instant::now();
+    release(&consul.url(), &["freeze", "--reason", "incident"]);
+    std::thread::sleep(Duration::from_millis(300));
+    release(&consul.url(), &["rollback"]);
+    // Watch both hosts for a while: neither may flip.
+    let mut acked = vec![None; hosts.len()];
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(8) {
+        for (i, h) in hosts.iter().enumerate() {
+            assert_eq!(h.served(), "b2", "host {i} flipped while frozen");
+            if acked[i].is_none() {
+                let v = h.status();
+                if v["fleet"]["frozen"] == true {
+                    acked[i] = Some(frozen_at.elapsed());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (i, a) in acked.iter().enumerate() {
+        let a = a.unwrap_or_else(|| panic!("host {i} never showed the freeze"));
+        println!(
+            "host {i} acknowledged the freeze {} ms after `release freeze` began",
+            a.as_millis()
+        );
+    }
+    for h in &hosts {
+        let v = h.status();
+        assert_eq!(v["state"]["state"], "frozen", "{v:#}");
+    }
+
+    release(&consul.url(), &["unfreeze"]);
+    for h in &hosts {
+        h.wait_served("b1");
+    }
+
+    // The figure for the README: from `release freeze` returning to every
+    // host showing it, with the shipped rates, while the hosts write their
+    // reports (each writes one for the freeze itself).
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = Instant::now();
+    release(&consul.url(), &["freeze"]);
+    let returned = t0.elapsed();
+    let mut pending: Vec<usize> = (0..hosts.len()).collect();
+    while !pending.is_empty() {
+        assert!(t0.elapsed() < T, "hosts {pending:?} never saw the freeze");
+        pending.retain(|&i| hosts[i].status()["fleet"]["frozen"] != true);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!(
+        "freeze-ack: `release freeze` took {} ms; every host showed it {} ms after it returned",
+        returned.as_millis(),
+        (t0.elapsed() - returned).as_millis()
+    );
+}

@@ -1,0 +1,94 @@
+//! A real `deploy-agent` process for tests: start with a config, read its
+//! log, signal it, wait for it; killed on drop.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::agent_bin;
+
+/// A running `deploy-agent run`.
+#[derive(Debug)]
+pub struct Proc {
+    pub child: Child,
+    pub log: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    pub fn start(config: &Path, notify: Option<&Path>) -> Proc {
+        let mut cmd = Command::new(agent_bin());
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .env("DEPLOY_AGENT_LOG", "info")
+            .env_remove("JOURNAL_STREAM")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        match notify {
+            Some(p) => {
+                cmd.env("NOTIFY_SOCKET", p).env("WATCHDOG_USEC", "300000");
+            }
+            None => {
+                cmd.env_remove("NOTIFY_SOCKET");
+            }
+        }
+        let mut child = cmd.spawn().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let err = child.stderr.take().unwrap();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut g = l.lock().unwrap();
+                g.push_str(&line);
+                g.push('\n');
+            }
+        });
+        Proc { child, log }
+    }
+
+    pub fn wait_log(&self, needle: &str, limit: Duration) {
+        let start = Instant::now();
+        while !self.log.lock().unwrap().contains(needle) {
+            assert!(
+                start.elapsed() < limit,
+                "log never contained {needle:?}:\n{}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "agent did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
