@@ -211,7 +211,10 @@ async fn wakeups_by_other_writes_do_not_starve_the_watch_with_shipped_rates() {
     }
     let asked = server.requests_for(KEY).len() - before;
     let bound = 2000 / deploy_agent::watch::consul::WAKE_GAP.as_millis() as usize + 2;
-    assert!(asked <= bound, "{asked} requests in 2 s of wake-ups (bound {bound})");
+    assert!(
+        asked <= bound,
+        "{asked} requests in 2 s of wake-ups (bound {bound})"
+    );
     let t0 = Instant::now();
     server.put(KEY, b"frozen".to_vec());
     // A drained bucket would take the 15 s refill; the bound here is far
