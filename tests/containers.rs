@@ -323,15 +323,20 @@ fn agent_messages(entries: &[Value]) -> Vec<(String, i64)> {
 
 /// Checks that the tree under `current` in container `c` is exactly the
 /// build's archive: every regular file present with its size.
+///
+/// The slot is resolved once, first: the agent may flip `current` to the
+/// other slot while this reads, and the slot it left stays intact.
 fn assert_complete(c: &Container, builds: &[(String, PathBuf, String, Artifact)]) -> String {
-    let build = c.read("/srv/app/current/BUILD");
+    let link = std::fs::read_link(c.host_path("/srv/app/current")).unwrap();
+    let slot = format!("/srv/app/{}", link.display());
+    let build = c.read(&format!("{slot}/BUILD"));
     let (_, path, ..) = builds
         .iter()
         .find(|(b, ..)| *b == build)
         .unwrap_or_else(|| panic!("{}: current/BUILD names {build:?}", c.name));
     let f = std::fs::File::open(path).unwrap();
     let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(f));
-    let root = c.host_path("/srv/app/current");
+    let root = c.host_path(&slot);
     let mut files = 0;
     for e in ar.entries().unwrap() {
         let e = e.unwrap();
@@ -438,6 +443,9 @@ fn hosts_as_real_containers() {
     outcomes.extend(parallel);
     outcomes.push(scenario("systemd-analyze security", || security(&ctx)));
     outcomes.push(scenario("log format under journald", || log_format(&ctx)));
+    outcomes.push(scenario("package upgrade, remove and purge", || {
+        package_lifecycle(&ctx)
+    }));
 
     let total = started.elapsed().as_secs_f64();
     drop(ctx);
@@ -954,63 +962,138 @@ fn drain(ctx: &Ctx) -> String {
     )
 }
 
-/// Many small files: an unpack that takes seconds, not milliseconds.
-const MANY_FILES: BuildProfile = BuildProfile {
-    sources: 16_000,
-    assets: 0,
-    binaries: 0,
-    per_dir: 40,
-};
-
 fn reboot(ctx: &Ctx) -> String {
     let i = REBOOT;
-    ctx.build("g2", MANY_FILES);
-    let total = ctx
-        .builds
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|(b, ..)| b == "g2")
-        .map(|(.., a)| a.entries)
-        .unwrap();
-    ctx.publish("reboot", "g2", None);
-    // Power off as soon as the unpack is seen (polling without a pause).
-    let at = {
-        let c = ctx.c(i);
-        let start = Instant::now();
-        loop {
-            if let Some(st) = c.status() {
-                if st["phase"] == "unpacking" {
-                    break st;
-                }
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(180),
-                "never unpacking"
-            );
+    // Two builds of ~4,000 files, generated side by side.
+    std::thread::scope(|s| {
+        s.spawn(|| ctx.build("g2", BuildProfile::SMALL));
+        s.spawn(|| ctx.build("g3", BuildProfile::SMALL));
+    });
+    let mut notes = Vec::new();
+    // A clean poweroff (systemd stops the agent with SIGTERM), then a
+    // forced one (`-ff`: no service is stopped, every process is killed
+    // at once, like pulling the plug on the container's processes).
+    for (build, how) in [
+        ("g2", "systemctl poweroff --no-block"),
+        ("g3", "systemctl poweroff -ff"),
+    ] {
+        let (path, url, total) = {
+            let b = ctx.builds.lock().unwrap();
+            let (_, p, u, a) = b.iter().find(|(b, ..)| b == build).unwrap();
+            (p.clone(), u.clone(), a.entries)
+        };
+        let before = ctx.c(i).read("/srv/app/current/BUILD");
+        // The agent unpacks while it downloads (phase `downloading`, the
+        // entry count in status grows); `unpacking` is only the fsync and
+        // the ready-marker. A trickled download (~20 s) makes the writing
+        // of entries slow enough to stop in the middle of it.
+        let size = std::fs::metadata(&path).unwrap().len();
+        let url_path = url
+            .split_once("/b/")
+            .map(|(_, p)| format!("/b/{p}"))
+            .unwrap();
+        ctx.artifacts.set_fault(
+            FaultRule::always(Fault::Trickle {
+                bytes_per_sec: (size / 20).max(4096),
+            })
+            .on_path(url_path),
+        );
+        // Inside the container, a loop polls the status socket with curl
+        // and powers off once a third of the entries are written; it
+        // prints the status it saw.
+        let watcher = format!(
+            "while :; do s=$(curl -s --unix-socket /run/deploy-agent/agent.sock http://agent/v1/status); \
+             n=$(echo \"$s\" | sed -n 's/.*\"entries\":\\([0-9]*\\).*/\\1/p'); \
+             case \"$s\" in *'\"build\":\"{build}\"'*) [ \"${{n:-0}}\" -gt {third} ] && break;; esac; \
+             sleep 0.05; done; echo \"$s\"; {how}",
+            third = total / 3,
+        );
+        let at = std::thread::scope(|s| {
+            let seen = s.spawn(|| {
+                let c = ctx.c(i);
+                c.exec(&["/bin/sh", "-c", &watcher])
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+            });
+            std::thread::sleep(Duration::from_millis(300));
+            ctx.publish("reboot", build, None);
+            seen.join().unwrap()
+        });
+        let at: Value = serde_json::from_str(at.lines().next().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("watcher saw {at:?}: {e}"));
+        let at_entries = at["progress"]["entries"].as_u64().unwrap_or(0);
+        {
+            let mut c = ctx.hosts[i].write().unwrap();
+            c.poweroff(&[], Duration::from_secs(60));
+            ctx.artifacts.clear_faults();
+            c.boot_again();
+            c.wait_booted(Duration::from_secs(120)).unwrap();
         }
-    };
-    let at_entries = at["progress"]["entries"].as_u64().unwrap_or(0);
-    {
-        let mut c = ctx.hosts[i].write().unwrap();
-        c.poweroff(Duration::from_secs(60));
-        c.boot_again();
-        c.wait_booted(Duration::from_secs(120)).unwrap();
+        let c = ctx.c(i);
+        // Right after boot: `current` is a whole build, the one before.
+        let first = assert_complete(&c, &ctx.builds.lock().unwrap());
+        assert_eq!(first, before, "current changed across the reboot");
+        let enabled = c.sh("systemctl is-enabled deploy-agent");
+        assert_eq!(enabled.trim(), "enabled");
+        drop(c);
+        ctx.wait_live(i, build, Duration::from_secs(180));
+        assert_complete(&ctx.c(i), &ctx.builds.lock().unwrap());
+        assert!(
+            at_entries > 0 && at_entries < total,
+            "not in the middle: {at_entries} of {total}"
+        );
+        notes.push(format!(
+            "`{how}` at {at_entries} of {total} entries written (phase {}): after boot current={first} (complete), then {build} live and complete",
+            at["phase"]
+        ));
     }
+    notes.join("; ")
+}
+
+/// Upgrades and removal through dpkg on a running host: a reinstall with a
+/// valid config restarts the agent; with an invalid one it is not
+/// restarted and dpkg says why; `dpkg -r` stops and disables it and leaves
+/// the live build serving; `dpkg -P` removes the config.
+fn package_lifecycle(ctx: &Ctx) -> String {
+    let i = ROLLOUT - 1;
     let c = ctx.c(i);
-    // Right after boot: `current` is a whole build, whichever it is.
-    let first = assert_complete(&c, &ctx.builds.lock().unwrap());
-    let enabled = c.sh("systemctl is-enabled deploy-agent");
-    assert_eq!(enabled.trim(), "enabled");
-    drop(c);
-    ctx.wait_live(i, "g2", Duration::from_secs(180));
-    let c = ctx.c(i);
-    assert_complete(&c, &ctx.builds.lock().unwrap());
-    // The status counts entries as they are written; the phase lasts until
-    // the slot is fsynced and marked, so all entries may already be written.
-    format!(
-        "poweroff in phase unpacking ({at_entries} of {total} entries written); after boot current={first} (complete), then g2 live and complete"
-    )
+    let consul = ctx.consul.url();
+    let (pid, _) = main_pid(&c);
+    let out = c.sh_ok("dpkg -i /share/deploy-agent.deb 2>&1");
+    let new_pid = wait_back(&c, &pid, T);
+    assert!(!out.contains("does not validate"), "{out}");
+
+    c.write(
+        "/etc/deploy-agent/config.toml",
+        &agent_config(&c, &consul, tier(i), "bogus-key = 1\n"),
+    );
+    let out = c.sh_ok("dpkg -i /share/deploy-agent.deb 2>&1");
+    assert!(out.contains("does not validate"), "{out}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(main_pid(&c).0, new_pid, "restarted with an invalid config");
+
+    c.sh_ok("dpkg -r deploy-agent 2>&1");
+    let state = c.sh("systemctl is-enabled deploy-agent; systemctl is-active deploy-agent");
+    assert!(
+        !state.contains("enabled\n") && state.contains("inactive"),
+        "{state}"
+    );
+    assert_eq!(
+        c.read("/srv/app/current/BUILD"),
+        "b2",
+        "removal touched the live build"
+    );
+    assert!(
+        c.host_path("/etc/deploy-agent/config.toml").exists(),
+        "conffile kept on remove"
+    );
+    c.sh_ok("dpkg -P deploy-agent 2>&1");
+    assert!(
+        !c.host_path("/etc/deploy-agent/config.toml").exists(),
+        "purge keeps the config"
+    );
+    assert!(c.host_path("/srv/app/current/BUILD").exists());
+    "reinstall restarts (valid config), refuses (invalid), remove keeps the live build, purge drops the config".into()
 }
 
 fn security(ctx: &Ctx) -> String {

@@ -637,10 +637,13 @@ impl Container {
             .collect()
     }
 
-    /// Powers the container off from inside (`systemctl poweroff`) and
+    /// Powers the container off from inside with `how` (e.g. `systemctl
+    /// poweroff --no-block`; empty when something inside already did) and
     /// waits for nspawn to exit.
-    pub fn poweroff(&mut self, limit: Duration) {
-        let _ = self.exec(&["systemctl", "poweroff", "--no-block"]);
+    pub fn poweroff(&mut self, how: &[&str], limit: Duration) {
+        if !how.is_empty() {
+            let _ = self.exec(how);
+        }
         let start = Instant::now();
         if let Some(mut child) = self.nspawn.take() {
             loop {
