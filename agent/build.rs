@@ -53,6 +53,11 @@ fn git_commit(dir: &Path) -> Option<String> {
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
     };
+    // Only this repository's own git: a source tarball unpacked inside
+    // some other checkout must not report that checkout's commit.
+    if !dir.parent().is_some_and(|w| w.join(".git").exists()) {
+        return None;
+    }
     let commit = git(&["rev-parse", "--short=12", "HEAD"])?;
     // HEAD itself, the branch it names and packed-refs: a commit, a
     // checkout or a gc changes one of them. Nothing is printed when git

@@ -449,17 +449,21 @@ fn hosts_as_real_containers() {
 
     let total = started.elapsed().as_secs_f64();
     drop(ctx);
-    eprintln!(
-        "\n[containers] {HOSTS} containers, package {:.1} MB, setup {setup_secs:.0} s, total {total:.0} s (teardown included: {:.0} s)",
+    // Written to the real stderr, past libtest's capture, so that CI logs
+    // carry the figures even when the test passes.
+    let mut summary = format!(
+        "\n[containers] {HOSTS} containers, package {:.1} MB, setup {setup_secs:.0} s, \
+         scenarios done at {total:.0} s, with teardown {:.0} s\n",
         deb_bytes as f64 / 1e6,
         started.elapsed().as_secs_f64()
     );
     for o in &outcomes {
-        match &o.result {
-            Ok(note) => eprintln!("  PASS {:>5.1} s  {}  {note}", o.secs, o.name),
-            Err(e) => eprintln!("  FAIL {:>5.1} s  {}: {e}", o.secs, o.name),
-        }
+        summary += &match &o.result {
+            Ok(note) => format!("  PASS {:>5.1} s  {}  {note}\n", o.secs, o.name),
+            Err(e) => format!("  FAIL {:>5.1} s  {}: {e}\n", o.secs, o.name),
+        };
     }
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), summary.as_bytes());
     let failed: Vec<&str> = outcomes
         .iter()
         .filter(|o| o.result.is_err())
