@@ -265,3 +265,39 @@ async fn an_identical_racing_promote_says_it_changed_nothing() {
         "{e}"
     );
 }
+
+/// Issue 13, item 5: README says a new `deploy_id` deploys the same build
+/// again on purpose (rule 18); it used to be reported as "already live".
+/// The same id after a restart does not deploy again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_deploy_id_deploys_the_live_build_again() {
+    let mut h = Harness::new(|_| {}).await;
+    h.start_agent().await;
+    let (m1, _) = h.build("one");
+    h.publish(&m1);
+    h.wait_live("one", T).await;
+    let with_id = |id: &str| {
+        let mut v: serde_json::Value = serde_json::from_str(&m1).unwrap();
+        v["deploy_id"] = id.into();
+        v.to_string()
+    };
+    h.publish(&with_id("r2"));
+    let start = Instant::now();
+    while h.status().history.len() < 2 {
+        assert!(start.elapsed() < T, "no second deploy for a new deploy id");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rec = h.wait_live("one", T).await;
+    assert_eq!(rec.deploy_id.as_deref(), Some("r2"));
+    h.stop_agent().await;
+    h.start_agent().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = h.status();
+    assert!(
+        s.history.is_empty(),
+        "a restart redeployed the same deploy id: {:#?} {:#?}",
+        s.history,
+        s.deploy
+    );
+    h.stop_agent().await;
+}

@@ -191,3 +191,65 @@ async fn non_hex_digest() {
     )
     .await;
 }
+
+/// Issue 13, item 3: a manifest file source is read bounded and typed. A
+/// FIFO (which blocked the watch, and then SIGTERM, forever), a symlink to
+/// `/dev/zero` (which read until memory ran out) and an oversized file are
+/// each refused with the reason in status; a good file then deploys, and
+/// the agent stops promptly throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_file_is_read_bounded_and_typed() {
+    let dir = deploy_agent_tests::fast_tempdir();
+    let file = dir.path().join("manifest.json");
+    let f2 = file.clone();
+    let mut h = Harness::new(move |c| {
+        c.source.key = None;
+        c.source.file = Some(f2);
+    })
+    .await;
+    let (good, _) = h.build("good");
+    std::fs::write(&file, &good).unwrap();
+    h.start_agent().await;
+    h.wait_live("good", T).await;
+
+    let swap = |make: &dyn Fn(&std::path::Path)| {
+        let _ = std::fs::remove_file(&file);
+        make(&file);
+    };
+    let cases: [(&str, &dyn Fn(&std::path::Path)); 3] = [
+        ("not a regular file", &|p| {
+            nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap()
+        }),
+        ("not a regular file", &|p| {
+            std::os::unix::fs::symlink("/dev/zero", p).unwrap()
+        }),
+        ("larger than the 512 KiB", &|p| {
+            std::fs::write(p, vec![b' '; 600 * 1024]).unwrap()
+        }),
+    ];
+    for (needle, make) in cases {
+        swap(make);
+        let start = std::time::Instant::now();
+        loop {
+            let e = h.status().last_error.map(|e| e.message).unwrap_or_default();
+            if e.contains(needle) {
+                break;
+            }
+            assert!(
+                start.elapsed() < T,
+                "{needle:?} never in status (last error: {e})"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(h.served(), "good");
+    }
+    // Still responsive: stops within the harness's bound with a FIFO there.
+    swap(&|p| nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.stop_agent().await;
+    let (next, _) = h.build("next");
+    swap(&|p| std::fs::write(p, &next).unwrap());
+    h.start_agent().await;
+    h.wait_live("next", T).await;
+    h.stop_agent().await;
+}

@@ -797,3 +797,59 @@ async fn end_to_end_throughput() {
         outcome.stats.files as f64 / total
     );
 }
+
+/// Issue 13, item 2: pruning after one deploy must never delete what the
+/// next deploy uses. Before the cache had one owner, a prune running next
+/// to a deploy deleted its `<sha>.partial` (ENOENT, resume state lost) and
+/// sometimes the complete artifact it had just looked up.
+#[test]
+fn prune_never_touches_a_pinned_artifact_or_partial() {
+    let dir = deploy_agent_tests::fast_tempdir();
+    let cache = deploy_agent::fetch::ArtifactCache::new(dir.path(), 1).unwrap();
+    let sha = |c: char| c.to_string().repeat(64);
+    // Three complete artifacts, oldest first; keep = 1.
+    for (i, c) in ['a', 'b', 'c'].into_iter().enumerate() {
+        std::fs::write(dir.path().join(sha(c)), b"x").unwrap();
+        let t = std::time::SystemTime::now() - Duration::from_secs(100 - i as u64);
+        std::fs::File::options()
+            .write(true)
+            .open(dir.path().join(sha(c)))
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+    // The next deploy pins `a` (an old artifact it just looked up) and
+    // `d` (its download in progress).
+    let pin_a = cache.pin(&sha('a'));
+    let pin_d = cache.pin(&sha('d'));
+    std::fs::write(dir.path().join(format!("{}.partial", sha('d'))), b"part").unwrap();
+    std::fs::write(dir.path().join(format!("{}.progress", sha('d'))), b"{}").unwrap();
+    std::fs::write(dir.path().join(format!("{}.partial", sha('e'))), b"stale").unwrap();
+    // A prune for the deploy that just finished (live build `c`) runs
+    // many times while the next one works.
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..50 {
+                    cache.prune(Some(&sha('c'))).unwrap();
+                }
+            });
+        }
+    });
+    let exists = |n: String| dir.path().join(n).exists();
+    assert!(exists(sha('a')), "a pinned artifact was pruned");
+    assert!(
+        exists(format!("{}.partial", sha('d'))),
+        "the next deploy's partial was pruned"
+    );
+    assert!(exists(format!("{}.progress", sha('d'))));
+    assert!(exists(sha('c')), "the live build was pruned");
+    assert!(!exists(sha('b')), "an unused old artifact was kept");
+    assert!(
+        !exists(format!("{}.partial", sha('e'))),
+        "a stale partial was kept"
+    );
+    drop((pin_a, pin_d));
+    cache.prune(Some(&sha('c'))).unwrap();
+    assert!(!exists(sha('a')) && !exists(format!("{}.partial", sha('d'))));
+}

@@ -210,9 +210,29 @@ async fn one_agent_follows_percent_freeze_and_rollback_and_reports_each_change()
     assert_eq!(st.choice.as_deref(), Some("previous"));
     assert_eq!(st.bucket, Some(bucket));
 
-    // Raising it past the bucket brings the host in.
+    // Raising it past the bucket brings the host in, for at most 3 report
+    // writes (seen, started, outcome): phase progress is coalesced.
+    let report_writes = |h: &Harness| {
+        h.consul
+            .requests_for(&format!("deploy-hosts/app/{HOST}"))
+            .iter()
+            .filter(|r| r.method == "PUT")
+            .count()
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = report_writes(&h);
     r.promote((bucket + 0.001).min(100.0)).await.unwrap();
     h.wait_live("b2", T).await;
+    wait_report(&h, HOST, "b2 done", |r| {
+        r.build.as_deref() == Some("b2") && r.phase == Phase::Done
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cost = report_writes(&h) - before;
+    assert!(
+        (1..=3).contains(&cost),
+        "a deploy cost {cost} report writes"
+    );
     assert_eq!(
         h.agent
             .as_ref()

@@ -124,10 +124,15 @@ impl Shared {
         self.lock().deploy.clone()
     }
 
+    /// Records an error that stops progress; it belongs to the desired
+    /// build, if one is known.
     fn error(&self, message: String) {
-        self.lock().last_error = Some(ErrorRecord {
-            message,
+        let mut g = self.lock();
+        let build = g.desired.as_ref().map(|d| d.build.clone());
+        g.last_error = Some(ErrorRecord {
+            message: crate::redact::message(&message),
             at: now_secs(),
+            build,
         });
     }
 
@@ -356,6 +361,7 @@ impl Agent {
             progress: Arc::new(Progress::default()),
             fetch,
             guard: guard.clone(),
+            flip_gate: std::sync::OnceLock::new(),
         });
         let tracker = TaskTracker::new();
         let notifier = opts
@@ -377,6 +383,11 @@ impl Agent {
                 shutdown.clone(),
             )?
         };
+        if member.watches_freeze() {
+            let gate: Arc<dyn crate::deploy::FlipGate> = member.clone();
+            // The only `set` of a fresh OnceLock: it cannot fail.
+            let _ = deployer.flip_gate.set(gate);
+        }
         let (mut control, control_error) = crate::control::load(&deployer.root_path);
         if control.frozen && !member.watches_freeze() {
             // No freeze key any more (config changed): nothing can lift it.
@@ -683,6 +694,15 @@ impl MainLoop {
                 value,
                 modify_index,
             } => (value, modify_index),
+            WatchEvent::Rejected { reason } => {
+                let err = Error::ManifestSource {
+                    source_name: self.source.clone(),
+                    reason,
+                };
+                error!(error = %err, "manifest rejected");
+                self.shared.error(err.to_string());
+                return false;
+            }
         };
         self.shared.lock().nothing_published = false;
         let m = match crate::sign::verify(&value, &self.trust)
@@ -874,7 +894,19 @@ impl MainLoop {
         let cancel = shutdown.child_token();
         let deployer = self.deployer.clone();
         let obs: Arc<dyn Observer> = self.shared.clone();
-        let force = std::mem::take(&mut l.force_next);
+        // A new `deploy_id` for the build that is live is a deliberate
+        // redeploy (rule 18): run it again rather than call it live. The
+        // last deploy's record (persisted) says which id went live, so a
+        // restart does not redeploy.
+        let new_id = m.deploy_id.is_some()
+            && self
+                .shared
+                .deploy_record()
+                .is_some_and(|r| r.build == m.spec.build && r.deploy_id != m.deploy_id);
+        if new_id {
+            info!(build = %m.spec.build, deploy_id = m.deploy_id.as_deref().unwrap_or(""), "new deploy id: deploying the build again");
+        }
+        let force = std::mem::take(&mut l.force_next) || new_id;
         let c = cancel.clone();
         let handle = tokio::spawn(async move { deployer.execute(&m, force, c, obs).await });
         l.running = Some(Running {

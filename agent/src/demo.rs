@@ -3,8 +3,9 @@
 //! Starts the Consul-compatible and artifact servers on loopback in-process,
 //! makes a deploy root in a temp dir (or `--dir`), generates two builds,
 //! publishes build 1 through Consul and runs the real agent until it is
-//! live, publishes build 2, then rolls back by setting the key back. A crash
-//! leaves only the temp dir behind.
+//! live, publishes build 2, then rolls back by setting the key back. With
+//! `--keep` it then publishes build 2 at 2% and stays up for
+//! `deploy-agent fleet serve`. A crash leaves only the temp dir behind.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -23,6 +24,10 @@ use crate::testserver::consul::{ConsulServer, ConsulServerConfig};
 use crate::watch::consul::ConsulSettings;
 
 const KEY: &str = "deploy/demo/production";
+/// With `--keep` the agent is a fleet member of this app and tier (whose
+/// tier key is `KEY`), so `fleet serve --app demo` shows it.
+const APP: &str = "demo";
+const TIER: &str = "production";
 
 /// Demo options.
 #[derive(Debug, Clone)]
@@ -35,6 +40,28 @@ pub struct DemoOptions {
 
 /// Runs the demo, printing to `out`. Returns the three deploy records.
 pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Vec<DeployRecord>> {
+    run_inner(opts, out, None).await
+}
+
+/// [`run`], then keeps the servers and the agent (a fleet member of app
+/// `demo` reporting to Consul) up until `until` resolves, with build 2
+/// published at 2% for the fleet page to promote; prints the `fleet serve`
+/// command.
+pub async fn run_and_keep(
+    opts: DemoOptions,
+    out: &mut (dyn Write + Send),
+    until: impl std::future::Future<Output = ()> + Send,
+) -> Result<Vec<DeployRecord>> {
+    run_inner(opts, out, Some(Box::pin(until))).await
+}
+
+type Until<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+async fn run_inner(
+    opts: DemoOptions,
+    out: &mut (dyn Write + Send),
+    keep: Option<Until<'_>>,
+) -> Result<Vec<DeployRecord>> {
     let t0 = Instant::now();
     let tmp;
     let base = match &opts.dir {
@@ -103,6 +130,13 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Vec<
     let root = base.join("srv/app");
     let mut config = Config::for_consul_key(root.clone(), KEY, &consul.url());
     config.status.socket = Some(base.join("agent.sock"));
+    if keep.is_some() {
+        // A fleet member, so the page has a host report to show.
+        config.fleet.app = Some(APP.into());
+        config.fleet.tier = Some(TIER.into());
+        config.fleet.host_id = Some("demo-host-1".into());
+        config.fleet.splay_max = Some(Duration::ZERO);
+    }
     let settings = ConsulSettings {
         address: consul.url(),
         wait: Duration::from_secs(30),
@@ -193,8 +227,6 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Vec<
         }
         records.push(rec);
     }
-    shutdown.cancel();
-    let _ = agent.task.await;
     p(
         out,
         format!(
@@ -202,7 +234,54 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Vec<
             t0.elapsed().as_secs_f64()
         ),
     );
+    if keep.is_none() {
+        p(
+            out,
+            "(deploy-agent demo --keep keeps the servers up and prints the `deploy-agent fleet serve` command for a live page)".into(),
+        );
+    }
+    if let Some(until) = keep {
+        keep_up(&consul, &builds[1].2, out).await?;
+        let _ = out.flush();
+        until.await;
+    }
+    shutdown.cancel();
+    let _ = agent.task.await;
     Ok(records)
+}
+
+/// `--keep`: publishes build 2 at 2% with the release commands' own
+/// write and prints how to watch and drive the rollout from a browser.
+async fn keep_up(
+    consul: &ConsulServer,
+    manifest: &str,
+    out: &mut (dyn Write + Send),
+) -> Result<()> {
+    let m = crate::manifest::Manifest::parse(
+        manifest.as_bytes(),
+        crate::manifest::UrlPolicy { allow_file: true },
+    )
+    .map_err(|e| Error::Internal(format!("demo: build 2's manifest: {e}")))?;
+    let release = crate::fleet::release::Release {
+        client: crate::watch::consul::ConsulClient::new(&ConsulSettings {
+            address: consul.url(),
+            ..ConsulSettings::default()
+        })?,
+        key: crate::fleet::tier_key(APP, TIER),
+        freeze_key: crate::fleet::freeze_key(APP),
+    };
+    release.publish(&m.spec, Some(2.0)).await?;
+    let _ = writeln!(
+        out,
+        "\n[keep] published {} at 2% (release publish --percent 2); the servers and the agent stay up until Ctrl-C.\n\
+         \x20 watch and drive the rollout in a browser:\n\
+         \x20   deploy-agent fleet serve --consul {} --app {APP}\n\
+         \x20   then open http://{}/",
+        m.spec.build,
+        consul.url(),
+        crate::fleet::web::DEFAULT_LISTEN
+    );
+    Ok(())
 }
 
 async fn wait_for(agent: &Agent, build: &str, nth: usize, limit: Duration) -> Result<DeployRecord> {

@@ -232,6 +232,9 @@ pub struct ErrorRecord {
     pub message: String,
     /// Seconds since the Unix epoch.
     pub at: u64,
+    /// The build the error belongs to, when it belongs to one.
+    #[serde(default)]
+    pub build: Option<String>,
 }
 
 /// The persisted record of the current (or last) deploy.
@@ -283,6 +286,21 @@ pub struct Deployer {
     pub fetch: FetchSettings,
     /// Quarantine and applied ModifyIndex, persisted in `.deploy/guard.json`.
     pub guard: Arc<crate::guard::Guard>,
+    /// Asked right before every flip (set once the fleet member exists).
+    pub flip_gate: std::sync::OnceLock<Arc<dyn FlipGate>>,
+}
+
+/// Whether a flip may happen now. The fleet member answers with the
+/// freeze read in Consul's consistent mode, so a `release freeze` that
+/// returned is never followed by a flip caused by the tier key, even for a
+/// deploy that was already past its download when the freeze was written.
+pub trait FlipGate: Send + Sync + std::fmt::Debug {
+    /// `Ok` to flip to `build`; an error cancels (frozen) or fails
+    /// (freeze state unknown) the deploy before anything changed.
+    fn check<'a>(
+        &'a self,
+        build: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>;
 }
 
 struct Run<'a> {
@@ -341,12 +359,63 @@ impl Run<'_> {
         self.rec.finished_at = Some(now_secs());
         self.rec.progress = self.d.progress.snapshot();
         if let Some(e) = error {
+            // The record feeds status, history and host reports: no
+            // credentials, no unbounded text.
             self.rec.error = Some(ErrorRecord {
-                message: e.to_string(),
+                message: crate::redact::message(&e.to_string()),
                 at: now_secs(),
+                build: Some(self.rec.build.clone()),
             });
         }
         self.persist();
+    }
+}
+
+/// The free-space check before the cold slot is claimed. What the agent
+/// itself occupies and will clear (the cold slot, about to be claimed; the
+/// trash; partial downloads no deploy uses) counts as free: a failed
+/// deploy's leftovers must never stop the next deploy. The claim and
+/// [`fetch::ensure_space`] then actually free it.
+fn space_before_claim(
+    cache: &ArtifactCache,
+    root: &std::path::Path,
+    cold: &std::path::Path,
+    download: u64,
+    unpacked: u64,
+) -> Result<()> {
+    match fetch::free_space_check(cache.dir(), cold, download, unpacked) {
+        Err(Error::NotEnoughSpace { path, needed, .. }) => {
+            // Clear what can go now (the trash, unused partials), so the
+            // claim itself has room for its few writes.
+            if let Err(e) = swapper::purge_trash(root) {
+                warn!(error = %e, "cannot empty the trash");
+            }
+            if let Err(e) = cache.remove_stale_partials() {
+                warn!(error = %e, "cannot remove unused partial downloads");
+            }
+            let free = match fetch::free_space_check(cache.dir(), cold, download, unpacked) {
+                Ok(()) => return Ok(()),
+                Err(Error::NotEnoughSpace { free, .. }) => free,
+                Err(e) => return Err(e),
+            };
+            let reclaimable = swapper::fsutil::disk_usage(cold);
+            if free.saturating_add(reclaimable) >= needed {
+                info!(
+                    needed,
+                    free,
+                    reclaimable,
+                    "space short until the agent's own leftovers are cleared; going on"
+                );
+                return Ok(());
+            }
+            Err(Error::NotEnoughSpace {
+                path,
+                needed,
+                free,
+                reclaimable,
+            })
+        }
+        r => r,
     }
 }
 
@@ -388,10 +457,16 @@ impl Deployer {
         .map_err(Error::from)
     }
 
-    /// Which slot holds `m`'s artifact with a valid marker, if any.
+    /// Which slot holds `m`'s artifact with a valid marker, if any; the hot
+    /// slot first (after a redeploy both slots may hold the same build, and
+    /// the live one is the answer, not a "rollback" to its twin).
     pub fn slot_holding(&self, m: &Manifest) -> Option<Slot> {
         let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
-        Slot::ALL.into_iter().find(|s| {
+        let order = match root.hot() {
+            Some(h) => [h, h.other()],
+            None => Slot::ALL,
+        };
+        order.into_iter().find(|s| {
             root.marker(*s).is_some_and(|mk| {
                 mk.build.build_id == m.spec.build
                     && mk.build.sha256.as_deref() == Some(&m.spec.sha256)
@@ -411,6 +486,9 @@ impl Deployer {
         cancel: CancellationToken,
         obs: Arc<dyn Observer>,
     ) -> (Option<Outcome>, Option<Error>) {
+        // Before any lookup: a prune running for the previous deploy must
+        // not delete this build's artifact or partial under us.
+        let _pin = self.cache.pin(&m.spec.sha256);
         let hot = self.root.lock().unwrap_or_else(|p| p.into_inner()).hot();
         let holding = self.slot_holding(m);
         let mut reverify = false;
@@ -546,11 +624,12 @@ impl Deployer {
             };
             let limits = self.limits(m);
             let spec = self.spec(m);
-            let (cache_dir, cold) = (self.cache.dir().to_path_buf(), cold_dir.clone());
+            let cold = cold_dir.clone();
             if self.cache.lookup(&m.spec.sha256).is_none() {
                 let est = fetch::unpacked_estimate(&spec, &limits);
+                let (cache, root) = (self.cache.clone(), self.root_path.clone());
                 tokio::task::spawn_blocking(move || {
-                    fetch::free_space_check(&cache_dir, &cold, spec.size, est)
+                    space_before_claim(&cache, &root, &cold, spec.size, est)
                 })
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))??;
@@ -618,6 +697,10 @@ impl Deployer {
         .await?;
         run.obs.holders(&[]);
         check("the flip")?;
+        if let Some(gate) = self.flip_gate.get() {
+            gate.check(&m.spec.build).await?;
+        }
+        check("the flip")?;
         run.step(Event::Drained)?;
 
         // flipping: never cancelled once started.
@@ -633,8 +716,9 @@ impl Deployer {
             {
                 warn!(error = %e, "post-flip hook failed");
                 run.rec.error = Some(ErrorRecord {
-                    message: e.to_string(),
+                    message: crate::redact::message(&e.to_string()),
                     at: now_secs(),
+                    build: Some(m.spec.build.clone()),
                 });
             }
         }

@@ -73,19 +73,28 @@ pub enum Error {
     #[error("Consul setting {setting}: {message}")]
     ConsulConfig { setting: String, message: String },
 
+    /// The manifest source holds something that cannot be a manifest.
+    #[error("manifest from {source_name} rejected: {reason}")]
+    ManifestSource { source_name: String, reason: String },
+
     /// The local file source could not be watched.
     #[error("cannot watch {path}: {message}; check the directory exists and is readable")]
     WatchFile { path: PathBuf, message: String },
     // ---- fetch / verify / unpack (fetch.rs, verify.rs, unpack.rs, testserver/artifact.rs) ----
     /// The cache or slot filesystem cannot hold the artifact and its unpacked tree.
+    /// `reclaimable` is what the agent's own leftovers (a failed deploy's
+    /// cold slot, the trash, unused partial downloads) would add: it is
+    /// counted and cleared before this error is raised.
     #[error(
-        "not enough free space on {path}: need {needed} bytes, {free} free; \
-         free space (prune old builds or the artifact cache) or raise the disk size"
+        "not enough free space on {path}: need {needed} bytes, {free} free and {reclaimable} \
+         more in the agent's own leftovers (cleared automatically); free space outside the \
+         agent's directories or raise the disk size: the next retry notices"
     )]
     NotEnoughSpace {
         path: PathBuf,
         needed: u64,
         free: u64,
+        reclaimable: u64,
     },
 
     /// Every mirror failed (network errors, timeouts, HTTP errors) after retries.
@@ -157,6 +166,11 @@ pub enum Error {
     /// The artifact spec itself is unusable (no URLs, bad digest, file URL not allowed).
     #[error("invalid artifact spec: {reason}; fix the manifest")]
     InvalidArtifact { reason: String },
+
+    /// The freeze could not be read right before a flip: the flip does not
+    /// happen, and the deploy is retried.
+    #[error("not flipping to {build}: cannot confirm the fleet freeze ({message}); the deploy is retried")]
+    FreezeUnconfirmed { build: String, message: String },
 
     /// The operation was cancelled (shutdown or a newer build); partial downloads are kept.
     #[error("{what} cancelled; a later attempt resumes from the partial download")]
@@ -298,6 +312,10 @@ pub enum Error {
     /// that cannot apply to what is published.
     #[error("release {key}: {reason}")]
     ReleaseInvalid { key: String, reason: String },
+
+    /// `fleet serve` cannot listen where asked.
+    #[error("fleet page: cannot listen on {addr}: {reason}")]
+    FleetPageListen { addr: String, reason: String },
 
     /// `release freeze` while a freeze is already in place.
     #[error("{key} is already frozen ({detail}); `deploy-agent release unfreeze` lifts it")]

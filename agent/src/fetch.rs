@@ -91,11 +91,38 @@ impl FetchSettings {
     }
 }
 
-/// Verified artifacts by sha256, plus resumable partial downloads.
+/// Verified artifacts by sha256, plus resumable partial downloads. The one
+/// owner of the cache directory's files: clones share the set of pinned
+/// digests, and [`ArtifactCache::prune`] never removes a pinned artifact,
+/// partial or sidecar, so pruning after one deploy cannot delete what the
+/// next (or a queued) deploy is using.
 #[derive(Debug, Clone)]
 pub struct ArtifactCache {
     dir: PathBuf,
     keep: usize,
+    /// Digests in use by a running deploy, with a count per user. Pruning
+    /// decides and deletes under this lock, so a pin taken before a file is
+    /// looked up is never raced.
+    pins: Arc<Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+/// Keeps one digest's cache files from being pruned while it lives.
+#[derive(Debug)]
+pub struct CachePin {
+    pins: Arc<Mutex<std::collections::HashMap<String, usize>>>,
+    sha256: String,
+}
+
+impl Drop for CachePin {
+    fn drop(&mut self) {
+        let mut p = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = p.get_mut(&self.sha256) {
+            *n -= 1;
+            if *n == 0 {
+                p.remove(&self.sha256);
+            }
+        }
+    }
 }
 
 impl ArtifactCache {
@@ -107,7 +134,68 @@ impl ArtifactCache {
         Ok(ArtifactCache {
             dir,
             keep: keep.max(1),
+            pins: Arc::default(),
         })
+    }
+
+    /// Pins `sha256` (in memory) until the returned guard drops: take it
+    /// before looking the artifact up, hold it until the deploy ends.
+    pub fn pin(&self, sha256: &str) -> CachePin {
+        let sha256 = sha256.to_ascii_lowercase();
+        *self
+            .pins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(sha256.clone())
+            .or_default() += 1;
+        CachePin {
+            pins: self.pins.clone(),
+            sha256,
+        }
+    }
+
+    /// Deletes partial downloads (and sidecars) that no deploy uses.
+    pub fn remove_stale_partials(&self) -> Result<u64> {
+        let pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        let mut freed = 0;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((stem, _)) = name.split_once('.') else {
+                continue;
+            };
+            if stem.len() != 64 || pins.contains_key(&stem.to_ascii_lowercase()) {
+                continue;
+            }
+            let bytes = e
+                .metadata()
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .unwrap_or(0);
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => freed += bytes,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => return Err(Error::io(e.path(), err)),
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Bytes of partial downloads (and their sidecars) that no deploy uses:
+    /// the agent's own leftovers, which a deploy may delete to make room.
+    pub fn stale_partial_bytes(&self) -> u64 {
+        let pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                matches!(name.split_once('.'), Some((stem, _)) if stem.len() == 64 && !pins.contains_key(&stem.to_ascii_lowercase()))
+            })
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+            .sum()
     }
 
     pub fn dir(&self) -> &Path {
@@ -153,6 +241,9 @@ impl ArtifactCache {
     /// artifacts, and partial downloads of any other build except `current`.
     /// Returns what it removed.
     pub fn prune(&self, current: Option<&str>) -> Result<Vec<PathBuf>> {
+        // Held across the whole decision and the deletes (see `pins`).
+        let pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let pinned = |stem: &str| pins.contains_key(&stem.to_ascii_lowercase());
         let mut complete = Vec::new();
         let mut removed = Vec::new();
         let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
@@ -168,12 +259,20 @@ impl ArtifactCache {
                     .and_then(|m| m.modified())
                     .unwrap_or(SystemTime::UNIX_EPOCH);
                 complete.push((mtime, entry.path()));
-            } else if current.is_none_or(|c| !c.eq_ignore_ascii_case(stem)) {
+            } else if current.is_none_or(|c| !c.eq_ignore_ascii_case(stem)) && !pinned(stem) {
                 removed.push(entry.path());
             }
         }
         complete.sort_by_key(|(mtime, _)| std::cmp::Reverse(*mtime));
-        removed.extend(complete.into_iter().skip(self.keep).map(|(_, p)| p));
+        // Beyond the `keep` newest, an artifact in use is kept anyway (for
+        // as long as it is pinned).
+        removed.extend(
+            complete
+                .into_iter()
+                .skip(self.keep)
+                .filter(|(_, p)| !p.file_name().is_some_and(|n| pinned(&n.to_string_lossy())))
+                .map(|(_, p)| p),
+        );
         for path in &removed {
             match std::fs::remove_file(path) {
                 Ok(()) => info!(path = %path.display(), "pruned from artifact cache"),
@@ -217,10 +316,37 @@ pub fn free_space_check(
                 path: path.to_path_buf(),
                 needed,
                 free,
+                reclaimable: 0,
             });
         }
     }
     Ok(())
+}
+
+/// [`free_space_check`] for a deploy whose cold slot was already claimed:
+/// when space is short, the agent first deletes its own leftovers (the
+/// trash of the deploy root `slot_dir` lives in, and partial downloads no
+/// deploy uses), then checks again. Its own leftovers never make a deploy
+/// fail for lack of space.
+pub fn ensure_space(
+    cache: &ArtifactCache,
+    slot_dir: &Path,
+    download_bytes: u64,
+    unpacked_bytes: u64,
+) -> Result<()> {
+    match free_space_check(cache.dir(), slot_dir, download_bytes, unpacked_bytes) {
+        Err(Error::NotEnoughSpace { .. }) => {
+            let trash = slot_dir.parent().map(swapper::purge_trash);
+            let partials = cache.remove_stale_partials();
+            info!(
+                trash_entries = trash.and_then(|r| r.ok()).unwrap_or(0),
+                partial_bytes_freed = partials.as_ref().copied().unwrap_or(0),
+                "space short: cleared the agent's own leftovers"
+            );
+            free_space_check(cache.dir(), slot_dir, download_bytes, unpacked_bytes)
+        }
+        r => r,
+    }
 }
 
 /// Unpacked size assumed by the free-space check: the ratio guess for the

@@ -41,6 +41,7 @@ pub mod manifest;
 pub mod notify;
 pub mod pipeline;
 pub mod progress;
+pub mod redact;
 pub mod report;
 pub mod sign;
 pub mod status;

@@ -63,6 +63,10 @@ enum Cmd {
         /// Archive format: tar, tar.gz or tar.zst.
         #[arg(long, default_value = "tar.gz")]
         format: String,
+        /// Keep the servers and the agent running afterwards (until Ctrl-C)
+        /// and print the `fleet serve` command that shows them in a browser.
+        #[arg(long)]
+        keep: bool,
     },
     /// Create a manifest signing key pair (release engineers): the private
     /// key goes to --out (mode 0600), the public key to <out>.pub.
@@ -148,7 +152,16 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Release(cmd) => ExitCode::from(deploy_agent::fleet::cli::run_release(cmd)),
-        Cmd::Fleet(cmd) => ExitCode::from(deploy_agent::fleet::cli::run_fleet(cmd)),
+        Cmd::Fleet(cmd) => {
+            if matches!(cmd.action, deploy_agent::fleet::cli::FleetAction::Serve(_)) {
+                // A long-running server: log like the agent does.
+                if let Err(e) = deploy_agent::logging::init(cli.log_format) {
+                    eprintln!("error: cannot set up logging: {e}");
+                    return ExitCode::from(exit::RUNTIME);
+                }
+            }
+            ExitCode::from(deploy_agent::fleet::cli::run_fleet(cmd))
+        }
         Cmd::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
                 println!("{}: ok", config.display());
@@ -217,7 +230,12 @@ fn main() -> ExitCode {
                 deploy_agent::daemon::run_with_reload(config, shutdown).await
             })
         }
-        Cmd::Demo { dir, size, format } => {
+        Cmd::Demo {
+            dir,
+            size,
+            format,
+            keep,
+        } => {
             if std::env::var_os("DEPLOY_AGENT_LOG").is_some() {
                 let _ = deploy_agent::logging::init(cli.log_format);
             }
@@ -242,16 +260,21 @@ fn main() -> ExitCode {
             };
             runtime_block(async move {
                 let mut out = std::io::stdout();
-                deploy_agent::demo::run(
-                    deploy_agent::demo::DemoOptions {
-                        dir,
-                        profile,
-                        format,
-                    },
-                    &mut out,
-                )
-                .await
-                .map(|_| ())
+                let opts = deploy_agent::demo::DemoOptions {
+                    dir,
+                    profile,
+                    format,
+                };
+                if keep {
+                    let until = async {
+                        let _ = tokio::signal::ctrl_c().await;
+                    };
+                    deploy_agent::demo::run_and_keep(opts, &mut out, until)
+                        .await
+                        .map(|_| ())
+                } else {
+                    deploy_agent::demo::run(opts, &mut out).await.map(|_| ())
+                }
             })
         }
     }

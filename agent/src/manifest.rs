@@ -178,7 +178,10 @@ impl BuildSpec {
             Some(Value::String(s)) => {
                 return Err(err(
                     "build",
-                    format!("{s:?} must be 1-128 characters of [A-Za-z0-9._-]"),
+                    format!(
+                        "{:?} must be 1-128 characters of [A-Za-z0-9._-], starting with a letter or digit",
+                        crate::redact::truncate(s, 64)
+                    ),
                 ))
             }
             Some(_) => return Err(err("build", "must be a string")),
@@ -277,11 +280,15 @@ fn check_url(u: &str, policy: UrlPolicy) -> Result<(), ManifestError> {
     if u.len() > 4096 {
         return Err(err("url", "longer than 4096 bytes"));
     }
-    let parsed = reqwest::Url::parse(u).map_err(|e| err("url", format!("{u:?}: {e}")))?;
+    let shown = crate::redact::secrets(u);
+    let parsed = reqwest::Url::parse(u).map_err(|e| err("url", format!("{shown:?}: {e}")))?;
     match parsed.scheme() {
         "http" | "https" => {
-            if parsed.host_str().is_none() {
-                return Err(err("url", format!("{u:?} has no host")));
+            // `http:///x` parses with host `x`: the authority must not be
+            // empty as written.
+            let written = u.split_once("://").map(|(_, r)| r).unwrap_or("");
+            if parsed.host_str().is_none() || written.starts_with('/') {
+                return Err(err("url", format!("{shown:?} has no host")));
             }
             Ok(())
         }
@@ -289,12 +296,12 @@ fn check_url(u: &str, policy: UrlPolicy) -> Result<(), ManifestError> {
         "file" => Err(err(
             "url",
             format!(
-                "{u:?}: file:// URLs are refused unless the config sets download.allow-file-urls"
+                "{shown:?}: file:// URLs are refused unless the config sets download.allow-file-urls"
             ),
         )),
         other => Err(err(
             "url",
-            format!("{u:?}: scheme {other} is not http or https"),
+            format!("{shown:?}: scheme {other} is not http or https"),
         )),
     }
 }
@@ -370,6 +377,34 @@ mod tests {
         assert_eq!(parse(&v).unwrap_err().field, "previous.sha256");
         v["previous"] = serde_json::json!("b-0");
         assert_eq!(parse(&v).unwrap_err().field, "previous");
+    }
+
+    #[test]
+    fn build_ids_are_safe_as_paths_and_arguments() {
+        for bad in [".", "..", "--help", "-x", ".hidden", "", "a/b", "a b"] {
+            let mut v = good();
+            v["build"] = serde_json::json!(bad);
+            assert!(parse(&v).is_err(), "{bad:?} accepted");
+        }
+        let mut v = good();
+        v["build"] = serde_json::json!("x".repeat(100_000));
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(e.len() < 400, "the whole id is quoted: {} bytes", e.len());
+        for ok in ["b-1", "2026.11.26-3", "A_b.c"] {
+            let mut v = good();
+            v["build"] = serde_json::json!(ok);
+            assert!(parse(&v).is_ok(), "{ok:?} refused");
+        }
+    }
+
+    #[test]
+    fn urls_need_a_host_and_hide_credentials_in_errors() {
+        let mut v = good();
+        v["url"] = serde_json::json!("http:///x");
+        assert!(parse(&v).unwrap_err().to_string().contains("no host"));
+        v["url"] = serde_json::json!("ftp://bob:hunter2@h/x");
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(!e.contains("hunter2"), "{e}");
     }
 
     #[test]

@@ -25,8 +25,8 @@ use tracing::{info, instrument, warn};
 
 use crate::error::{Error, Result};
 use crate::fetch::{
-    download, free_space_check, unpacked_estimate, ArtifactCache, ArtifactSpec, Chunks,
-    FetchSettings, Partial,
+    download, ensure_space, unpacked_estimate, ArtifactCache, ArtifactSpec, Chunks, FetchSettings,
+    Partial,
 };
 use crate::progress::Progress;
 use crate::unpack::{unpack, UnpackLimits, UnpackStats};
@@ -90,12 +90,7 @@ pub async fn fetch_and_unpack(
             let allocated = std::fs::metadata(cache.partial_path(&spec.sha256))
                 .is_ok_and(|m| m.len() == spec.size);
             let download = if allocated { 0 } else { spec.size };
-            free_space_check(
-                cache.dir(),
-                &slot,
-                download,
-                unpacked_estimate(&spec, &limits),
-            )?;
+            ensure_space(&cache, &slot, download, unpacked_estimate(&spec, &limits))?;
             Partial::open(&cache, &spec, parallel)
         })
         .await?
@@ -194,7 +189,7 @@ async fn from_cache(
 ) -> Result<UnpackOutcome> {
     let started = Instant::now();
     info!(path = %path.display(), "artifact cache hit");
-    free_space_check(cache.dir(), slot_dir, 0, unpacked_estimate(spec, limits))?;
+    ensure_space(cache, slot_dir, 0, unpacked_estimate(spec, limits))?;
     let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
     let size = file.metadata().map_err(|e| Error::io(&path, e))?.len();
     progress

@@ -31,7 +31,13 @@ pub struct AgentView {
     /// whole `syncfs` while a slot is marked ready; status never waits for
     /// that and shows the slots as they were just before.
     slots: Mutex<(Option<SlotInfo>, Option<SlotInfo>)>,
+    /// (when, slot dir, bytes) of the last disk-usage walk of an unmarked
+    /// cold slot: walked at most every `LEFTOVERS_TTL`, not per request.
+    leftovers: Mutex<Option<(Instant, std::path::PathBuf, u64)>>,
 }
+
+/// How long a measured size of the cold slot's leftovers is reused.
+const LEFTOVERS_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl AgentView {
     pub fn new(
@@ -48,6 +54,7 @@ impl AgentView {
             started: Instant::now(),
             rate: Mutex::new(None),
             slots: Mutex::new((None, None)),
+            leftovers: Mutex::new(None),
         }
     }
 }
@@ -69,10 +76,30 @@ impl AgentView {
                 build: root.marker(slot).map(|m| m.build.build_id.clone()),
                 sha256: root.marker(slot).and_then(|m| m.build.sha256.clone()),
                 marked_unix: root.marker(slot).map(|m| m.marked_at),
+                unmarked_bytes: None,
             };
             *cache = (root.hot().map(info), Some(info(root.cold())));
         }
         cache.clone()
+    }
+
+    /// Bytes an unmarked slot directory still holds (cached, see
+    /// `leftovers`).
+    fn leftover_bytes(&self, dir: std::path::PathBuf) -> u64 {
+        let mut g = self.leftovers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((t, d, n)) = g.as_ref() {
+            if *d == dir && t.elapsed() < LEFTOVERS_TTL {
+                return *n;
+            }
+        }
+        let n = swapper::fsutil::disk_usage(&dir).saturating_sub(
+            // The empty directory itself.
+            std::fs::symlink_metadata(&dir)
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .unwrap_or(0),
+        );
+        *g = Some((Instant::now(), dir, n));
+        n
     }
 }
 
@@ -96,6 +123,12 @@ impl StatusSource for AgentView {
         (rep.hot, rep.cold) = self.slots();
         let rec = s.deploy.as_ref();
         rep.phase = rec.map(|r| r.phase).unwrap_or_default();
+        if !rep.phase.is_active() {
+            if let Some(cold) = rep.cold.as_mut().filter(|c| c.build.is_none()) {
+                let dir = self.deployer.root_path.join(format!("slot-{}", cold.name));
+                cold.unmarked_bytes = Some(self.leftover_bytes(dir)).filter(|n| *n > 0);
+            }
+        }
         rep.state = s.control.state.clone();
         if let Some(r) = rec.filter(|r| r.phase.is_active()) {
             let p = self.deployer.progress.snapshot();
@@ -128,16 +161,40 @@ impl StatusSource for AgentView {
             })
             .collect();
         rep.fleet = self.shared.member().map(|m| m.info());
+        // An error stays visible after it is resolved, marked as such:
+        // a later successful deploy, or a different desired build, makes it
+        // history rather than the reason for anything now.
+        let last_success = s
+            .control
+            .history
+            .iter()
+            .filter(|h| {
+                matches!(
+                    h.outcome,
+                    Some(deploy::Outcome::Success | deploy::Outcome::RolledBack)
+                )
+            })
+            .filter_map(|h| h.finished_unix)
+            .max();
+        let desired = s.desired.as_ref().map(|d| d.build.as_str());
         rep.last_error = s.last_error.as_ref().map(|e| LastError {
             message: e.message.clone(),
             at_unix: e.at,
+            build: e.build.clone(),
+            current: last_success.is_none_or(|t| t < e.at)
+                && e.build.as_deref().is_none_or(|b| Some(b) == desired),
         });
         rep.consul = self.watch.as_ref().map(|w| {
             let w = w.snapshot();
             let watch_error = (w.consecutive_errors > 0)
                 .then(|| w.last_error.clone().zip(w.last_error_unix))
                 .flatten()
-                .map(|(message, at_unix)| LastError { message, at_unix });
+                .map(|(message, at_unix)| LastError {
+                    message,
+                    at_unix,
+                    build: None,
+                    current: true,
+                });
             // An error that stops the watch stops progress: it is the
             // error an operator must see first, while it lasts.
             if let Some(e) = &watch_error {
@@ -168,6 +225,8 @@ impl StatusSource for AgentView {
                     rep.last_error = Some(LastError {
                         message: e.clone(),
                         at_unix: deploy::now_secs(),
+                        build: None,
+                        current: true,
                     });
                 }
             }

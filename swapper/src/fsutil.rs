@@ -108,6 +108,27 @@ pub fn remove_tree(path: &Path) -> Result<()> {
     }
 }
 
+/// Bytes `path` occupies on disk (allocated blocks, recursively, never
+/// following symlinks); 0 when it does not exist. Unreadable parts are
+/// skipped: this is an estimate for free-space decisions and status.
+pub fn disk_usage(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let own = m.blocks().saturating_mul(512);
+    if !m.is_dir() {
+        return own;
+    }
+    let Ok(entries) = fs::read_dir(path) else {
+        return own;
+    };
+    entries
+        .flatten()
+        .map(|e| disk_usage(&e.path()))
+        .fold(own, u64::saturating_add)
+}
+
 pub(crate) fn parent(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

@@ -176,21 +176,35 @@ impl DeployRoot {
         // Invalidate first: from here on a crash leaves an unmarked slot,
         // which recovery treats as empty.
         Marker::invalidate(&self.marker_path(slot))?;
-        self.state.set_marker(slot, None);
-        self.persist()?;
+        if self.state.marker(slot).is_some() {
+            self.state.set_marker(slot, None);
+            self.persist()?;
+        }
+        // (An unmarked slot needs no state write: this keeps a claim
+        // possible on a disk a failed unpack filled to the last block.)
         let dir = self.slot_path(slot);
         let non_empty = match fs::read_dir(&dir) {
             Ok(mut d) => d.next().is_some(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(e) => return Err(e).at(&dir),
         };
+        let mut aside = None;
         if non_empty {
-            let aside = self.trash_dir().join(unique_tmp_name(slot.dir_name()));
-            fs::rename(&dir, &aside).at(&dir)?;
+            let a = self.trash_dir().join(unique_tmp_name(slot.dir_name()));
+            fs::rename(&dir, &a).at(&dir)?;
+            aside = Some(a);
         }
         match fs::create_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            // The old contents filled the disk: delete them now rather
+            // than off the critical path, and try again.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && aside.is_some() => {
+                if let Some(a) = &aside {
+                    fsutil::remove_tree(a)?;
+                }
+                fs::create_dir(&dir).at(&dir)?;
+            }
             Err(e) => return Err(e).at(&dir),
         }
         fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).at(&dir)?;

@@ -96,11 +96,13 @@ pub struct Marker {
 
 pub(crate) const MARKER_VERSION: u32 = 1;
 
-/// Checks a build id against the manifest rule, so a marker or state file
-/// never holds a name that could be mistaken for a path.
+/// Checks a build id against the manifest rule: 1 to 128 characters of
+/// `[A-Za-z0-9._-]`, the first a letter or a digit. So a build id is safe
+/// as a path component (never `.`, `..` or a hidden name) and as a
+/// command-line argument of a hook (never an option such as `--help`).
 pub fn validate_build_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
+    id.len() <= 128
+        && id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))

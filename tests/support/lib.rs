@@ -61,6 +61,7 @@ pub fn self_exe() -> PathBuf {
 }
 
 pub mod agent;
+pub mod host;
 pub mod process;
 
 /// The `deploy-agent` binary, built once per test process (the root test

@@ -1,5 +1,5 @@
-//! The commander's command line: `deploy-agent release ...` and
-//! `deploy-agent fleet status`. Thin: parses flags, calls
+//! The commander's command line: `deploy-agent release ...`,
+//! `deploy-agent fleet status` and `deploy-agent fleet serve`. Thin: parses flags, calls
 //! [`crate::fleet::release`] and [`crate::fleet::view`], prints, and maps
 //! errors to exit codes (0 ok, 1 failure, 2 usage, 3 check-and-set lost,
 //! 4 already frozen). Holds no state.
@@ -125,6 +125,48 @@ pub enum FleetAction {
         #[arg(long)]
         report_prefix: Option<String>,
     },
+    /// A live page of the app's rollout with its controls (promote,
+    /// rollback, freeze, unfreeze), on loopback by default.
+    Serve(ServeArgs),
+}
+
+/// `deploy-agent fleet serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Where the page listens; anything but loopback needs --allow-remote.
+    #[arg(long, default_value = crate::fleet::web::DEFAULT_LISTEN)]
+    pub listen: std::net::SocketAddr,
+    /// Show the page without any control.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Listen on a non-loopback address (only behind an authenticating
+    /// proxy: the page has no login of its own).
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// A URL the page is reached through (the SSO proxy's, e.g.
+    /// https://deploy.example.com); repeatable.
+    #[arg(long = "origin")]
+    pub origins: Vec<String>,
+    /// A request header the proxy sets to the signed-in user (e.g.
+    /// X-Forwarded-User); recorded in freezes and logs.
+    #[arg(long)]
+    pub user_header: Option<String>,
+    /// A host that has not acknowledged the current release this long
+    /// after it was written is stale.
+    #[arg(long, default_value = "2m", value_parser = parse_dur)]
+    pub stale_after: Duration,
+    /// Report prefix, instead of the app's default.
+    #[arg(long)]
+    pub report_prefix: Option<String>,
+    /// Consul blocking-query wait.
+    #[arg(long, default_value = "5m", value_parser = parse_dur)]
+    pub wait: Duration,
+    /// Least time between two Consul reads of one prefix.
+    #[arg(long, default_value = "1s", value_parser = parse_dur)]
+    pub min_interval: Duration,
+    /// Connections served at once (one per open page).
+    #[arg(long, default_value_t = 64)]
+    pub max_clients: usize,
 }
 
 fn parse_dur(s: &str) -> std::result::Result<Duration, String> {
@@ -148,7 +190,17 @@ impl Target {
             (None, Some(a)) => crate::fleet::freeze_key(a),
             (None, None) => return Err(usage("give --app (or --freeze-key)")),
         };
-        let mut settings = ConsulSettings::default().from_env()?;
+        Ok(Release {
+            client: self.client(ConsulSettings::default())?,
+            key,
+            freeze_key,
+        })
+    }
+
+    /// A Consul client from `base`, the `CONSUL_*` environment (the token
+    /// among them) and `--consul`.
+    pub fn client(&self, base: ConsulSettings) -> Result<ConsulClient> {
+        let mut settings = base.from_env()?;
         if let Some(a) = &self.consul {
             settings.address = if a.contains("://") {
                 a.clone()
@@ -156,11 +208,7 @@ impl Target {
                 format!("http://{a}")
             };
         }
-        Ok(Release {
-            client: ConsulClient::new(&settings)?,
-            key,
-            freeze_key,
-        })
+        ConsulClient::new(&settings)
     }
 }
 
@@ -309,6 +357,9 @@ pub fn run_release(cmd: ReleaseCommand) -> u8 {
 
 /// Runs `deploy-agent fleet ...`; returns the exit code.
 pub fn run_fleet(cmd: FleetCommand) -> u8 {
+    if let FleetAction::Serve(args) = cmd.action {
+        return block(serve(cmd.target, args));
+    }
     block(async move {
         let r = cmd.target.release()?;
         let FleetAction::Status {
@@ -317,7 +368,10 @@ pub fn run_fleet(cmd: FleetCommand) -> u8 {
             interval,
             stale_after,
             report_prefix,
-        } = cmd.action;
+        } = cmd.action
+        else {
+            return Ok(());
+        };
         let prefix = match (report_prefix, &cmd.target.app) {
             (Some(p), _) => p,
             (None, Some(a)) => crate::fleet::report_prefix(a),
@@ -352,4 +406,75 @@ pub fn run_fleet(cmd: FleetCommand) -> u8 {
             tokio::time::sleep(interval).await;
         }
     })
+}
+
+/// `deploy-agent fleet serve`: runs the page until SIGINT or SIGTERM.
+async fn serve(target: Target, args: ServeArgs) -> Result<()> {
+    let usage = |reason: &str| Error::ReleaseInvalid {
+        key: String::new(),
+        reason: reason.into(),
+    };
+    let app = target
+        .app
+        .clone()
+        .ok_or_else(|| usage("give --app (the page shows one app)"))?;
+    if target.key.is_some() {
+        return Err(usage(
+            "fleet serve finds the tier keys under --app; use --tier to show one, not --key",
+        ));
+    }
+    let freeze_key = target
+        .freeze_key
+        .clone()
+        .unwrap_or_else(|| crate::fleet::freeze_key(&app));
+    let report_prefix = args
+        .report_prefix
+        .clone()
+        .unwrap_or_else(|| crate::fleet::report_prefix(&app));
+    let client = target.client(ConsulSettings {
+        wait: args.wait,
+        ..ConsulSettings::default()
+    })?;
+    // The page writes tier keys named per control; `key` only names the
+    // tier shown (or the app's control subtree) in logs.
+    let release = Release {
+        client,
+        key: target.tier.as_deref().map_or_else(
+            || crate::fleet::tier_key(&app, ""),
+            |t| crate::fleet::tier_key(&app, t),
+        ),
+        freeze_key: freeze_key.clone(),
+    };
+    let opts = crate::fleet::web::ServeOptions {
+        listen: args.listen,
+        read_only: args.read_only,
+        allow_remote: args.allow_remote,
+        origins: args.origins,
+        user_header: args.user_header,
+        max_clients: args.max_clients,
+        feed: crate::fleet::web::feed::FeedSettings {
+            app,
+            tier: target.tier.clone(),
+            freeze_key,
+            report_prefix,
+            stale_after: args.stale_after,
+            min_interval: args.min_interval,
+        },
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let page = crate::fleet::web::FleetPage::start(release, opts, shutdown.clone()).await?;
+    println!(
+        "fleet page on {} (Ctrl-C stops it){}",
+        page.url(),
+        if args.read_only { ", read-only" } else { "" }
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::Internal(format!("cannot watch SIGTERM: {e}")))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    shutdown.cancel();
+    page.stopped().await;
+    Ok(())
 }

@@ -196,13 +196,9 @@ impl Member {
         if *self.freeze_tx.borrow() != frozen {
             info!(key = %key, frozen, "fleet freeze changed (confirmed before acting)");
         }
-        // The loop applies this state itself; keep the watch channel in
-        // step so `freeze_changed` does not report it a second time.
+        // Through the watch's channel, so the main loop's state machine
+        // sees it whoever read it (a repeated state is a no-op there).
         self.freeze_tx.send_replace(frozen);
-        self.frozen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .borrow_and_update();
         self.info.lock().unwrap_or_else(|p| p.into_inner()).frozen = frozen;
         if let Some(r) = &self.reporter {
             r.frozen(frozen);
@@ -257,6 +253,29 @@ impl Member {
             i.report_error = r.last_error();
         }
         i
+    }
+}
+
+impl crate::deploy::FlipGate for Member {
+    fn check<'a>(
+        &'a self,
+        build: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>> {
+        Box::pin(async move {
+            if !self.watches_freeze() {
+                return Ok(());
+            }
+            match self.confirm_freeze().await {
+                Ok(false) => Ok(()),
+                Ok(true) => Err(crate::error::Error::Cancelled {
+                    what: format!("flip to {build}: the fleet is frozen"),
+                }),
+                Err(e) => Err(crate::error::Error::FreezeUnconfirmed {
+                    build: build.to_string(),
+                    message: e.to_string(),
+                }),
+            }
+        })
     }
 }
 

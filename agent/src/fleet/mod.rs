@@ -1,5 +1,6 @@
 //! The fleet: tiers, keys, and the percentage-rollout decision each host
-//! makes for itself.
+//! makes for itself. The commander's side lives in `release`, `view` and
+//! `web` (the live page, `fleet serve`).
 //!
 //! A tier's key (`deploy/<app>/<tier>`) holds one manifest. With `percent`
 //! below 100 it also names the `previous` build; each host hashes its host
@@ -21,6 +22,7 @@ pub mod member;
 pub mod release;
 pub mod splay;
 pub mod view;
+pub mod web;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};

@@ -291,17 +291,20 @@ impl Release {
             .get(&self.freeze_key, &QueryOptions::default())
             .await?;
         let Some(pair) = r.pair else { return Ok(false) };
-        if !self
-            .client
-            .delete_cas(&self.freeze_key, pair.modify_index)
-            .await?
-        {
+        self.unfreeze_at(pair.modify_index).await?;
+        Ok(true)
+    }
+
+    /// Deletes the freeze key only if it is still at `expected` (the index
+    /// an earlier read, or the fleet page, saw).
+    pub async fn unfreeze_at(&self, expected: u64) -> Result<()> {
+        if !self.client.delete_cas(&self.freeze_key, expected).await? {
             return Err(Error::ReleaseConflict {
                 key: self.freeze_key.clone(),
-                expected: pair.modify_index,
+                expected,
             });
         }
-        Ok(true)
+        Ok(())
     }
 
     /// `release show`.

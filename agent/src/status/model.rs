@@ -109,6 +109,9 @@ pub struct SlotInfo {
     pub name: String,
     /// Build in the slot, if it carries a valid ready-marker.
     pub build: Option<String>,
+    /// Without a valid marker: bytes the slot still holds (a failed or
+    /// interrupted deploy's leftovers, cleared by the next deploy).
+    pub unmarked_bytes: Option<u64>,
     /// Artifact sha256 recorded in the marker.
     pub sha256: Option<String>,
     /// When the ready-marker was written.
@@ -154,6 +157,12 @@ pub struct DrainHolder {
 pub struct LastError {
     pub message: String,
     pub at_unix: u64,
+    /// The build it belongs to, when it belongs to one.
+    pub build: Option<String>,
+    /// `false` once something later succeeded (a deploy, or the watch
+    /// answering again): the error is history, not the reason for
+    /// anything now.
+    pub current: bool,
 }
 
 /// Health of the Consul watch.

@@ -61,6 +61,9 @@ pub enum WatchEvent {
     /// 404: nothing is published. Informational: the consumer keeps serving
     /// what is deployed and never undeploys because of it (rule 6).
     Missing,
+    /// The source holds something that cannot be a manifest (not a regular
+    /// file, too large): shown in status like a rejected manifest.
+    Rejected { reason: String },
 }
 
 /// The watch loop: runs blocking queries on `key` until `shutdown` is
@@ -193,6 +196,7 @@ pub async fn watch_key_from(
                     WatchEvent::Missing => {
                         tracing::warn!("key not found: nothing published; keeping what is deployed")
                     }
+                    WatchEvent::Rejected { reason } => tracing::error!(%reason, "value rejected"),
                 }
                 tokio::select! {
                     r = tx.send(event) => if r.is_err() {
@@ -1160,6 +1164,36 @@ impl ConsulClient {
         match status.as_u16() {
             200 => decode_pairs(&url, &body),
             404 => Ok(Vec::new()),
+            s => Err(status_error(&url, prefix, Needs::List, s, &body)),
+        }
+    }
+
+    /// [`ConsulClient::list`] as a blocking query: returns when the
+    /// prefix's index passes `opts.index` (or `wait` runs out), with the
+    /// `X-Consul-Index` to pass next time. The fleet page's one watch.
+    pub async fn list_blocking(
+        &self,
+        prefix: &str,
+        opts: &QueryOptions,
+    ) -> Result<(u64, Vec<KvPair>)> {
+        validate_key(prefix, true)?;
+        let mut params: Vec<(&str, Option<String>)> = vec![("recurse", None)];
+        let blocking = opts.index > 0;
+        if blocking {
+            params.push(("index", Some(opts.index.to_string())));
+            if let Some(w) = opts.wait {
+                params.push(("wait", Some(format!("{}ms", w.min(MAX_WAIT).as_millis()))));
+            }
+        }
+        let url = self.url(prefix, &params);
+        let timeout = self.settings().request_timeout(blocking);
+        let (status, headers, body) = self
+            .exchange(self.inner.http.get(&url), &url, timeout, MAX_LIST_BODY)
+            .await?;
+        let index = header_u64(&headers, "x-consul-index").unwrap_or(0);
+        match status.as_u16() {
+            200 => Ok((index, decode_pairs(&url, &body)?)),
+            404 => Ok((index, Vec::new())),
             s => Err(status_error(&url, prefix, Needs::List, s, &body)),
         }
     }

@@ -70,7 +70,7 @@ pub async fn watch_file(path: PathBuf, tx: mpsc::Sender<WatchEvent>, shutdown: C
         }
     };
 
-    let mut last: Option<Option<Vec<u8>>> = None;
+    let mut last: Option<Seen> = None;
     let mut counter = 0u64;
     loop {
         if let Some(event) = read_change(&path, &mut last, &mut counter).await {
@@ -113,41 +113,74 @@ async fn next_poke(rx: &mut mpsc::Receiver<()>) {
     }
 }
 
-/// Reads the file and returns an event if its content differs from `last`.
+/// What the file held at the last read: nothing yet, absent, a value, or
+/// a rejection (so each is reported once per change, not per rescan).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    Missing,
+    Value(Vec<u8>),
+    Rejected(String),
+}
+
+/// Reads the manifest file with every input bounded: it must be a regular
+/// file (a FIFO would block the watch, and with it shutdown; a device such
+/// as `/dev/zero` behind a symlink would read until memory runs out), and
+/// at most `MAX_VALUE_SIZE` bytes are read whatever its size claims.
+/// Opened non-blocking so even opening a FIFO cannot hang, then checked
+/// with fstat on the opened file (no race with a rename in between).
+fn read_bounded(path: &Path) -> std::io::Result<Result<Vec<u8>, String>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Ok(Err(format!(
+            "{} is not a regular file (a FIFO, device or directory); write the manifest to a plain file",
+            path.display()
+        )));
+    }
+    let mut buf = Vec::new();
+    file.take(MAX_VALUE_SIZE as u64 + 1).read_to_end(&mut buf)?;
+    if buf.len() > MAX_VALUE_SIZE {
+        return Ok(Err(format!(
+            "{} is larger than the 512 KiB a Consul value may hold; publish a smaller manifest",
+            path.display()
+        )));
+    }
+    Ok(Ok(buf))
+}
+
 async fn read_change(
     path: &Path,
-    last: &mut Option<Option<Vec<u8>>>,
+    last: &mut Option<Seen>,
     counter: &mut u64,
 ) -> Option<WatchEvent> {
-    let content = match tokio::fs::metadata(path).await {
-        Ok(m) if m.len() > MAX_VALUE_SIZE as u64 => {
-            tracing::error!(
-                bytes = m.len(),
-                "file larger than the 512 KiB a Consul value may hold; ignoring it"
-            );
+    let p = path.to_path_buf();
+    let read = tokio::task::spawn_blocking(move || read_bounded(&p)).await;
+    let seen = match read {
+        Ok(Ok(Ok(bytes))) => Seen::Value(bytes),
+        Ok(Ok(Err(reason))) => Seen::Rejected(reason),
+        Ok(Err(e)) if e.kind() == ErrorKind::NotFound => Seen::Missing,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot read the file; keeping the last value");
             return None;
         }
-        Ok(_) => match tokio::fs::read(path).await {
-            Ok(c) => Some(c),
-            Err(e) if e.kind() == ErrorKind::NotFound => None,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the file; keeping the last value");
-                return None;
-            }
-        },
-        Err(e) if e.kind() == ErrorKind::NotFound => None,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot stat the file; keeping the last value");
+            tracing::warn!(error = %e, "file read task failed; keeping the last value");
             return None;
         }
     };
-    if last.as_ref() == Some(&content) {
+    if last.as_ref() == Some(&seen) {
         return None;
     }
-    *last = Some(content.clone());
-    match content {
-        None => Some(WatchEvent::Missing),
-        Some(value) => {
+    *last = Some(seen.clone());
+    match seen {
+        Seen::Missing => Some(WatchEvent::Missing),
+        Seen::Rejected(reason) => Some(WatchEvent::Rejected { reason }),
+        Seen::Value(value) => {
             *counter += 1;
             Some(WatchEvent::Value {
                 value,

@@ -1,0 +1,160 @@
+//! A fleet host run as a real `deploy-agent run` process with the shipped
+//! settings, and the commander's `release` commands, for the intent tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use deploy_agent::buildgen::{self, BuildProfile};
+use deploy_agent::manifest::Format;
+use deploy_agent::testserver::artifact::ArtifactServer;
+use deploy_agent::testserver::consul::ConsulServer;
+
+use crate::agent_bin;
+use crate::process::Proc;
+
+pub const APP: &str = "app";
+pub const TIER: &str = "production";
+pub const T: Duration = Duration::from_secs(60);
+
+/// One host: its directory, config and (when running) process.
+#[derive(Debug)]
+pub struct Host {
+    pub id: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub proc: Option<Proc>,
+}
+
+impl Host {
+    /// Writes the config: shipped defaults everywhere except paths, the
+    /// host id, and a short download splay (the splay is not what these
+    /// tests are about, and it would only add up to 20 s per deploy).
+    pub fn new(base: &Path, id: &str, consul: &str, extra: &str) -> Host {
+        let dir = base.join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("config.toml");
+        let h = Host {
+            id: id.to_string(),
+            dir,
+            config,
+            proc: None,
+        };
+        h.write_config(id, consul, extra);
+        h
+    }
+
+    pub fn write_config(&self, id: &str, consul: &str, extra: &str) {
+        let text = format!(
+            "deploy-root = \"{root}\"\n{extra}\n[fleet]\napp = \"{APP}\"\ntier = \"{TIER}\"\nhost-id = \"{id}\"\nsplay-max = \"1s\"\n[consul]\naddress = \"{consul}\"\n[status]\nsocket = \"{sock}\"\n",
+            root = self.dir.join("root").display(),
+            sock = self.sock().display(),
+        );
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    pub fn sock(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+
+    pub fn start(&mut self) {
+        self.proc = Some(Proc::start(&self.config, None));
+    }
+
+    pub fn proc(&self) -> &Proc {
+        self.proc.as_ref().unwrap()
+    }
+
+    pub fn served(&self) -> String {
+        std::fs::read_to_string(self.dir.join("root/current/BUILD")).unwrap_or_default()
+    }
+
+    pub fn wait_served(&self, id: &str) {
+        let start = Instant::now();
+        while self.served() != id {
+            assert!(
+                start.elapsed() < T,
+                "{id} not served within {T:?} (serving {:?})\n{}",
+                self.served(),
+                self.proc.as_ref().map(Proc::log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(agent_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(self.sock())
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap()
+    }
+
+    /// `status --json`, waiting for the socket after a (re)start.
+    pub fn status(&self) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let out = self.cli(&["status", "--json"]);
+            if out.status.success() {
+                return serde_json::from_slice(&out.stdout).unwrap();
+            }
+            assert!(
+                start.elapsed() < T,
+                "status: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+pub fn release(consul: &str, args: &[&str]) -> Output {
+    let out = Command::new(agent_bin())
+        .args(["release", "--consul", consul, "--app", APP, "--tier", TIER])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "release {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Publishes build `id` with `release publish` (the current build becomes
+/// `previous`, as in a real rollout).
+pub fn publish(consul: &ConsulServer, art: &ArtifactServer, dir: &Path, id: &str) {
+    let path = dir.join(format!("{id}.tar.gz"));
+    buildgen::write_build(BuildProfile::TINY, 3, id, Format::TarGz, &path).unwrap();
+    let url = format!("/{id}.tar.gz");
+    art.add(&url, std::fs::read(&path).unwrap());
+    let full = art.url(&url);
+    let out = Command::new(agent_bin())
+        .args([
+            "release",
+            "--consul",
+            &consul.url(),
+            "--app",
+            APP,
+            "--tier",
+            TIER,
+            "publish",
+            "--build",
+            id,
+            "--percent",
+            "100",
+            "--artifact",
+        ])
+        .arg(&path)
+        .args(["--url", &full])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "publish {id}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
