@@ -216,7 +216,8 @@ async fn a_manifest_file_is_read_bounded_and_typed() {
         let _ = std::fs::remove_file(&file);
         make(&file);
     };
-    let cases: [(&str, &dyn Fn(&std::path::Path)); 3] = [
+    type Make<'a> = &'a dyn Fn(&std::path::Path);
+    let cases: [(&str, Make); 3] = [
         ("not a regular file", &|p| {
             nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap()
         }),

@@ -259,7 +259,11 @@ async fn fleet_rollout_rollback_outages_disk_full_and_freeze() {
         "frozen: nobody flipped"
     );
     let out = f.cli(&["release", "freeze"]);
-    assert_eq!(out.status.code(), Some(4), "a second freeze is refused");
+    assert_eq!(
+        out.status.code(),
+        Some(deploy_agent::status::exit::FROZEN as i32),
+        "a second freeze is refused"
+    );
     f.cli_ok(&["release", "unfreeze"]);
     converge(&f, &all, "b4", "b4 everywhere after unfreeze").await;
 }

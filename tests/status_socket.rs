@@ -41,6 +41,7 @@ fn fixed_report() -> StatusReport {
         build: Some("web-1".into()),
         sha256: Some("cd".repeat(32)),
         marked_unix: Some(now_unix() - 7200),
+        unmarked_bytes: None,
     });
     r.cold = Some(SlotInfo {
         name: "b".into(),
@@ -63,6 +64,8 @@ fn fixed_report() -> StatusReport {
     r.last_error = Some(LastError {
         message: "consul: connection refused".into(),
         at_unix: now_unix() - 300,
+        build: None,
+        current: true,
     });
     r.consul = Some(ConsulInfo {
         address: "http://127.0.0.1:8500".into(),

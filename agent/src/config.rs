@@ -334,13 +334,41 @@ impl Config {
         }
     }
 
-    /// Reads and validates the config file at `path`.
+    /// Reads and validates the config file at `path`: [`Config::parse`],
+    /// then [`Config::check_host`]. `run` (at start and on every reload)
+    /// and `check-config` both call this, so they accept the same files.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&text, path)
+        let cfg = Config::parse(&text, path)?;
+        cfg.check_host(path)?;
+        Ok(cfg)
+    }
+
+    /// The checks that depend on this host rather than on the text: the
+    /// groups named in `[status]` exist, and the Consul settings resolve
+    /// with the environment's `CONSUL_HTTP_*` overrides (a token file that
+    /// cannot be read fails here, not after the agent set anything up).
+    /// Creates nothing. Group lookups may go to NSS (LDAP...) and block.
+    pub fn check_host(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        for (name, group) in [
+            ("status.socket-group", &self.status.socket_group),
+            ("status.operator-group", &self.status.operator_group),
+        ] {
+            if let Some(g) = group {
+                g.resolve().map_err(|e| invalid(format!("{name}: {e}")))?;
+            }
+        }
+        if self.source.key.is_some() || self.fleet.report_prefix().is_some() {
+            crate::daemon::consul_settings(self).map_err(|e| invalid(format!("consul: {e}")))?;
+        }
+        Ok(())
     }
 
     /// Parses and validates config text; `path` is only for messages.
@@ -373,6 +401,14 @@ impl Config {
         if !cfg.deploy_root.is_absolute() {
             return Err(invalid("deploy-root: must be an absolute path".into()));
         }
+        if let Some(why) = dangerous_root(&cfg.deploy_root) {
+            return Err(invalid(format!(
+                "deploy-root: {} {why}; use a directory of its own, e.g. /srv/<app>",
+                cfg.deploy_root.display()
+            )));
+        }
+        check_socket_mode_literal(text).map_err(invalid)?;
+        check_limits(&cfg).map_err(invalid)?;
         match (&cfg.source.key, &cfg.source.file) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
@@ -433,6 +469,153 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.deploy_root.join(".deploy/cache"))
     }
+}
+
+/// System directories the agent must never own as a deploy root: it
+/// creates slots, a `current` link and `.deploy/` there and deletes what
+/// it does not recognise in its slots.
+const SYSTEM_DIRS: &[&str] = &[
+    "/",
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/home",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/media",
+    "/mnt",
+    "/opt",
+    "/proc",
+    "/root",
+    "/run",
+    "/sbin",
+    "/srv",
+    "/sys",
+    "/tmp",
+    "/usr",
+    "/usr/bin",
+    "/usr/lib",
+    "/usr/local",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/share",
+    "/var",
+    "/var/lib",
+    "/var/log",
+    "/var/tmp",
+];
+
+/// Kernel pseudo filesystems: nothing below them can be a deploy root.
+/// (`/dev` itself is refused above, but `/dev/shm` is a real tmpfs.)
+const PSEUDO_FS: &[&str] = &["/proc", "/sys"];
+
+/// Why `root` cannot be a deploy root, if it cannot. Judged lexically
+/// (`.` and trailing slashes ignored, `..` refused): the directory may not
+/// exist yet.
+pub fn dangerous_root(root: &Path) -> Option<&'static str> {
+    use std::path::Component;
+    let mut clean = PathBuf::from("/");
+    for c in root.components() {
+        match c {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(p) => clean.push(p),
+            Component::ParentDir => return Some("contains `..`"),
+            Component::Prefix(_) => return Some("is not a Unix path"),
+        }
+    }
+    if SYSTEM_DIRS.iter().any(|d| clean == Path::new(d)) {
+        return Some("is a system directory");
+    }
+    if PSEUDO_FS.iter().any(|d| clean.starts_with(d)) {
+        return Some("is on a kernel pseudo filesystem");
+    }
+    None
+}
+
+/// `[status] socket-mode` written as a decimal integer (`660`) is refused
+/// even when it is at most 0o777: TOML reads `660` as six hundred and
+/// sixty, which is not the mode the operator meant. Octal literals
+/// (`0o660`) and strings (`"0660"`) are what the value means.
+fn check_socket_mode_literal(text: &str) -> Result<(), String> {
+    #[derive(Deserialize)]
+    struct File {
+        #[serde(default)]
+        status: Option<Status>,
+    }
+    #[derive(Deserialize)]
+    struct Status {
+        #[serde(default, rename = "socket-mode")]
+        socket_mode: Option<toml::Spanned<toml::Value>>,
+    }
+    // The full parse already succeeded, so this one does too; a failure
+    // here means there is no literal to judge.
+    let Ok(File {
+        status: Some(Status {
+            socket_mode: Some(v),
+        }),
+    }) = toml::from_str::<File>(text)
+    else {
+        return Ok(());
+    };
+    if !matches!(v.get_ref(), toml::Value::Integer(_)) {
+        return Ok(());
+    }
+    let literal = text.get(v.span()).unwrap_or_default().trim();
+    if literal.starts_with("0o") {
+        return Ok(());
+    }
+    Err(format!(
+        "status.socket-mode: {literal} is a decimal number; write the mode in octal, \
+         0o{literal} or \"{literal}\""
+    ))
+}
+
+/// Zero values that cannot be meant: a zero timeout fails every request,
+/// a zero limit refuses every build, a zero rate or poll interval spins.
+fn check_limits(cfg: &Config) -> Result<(), String> {
+    let zero_durations = [
+        ("download.connect-timeout", cfg.download.connect_timeout),
+        ("download.read-timeout", cfg.download.read_timeout),
+        ("drain.poll", cfg.drain.poll),
+        ("hooks.timeout", cfg.hooks.timeout),
+        (
+            "consul.rate-interval",
+            cfg.consul.rate_interval.unwrap_or(Duration::from_secs(1)),
+        ),
+    ];
+    for (name, d) in zero_durations {
+        if d.is_zero() {
+            return Err(format!("{name}: must be above zero"));
+        }
+    }
+    let zero_counts = [
+        ("unpack.max-bytes", cfg.unpack.max_bytes),
+        ("unpack.max-entries", cfg.unpack.max_entries),
+        (
+            "download.bandwidth-limit",
+            cfg.download.bandwidth_limit.unwrap_or(1),
+        ),
+        (
+            "consul.rate-burst",
+            u64::from(cfg.consul.rate_burst.unwrap_or(1)),
+        ),
+        (
+            "status.max-clients",
+            cfg.status.max_clients.unwrap_or(1) as u64,
+        ),
+    ];
+    for (name, n) in zero_counts {
+        if n == 0 {
+            return Err(format!("{name}: must be at least 1"));
+        }
+    }
+    if cfg.status.max_clients.is_some_and(|n| n > 1024) {
+        return Err("status.max-clients: must be at most 1024".into());
+    }
+    Ok(())
 }
 
 /// Consul key rule (docs/consul-watch-rules.md rule 15): the Consul
@@ -590,6 +773,93 @@ mod tests {
         assert!(c.consul.ssl_verify);
         assert_eq!(c.consul.wait, Duration::from_secs(300));
         assert_eq!(c.consul.first_request_splay, None);
+    }
+
+    #[test]
+    fn dangerous_roots_are_refused() {
+        for root in [
+            "/",
+            "/etc",
+            "/etc/",
+            "/usr",
+            "/var",
+            "/tmp",
+            "/home",
+            "/proc/1",
+            "/sys/x",
+            "/srv/../etc",
+            "//",
+        ] {
+            let e = parse(&format!(
+                "deploy-root = \"{root}\"\n[source]\nkey = \"k\"\n"
+            ))
+            .unwrap_err();
+            assert!(e.to_string().contains("deploy-root"), "{root}: {e}");
+        }
+        for root in ["/srv/app", "/tmp/x", "/var/lib/app", "/opt/app/."] {
+            assert!(
+                parse(&format!(
+                    "deploy-root = \"{root}\"\n[source]\nkey = \"k\"\n"
+                ))
+                .is_ok(),
+                "{root}"
+            );
+        }
+    }
+
+    #[test]
+    fn socket_mode_must_be_written_in_octal() {
+        let with = |m: &str| {
+            parse(&format!(
+                "deploy-root = \"/srv/a\"\n[source]\nkey = \"k\"\n[status]\nsocket-mode = {m}\n"
+            ))
+        };
+        assert_eq!(with("0o660").unwrap().status.socket_mode, Some(0o660));
+        assert_eq!(with("\"0640\"").unwrap().status.socket_mode, Some(0o640));
+        for bad in ["660", "432", "0o7777", "\"7777\"", "\"rw\""] {
+            let e = with(bad).unwrap_err();
+            assert!(e.to_string().contains("socket-mode"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn zero_timeouts_and_limits_are_refused() {
+        for (table, kv) in [
+            ("download", "connect-timeout = \"0s\""),
+            ("download", "read-timeout = \"0ms\""),
+            ("download", "bandwidth-limit = 0"),
+            ("unpack", "max-bytes = 0"),
+            ("unpack", "max-entries = 0"),
+            ("drain", "poll = \"0s\""),
+            ("hooks", "timeout = \"0s\""),
+            ("consul", "rate-burst = 0"),
+            ("consul", "rate-interval = \"0s\""),
+            ("status", "max-clients = 0"),
+        ] {
+            let key = kv.split(' ').next().unwrap();
+            let e = parse(&format!(
+                "deploy-root = \"/srv/a\"\n[source]\nkey = \"k\"\n[{table}]\n{kv}\n"
+            ))
+            .unwrap_err();
+            assert!(
+                e.to_string().contains(&format!("{table}.{key}")),
+                "{kv}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn groups_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let body = |g: &str| {
+            format!("deploy-root = \"/srv/a\"\n[source]\nfile = \"/srv/m.json\"\n[status]\noperator-group = \"{g}\"\n")
+        };
+        std::fs::write(&path, body("no-such-group-deploy-agent")).unwrap();
+        let e = Config::load(&path).unwrap_err();
+        assert!(e.to_string().contains("status.operator-group"), "{e}");
+        std::fs::write(&path, body("root")).unwrap();
+        Config::load(&path).unwrap();
     }
 
     #[test]

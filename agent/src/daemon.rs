@@ -324,7 +324,21 @@ impl Agent {
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
-        info!(root = %root.path().display(), hot = ?root.hot(), recovery = ?report, "deploy root ready");
+        // Values, not a Debug dump. An unmarked slot on a root with no build
+        // yet is simply empty, not damage: only name invalid slots when a
+        // build was live.
+        let invalid: Vec<&str> = report.invalid_slots.iter().map(|s| s.dir_name()).collect();
+        info!(
+            root = %root.path().display(),
+            hot = root.hot().map(|s| s.dir_name()).unwrap_or("none"),
+            removed_temp = report.removed_temp.len(),
+            unmarked_slots = %if root.hot().is_some() { invalid.join(",") } else { String::new() },
+            state_repaired = report.state_repaired,
+            current_restored = report.current_restored.map(|s| s.dir_name()).unwrap_or(""),
+            adopted = report.adopted.as_deref().unwrap_or(""),
+            trash_entries = report.trash_entries,
+            "deploy root ready"
+        );
         if report.trash_entries > 0 {
             // Left by a crash between a claim and the purge; off the
             // critical path like every purge.

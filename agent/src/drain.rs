@@ -117,7 +117,7 @@ pub async fn run_hook(
                 let text = String::from_utf8_lossy(&output).into_owned();
                 return Err(Error::Hook {
                     name: name.into(),
-                    reason: format!("timed out after {timeout:?} and was killed with its process group"),
+                    reason: format!("timed out after {} and was killed with its process group", crate::status::render::human_duration(timeout)),
                     output: text,
                 });
             }
@@ -181,7 +181,7 @@ pub async fn wait_cold_slot(
         ) if !cancel.is_cancelled() => {
             for sig in [Signal::SIGTERM, Signal::SIGKILL] {
                 for h in &holders {
-                    warn!(pid = h.pid, command = %h.command, signal = ?sig, "signalling process still using the cold slot");
+                    warn!(pid = h.pid, command = %h.command, signal = %sig, "signalling process still using the cold slot");
                     let _ = nix::sys::signal::kill(Pid::from_raw(h.pid), sig);
                 }
                 if wait_no_process(

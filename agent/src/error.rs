@@ -28,7 +28,7 @@ pub enum Error {
     ConsulConnect { url: String, message: String },
 
     /// No answer within the per-request timeout (wait * 17/16 + margin).
-    #[error("Consul request to {url} timed out after {timeout:?}; check the local Consul agent and any proxy idle timeout on the path")]
+    #[error("Consul request to {url} timed out after {}; check the local Consul agent and any proxy idle timeout on the path", crate::status::render::human_duration(*timeout))]
     ConsulTimeout {
         url: String,
         timeout: std::time::Duration,
@@ -193,7 +193,7 @@ pub enum Error {
         output: String,
     },
 
-    #[error("drain condition ({what}) did not hold within {waited:?}; the flip was not done, check the workers or raise drain.hot-deadline")]
+    #[error("drain condition ({what}) did not hold within {}; the flip was not done, check the workers or raise drain.hot-deadline", crate::status::render::human_duration(*waited))]
     DrainCondition {
         what: String,
         waited: std::time::Duration,
@@ -238,6 +238,14 @@ pub enum Error {
 
     #[error("permission denied on {path}: {hint}, or run the command with sudo")]
     SocketPermissionDenied { path: PathBuf, hint: String },
+
+    /// The socket (or its directory) belongs to group root: joining a
+    /// group cannot help, only root may connect.
+    #[error(
+        "permission denied on {path}: only root may connect (it belongs to group root); \
+         run the command with sudo, or ask for a socket-group in the agent's [status] config"
+    )]
+    SocketRootOnly { path: PathBuf },
 
     #[error("{message}")]
     Forbidden { message: String },
@@ -316,6 +324,14 @@ pub enum Error {
     /// `fleet serve` cannot listen where asked.
     #[error("fleet page: cannot listen on {addr}: {reason}")]
     FleetPageListen { addr: String, reason: String },
+
+    /// An answer from the Consul address that Consul would never give (a
+    /// KV read without `X-Consul-Index`): the address is some other server.
+    #[error(
+        "{url} did not answer like a Consul agent ({detail}); check --consul, \
+         CONSUL_HTTP_ADDR or [consul] address: it must be the HTTP API of a Consul agent"
+    )]
+    NotConsul { url: String, detail: String },
 
     /// `release freeze` while a freeze is already in place.
     #[error("{key} is already frozen ({detail}); `deploy-agent release unfreeze` lifts it")]

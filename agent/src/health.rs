@@ -96,9 +96,32 @@ pub struct Passed {
 #[derive(Debug, Clone)]
 pub struct Unhealthy {
     pub attempts: u32,
+    /// Rounded to a tenth of a second (see [`tenths`]).
     pub took: Duration,
     /// Why the last attempt failed.
     pub last_failure: String,
+}
+
+/// The verdict as the deploy's error and history show it:
+/// `GET ... answered 500, expected 200 after 3 attempt(s) in 2.5s`.
+impl std::fmt::Display for Unhealthy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} after {} attempt(s) in {}",
+            self.last_failure,
+            self.attempts,
+            crate::status::render::human_duration(self.took)
+        )
+    }
+}
+
+/// `d` rounded to a tenth of a second. The gate's durations end up in
+/// operator messages, where `2.521672156s` is noise; callers that format
+/// with `{:?}` then print `2.5s`.
+pub fn tenths(d: Duration) -> Duration {
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(ms.saturating_add(50) / 100 * 100)
 }
 
 /// Runs the gate for the build just flipped in; returns the verdict.
@@ -133,7 +156,7 @@ pub async fn check(
                 );
                 return Ok(Passed {
                     attempts,
-                    took: start.elapsed(),
+                    took: tenths(start.elapsed()),
                 });
             }
             Some(why) => {
@@ -142,7 +165,7 @@ pub async fn check(
                     warn!(attempts, last_failure = %why, window_ms = cfg.window.as_millis() as u64, "health check failed for the whole window");
                     return Err(Unhealthy {
                         attempts,
-                        took: start.elapsed(),
+                        took: tenths(start.elapsed()),
                         last_failure: why,
                     });
                 }
@@ -171,7 +194,10 @@ async fn attempt(
                 ))
             }
             Err(e) if e.is_timeout() => {
-                return Some(format!("GET {url} timed out after {:?}", cfg.timeout))
+                return Some(format!(
+                    "GET {url} timed out after {}",
+                    crate::status::render::human_duration(cfg.timeout)
+                ))
             }
             Err(e) => return Some(format!("GET {url} failed: {e}")),
         }
@@ -184,4 +210,24 @@ async fn attempt(
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdict_durations_read_like_a_person_wrote_them() {
+        let bad = Unhealthy {
+            attempts: 3,
+            took: tenths(Duration::from_nanos(2_521_672_156)),
+            last_failure: "GET http://127.0.0.1:1/h answered 500, expected 200".into(),
+        };
+        // `{:?}` is what deploy.rs formats the reason with today.
+        assert_eq!(format!("{:?}", bad.took), "2.5s");
+        assert!(
+            bad.to_string().ends_with("after 3 attempt(s) in 2.5s"),
+            "{bad}"
+        );
+    }
 }

@@ -92,12 +92,11 @@ enum Cmd {
     Generate { what: generate::What, dir: PathBuf },
 }
 
-/// Exit codes of `run`, `check-config` and `demo` (the operator commands
-/// document theirs in README.md): 0 ok, 1 runtime failure, 2 bad config or
-/// usage.
+/// Exit codes of `run`, `check-config` and `demo`, from the binary's one
+/// table (README, Exit codes): 1 runtime failure, 2 bad config or usage.
 mod exit {
-    pub const RUNTIME: u8 = 1;
-    pub const CONFIG: u8 = 2;
+    pub const RUNTIME: u8 = deploy_agent::status::exit::FAILURE;
+    pub const CONFIG: u8 = deploy_agent::status::exit::USAGE;
 }
 
 fn main() -> ExitCode {
@@ -162,27 +161,52 @@ fn main() -> ExitCode {
             }
             ExitCode::from(deploy_agent::fleet::cli::run_fleet(cmd))
         }
+        // The same `Config::load` as `run`: parse, value rules, group
+        // lookups, Consul settings with the CONSUL_HTTP_* overrides.
         Cmd::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
                 println!("{}: ok", config.display());
                 println!("  deploy root: {}", c.deploy_root.display());
                 match (&c.source.key, &c.source.file) {
-                    (Some(k), _) => println!("  source: consul key {k} at {}", c.consul.address),
+                    (Some(k), _) => {
+                        // load() already resolved these once; this cannot
+                        // fail differently unless the environment changed.
+                        let address = deploy_agent::daemon::consul_settings(&c)
+                            .map(|s| s.address)
+                            .unwrap_or_else(|_| c.consul.address.clone());
+                        println!("  source: consul key {k} at {address}");
+                    }
                     (_, Some(f)) => println!("  source: file {}", f.display()),
                     _ => {}
                 }
+                let socket = deploy_agent::status::SocketSettings::from(c.status.clone());
+                println!(
+                    "  status socket: {} mode 0o{:o}{}{}",
+                    socket.path.display(),
+                    socket.mode,
+                    socket
+                        .group
+                        .as_ref()
+                        .map(|g| format!(" group {g}"))
+                        .unwrap_or_default(),
+                    socket
+                        .operator_group
+                        .as_ref()
+                        .map(|g| format!(", operator group {g}"))
+                        .unwrap_or_else(|| ", operators: root and the agent's user".into()),
+                );
                 println!("  cache: {}", c.cache_dir().display());
                 match (&c.health.url, &c.health.command) {
                     (None, None) => println!("  health gate: none"),
                     (url, cmd) => println!(
-                        "  health gate: {}{}, window {:?}",
+                        "  health gate: {}{}, window {}",
                         url.as_deref()
                             .map(|u| format!("GET {u} "))
                             .unwrap_or_default(),
                         cmd.as_ref()
                             .map(|a| format!("command {a:?}"))
                             .unwrap_or_default(),
-                        c.health.window
+                        deploy_agent::status::render::human_duration(c.health.window)
                     ),
                 }
                 println!(

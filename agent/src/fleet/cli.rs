@@ -1,8 +1,9 @@
 //! The commander's command line: `deploy-agent release ...`,
 //! `deploy-agent fleet status` and `deploy-agent fleet serve`. Thin: parses flags, calls
 //! [`crate::fleet::release`] and [`crate::fleet::view`], prints, and maps
-//! errors to exit codes (0 ok, 1 failure, 2 usage, 3 check-and-set lost,
-//! 4 already frozen). Holds no state.
+//! errors to the binary's one exit-code table ([`crate::status::exit`]:
+//! 0 ok, 1 failure, 2 usage, 6 check-and-set lost, 7 already frozen, 8 the
+//! address is not a Consul). Holds no state.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,13 +15,15 @@ use crate::fleet::release::{self, Release};
 use crate::manifest::Format;
 use crate::watch::consul::{ConsulClient, ConsulSettings};
 
-/// Exit codes.
+/// Exit codes: the names these commands use for the binary's one table.
 pub mod exit {
-    pub const OK: u8 = 0;
-    pub const FAILED: u8 = 1;
-    pub const USAGE: u8 = 2;
-    pub const CONFLICT: u8 = 3;
-    pub const FROZEN: u8 = 4;
+    use crate::status::exit as table;
+    pub const OK: u8 = table::OK;
+    pub const FAILED: u8 = table::FAILURE;
+    pub const USAGE: u8 = table::USAGE;
+    pub const CONFLICT: u8 = table::CONFLICT;
+    pub const FROZEN: u8 = table::FROZEN;
+    pub const NOT_CONSUL: u8 = table::NOT_CONSUL;
 }
 
 /// Which keys a command works on.
@@ -212,8 +215,10 @@ impl Target {
     }
 }
 
-fn code(e: &Error) -> u8 {
+/// The exit code for an error (README, Exit codes).
+pub fn code(e: &Error) -> u8 {
     match e {
+        Error::NotConsul { .. } => exit::NOT_CONSUL,
         Error::ReleaseConflict { .. } | Error::ReleaseNoChange { .. } => exit::CONFLICT,
         Error::ReleaseFrozen { .. } => exit::FROZEN,
         Error::ReleaseInvalid { .. } | Error::ReleaseMissing { .. } => exit::USAGE,
@@ -244,6 +249,8 @@ fn block(fut: impl std::future::Future<Output = Result<()>>) -> u8 {
 /// Runs `deploy-agent release ...`; returns the exit code.
 pub fn run_release(cmd: ReleaseCommand) -> u8 {
     block(async move {
+        // Every read of the Consul client refuses an answer that is not
+        // Consul's (`Error::NotConsul`, exit 8).
         let r = cmd.target.release()?;
         match cmd.action {
             ReleaseAction::Publish {
@@ -361,6 +368,8 @@ pub fn run_fleet(cmd: FleetCommand) -> u8 {
         return block(serve(cmd.target, args));
     }
     block(async move {
+        // Every read of the Consul client refuses an answer that is not
+        // Consul's (`Error::NotConsul`, exit 8).
         let r = cmd.target.release()?;
         let FleetAction::Status {
             json,
@@ -382,6 +391,7 @@ pub fn run_fleet(cmd: FleetCommand) -> u8 {
                 })
             }
         };
+        let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
         loop {
             let s = crate::fleet::view::collect(
                 &r.client,
@@ -393,11 +403,13 @@ pub fn run_fleet(cmd: FleetCommand) -> u8 {
             .await?;
             if json {
                 println!("{}", serde_json::to_string(&s).unwrap_or_default());
+            } else if watch && terminal {
+                // Clear the screen and home the cursor: only on a terminal,
+                // a pipe or a file gets one summary after another.
+                print!("\x1b[2J\x1b[H{}", crate::fleet::view::render(&s));
+            } else if watch {
+                println!("{}", crate::fleet::view::render(&s));
             } else {
-                if watch {
-                    // Clear the screen and home the cursor.
-                    print!("\x1b[2J\x1b[H");
-                }
                 print!("{}", crate::fleet::view::render(&s));
             }
             if !watch {

@@ -120,7 +120,7 @@ impl Member {
                 });
             }
         }
-        info!(host_id = %host_id, tier = ?config.fleet.tier, "fleet member");
+        info!(host_id = %host_id, tier = config.fleet.tier.as_deref().unwrap_or(""), "fleet member");
         Ok(Arc::new(Member {
             host_id,
             info: Mutex::new(info),
@@ -135,7 +135,16 @@ impl Member {
     /// this host should deploy, or `None` to deploy nothing.
     pub fn choose(&self, m: Manifest, modify_index: u64) -> Option<Manifest> {
         let (d, chosen) = crate::fleet::effective(&m, &self.host_id);
-        info!(bucket = d.bucket, percent = ?d.percent, choice = ?d.choice, build = ?d.build, "rollout decision");
+        info!(
+            bucket = d.bucket,
+            percent = d.percent.unwrap_or(100.0),
+            choice = serde_json::to_value(d.choice)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            build = d.build.as_deref().unwrap_or(""),
+            "rollout decision"
+        );
         if let Some(r) = &self.reporter {
             r.decided(modify_index, &d);
         }

@@ -17,20 +17,16 @@ use super::render::{render_history, render_status};
 use super::server::DEFAULT_SOCKET;
 use crate::error::Error;
 
-/// Exit codes of the operator subcommands.
+/// Exit codes of the operator subcommands: the binary's one table
+/// ([`crate::status::exit`]) as `i32`, the type [`run_cli`] returns.
 pub mod exit {
-    /// Success.
-    pub const OK: i32 = 0;
-    /// Any other failure (bad answer, I/O error, agent error).
-    pub const FAILURE: i32 = 1;
-    /// Bad command line (clap uses 2 as well).
-    pub const USAGE: i32 = 2;
-    /// Nothing listens on the socket: the agent is not running.
-    pub const NOT_RUNNING: i32 = 3;
-    /// The socket's mode or the agent (403) refused this user.
-    pub const PERMISSION_DENIED: i32 = 4;
-    /// The agent refused the command (e.g. nothing to roll back to).
-    pub const REFUSED: i32 = 5;
+    use crate::status::exit as table;
+    pub const OK: i32 = table::OK as i32;
+    pub const FAILURE: i32 = table::FAILURE as i32;
+    pub const USAGE: i32 = table::USAGE as i32;
+    pub const NOT_RUNNING: i32 = table::NOT_RUNNING as i32;
+    pub const PERMISSION_DENIED: i32 = table::PERMISSION_DENIED as i32;
+    pub const REFUSED: i32 = table::REFUSED as i32;
 }
 
 /// How long the client waits for the agent; above the server's own
@@ -57,7 +53,9 @@ pub enum OperatorCommand {
         /// Print the raw JSON report.
         #[arg(long)]
         json: bool,
-        /// Redraw every second until interrupted.
+        /// Redraw every second until interrupted; exits 3 when the agent
+        /// goes away. Off a terminal, prints one report per second
+        /// separated by a blank line, without terminal codes.
         #[arg(long, conflicts_with = "json")]
         watch: bool,
     },
@@ -69,7 +67,9 @@ pub enum OperatorCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Stop starting new deploys until `resume` (a running deploy finishes).
+    /// Stop starting new deploys until `resume`; a running deploy is
+    /// cancelled at its next safe point (a flip or health verdict already
+    /// under way completes).
     Hold {
         #[command(flatten)]
         socket: SocketArgs,
@@ -97,10 +97,11 @@ pub enum OperatorCommand {
 /// Runs a subcommand against the agent, printing to stdout/stderr; returns
 /// the process exit code (see [`exit`]).
 pub fn run_cli(cmd: OperatorCommand) -> i32 {
-    let color = std::io::stdout().is_terminal() && color_allowed(std::env::var_os("NO_COLOR"));
+    let terminal = std::io::stdout().is_terminal();
+    let color = terminal && color_allowed(std::env::var_os("NO_COLOR"));
     let mut out = std::io::stdout().lock();
     let mut err = std::io::stderr().lock();
-    run_cli_with(cmd, &mut out, &mut err, color)
+    run_cli_on(cmd, &mut out, &mut err, color, terminal)
 }
 
 /// `NO_COLOR` set to anything non-empty disables colour (no-color.org).
@@ -115,14 +116,33 @@ pub fn run_cli_with(
     err: &mut dyn Write,
     color: bool,
 ) -> i32 {
+    run_cli_on(cmd, out, err, color, color)
+}
+
+/// [`run_cli_with`], also saying whether `out` is a terminal (`status
+/// --watch` redraws in place only on one).
+pub fn run_cli_on(
+    cmd: OperatorCommand,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+    color: bool,
+    terminal: bool,
+) -> i32 {
     let result = match cmd {
         OperatorCommand::Status {
             socket,
             json,
             watch,
-        } if watch && !json => {
-            watch_status(&socket.socket, out, color, None, Duration::from_secs(1))
-        }
+        } if watch && !json => watch_status_on(
+            &socket.socket,
+            out,
+            WatchOptions {
+                color,
+                terminal,
+                iterations: None,
+                interval: Duration::from_secs(1),
+            },
+        ),
         OperatorCommand::Status { socket, json, .. } => status(&socket.socket, out, json, color),
         OperatorCommand::History { socket, json } => history(&socket.socket, out, json, color),
         OperatorCommand::Hold { socket, reason } => {
@@ -146,7 +166,9 @@ pub fn run_cli_with(
 pub fn exit_code(e: &Error) -> i32 {
     match e {
         Error::AgentNotRunning { .. } => exit::NOT_RUNNING,
-        Error::SocketPermissionDenied { .. } | Error::Forbidden { .. } => exit::PERMISSION_DENIED,
+        Error::SocketPermissionDenied { .. }
+        | Error::SocketRootOnly { .. }
+        | Error::Forbidden { .. } => exit::PERMISSION_DENIED,
         Error::AgentRefused { .. } => exit::REFUSED,
         _ => exit::FAILURE,
     }
@@ -165,9 +187,21 @@ fn status(socket: &Path, out: &mut dyn Write, json: bool, color: bool) -> Result
     )
 }
 
-/// Redraws the status every `interval`; `iterations` bounds it for tests.
-/// A failed fetch is shown in place and retried, so a restarting agent does
-/// not end the watch.
+/// How `status --watch` draws.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchOptions {
+    /// ANSI colours in the report.
+    pub color: bool,
+    /// `out` is a terminal: redraw in place (home + clear screen). Off a
+    /// terminal each report is appended, followed by a blank line, so a
+    /// pipe or a file gets no terminal codes.
+    pub terminal: bool,
+    /// Stop after this many reports (tests); `None`: until interrupted.
+    pub iterations: Option<u64>,
+    pub interval: Duration,
+}
+
+/// [`watch_status_on`] for a terminal.
 pub fn watch_status(
     socket: &Path,
     out: &mut dyn Write,
@@ -175,6 +209,34 @@ pub fn watch_status(
     iterations: Option<u64>,
     interval: Duration,
 ) -> Result<(), Error> {
+    watch_status_on(
+        socket,
+        out,
+        WatchOptions {
+            color,
+            terminal: true,
+            iterations,
+            interval,
+        },
+    )
+}
+
+/// Shows the status every `interval`. When the agent goes away (socket
+/// gone or refusing: [`Error::AgentNotRunning`]) the watch ends with that
+/// error, so a script watching a host learns it (exit 3) instead of
+/// waiting forever. Other failures (busy, a slow answer) are shown and
+/// retried.
+pub fn watch_status_on(
+    socket: &Path,
+    out: &mut dyn Write,
+    opts: WatchOptions,
+) -> Result<(), Error> {
+    let WatchOptions {
+        color,
+        terminal,
+        iterations,
+        interval,
+    } = opts;
     let mut n = 0u64;
     loop {
         let screen = match request(socket, "GET", "/v1/status", None)
@@ -182,13 +244,19 @@ pub fn watch_status(
             .and_then(|r| r.json::<StatusReport>(socket))
         {
             Ok(report) => render_status(&report, color, now_unix()),
+            Err(e @ Error::AgentNotRunning { .. }) => return Err(e),
             Err(e) => format!("{e}\n"),
         };
-        // Home + clear screen, then the frame, in one write to avoid flicker.
-        let frame = format!(
-            "\x1b[H\x1b[2J{screen}\n(every {}s, Ctrl-C to quit)\n",
-            interval.as_secs()
-        );
+        let frame = if terminal {
+            // Home + clear screen, then the frame, in one write to avoid
+            // flicker.
+            format!(
+                "\x1b[H\x1b[2J{screen}\n(every {}, Ctrl-C to quit)\n",
+                super::render::human_duration(interval)
+            )
+        } else {
+            format!("{screen}\n")
+        };
         write_out(socket, out, frame.as_bytes())?;
         n += 1;
         if iterations.is_some_and(|max| n >= max) {
@@ -323,32 +391,41 @@ fn connect_error(socket: &Path, e: std::io::Error) -> Error {
             path: socket.into(),
             reason: e.to_string(),
         },
-        PermissionDenied => Error::SocketPermissionDenied {
-            path: socket.into(),
-            hint: group_hint(socket),
+        PermissionDenied => match group_hint(socket) {
+            Some(hint) => Error::SocketPermissionDenied {
+                path: socket.into(),
+                hint,
+            },
+            None => Error::SocketRootOnly {
+                path: socket.into(),
+            },
         },
         _ => Error::io(socket, e),
     }
 }
 
 /// Names the group to join: the socket's, or its directory's when the
-/// socket itself cannot be seen.
-fn group_hint(socket: &Path) -> String {
+/// socket itself cannot be seen. `None` when that group is root: joining
+/// root is never the advice, only sudo is.
+fn group_hint(socket: &Path) -> Option<String> {
     let meta = std::fs::metadata(socket).or_else(|_| {
         socket
             .parent()
             .map_or_else(|| std::fs::metadata("/"), std::fs::metadata)
     });
     match meta {
+        Ok(m) if m.gid() == 0 => None,
         Ok(m) => {
             let gid = m.gid();
             let name = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
                 .ok()
                 .flatten()
                 .map_or_else(|| gid.to_string(), |g| g.name);
-            format!("join group {name} (usermod -aG {name} $USER, then log in again)")
+            Some(format!(
+                "join group {name} (usermod -aG {name} $USER, then log in again)"
+            ))
         }
-        Err(_) => "join the group that owns the socket and its directory".to_owned(),
+        Err(_) => Some("join the group that owns the socket and its directory".to_owned()),
     }
 }
 

@@ -42,7 +42,17 @@ pub fn render_status(r: &StatusReport, color: bool, now_unix: u64) -> String {
     for (label, slot) in [("hot", &r.hot), ("cold", &r.cold)] {
         match slot {
             Some(s) => {
-                let build = s.build.as_deref().unwrap_or("(empty)");
+                let leftovers = s.unmarked_bytes.map(|n| {
+                    format!(
+                        "(no build: {} left by a failed deploy, cleared by the next)",
+                        bytes(n)
+                    )
+                });
+                let build = s
+                    .build
+                    .as_deref()
+                    .or(leftovers.as_deref())
+                    .unwrap_or("(empty)");
                 let mut line = format!("{label:<9} {}  {build}", s.name);
                 if let Some(sha) = &s.sha256 {
                     let _ = write!(line, "  sha256 {}", short_sha(sha));
@@ -158,7 +168,17 @@ pub fn render_status(r: &StatusReport, color: bool, now_unix: u64) -> String {
     }
     if let Some(e) = &r.last_error {
         let line = format!("{} ({})", e.message, ago(now_unix, e.at_unix));
-        let _ = writeln!(o, "{:<9} {}", "error", p.paint(RED, &line));
+        if e.current {
+            let _ = writeln!(o, "{:<9} {}", "error", p.paint(RED, &line));
+        } else {
+            // Resolved since: shown for the record, not as the state now.
+            let _ = writeln!(
+                o,
+                "{:<9} {}",
+                "last err",
+                p.paint(DIM, &format!("{line}, resolved since"))
+            );
+        }
     }
     o
 }
@@ -313,6 +333,25 @@ pub fn duration(secs: u64) -> String {
     }
 }
 
+/// A duration for messages, to the precision a reader can use: `250ms`,
+/// `2.5s`, `30s`, `4m05s`, `3h12m` (never `2.521672156s`).
+pub fn human_duration(d: std::time::Duration) -> String {
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    if ms < 60_000 {
+        // Tenths, rounded; a whole number of seconds has no `.0`.
+        let tenths = (ms + 50) / 100;
+        return if tenths % 10 == 0 {
+            format!("{}s", tenths / 10)
+        } else {
+            format!("{}.{}s", tenths / 10, tenths % 10)
+        };
+    }
+    duration(d.as_secs())
+}
+
 fn millis(ms: u64) -> String {
     if ms < 1000 {
         format!("{ms}ms")
@@ -353,12 +392,24 @@ mod tests {
     }
 
     #[test]
+    fn human_durations_are_rounded() {
+        use std::time::Duration;
+        assert_eq!(human_duration(Duration::from_nanos(2_521_672_156)), "2.5s");
+        assert_eq!(human_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(human_duration(Duration::from_secs(2)), "2s");
+        assert_eq!(human_duration(Duration::from_millis(59_990)), "60s");
+        assert_eq!(human_duration(Duration::from_secs(245)), "4m05s");
+    }
+
+    #[test]
     fn colour_only_when_asked() {
         let mut r = StatusReport::new(10);
         r.phase = Phase::Failed;
         r.last_error = Some(LastError {
             message: "checksum mismatch".into(),
             at_unix: 100,
+            current: true,
+            ..LastError::default()
         });
         r.hold = HoldState {
             held: true,

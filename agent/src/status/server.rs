@@ -6,7 +6,11 @@
 //! - Bounded: at most `max_clients` connections are served at once (others
 //!   get an immediate 503 and are closed), headers must arrive within
 //!   `header_timeout`, a whole connection lives at most `request_timeout`,
-//!   bodies are capped at `max_body_bytes`, one request per connection.
+//!   bodies are capped at `max_body_bytes` (a larger `Content-Length` gets
+//!   413 before any of the body is read), one request per connection.
+//! - One of the `max_clients` slots is kept for operators (root, the
+//!   agent's uid, the operator group), so other local users filling the
+//!   socket cannot lock an operator out of `status` or `hold`.
 //! - Never stalls the daemon: reads go through [`StatusSource`] snapshots,
 //!   commands through a bounded channel with `command_timeout` on both the
 //!   send and the reply.
@@ -26,7 +30,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -141,7 +145,10 @@ impl Default for SocketSettings {
 pub struct StatusConfig {
     /// Socket path (`/run/deploy-agent/agent.sock`).
     pub socket: Option<PathBuf>,
-    /// Socket mode; write it as a TOML octal literal, `0o660`.
+    /// Socket mode: a TOML octal literal (`0o660`) or an octal string
+    /// (`"0660"`, `"660"`), at most `0o777` (no setuid/setgid/sticky bits).
+    /// `Config::parse` also refuses a decimal literal such as `660`.
+    #[serde(deserialize_with = "socket_mode")]
     pub socket_mode: Option<u32>,
     /// Group owning the socket: who may connect and read status.
     pub socket_group: Option<GroupSpec>,
@@ -149,6 +156,49 @@ pub struct StatusConfig {
     pub operator_group: Option<GroupSpec>,
     /// Connections served at once (16).
     pub max_clients: Option<usize>,
+}
+
+/// The largest socket mode: permission bits only.
+pub const MAX_SOCKET_MODE: u32 = 0o777;
+
+/// Parses an octal mode string: `660`, `0660` or `0o660`.
+pub fn parse_octal_mode(s: &str) -> std::result::Result<u32, String> {
+    let t = s.trim();
+    let digits = t.strip_prefix("0o").unwrap_or(t);
+    if digits.is_empty() || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return Err(format!(
+            "{s:?} is not an octal mode (write e.g. \"0660\" or 0o660)"
+        ));
+    }
+    let mode = u32::from_str_radix(digits, 8).map_err(|e| format!("{s:?}: {e}"))?;
+    check_mode(mode)
+}
+
+fn check_mode(mode: u32) -> std::result::Result<u32, String> {
+    if mode > MAX_SOCKET_MODE {
+        return Err(format!(
+            "0o{mode:o} is above 0o777: a socket mode has permission bits only"
+        ));
+    }
+    Ok(mode)
+}
+
+fn socket_mode<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<u32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(i64),
+        Text(String),
+    }
+    let mode = match Raw::deserialize(d)? {
+        Raw::Int(n) => u32::try_from(n)
+            .map_err(|_| format!("{n} is not a file mode"))
+            .and_then(check_mode),
+        Raw::Text(t) => parse_octal_mode(&t),
+    };
+    mode.map(Some).map_err(serde::de::Error::custom)
 }
 
 impl From<StatusConfig> for SocketSettings {
@@ -229,11 +279,13 @@ impl StatusServer {
                 .map_err(|e| sock_err(e.into()))?;
         }
         let inode = std::fs::symlink_metadata(&path).map_err(sock_err)?.ino();
+        // Values, not Debug strings: absent groups are absent fields.
         info!(
             path = %path.display(),
-            mode = format_args!("{:o}", settings.mode),
-            group = ?settings.group,
-            operator_group = ?settings.operator_group,
+            mode = %format_args!("0o{:o}", settings.mode),
+            group = settings.group.as_ref().map(tracing::field::display),
+            operator_group = settings.operator_group.as_ref().map(tracing::field::display),
+            max_clients = settings.max_clients as u64,
             "status socket listening"
         );
         let shared = Arc::new(Shared {
@@ -286,7 +338,9 @@ async fn accept_loop(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(settings.max_clients.max(1)));
+    let (general, reserved) = split_slots(settings.max_clients);
+    let slots = Arc::new(Semaphore::new(general));
+    let operator_slots = Arc::new(Semaphore::new(reserved));
     let tracker = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -303,19 +357,33 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            // A fresh socket's send buffer is empty, so this non-blocking
-            // write either fits or is skipped; the close is what matters.
-            let _ = stream.try_write(BUSY_RESPONSE);
-            debug!("status socket full; client turned away");
-            continue;
-        };
         let peer = match peer_of(&stream) {
             Ok(p) => p,
             Err(e) => {
                 warn!(error = %e, "cannot read status socket peer credentials; closing");
                 continue;
             }
+        };
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            // Every general slot is taken: only an operator may have the
+            // reserved one. The /proc read for supplementary groups happens
+            // only here, when the socket is full.
+            Err(_) => match operator_slots.clone().try_acquire_owned() {
+                Ok(p) if is_operator(peer, &shared).await => p,
+                _ => {
+                    // A fresh socket's send buffer is empty, so this
+                    // non-blocking write either fits or is skipped; the
+                    // close is what matters.
+                    let _ = stream.try_write(BUSY_RESPONSE);
+                    debug!(
+                        pid = peer.pid,
+                        uid = peer.uid,
+                        "status socket full; client turned away"
+                    );
+                    continue;
+                }
+            },
         };
         tracker.spawn(serve(
             stream,
@@ -339,6 +407,16 @@ async fn accept_loop(
         }
     }
     debug!("status socket closed");
+}
+
+/// `max_clients` split into (slots anyone may take, slots kept for
+/// operators). One slot is kept as soon as there are two; a socket limited
+/// to one client serves whoever comes first.
+fn split_slots(max_clients: usize) -> (usize, usize) {
+    match max_clients.max(1) {
+        1 => (1, 0),
+        n => (n - 1, 1),
+    }
 }
 
 fn peer_of(stream: &UnixStream) -> std::io::Result<Peer> {
@@ -395,6 +473,25 @@ enum Route {
 }
 
 async fn handle(req: Request<Incoming>, peer: Peer, shared: &Shared) -> Response<Full<Bytes>> {
+    // A declared body over the cap is refused before a byte of it is read:
+    // waiting for it would hold a client slot until the request timeout.
+    if let Some(len) = declared_length(&req) {
+        if len > shared.max_body_bytes as u64 {
+            debug!(
+                pid = peer.pid,
+                uid = peer.uid,
+                content_length = len,
+                "status request body too large; refused unread"
+            );
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "request body of {len} bytes is larger than {} bytes",
+                    shared.max_body_bytes
+                ),
+            );
+        }
+    }
     let route = match req.uri().path() {
         "/v1/status" => Route::Status,
         "/v1/history" => Route::History,
@@ -525,16 +622,33 @@ fn parse_command(route: Route, body: &[u8]) -> std::result::Result<Command, Stri
     })
 }
 
+/// The `Content-Length` the client announced, if any.
+fn declared_length(req: &Request<Incoming>) -> Option<u64> {
+    req.headers()
+        .get(CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Root, the agent's own uid, or a member (primary or supplementary) of the
-/// operator group.
-async fn authorize(peer: Peer, shared: &Shared) -> std::result::Result<(), String> {
+/// operator group: who may send commands and use the reserved slot.
+async fn is_operator(peer: Peer, shared: &Shared) -> bool {
     if peer.uid == 0 || peer.uid == shared.own_uid {
-        return Ok(());
+        return true;
     }
-    if let Some(gid) = shared.operator_gid {
-        if peer.gid == gid || supplementary_groups(peer.pid).await.contains(&gid) {
-            return Ok(());
-        }
+    match shared.operator_gid {
+        Some(gid) => peer.gid == gid || supplementary_groups(peer.pid).await.contains(&gid),
+        None => false,
+    }
+}
+
+/// [`is_operator`], or the message that says what to do instead.
+async fn authorize(peer: Peer, shared: &Shared) -> std::result::Result<(), String> {
+    if is_operator(peer, shared).await {
+        return Ok(());
     }
     Err(match &shared.operator_group {
         Some(g) => format!(
@@ -714,6 +828,29 @@ mod tests {
         assert_eq!(s.path, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(s.mode, 0o660);
         assert_eq!(s.operator_group, Some(GroupSpec::Name("deploy-ops".into())));
+    }
+
+    #[test]
+    fn socket_modes_are_octal_and_bounded() {
+        let mode = |t: &str| toml::from_str::<StatusConfig>(t).map(|c| c.socket_mode);
+        assert_eq!(mode("socket-mode = 0o660").unwrap(), Some(0o660));
+        assert_eq!(mode("socket-mode = \"0660\"").unwrap(), Some(0o660));
+        assert_eq!(mode("socket-mode = \"660\"").unwrap(), Some(0o660));
+        assert_eq!(mode("socket-mode = \"0o600\"").unwrap(), Some(0o600));
+        assert!(mode("socket-mode = 0o7777").is_err());
+        assert!(mode("socket-mode = \"7777\"").is_err());
+        assert!(mode("socket-mode = \"0689\"").is_err());
+        // Decimal 660 is 0o1224: above the bound, refused.
+        assert!(mode("socket-mode = 660").is_err());
+        assert!(mode("socket-mode = -1").is_err());
+    }
+
+    #[test]
+    fn one_slot_is_kept_for_operators() {
+        assert_eq!(split_slots(16), (15, 1));
+        assert_eq!(split_slots(2), (1, 1));
+        assert_eq!(split_slots(1), (1, 0));
+        assert_eq!(split_slots(0), (1, 0));
     }
 
     #[test]

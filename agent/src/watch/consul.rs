@@ -232,7 +232,7 @@ pub async fn watch_key_from(
                     }
                     continue;
                 } else {
-                    tracing::warn!(error = %e, ?kind, retry_in_ms, "Consul watch request failed");
+                    tracing::warn!(error = %e, kind = kind.as_str(), retry_in_ms, "Consul watch request failed");
                 }
                 if !sleep_or_cancel(delay, &shutdown).await {
                     return;
@@ -365,6 +365,19 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// The snake_case name used in logs and stats.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Connect => "connect",
+            ErrorKind::Http5xx => "http_5xx",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::Decode => "decode",
+            ErrorKind::Other => "other",
+        }
+    }
+
     /// Classifies an error of this module.
     pub fn of(e: &Error) -> ErrorKind {
         match e {
@@ -1047,7 +1060,7 @@ impl ConsulClient {
         let (status, headers, body) = self
             .exchange(self.inner.http.get(&url), &url, timeout, MAX_SINGLE_BODY)
             .await?;
-        let index = header_u64(&headers, "x-consul-index").unwrap_or(0);
+        let index = consul_index(&url, status.as_u16(), &headers)?;
         let last_contact =
             Duration::from_millis(header_u64(&headers, "x-consul-lastcontact").unwrap_or(0));
         let known_leader = headers
@@ -1153,7 +1166,7 @@ impl ConsulClient {
     pub async fn list(&self, prefix: &str) -> Result<Vec<KvPair>> {
         validate_key(prefix, true)?;
         let url = self.url(prefix, &[("recurse", None)]);
-        let (status, _, body) = self
+        let (status, headers, body) = self
             .exchange(
                 self.inner.http.get(&url),
                 &url,
@@ -1161,6 +1174,7 @@ impl ConsulClient {
                 MAX_LIST_BODY,
             )
             .await?;
+        consul_index(&url, status.as_u16(), &headers)?;
         match status.as_u16() {
             200 => decode_pairs(&url, &body),
             404 => Ok(Vec::new()),
@@ -1190,7 +1204,7 @@ impl ConsulClient {
         let (status, headers, body) = self
             .exchange(self.inner.http.get(&url), &url, timeout, MAX_LIST_BODY)
             .await?;
-        let index = header_u64(&headers, "x-consul-index").unwrap_or(0);
+        let index = consul_index(&url, status.as_u16(), &headers)?;
         match status.as_u16() {
             200 => Ok((index, decode_pairs(&url, &body)?)),
             404 => Ok((index, Vec::new())),
@@ -1220,6 +1234,23 @@ fn split_host_port(hostport: &str, default_port: u16) -> Option<(String, u16)> {
 fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
+}
+
+/// `X-Consul-Index` of a read's answer. Consul sends it with every 200 and
+/// 404 of the KV read endpoint; an answer without it comes from something
+/// that is not Consul (a web server answering 404 at the configured
+/// address), which must be an error, not "nothing published".
+fn consul_index(url: &str, status: u16, h: &reqwest::header::HeaderMap) -> Result<u64> {
+    match (status, header_u64(h, "x-consul-index")) {
+        (200 | 404, Some(i)) => Ok(i),
+        (200 | 404, None) => Err(Error::NotConsul {
+            url: url.to_string(),
+            detail: format!(
+                "a {status} without the X-Consul-Index header every Consul KV read carries"
+            ),
+        }),
+        _ => Ok(0),
+    }
 }
 
 fn header_u64(h: &reqwest::header::HeaderMap, name: &str) -> Option<u64> {
