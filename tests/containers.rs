@@ -23,6 +23,11 @@
 //! because those scenarios restart the agent more often than the shipped
 //! 5 starts in 10 minutes allow.
 //!
+//! If the test process dies midway, its containers shut down on their own
+//! (nspawn gets `PR_SET_PDEATHSIG`); what else can stay behind, and how it
+//! is named, is in `tests/support/containers.rs`. Nothing outside
+//! `target/containers/` and the `dac*` network objects is touched.
+//!
 //! Needs root, systemd-nspawn, debootstrap and cargo-deb (or
 //! `DEPLOY_AGENT_DEB`); otherwise it says why and passes without running,
 //! unless `DEPLOY_AGENT_CONTAINERS=require` (what .ci/run sets).

@@ -3,7 +3,8 @@
 //! /etc/deploy-agent/config.toml validates and covers every table, the
 //! files `[package.metadata.deb]` names exist, the maintainer scripts are
 //! executable, and the binary generates its man pages and completions and
-//! names its commit and build date in `--version`.
+//! names its commit and build date in `--version`. Read-only but for a
+//! temp dir that is removed on drop: a crash midway leaves nothing.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
