@@ -273,16 +273,27 @@ impl Ctx {
     }
 
     /// Waits until container `i`'s status is in `phase`; returns the report.
+    /// On a timeout the panic carries the agent's journal tail.
     fn wait_phase(&self, i: usize, phase: &str, limit: Duration) -> Value {
         let c = self.c(i);
-        wait_for(&format!("{} in phase {phase}", c.name), limit, || {
-            let st = c.status().ok_or("no status")?;
-            if st["phase"] == phase {
-                Ok(st)
-            } else {
-                Err(format!("phase {}", st["phase"]))
+        let start = Instant::now();
+        let mut last = String::new();
+        loop {
+            if let Some(st) = c.status() {
+                if st["phase"] == phase {
+                    return st;
+                }
+                last = st.to_string();
             }
-        })
+            if start.elapsed() > limit {
+                let journal = c.sh("journalctl -u deploy-agent -n 40 --no-pager -o cat");
+                panic!(
+                    "{} in phase {phase}: not after {limit:?}; last status {last}\njournal:\n{journal}",
+                    c.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
