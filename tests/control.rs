@@ -301,3 +301,38 @@ async fn a_new_deploy_id_deploys_the_live_build_again() {
     );
     h.stop_agent().await;
 }
+
+/// Found by `intent_random` (seed 3702183794245308320): after an operator
+/// rollback and `resume`, without a restart in between, the desired build
+/// must go live again. The loop still counted it as applied and stayed on
+/// the rolled-back build with status saying nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_after_an_operator_rollback_redeploys_the_desired_build() {
+    let mut h = Harness::new(|_| {}).await;
+    h.start_agent().await;
+    let (m1, _) = h.build("one");
+    let (m2, _) = h.build("two");
+    h.publish(&m1);
+    h.wait_live("one", T).await;
+    h.publish(&m2);
+    h.wait_live("two", T).await;
+    let sock = h.tmp.path().join("agent.sock");
+    let cli = |args: &[&str]| {
+        let out = Command::new(agent_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(&sock)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    cli(&["rollback"]);
+    assert_eq!(h.served(), "one");
+    cli(&["resume"]);
+    h.wait_live("two", T).await;
+    h.stop_agent().await;
+}

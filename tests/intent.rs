@@ -107,12 +107,41 @@ async fn freeze_then_release_rollback_flips_nobody_until_unfreeze() {
     for h in &hosts {
         h.wait_served("b1");
     }
+    std::thread::sleep(Duration::from_secs(1));
+    let freeze_reads = |c: &ConsulServer| c.requests_for("deploy/app/freeze").len();
+    let report_writes = |c: &ConsulServer| {
+        (0..2)
+            .map(|i| {
+                c.requests_for(&format!("deploy-hosts/app/h{}", i + 1))
+                    .iter()
+                    .filter(|r| r.method == "PUT")
+                    .count()
+            })
+            .sum::<usize>()
+    };
+    let (reads0, writes0) = (freeze_reads(&consul), report_writes(&consul));
     publish(&consul, &art, tmp.path(), "b2");
     for h in &hosts {
         h.wait_served("b2");
     }
     // Let the hosts' reports and watches settle into their blocking reads.
     std::thread::sleep(Duration::from_secs(2));
+    // Host reports live outside the control keys' radix subtree: they do
+    // not wake the freeze watches. What remains per host and deploy is the
+    // consistent read before acting and the one before the flip.
+    let (reads, writes) = (
+        freeze_reads(&consul) - reads0,
+        report_writes(&consul) - writes0,
+    );
+    println!("one deploy on 2 hosts: {writes} report writes, {reads} freeze-key requests");
+    assert!(
+        writes <= 6,
+        "{writes} report writes for one deploy on 2 hosts"
+    );
+    assert!(
+        reads <= 2 * 3,
+        "{reads} freeze-key requests: reports woke the freeze watches"
+    );
 
     // The README's incident steps, a moment apart.
     let frozen_at = Instant::now();
@@ -137,7 +166,7 @@ async fn freeze_then_release_rollback_flips_nobody_until_unfreeze() {
     for (i, a) in acked.iter().enumerate() {
         let a = a.unwrap_or_else(|| panic!("host {i} never showed the freeze"));
         println!(
-            "host {i} acknowledged the freeze {} ms after `release freeze` began",
+            "host {i} showed the freeze at its first check after `release rollback` ({} ms after the freeze began)",
             a.as_millis()
         );
     }

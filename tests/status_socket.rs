@@ -252,13 +252,16 @@ fn curl_as(user: Option<(u32, u32, Vec<u32>)>, socket: &Path, args: &[&str]) -> 
         .arg(socket)
         .args(args);
     if let Some((uid, gid, groups)) = user {
-        // SAFETY: only async-signal-safe syscalls between fork and exec.
+        // Built before fork: allocating between fork and exec is not
+        // async-signal-safe (another thread may hold the allocator's lock).
+        let groups: Vec<_> = groups
+            .iter()
+            .map(|g| nix::unistd::Gid::from_raw(*g))
+            .collect();
+        // SAFETY: the closure only makes syscalls (setgroups, setgid,
+        // setuid) on data prepared before the fork; it does not allocate.
         unsafe {
             cmd.pre_exec(move || {
-                let groups: Vec<_> = groups
-                    .iter()
-                    .map(|g| nix::unistd::Gid::from_raw(*g))
-                    .collect();
                 nix::unistd::setgroups(&groups)?;
                 nix::unistd::setgid(nix::unistd::Gid::from_raw(gid))?;
                 nix::unistd::setuid(nix::unistd::Uid::from_raw(uid))?;

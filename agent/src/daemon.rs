@@ -1011,6 +1011,10 @@ impl MainLoop {
                 }
                 let entry = action_entry(HistoryKind::Resume, uid, &served, None);
                 let persisted = self.shared.apply(AgentEvent::Resume, Some(entry));
+                // Apply the desired state again: what is live may have
+                // changed under the hold (an operator rollback). A build
+                // that is live costs nothing ("already live").
+                l.applied = None;
                 info!("resumed");
                 (
                     Ok(with_persist(self.resumed_answer("resumed"), persisted)),
@@ -1097,6 +1101,9 @@ impl MainLoop {
             Some(entry),
         );
         l.retry_at = None;
+        // What is live is no longer what was applied: once the hold is
+        // lifted (resume, redeploy) the desired build must deploy again.
+        l.applied = None;
         self.metrics.set_build(&rep.build_id, rep.to.dir_name());
         self.member.served(&rep.build_id);
         let answer = format!(
