@@ -13,10 +13,23 @@ use deploy_agent::manifest::Format;
 use deploy_agent::status::OperatorCommand;
 use tokio_util::sync::CancellationToken;
 
+mod generate;
+
+/// `deploy-agent --version`: the crate version, the commit and the build
+/// date (agent/build.rs; `unknown` commit outside a git checkout).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("DEPLOY_AGENT_COMMIT"),
+    ", built ",
+    env!("DEPLOY_AGENT_BUILD_DATE"),
+    ")"
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "deploy-agent",
-    version,
+    version = VERSION,
     about = "Keeps this host on the build its Consul key names."
 )]
 struct Cli {
@@ -74,6 +87,9 @@ enum Cmd {
     Release(deploy_agent::fleet::cli::ReleaseCommand),
     /// The fleet as the hosts report it.
     Fleet(deploy_agent::fleet::cli::FleetCommand),
+    /// Packaging only: write the man pages or shell completions into DIR.
+    #[command(hide = true)]
+    Generate { what: generate::What, dir: PathBuf },
 }
 
 /// Exit codes of `run`, `check-config` and `demo`, from the binary's one
@@ -127,6 +143,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Generate { what, dir } => match generate::write(what, &dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {}: {e}", dir.display());
+                ExitCode::from(exit::RUNTIME)
+            }
+        },
         Cmd::Release(cmd) => ExitCode::from(deploy_agent::fleet::cli::run_release(cmd)),
         Cmd::Fleet(cmd) => {
             if matches!(cmd.action, deploy_agent::fleet::cli::FleetAction::Serve(_)) {

@@ -85,4 +85,5 @@ pub fn agent_bin() -> PathBuf {
     })
     .clone()
 }
+pub mod containers;
 pub mod fleet;

@@ -1,0 +1,735 @@
+//! Hosts as real containers for `tests/containers.rs`: a Debian bookworm
+//! root filesystem (built once by `tests/containers/build-image.sh`, cached
+//! under `target/containers/`) booted N times with `systemd-nspawn --boot`,
+//! each with a real systemd as PID 1, its own journald, and its own network
+//! namespace on a bridge in the root namespace (the fleet tests' plan, in
+//! 198.19.<subnet>.0/24: half of 198.18.0.0/15, so the two suites never
+//! share a subnet). The package under test (`debian/build-deb.sh`) is
+//! installed inside each container with `dpkg -i`, as an operator would.
+//!
+//! Each nspawn runs in a cgroup of its own (`dac-<test pid>-<name>`): the
+//! host's PID 1 is not systemd, and containers sharing one cgroup would run
+//! their systemd instances in the same cgroup tree and hang at boot.
+//!
+//! Crash guarantees: every container, cgroup, overlay mount, veth and
+//! namespace is owned by a value here whose `Drop` removes it, panics
+//! included. nspawn is spawned with `PR_SET_PDEATHSIG=SIGTERM`, so if the
+//! test process is killed outright the containers still shut down; only
+//! the bridge, the namespaces, empty cgroups and a persistent overlay's
+//! mount would then stay behind, all named after the dead test's pid
+//! (`dac*`), never reused.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// `DEPLOY_AGENT_CONTAINERS`: `require` (CI) turns every reason to skip
+/// into a failure; `skip` skips; unset runs when possible.
+pub const MODE_ENV: &str = "DEPLOY_AGENT_CONTAINERS";
+/// A prebuilt package to test instead of building one.
+pub const DEB_ENV: &str = "DEPLOY_AGENT_DEB";
+
+/// The repository root (the root package's manifest dir).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn mode() -> String {
+    std::env::var(MODE_ENV).unwrap_or_default()
+}
+
+/// Whether the suite must run (CI) rather than skip.
+pub fn required() -> bool {
+    mode() == "require"
+}
+
+/// Why the container suite cannot run here, if it cannot.
+pub fn unsupported() -> Option<String> {
+    if mode() == "skip" {
+        return Some(format!("{MODE_ENV}=skip"));
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not root: nspawn, network namespaces and debootstrap need root".into());
+    }
+    for (tool, pkg) in [
+        ("systemd-nspawn", "systemd-container"),
+        ("debootstrap", "debootstrap"),
+        ("nsenter", "util-linux"),
+        ("ip", "iproute2"),
+    ] {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
+        if !found {
+            return Some(format!(
+                "`{tool}` is missing (apt-get install {pkg}; .ci/run does)"
+            ));
+        }
+    }
+    if std::env::var_os(DEB_ENV).is_none() {
+        let deb = Command::new(env!("CARGO"))
+            .args(["deb", "--version"])
+            .output();
+        if !deb.is_ok_and(|o| o.status.success()) {
+            return Some(format!(
+                "cargo-deb is missing (cargo install cargo-deb --locked; .ci/run does), \
+                 or set {DEB_ENV} to a built package"
+            ));
+        }
+    }
+    None
+}
+
+fn run_script(script: &Path, what: &str) -> Result<PathBuf, String> {
+    let start = Instant::now();
+    let out = Command::new("bash")
+        .arg(script)
+        .env("CARGO", env!("CARGO"))
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("{}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!("{} failed ({})", script.display(), out.status));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default().trim().to_string();
+    eprintln!(
+        "[containers] {what}: {last} ({:.0} s)",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(PathBuf::from(last))
+}
+
+/// The cached base image (built on first use: about 4 minutes).
+pub fn image() -> Result<PathBuf, String> {
+    static IMAGE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            run_script(
+                &repo().join("tests/containers/build-image.sh"),
+                "base image",
+            )
+        })
+        .clone()
+}
+
+/// The package under test: `$DEPLOY_AGENT_DEB`, else built now.
+pub fn package() -> Result<PathBuf, String> {
+    static DEB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    DEB.get_or_init(|| match std::env::var_os(DEB_ENV) {
+        Some(p) => {
+            let p = PathBuf::from(p);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(format!("{DEB_ENV}={} does not exist", p.display()))
+            }
+        }
+        None => run_script(&repo().join("debian/build-deb.sh"), "package"),
+    })
+    .clone()
+}
+
+pub fn run(args: &[&str]) -> Result<Output, String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(out)
+}
+
+fn must(args: &[&str]) {
+    if let Err(e) = run(args) {
+        panic!("{e}");
+    }
+}
+
+/// The bridge and one network namespace + veth per container.
+#[derive(Debug)]
+pub struct Net {
+    pub bridge: String,
+    pub subnet: u8,
+    pub namespaces: Vec<String>,
+    pub veths: Vec<String>,
+}
+
+impl Net {
+    /// The bridge's address: where the test's servers listen.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::new(198, 19, self.subnet, 1)
+    }
+
+    /// Container `i`'s address.
+    pub fn address(&self, i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(198, 19, self.subnet, i as u8 + 2)
+    }
+
+    pub fn create(n: usize) -> Net {
+        assert!(n < 250, "one /24 per run");
+        let pid = std::process::id();
+        let mut net = Net {
+            bridge: format!("dacbr{}", pid % 100_000),
+            subnet: (pid % 250) as u8 + 1,
+            namespaces: Vec::new(),
+            veths: Vec::new(),
+        };
+        let gw = format!("{}/24", net.gateway());
+        must(&["ip", "link", "add", &net.bridge, "type", "bridge"]);
+        must(&["ip", "addr", "add", &gw, "dev", &net.bridge]);
+        must(&["ip", "link", "set", &net.bridge, "up"]);
+        for i in 0..n {
+            let ns = format!("dac-{pid}-{i}");
+            let vh = format!("dac{}h{i}", pid % 10_000);
+            must(&["ip", "netns", "add", &ns]);
+            net.namespaces.push(ns.clone());
+            must(&[
+                "ip", "link", "add", &vh, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ]);
+            net.veths.push(vh.clone());
+            must(&["ip", "link", "set", &vh, "master", &net.bridge, "up"]);
+            let addr = format!("{}/24", net.address(i));
+            must(&["ip", "-n", &ns, "addr", "add", &addr, "dev", "eth0"]);
+            must(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+            must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        }
+        net
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for v in &self.veths {
+            let _ = run(&["ip", "link", "del", v]);
+        }
+        for ns in &self.namespaces {
+            let _ = run(&["ip", "netns", "del", ns]);
+        }
+        let _ = run(&["ip", "link", "del", &self.bridge]);
+    }
+}
+
+/// A read-write overlay of the image that outlives container boots (for
+/// the reboot scenario): upper and work dirs under `dir`, mounted at
+/// `dir/root`. Unmounted and removed on drop.
+#[derive(Debug)]
+pub struct PersistentRoot {
+    pub dir: PathBuf,
+    pub root: PathBuf,
+    mounted: bool,
+}
+
+impl PersistentRoot {
+    pub fn create(image: &Path, dir: &Path) -> PersistentRoot {
+        let (upper, work, root) = (dir.join("upper"), dir.join("work"), dir.join("root"));
+        for d in [&upper, &work, &root] {
+            std::fs::create_dir_all(d).unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+        }
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            image.display(),
+            upper.display(),
+            work.display()
+        );
+        let mut me = PersistentRoot {
+            dir: dir.to_path_buf(),
+            root: root.clone(),
+            mounted: false,
+        };
+        must(&[
+            "mount",
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            &opts,
+            &root.display().to_string(),
+        ]);
+        me.mounted = true;
+        me
+    }
+}
+
+impl Drop for PersistentRoot {
+    fn drop(&mut self) {
+        if self.mounted {
+            let root = self.root.display().to_string();
+            if run(&["umount", &root]).is_err() {
+                let _ = run(&["umount", "-l", &root]);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// How a container's root is made.
+#[derive(Debug, Clone)]
+pub enum RootFs {
+    /// The shared image under `--volatile=overlay`: a tmpfs upper layer
+    /// that vanishes when the container stops.
+    Volatile(PathBuf),
+    /// A [`PersistentRoot`]'s mount point: survives a poweroff.
+    Persistent(PathBuf),
+}
+
+/// One booted container.
+#[derive(Debug)]
+pub struct Container {
+    pub name: String,
+    pub index: usize,
+    pub netns: String,
+    pub rootfs: RootFs,
+    /// Bound read-only at `/share` (the package, the worker script).
+    pub share: PathBuf,
+    nspawn: Option<Child>,
+    /// The container's PID 1 (systemd), as seen from the host.
+    pub pid1: i32,
+    /// nspawn's console (boot messages).
+    pub console: PathBuf,
+}
+
+/// Spawns `cmd` from a thread that lives as long as the process:
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits,
+/// so children spawned from short-lived scenario threads would be killed
+/// with them.
+fn spawn_long_lived(cmd: Command) -> std::io::Result<Child> {
+    type Request = (Command, std::sync::mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Request>>> = OnceLock::new();
+    let tx = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Request>();
+        std::thread::spawn(move || {
+            for (mut cmd, reply) in rx {
+                let _ = reply.send(cmd.spawn());
+            }
+        });
+        std::sync::Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = std::sync::mpsc::channel();
+    tx.lock()
+        .map_err(|_| std::io::Error::other("spawner lock poisoned"))?
+        .send((cmd, reply_tx))
+        .map_err(|_| std::io::Error::other("spawner thread gone"))?;
+    reply_rx
+        .recv()
+        .map_err(|_| std::io::Error::other("spawner thread gone"))?
+}
+
+/// The container's init: the child of `parent` (nspawn) that is PID 1 in
+/// its own PID namespace. nspawn first forks an "outer child" that forks
+/// init and exits, so the first child seen is not always init.
+fn init_of(parent: u32) -> Option<i32> {
+    let rd = std::fs::read_dir("/proc").ok()?;
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.split_whitespace().collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        let ppid = field("PPid:");
+        let nspid = field("NSpid:");
+        if ppid.first() == Some(&parent.to_string().as_str())
+            && nspid.len() > 1
+            && nspid.last() == Some(&"1")
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+impl Container {
+    /// Boots a container (does not wait for systemd to finish booting).
+    pub fn boot(
+        name: &str,
+        index: usize,
+        netns: &str,
+        rootfs: RootFs,
+        share: &Path,
+        console: &Path,
+    ) -> Container {
+        let mut c = Container {
+            name: name.to_string(),
+            index,
+            netns: netns.to_string(),
+            rootfs,
+            share: share.to_path_buf(),
+            nspawn: None,
+            pid1: 0,
+            console: console.to_path_buf(),
+        };
+        c.start();
+        c
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.console)
+            .unwrap_or_else(|e| panic!("{}: {e}", self.console.display()));
+        // nspawn runs in a cgroup of its own (it then splits it into
+        // `supervisor` and `payload`): two containers in one cgroup would
+        // both run their systemd in the same cgroup tree and hang at boot.
+        let cgroups = self.cgroups();
+        for d in &cgroups {
+            std::fs::create_dir_all(d).unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+        }
+        let paths: Vec<String> = cgroups.iter().map(|d| d.display().to_string()).collect();
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args([
+            "-c",
+            r#"for g in $DAC_CGROUPS; do echo $$ > "$g/cgroup.procs" || exit 1; done; exec "$@""#,
+            "sh",
+            "systemd-nspawn",
+        ])
+        .env("DAC_CGROUPS", paths.join(" "));
+        match &self.rootfs {
+            RootFs::Volatile(image) => {
+                cmd.arg("-D").arg(image).arg("--volatile=overlay");
+            }
+            RootFs::Persistent(root) => {
+                cmd.arg("-D").arg(root);
+            }
+        }
+        cmd.args(["--register=no", "--keep-unit", "--boot", "-q"])
+            .arg(format!("--machine={}", self.name))
+            .arg(format!("--hostname={}", self.name))
+            .arg(format!(
+                "--network-namespace-path=/run/netns/{}",
+                self.netns
+            ))
+            .arg(format!("--bind-ro={}:/share", self.share.display()))
+            // Its own process group: a Ctrl-C of the test does not reach
+            // nspawn before our destructors have run.
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap_or_else(|e| panic!("dup log: {e}")))
+            .stderr(log);
+        // SAFETY: prctl is async-signal-safe and touches only the child.
+        // PDEATHSIG shuts the container down (SIGTERM to nspawn) if this
+        // process dies without running our destructors (see
+        // `spawn_long_lived` for why the forking thread must live on).
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child =
+            spawn_long_lived(cmd).unwrap_or_else(|e| panic!("systemd-nspawn {}: {e}", self.name));
+        let nspawn_pid = child.id();
+        self.nspawn = Some(child);
+        let start = Instant::now();
+        loop {
+            if let Some(p) = init_of(nspawn_pid) {
+                self.pid1 = p;
+                return;
+            }
+            if let Some(Ok(Some(st))) = self.nspawn.as_mut().map(Child::try_wait) {
+                panic!(
+                    "systemd-nspawn {} exited ({st}):\n{}",
+                    self.name,
+                    std::fs::read_to_string(&self.console).unwrap_or_default()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no init process under nspawn for {}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The cgroups nspawn runs in: `dac-<test pid>-<name>` in the unified
+    /// hierarchy and, on a hybrid host, in the name=systemd one too.
+    fn cgroups(&self) -> Vec<PathBuf> {
+        let leaf = format!("dac-{}-{}", std::process::id(), self.name);
+        let base = Path::new("/sys/fs/cgroup");
+        if base.join("cgroup.controllers").exists() {
+            return vec![base.join(leaf)];
+        }
+        ["unified", "systemd"]
+            .iter()
+            .map(|h| base.join(h))
+            .filter(|h| h.is_dir())
+            .map(|h| h.join(&leaf))
+            .collect()
+    }
+
+    /// Removes this container's (empty, stopped) cgroup trees, deepest first.
+    fn remove_cgroups(&self) {
+        fn rm(dir: &Path) {
+            if let Ok(rd) = std::fs::read_dir(dir) {
+                for e in rd.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        rm(&e.path());
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+        for d in self.cgroups() {
+            rm(&d);
+        }
+    }
+
+    /// Waits until `systemctl is-system-running` says running (or
+    /// degraded, with the failed units in the panic message otherwise).
+    pub fn wait_booted(&self, limit: Duration) -> Result<(), String> {
+        let start = Instant::now();
+        loop {
+            let out = self.exec(&["systemctl", "is-system-running"]);
+            let state = out
+                .as_ref()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+            match state.as_deref() {
+                Ok("running") => return Ok(()),
+                Ok("degraded") => {
+                    let failed = self.sh("systemctl --failed --no-legend");
+                    return Err(format!("{} booted degraded: {failed}", self.name));
+                }
+                _ => {}
+            }
+            if start.elapsed() > limit {
+                return Err(format!(
+                    "{} not booted after {limit:?} ({state:?}); console:\n{}",
+                    self.name,
+                    std::fs::read_to_string(&self.console).unwrap_or_default()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn nsenter(&self) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg("-t")
+            .arg(self.pid1.to_string())
+            .arg("-a")
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("LANG", "C.UTF-8")
+            .env("SYSTEMD_COLORS", "0")
+            .env("SYSTEMD_PAGER", "");
+        c
+    }
+
+    /// Runs a command inside (all the container's namespaces).
+    pub fn exec(&self, args: &[&str]) -> std::io::Result<Output> {
+        self.nsenter().args(args).stdin(Stdio::null()).output()
+    }
+
+    /// Runs a shell script inside; returns stdout+stderr, whatever the exit.
+    pub fn sh(&self, script: &str) -> String {
+        match self.exec(&["/bin/sh", "-c", script]) {
+            Ok(o) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => format!("nsenter: {e}"),
+        }
+    }
+
+    /// Runs a shell script inside and panics unless it exits 0; returns stdout.
+    pub fn sh_ok(&self, script: &str) -> String {
+        let o = self
+            .exec(&["/bin/sh", "-c", script])
+            .unwrap_or_else(|e| panic!("{}: nsenter: {e}", self.name));
+        assert!(
+            o.status.success(),
+            "{}: `{script}` failed ({}):\n{}{}",
+            self.name,
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Writes `content` to `path` inside the container (mode 0644).
+    pub fn write(&self, path: &str, content: &str) {
+        let script = format!(
+            "mkdir -p \"$(dirname '{path}')\" && cat > '{path}.tmp' && mv '{path}.tmp' '{path}'"
+        );
+        let mut child = self
+            .nsenter()
+            .args(["/bin/sh", "-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: nsenter: {e}", self.name));
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(content.as_bytes())
+                .unwrap_or_else(|e| panic!("{}: write {path}: {e}", self.name));
+        }
+        let o = child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("{}: {e}", self.name));
+        assert!(
+            o.status.success(),
+            "{}: writing {path}: {}",
+            self.name,
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// Where the container's `/` is visible from the host, for reading
+    /// files on its disk without entering it.
+    pub fn host_path(&self, path: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root{}", self.pid1, path))
+    }
+
+    /// Reads a file on the container's disk ("" when absent).
+    pub fn read(&self, path: &str) -> String {
+        std::fs::read_to_string(self.host_path(path)).unwrap_or_default()
+    }
+
+    /// `deploy-agent status --json`, parsed (None while the agent is not up).
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let o = self.exec(&["deploy-agent", "status", "--json"]).ok()?;
+        if !o.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&o.stdout).ok()
+    }
+
+    /// The deploy-agent unit's journal, one JSON object per entry.
+    pub fn journal(&self, unit: &str) -> Vec<serde_json::Value> {
+        let o = self.exec(&["journalctl", "-u", unit, "-o", "json", "--no-pager"]);
+        let Ok(o) = o else { return Vec::new() };
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// `systemctl show -p K --value` for each key.
+    pub fn unit_props(&self, unit: &str, keys: &[&str]) -> Vec<String> {
+        keys.iter()
+            .map(|k| {
+                self.sh(&format!("systemctl show -p {k} --value {unit}"))
+                    .trim()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    /// Powers the container off from inside with `how` (e.g. `systemctl
+    /// poweroff --no-block`; empty when something inside already did) and
+    /// waits for nspawn to exit.
+    pub fn poweroff(&mut self, how: &[&str], limit: Duration) {
+        if !how.is_empty() {
+            let _ = self.exec(how);
+        }
+        let start = Instant::now();
+        if let Some(mut child) = self.nspawn.take() {
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if start.elapsed() > limit {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("{} did not power off within {limit:?}", self.name);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.pid1 = 0;
+        self.remove_cgroups();
+    }
+
+    /// Boots it again on the same root (after [`Container::poweroff`]).
+    pub fn boot_again(&mut self) {
+        assert!(self.nspawn.is_none(), "{} is still running", self.name);
+        self.start();
+    }
+
+    fn stop(&mut self) {
+        let Some(mut child) = self.nspawn.take() else {
+            return;
+        };
+        // SIGTERM to nspawn shuts the container down cleanly; SIGKILL (to
+        // nspawn, which takes the container's processes with it) after a
+        // bound.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let start = Instant::now();
+        let mut exited = false;
+        while start.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = child.try_wait() {
+                exited = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if !exited {
+            let _ = child.kill();
+            let _ = child.wait();
+            // nspawn is gone; take whatever is left of the container with it.
+            for d in self.cgroups() {
+                let _ = std::fs::write(d.join("cgroup.kill"), "1");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.remove_cgroups();
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Stops many containers at once (shutdown takes a second or two each).
+pub fn stop_all(containers: &mut Vec<Container>) {
+    std::thread::scope(|s| {
+        for c in containers.iter_mut() {
+            s.spawn(move || c.stop());
+        }
+    });
+    containers.clear();
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or panics after `limit`
+/// with `what` and the last description `f` gave.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let start = Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(last) => {
+                if start.elapsed() > limit {
+                    panic!("{what}: not after {limit:?}; last: {last}");
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
