@@ -193,9 +193,9 @@ async fn run_inner(
         p(
             out,
             format!(
-                "    key write -> live: {:.3}s  outcome: {:?}  current -> {link}  serving build {served}",
+                "    key write -> live: {:.3}s  outcome: {}  current -> {link}  serving build {served}",
                 took.as_secs_f64(),
-                rec.outcome.unwrap_or(Outcome::Failed)
+                rec.outcome.unwrap_or(Outcome::Failed).as_str()
             ),
         );
         p(

@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use super::model::{HistoryEntry, Outcome, Phase, StatusReport};
+use super::model::{HistoryEntry, HistoryKind, Outcome, Phase, StatusReport};
 
 const RED: &str = "31";
 const GREEN: &str = "32";
@@ -274,6 +274,30 @@ pub fn render_history(h: &[HistoryEntry], color: bool, now_unix: u64) -> String 
         "started", "build", "outcome", "took"
     );
     for e in h {
+        if e.kind != HistoryKind::Deploy {
+            // An operator action: who did what, and why.
+            let what = match e.kind {
+                HistoryKind::Hold => "hold",
+                HistoryKind::Resume => "resume",
+                HistoryKind::Rollback => "rollback",
+                HistoryKind::Redeploy => "redeploy",
+                HistoryKind::Deploy => "deploy",
+            };
+            let mut line = format!(
+                "{:<14} {:<28} {}",
+                ago(now_unix, e.started_unix),
+                e.build,
+                p.paint(YELLOW, &format!("operator {what}"))
+            );
+            if let Some(uid) = e.by_uid {
+                let _ = write!(line, " by uid {uid}");
+            }
+            if let Some(r) = &e.reason {
+                let _ = write!(line, ": {r}");
+            }
+            let _ = writeln!(o, "{line}");
+            continue;
+        }
         let outcome = match e.outcome {
             Some(Outcome::Success) => p.paint(GREEN, "success"),
             Some(Outcome::Failed) => p.paint(RED, "failed"),
