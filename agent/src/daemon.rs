@@ -153,12 +153,14 @@ impl Shared {
         crate::control::save(&self.root_path, &control, durable)
     }
 
-    /// [`Shared::apply`] for events that are not answered to anyone: a
-    /// failure is logged and shown in status.
+    /// [`Shared::apply`] for events that are not answered to anyone (a
+    /// deploy's end, a retry, the freeze as read from Consul): none of them
+    /// is intent that only this file holds, so a failure to persist is
+    /// logged, and does not replace the error that matters in status (on
+    /// a full disk that is the deploy's ENOSPC, not this file's).
     fn apply_logged(&self, event: AgentEvent, entry: Option<HistoryEntry>) {
         if let Err(e) = self.apply(event, entry) {
-            warn!(error = %e, "agent state");
-            self.error(e.to_string());
+            warn!(error = %e, "agent state not persisted");
         }
     }
 
