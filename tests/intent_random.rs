@@ -36,9 +36,10 @@ use rand::{Rng, SeedableRng};
 
 /// How long a host that is neither held nor frozen may take to converge
 /// after the last disturbance: the watch's first-request splay after a
-/// restart (5 s), error backoff after an outage, the 5 s deploy retry and
-/// the 5 s freeze re-check, with room for a loaded CI machine.
-const CONVERGE: Duration = Duration::from_secs(40);
+/// restart (5 s), error backoff after an outage, the deploy retry (5 s,
+/// doubling after real failures) and the 5 s freeze re-check, with room
+/// for a loaded CI machine.
+const CONVERGE: Duration = Duration::from_secs(60);
 const BUILDS: [&str; 4] = ["b0", "b1", "b2", "b3"];
 const HOSTS: usize = 2;
 

@@ -824,19 +824,31 @@ impl MainLoop {
                 l.attempt = 0;
             }
             Some(Outcome::Failed) => {
+                // A freeze that could not be read at the flip is Consul's
+                // hiccup, not the build's failure: retry at the freeze
+                // re-check pace, without growing the backoff (which would
+                // push convergence after a few short outages to minutes).
+                let transient = matches!(err, Some(Error::FreezeUnconfirmed { .. }));
                 if let Some(e) = err {
                     self.shared.error(e.to_string());
                 }
                 l.attempt += 1;
-                let at = now_secs() + l.retry_delay.as_secs();
+                let delay = if transient {
+                    FREEZE_RECHECK.min(l.retry_delay)
+                } else {
+                    l.retry_delay
+                };
+                let at = now_secs() + delay.as_secs();
                 retry = Some((at, l.attempt));
                 info!(
-                    retry_in_ms = l.retry_delay.as_millis() as u64,
+                    retry_in_ms = delay.as_millis() as u64,
                     attempt = l.attempt,
                     "will retry the deploy"
                 );
-                l.retry_at = Some(tokio::time::Instant::now() + l.retry_delay);
-                l.retry_delay = (l.retry_delay * 2).min(RETRY_MAX);
+                l.retry_at = Some(tokio::time::Instant::now() + delay);
+                if !transient {
+                    l.retry_delay = (l.retry_delay * 2).min(RETRY_MAX);
+                }
             }
             Some(Outcome::HealthFailed) => {
                 // Quarantined and (normally) rolled back: no retry until

@@ -82,14 +82,26 @@ impl Host {
         }
     }
 
+    /// An operator command. A reload rebuilds the agent's parts, the
+    /// status socket among them: "agent not running" (exit 3) is retried
+    /// for a few seconds, as an operator would.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(agent_bin())
-            .args(args)
-            .arg("--socket")
-            .arg(self.sock())
-            .env("NO_COLOR", "1")
-            .output()
-            .unwrap()
+        let start = Instant::now();
+        loop {
+            let out = Command::new(agent_bin())
+                .args(args)
+                .arg("--socket")
+                .arg(self.sock())
+                .env("NO_COLOR", "1")
+                .output()
+                .unwrap();
+            let not_running =
+                out.status.code() == Some(i32::from(deploy_agent::status::exit::NOT_RUNNING));
+            if !not_running || start.elapsed() > Duration::from_secs(15) {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// `status --json`, waiting for the socket after a (re)start.
