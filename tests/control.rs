@@ -18,22 +18,11 @@ use deploy_agent::testserver::consul::{
     AclConfig, AclToken, ConsulServer, ConsulServerConfig, KeyPolicy,
 };
 use deploy_agent_tests::agent::Harness;
-use deploy_agent_tests::process::Proc;
+use deploy_agent_tests::process::{status_json as status, Proc};
 use deploy_agent_tests::{agent_bin, fast_tempdir};
 use nix::sys::signal::Signal;
 
 const T: Duration = Duration::from_secs(60);
-
-fn status(sock: &Path) -> Option<serde_json::Value> {
-    let out = Command::new(agent_bin())
-        .args(["status", "--json", "--socket"])
-        .arg(sock)
-        .output()
-        .unwrap();
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).unwrap())
-}
 
 fn wait_status(
     sock: &Path,

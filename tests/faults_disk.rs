@@ -7,66 +7,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use deploy_agent::deploy::Phase;
 use deploy_agent::testserver::artifact::{Fault, FaultRule};
 use deploy_agent_tests::agent::{capture_logs, Harness, ServeWatch};
+use deploy_agent_tests::disk::{fill, is_root, Tmpfs};
 
 const T: Duration = Duration::from_secs(60);
-
-/// A tmpfs mounted for the test; lazily unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size_mb: u64) -> Tmpfs {
-        std::fs::create_dir_all(dir).unwrap();
-        let st = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size_mb}M,mode=0755"),
-                "tmpfs",
-            ])
-            .arg(dir)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount tmpfs on {}", dir.display());
-        Tmpfs(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-/// Writes a file into `dir` until the filesystem is full.
-fn fill(dir: &Path) -> PathBuf {
-    let path = dir.join("filler");
-    let mut f = std::fs::File::create(&path).unwrap();
-    let chunk = vec![0xa5u8; 64 * 1024];
-    loop {
-        match f.write_all(&chunk) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
-            Err(e) => panic!("filler: {e}"),
-        }
-    }
-    let _ = f.sync_all();
-    path
-}
 
 async fn wait_downloading(h: &Harness, build: &str) {
     let start = Instant::now();
@@ -262,12 +211,7 @@ async fn a_build_that_filled_the_disk_does_not_wedge_the_next_one() {
     let sock = h.tmp.path().join("agent.sock");
     let start = Instant::now();
     loop {
-        let out = std::process::Command::new(deploy_agent_tests::agent_bin())
-            .args(["status", "--json", "--socket"])
-            .arg(&sock)
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let v = deploy_agent_tests::process::status_json(&sock).unwrap_or_default();
         if v["cold"]["unmarked_bytes"].as_u64().unwrap_or(0) > 20 << 20 {
             assert!(v["cold"]["build"].is_null(), "{v:#}");
             break;

@@ -18,17 +18,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
 use std::time::{Duration, Instant};
 
 use deploy_agent::buildgen::{self, Artifact, BuildProfile};
 use deploy_agent::manifest::Format;
 use deploy_agent::testserver::artifact::{ArtifactServer, Fault, FaultRule};
 use deploy_agent::testserver::consul::{ConsulServer, ConsulServerConfig, Fault as ConsulFault};
-use deploy_agent_tests::process::Proc;
-use deploy_agent_tests::{agent_bin, fast_tempdir};
+use deploy_agent_tests::disk::{fill, is_root, Tmpfs};
+use deploy_agent_tests::fast_tempdir;
+use deploy_agent_tests::process::{status_json as status, Proc};
 use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -41,27 +41,6 @@ const KEY: &str = "deploy/app/production";
 const HEAL_BOUND: Duration = Duration::from_secs(90);
 const FS_MB: u64 = 96;
 const BUILDS: usize = 8;
-
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, mb: u64) -> Tmpfs {
-        std::fs::create_dir_all(dir).unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .unwrap();
-        assert!(st.success());
-        Tmpfs(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 struct Build {
     id: String,
@@ -92,27 +71,6 @@ fn make_builds(rng: &mut StdRng, dir: &Path, art: &ArtifactServer) -> Vec<Build>
             }
         })
         .collect()
-}
-
-fn status(sock: &Path) -> Option<serde_json::Value> {
-    let out = Command::new(agent_bin())
-        .args(["status", "--json", "--socket"])
-        .arg(sock)
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).ok())
-        .flatten()
-}
-
-/// Fills the filesystem at `dir` from outside the agent; returns the file.
-fn fill(dir: &Path) -> PathBuf {
-    let path = dir.join("outside-filler");
-    let mut f = std::fs::File::create(&path).unwrap();
-    let chunk = vec![0x5au8; 256 * 1024];
-    while f.write_all(&chunk).is_ok() {}
-    path
 }
 
 struct Soak {
@@ -310,7 +268,7 @@ impl Soak {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_heals_every_fault_without_a_human() {
-    if !nix::unistd::geteuid().is_root() {
+    if !is_root() {
         println!("SKIPPED: the soak mounts a small tmpfs, which needs root");
         return;
     }

@@ -998,10 +998,12 @@ impl MainLoop {
         uid: u32,
         l: &mut Loop,
     ) -> (std::result::Result<String, String>, bool) {
-        let served = crate::fleet::member::served_build(&self.deployer.root).unwrap_or_default();
+        // Hold and resume record the build live at the time; the other
+        // commands record the build they act on.
+        let served = || crate::fleet::member::served_build(&self.deployer.root).unwrap_or_default();
         match cmd {
             Command::Hold { reason } => {
-                let entry = action_entry(HistoryKind::Hold, uid, &served, Some(reason.clone()));
+                let entry = action_entry(HistoryKind::Hold, uid, &served(), Some(reason.clone()));
                 let persisted = self.shared.apply(
                     AgentEvent::Hold {
                         by_uid: Some(uid),
@@ -1023,7 +1025,7 @@ impl MainLoop {
                 if !self.shared.state().is_held() {
                     return (Ok("not held".into()), false);
                 }
-                let entry = action_entry(HistoryKind::Resume, uid, &served, None);
+                let entry = action_entry(HistoryKind::Resume, uid, &served(), None);
                 let persisted = self.shared.apply(AgentEvent::Resume, Some(entry));
                 // Apply the desired state again: what is live may have
                 // changed under the hold (an operator rollback). A build

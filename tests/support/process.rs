@@ -92,3 +92,18 @@ impl Drop for Proc {
         let _ = self.child.wait();
     }
 }
+
+/// `deploy-agent status --json` over `sock`: `None` while the agent does
+/// not answer (starting, restarting); a successful answer that is not JSON
+/// fails the test.
+pub fn status_json(sock: &Path) -> Option<serde_json::Value> {
+    let out = Command::new(agent_bin())
+        .args(["status", "--json", "--socket"])
+        .arg(sock)
+        .output()
+        .unwrap_or_else(|e| panic!("deploy-agent status: {e}"));
+    out.status.success().then(|| {
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("status --json is not JSON: {e}"))
+    })
+}
