@@ -848,7 +848,17 @@ fn restart_during_download(ctx: &Ctx) -> String {
         "watchdog restart after {:.1} s",
         t0.elapsed().as_secs_f64()
     ));
-    ctx.wait_phase(i, "downloading", T);
+    // The restarted agent resumes from the kept partial, so what is left
+    // may finish before the first status poll: seeing it downloading again
+    // or already serving s3 both show the resume.
+    wait_for(&format!("{} resumes s3", c.name), T, || {
+        let st = c.status().ok_or("no status")?;
+        if st["phase"] == "downloading" || st["hot"]["build"] == "s3" {
+            Ok(())
+        } else {
+            Err(format!("phase {} hot {}", st["phase"], st["hot"]["build"]))
+        }
+    });
     ctx.artifacts.clear_faults();
     ctx.wait_live(i, "s3", T);
 
