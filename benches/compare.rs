@@ -24,11 +24,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use deploy_agent::buildgen::{self, Artifact, BuildProfile};
 use deploy_agent::manifest::Format;
-use deploy_agent::testserver::artifact::ArtifactServer;
-use deploy_agent::testserver::consul::{ConsulServer, ConsulServerConfig};
 use serde_json::{json, Value};
+use testkit::buildgen::{self, Artifact, BuildProfile};
+use testkit::testserver::artifact::ArtifactServer;
+use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
 
 const KEY: &str = "deploy/bench/web";
 

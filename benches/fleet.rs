@@ -16,8 +16,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use deploy_agent::buildgen::BuildProfile;
 use deploy_agent_tests::fleet::{unsupported, Fleet, FleetOptions};
+use testkit::buildgen::BuildProfile;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -91,7 +91,7 @@ fn rsync_to(src: &Path, dst: &Path) {
 fn push_baseline(n: usize) {
     let tmp = deploy_agent_tests::fast_tempdir();
     let art = tmp.path().join("build.tar.gz");
-    let a = deploy_agent::buildgen::write_build(
+    let a = testkit::buildgen::write_build(
         BuildProfile::SMALL,
         11,
         "push",

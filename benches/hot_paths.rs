@@ -9,11 +9,11 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use deploy_agent::buildgen::{self, BuildProfile};
 use deploy_agent::manifest::Format;
 use deploy_agent::progress::Progress;
 use deploy_agent::unpack::{unpack, ArchiveFormat, UnpackLimits};
 use sha2::{Digest, Sha256};
+use testkit::buildgen::{self, BuildProfile};
 
 fn scratch() -> tempfile::TempDir {
     deploy_agent_tests::fast_tempdir()

@@ -8,9 +8,9 @@
 use std::time::Duration;
 
 use deploy_agent::deploy::Outcome;
-use deploy_agent::testserver::artifact::{Fault, FaultRule};
-use deploy_agent::testserver::consul::Fault as ConsulFault;
 use deploy_agent_tests::agent::Harness;
+use testkit::testserver::artifact::{Fault, FaultRule};
+use testkit::testserver::consul::Fault as ConsulFault;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -127,7 +127,7 @@ async fn server_without_range_support_still_works() {
     h.start_agent().await;
     let (m1, _) = h.build_with(
         "big",
-        deploy_agent::buildgen::BuildProfile::DEMO,
+        testkit::buildgen::BuildProfile::DEMO,
         deploy_agent::manifest::Format::TarGz,
     );
     h.publish(&m1);
@@ -289,7 +289,7 @@ async fn restart_mid_download_resumes_and_completes() {
     h.start_agent().await;
     let (m1, a) = h.build_with(
         "big",
-        deploy_agent::buildgen::BuildProfile::DEMO,
+        testkit::buildgen::BuildProfile::DEMO,
         deploy_agent::manifest::Format::TarGz,
     );
     h.artifacts.set_fault(FaultRule::always(Fault::Trickle {

@@ -9,13 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use deploy_agent::buildgen::{self, BuildProfile};
 use deploy_agent::manifest::Format;
-use deploy_agent::testserver::artifact::{ArtifactServer, Fault, FaultRule};
-use deploy_agent::testserver::consul::{ConsulServer, ConsulServerConfig};
 use deploy_agent_tests::process::Proc;
 use deploy_agent_tests::{agent_bin, fast_tempdir};
 use nix::sys::signal::Signal;
+use testkit::buildgen::{self, BuildProfile};
+use testkit::testserver::artifact::{ArtifactServer, Fault, FaultRule};
+use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
 
 const KEY: &str = "deploy/app/production";
 

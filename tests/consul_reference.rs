@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use deploy_agent::testserver::consul::{AclConfig, ConsulServer, ConsulServerConfig};
+use testkit::testserver::consul::{AclConfig, ConsulServer, ConsulServerConfig};
 
 const MASTER_TOKEN: &str = "11111111-2222-3333-4444-555555555555";
 

@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use deploy_agent::testserver::consul::{
+use testkit::testserver::consul::{
     AclConfig, AclToken, ConsulServer, ConsulServerConfig, KeyPolicy,
 };
 

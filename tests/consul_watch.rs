@@ -11,12 +11,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deploy_agent::testserver::consul::{
-    AclConfig, AclToken, ConsulServer, ConsulServerConfig, Fault, KeyPolicy,
-};
 use deploy_agent::watch::consul::{
     next_index, watch_key, Backoff, ConsulClient, ConsulSettings, QueryOptions, RateLimit,
     WatchEvent, WatchStats,
+};
+use testkit::testserver::consul::{
+    AclConfig, AclToken, ConsulServer, ConsulServerConfig, Fault, KeyPolicy,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;

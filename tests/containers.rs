@@ -42,15 +42,15 @@ use std::process::Command;
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
-use deploy_agent::buildgen::{self, Artifact, BuildProfile};
 use deploy_agent::manifest::{Format, Manifest, UrlPolicy};
-use deploy_agent::testserver::artifact::{ArtifactServer, Fault, FaultRule};
-use deploy_agent::testserver::consul::{ConsulServer, ConsulServerConfig};
 use deploy_agent_tests::containers::{
     image, package, required, stop_all, unsupported, wait_for, Container, Net, PersistentRoot,
     RootFs,
 };
 use serde_json::Value;
+use testkit::buildgen::{self, Artifact, BuildProfile};
+use testkit::testserver::artifact::{ArtifactServer, Fault, FaultRule};
+use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
 
 const APP: &str = "web";
 /// Containers 0..ROLLOUT serve the production tier (the staged rollout).

@@ -11,16 +11,16 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use deploy_agent::buildgen::{self, BuildProfile};
 use deploy_agent::manifest::Format;
-use deploy_agent::testserver::artifact::ArtifactServer;
-use deploy_agent::testserver::consul::{
-    AclConfig, AclToken, ConsulServer, ConsulServerConfig, KeyPolicy,
-};
 use deploy_agent_tests::agent::Harness;
 use deploy_agent_tests::process::{status_json as status, Proc};
 use deploy_agent_tests::{agent_bin, fast_tempdir};
 use nix::sys::signal::Signal;
+use testkit::buildgen::{self, BuildProfile};
+use testkit::testserver::artifact::ArtifactServer;
+use testkit::testserver::consul::{
+    AclConfig, AclToken, ConsulServer, ConsulServerConfig, KeyPolicy,
+};
 
 const T: Duration = Duration::from_secs(60);
 

@@ -1,12 +1,12 @@
-//! `deploy-agent demo` (the README's first command) runs end to end: two
+//! The demo (the README's first command, `cargo run --release -p testkit --bin demo`) runs end to end: two
 //! deploys and a rollback from the cold slot, with the real agent.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use deploy_agent::buildgen::BuildProfile;
-use deploy_agent::demo::{run, DemoOptions};
 use deploy_agent::deploy::Outcome;
 use deploy_agent::manifest::Format;
+use testkit::buildgen::BuildProfile;
+use testkit::demo::{run, DemoOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_deploys_twice_and_rolls_back() {

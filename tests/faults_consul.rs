@@ -11,11 +11,11 @@
 use std::time::Duration;
 use tokio::time::Instant;
 
-use deploy_agent::testserver::consul::Fault;
 use deploy_agent::watch::consul::{Backoff, ConsulSettings, RateLimit};
 use deploy_agent_tests::agent::{
     capture_logs, captured_logs, fast_consul, Harness, ServeWatch, KEY,
 };
+use testkit::testserver::consul::Fault;
 
 const T: Duration = Duration::from_secs(60);
 const BURST: u32 = 2;

@@ -11,9 +11,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use deploy_agent::deploy::Phase;
-use deploy_agent::testserver::artifact::{Fault, FaultRule};
 use deploy_agent_tests::agent::{capture_logs, Harness, ServeWatch};
 use deploy_agent_tests::disk::{fill, is_root, Tmpfs};
+use testkit::testserver::artifact::{Fault, FaultRule};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -146,7 +146,7 @@ async fn disk_full_while_unpacking() {
 
 /// A tar.gz of `n` files of `mib` MiB of zeros: tiny compressed, so it
 /// passes the free-space estimate, and far larger unpacked.
-fn zero_bomb(path: &Path, n: usize, mib: usize) -> deploy_agent::buildgen::Artifact {
+fn zero_bomb(path: &Path, n: usize, mib: usize) -> testkit::buildgen::Artifact {
     use sha2::Digest;
     let f = std::fs::File::create(path).unwrap();
     let gz = flate2::write::GzEncoder::new(f, flate2::Compression::best());
@@ -162,7 +162,7 @@ fn zero_bomb(path: &Path, n: usize, mib: usize) -> deploy_agent::buildgen::Artif
     }
     tar.into_inner().unwrap().finish().unwrap();
     let bytes = std::fs::read(path).unwrap();
-    deploy_agent::buildgen::Artifact {
+    testkit::buildgen::Artifact {
         sha256: hex::encode(sha2::Sha256::digest(&bytes)),
         size: bytes.len() as u64,
         entries: n as u64,
@@ -197,7 +197,7 @@ async fn a_build_that_filled_the_disk_does_not_wedge_the_next_one() {
     let art = zero_bomb(&path, 20, 4);
     h.artifacts
         .add("/b/bomb.tar.gz", std::fs::read(&path).unwrap());
-    let bomb = deploy_agent::buildgen::manifest_json(
+    let bomb = testkit::buildgen::manifest_json(
         "bomb",
         &h.artifacts.url("/b/bomb.tar.gz"),
         &art,

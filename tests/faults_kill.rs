@@ -14,12 +14,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use deploy_agent::buildgen::{self, Artifact, BuildProfile};
 use deploy_agent::manifest::Format;
-use deploy_agent::testserver::artifact::{ArtifactServer, Fault, FaultRule};
-use deploy_agent::testserver::consul::{ConsulServer, ConsulServerConfig};
-use deploy_agent_tests::agent::agent_binary;
+use deploy_agent_tests::agent_bin;
 use rand::{Rng, SeedableRng};
+use testkit::buildgen::{self, Artifact, BuildProfile};
+use testkit::testserver::artifact::{ArtifactServer, Fault, FaultRule};
+use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
 
 const KEY: &str = "deploy/app/kill";
 const DEPLOYS: usize = 100;
@@ -170,7 +170,7 @@ async fn wait_served(root: &Path, build: &str, limit: Duration, log: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_points_across_100_deploys() {
-    let bin = tokio::task::spawn_blocking(agent_binary).await.unwrap();
+    let bin = tokio::task::spawn_blocking(agent_bin).await.unwrap();
     let consul = ConsulServer::start(ConsulServerConfig::default())
         .await
         .unwrap();

@@ -6,14 +6,15 @@
 
 use std::time::Duration;
 
-use deploy_agent_tests::agent::{agent_binary, capture_logs, Harness, ServeWatch, KEY};
+use deploy_agent_tests::agent::{capture_logs, Harness, ServeWatch, KEY};
+use deploy_agent_tests::agent_bin;
 
 const T: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_agent_on_the_same_root_refuses() {
     capture_logs();
-    let bin = tokio::task::spawn_blocking(agent_binary).await.unwrap();
+    let bin = tokio::task::spawn_blocking(agent_bin).await.unwrap();
     let mut h = Harness::new(|_| {}).await;
     h.start_agent().await;
     let (m, _) = h.build("one");

@@ -151,15 +151,15 @@ async fn file_urls_allowed_only_by_config() {
     let mut h = Harness::new(|c| c.download.allow_file_urls = true).await;
     h.start_agent().await;
     let path = h.tmp.path().join("local.tar.gz");
-    let a = deploy_agent::buildgen::write_build(
-        deploy_agent::buildgen::BuildProfile::TINY,
+    let a = testkit::buildgen::write_build(
+        testkit::buildgen::BuildProfile::TINY,
         3,
         "local",
         deploy_agent::manifest::Format::TarGz,
         &path,
     )
     .unwrap();
-    let m = deploy_agent::buildgen::manifest_json(
+    let m = testkit::buildgen::manifest_json(
         "local",
         &format!("file://{}", path.display()),
         &a,

@@ -12,8 +12,8 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use deploy_agent::testserver::artifact::{Fault, FaultRule};
 use deploy_agent_tests::agent::{capture_logs, Harness, ServeWatch};
+use testkit::testserver::artifact::{Fault, FaultRule};
 
 const T: Duration = Duration::from_secs(60);
 

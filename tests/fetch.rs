@@ -14,10 +14,10 @@ use deploy_agent::fetch::{
 };
 use deploy_agent::pipeline::{fetch_and_unpack, UnpackOutcome};
 use deploy_agent::progress::Progress;
-use deploy_agent::testserver::artifact::{ArtifactServer, Fault, FaultRule};
 use deploy_agent::Error;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
+use testkit::testserver::artifact::{ArtifactServer, Fault, FaultRule};
 
 /// A generated build: a tar.gz of `files` files with random (incompressible)
 /// contents, about `bytes` in total.

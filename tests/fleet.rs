@@ -20,10 +20,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use deploy_agent::buildgen::BuildProfile;
 use deploy_agent::deploy::Phase;
 use deploy_agent::manifest::{Manifest, UrlPolicy};
 use deploy_agent_tests::fleet::{unsupported, Fleet, FleetOptions, APP, TIER};
+use testkit::buildgen::BuildProfile;
 
 const HOSTS: usize = 20;
 const DISK_FULL_HOST: usize = 7;

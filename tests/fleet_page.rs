@@ -27,10 +27,10 @@ use deploy_agent::fleet::release::Release;
 use deploy_agent::fleet::web::feed::FeedSettings;
 use deploy_agent::fleet::web::{FleetPage, ServeOptions};
 use deploy_agent::manifest::{BuildSpec, Format, Manifest, UrlPolicy};
-use deploy_agent::testserver::consul::{ConsulServer, ConsulServerConfig};
 use deploy_agent::watch::consul::{ConsulClient, ConsulSettings};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
+use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
 use tokio_util::sync::CancellationToken;
 
 const APP: &str = "web";
@@ -835,8 +835,8 @@ impl std::io::Write for SharedOut {
 /// run with it shows the demo's host and its 2% rollout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_serve_works_against_the_kept_demo() {
-    use deploy_agent::buildgen::BuildProfile;
-    use deploy_agent::demo::{run_and_keep, DemoOptions};
+    use testkit::buildgen::BuildProfile;
+    use testkit::demo::{run_and_keep, DemoOptions};
 
     let tmp = deploy_agent_tests::fast_tempdir();
     let out = SharedOut::default();

@@ -12,9 +12,9 @@ use deploy_agent::error::Error;
 use deploy_agent::fleet::hostreport::HostRecord;
 use deploy_agent::fleet::release::Release;
 use deploy_agent::manifest::{BuildSpec, Format, Manifest, UrlPolicy};
-use deploy_agent::testserver::consul::{ConsulServer, ConsulServerConfig};
 use deploy_agent::watch::consul::ConsulClient;
 use deploy_agent_tests::agent::{fast_consul, Harness, KEY};
+use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
 
 const T: Duration = Duration::from_secs(30);
 

@@ -1,4 +1,4 @@
-//! The cargo-fuzz targets' bodies (`deploy_agent::fuzzing`) on stable: each
+//! The cargo-fuzz targets' bodies (`testkit::fuzzing`) on stable: each
 //! runs over its seed corpus in `fuzz/seeds/<target>`, over mutations of
 //! those seeds (byte flips, truncations, splices) and over random bytes,
 //! from a fixed RNG seed so a failure reproduces. This keeps the targets
@@ -65,12 +65,12 @@ fn run(target: &str, f: fn(&[u8]), rounds: usize) {
 
 #[test]
 fn manifest_target_over_seeds_and_mutations() {
-    run("manifest", deploy_agent::fuzzing::manifest, 3000);
+    run("manifest", testkit::fuzzing::manifest, 3000);
 }
 
 #[test]
 fn unpack_target_over_seeds_and_mutations() {
-    run("unpack", deploy_agent::fuzzing::unpack, 400);
+    run("unpack", testkit::fuzzing::unpack, 400);
 }
 
 #[test]

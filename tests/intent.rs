@@ -10,11 +10,11 @@
 
 use std::time::{Duration, Instant};
 
-use deploy_agent::testserver::artifact::ArtifactServer;
-use deploy_agent::testserver::consul::{ConsulServer, ConsulServerConfig};
 use deploy_agent_tests::fast_tempdir;
 use deploy_agent_tests::host::{publish, release, Host, T};
 use nix::sys::signal::Signal;
+use testkit::testserver::artifact::ArtifactServer;
+use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_rollback_survives_sigkill_restart_and_reload() {

@@ -22,17 +22,17 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use deploy_agent::buildgen::{self, BuildProfile};
 use deploy_agent::fleet::release::{check_spec, Release};
 use deploy_agent::manifest::{BuildSpec, Format, Manifest, UrlPolicy};
-use deploy_agent::testserver::artifact::ArtifactServer;
-use deploy_agent::testserver::consul::{ConsulServer, ConsulServerConfig, Fault};
 use deploy_agent::watch::consul::{ConsulClient, ConsulSettings};
 use deploy_agent_tests::fast_tempdir;
 use deploy_agent_tests::host::{Host, APP, TIER};
 use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use testkit::buildgen::{self, BuildProfile};
+use testkit::testserver::artifact::ArtifactServer;
+use testkit::testserver::consul::{ConsulServer, ConsulServerConfig, Fault};
 
 /// How long a host that is neither held nor frozen may take to converge
 /// after the last disturbance: the watch's first-request splay after a

@@ -716,7 +716,7 @@ fn one_exit_code_table_for_every_command() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_freeze_twice_exits_with_the_frozen_code() {
-    let consul = deploy_agent::testserver::consul::ConsulServer::start(Default::default())
+    let consul = testkit::testserver::consul::ConsulServer::start(Default::default())
         .await
         .unwrap();
     let url = consul.url();

@@ -22,16 +22,16 @@ use std::path::{Path, PathBuf};
 
 use std::time::{Duration, Instant};
 
-use deploy_agent::buildgen::{self, Artifact, BuildProfile};
 use deploy_agent::manifest::Format;
-use deploy_agent::testserver::artifact::{ArtifactServer, Fault, FaultRule};
-use deploy_agent::testserver::consul::{ConsulServer, ConsulServerConfig, Fault as ConsulFault};
 use deploy_agent_tests::disk::{fill, is_root, Tmpfs};
 use deploy_agent_tests::fast_tempdir;
 use deploy_agent_tests::process::{status_json as status, Proc};
 use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use testkit::buildgen::{self, Artifact, BuildProfile};
+use testkit::testserver::artifact::{ArtifactServer, Fault, FaultRule};
+use testkit::testserver::consul::{ConsulServer, ConsulServerConfig, Fault as ConsulFault};
 
 const KEY: &str = "deploy/app/production";
 /// From "fault cleared" to "desired build live": the deploy retry backoff

@@ -15,25 +15,20 @@
 //!
 //! `deploy` holds the state machine that drives one deploy through these
 //! stages; `daemon` is the long-running loop that feeds it manifests.
-//! `testserver` holds the Consul-compatible and artifact HTTP servers the
-//! tests and `deploy-agent demo` run in-process.
 //!
 //! Crash guarantees come from `swapper`: the cold slot's ready-marker is
 //! removed before the slot is touched and written only after its contents
 //! are durable and verified, so a build that was interrupted anywhere is
 //! never served.
 
-pub mod buildgen;
 pub mod config;
 pub mod control;
 pub mod daemon;
-pub mod demo;
 pub mod deploy;
 pub mod drain;
 pub mod error;
 pub mod fetch;
 pub mod fleet;
-pub mod fuzzing;
 pub mod guard;
 pub mod health;
 pub mod logging;
@@ -45,7 +40,6 @@ pub mod redact;
 pub mod report;
 pub mod sign;
 pub mod status;
-pub mod testserver;
 pub mod unpack;
 pub mod verify;
 pub mod watch;

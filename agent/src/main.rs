@@ -6,10 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use deploy_agent::buildgen::BuildProfile;
 use deploy_agent::config::{Config, DEFAULT_PATH};
 use deploy_agent::logging::LogFormat;
-use deploy_agent::manifest::Format;
 use deploy_agent::status::OperatorCommand;
 use tokio_util::sync::CancellationToken;
 
@@ -52,22 +50,6 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_PATH)]
         config: PathBuf,
     },
-    /// The whole job end to end on this machine with in-process servers.
-    Demo {
-        /// Keep the deploy root and artifacts here instead of a temp dir.
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Build size: tiny, demo, small (~4,000 files) or full (~40,000 files).
-        #[arg(long, default_value = "demo")]
-        size: String,
-        /// Archive format: tar, tar.gz or tar.zst.
-        #[arg(long, default_value = "tar.gz")]
-        format: String,
-        /// Keep the servers and the agent running afterwards (until Ctrl-C)
-        /// and print the `fleet serve` command that shows them in a browser.
-        #[arg(long)]
-        keep: bool,
-    },
     /// Create a manifest signing key pair (release engineers): the private
     /// key goes to --out (mode 0600), the public key to <out>.pub.
     Keygen {
@@ -92,7 +74,7 @@ enum Cmd {
     Generate { what: generate::What, dir: PathBuf },
 }
 
-/// Exit codes of `run`, `check-config` and `demo`, from the binary's one
+/// Exit codes of `run` and `check-config`, from the binary's one
 /// table (README, Exit codes): 1 runtime failure, 2 bad config or usage.
 mod exit {
     pub const RUNTIME: u8 = deploy_agent::status::exit::FAILURE;
@@ -252,53 +234,6 @@ fn main() -> ExitCode {
                     s.cancel();
                 });
                 deploy_agent::daemon::run_with_reload(config, shutdown).await
-            })
-        }
-        Cmd::Demo {
-            dir,
-            size,
-            format,
-            keep,
-        } => {
-            if std::env::var_os("DEPLOY_AGENT_LOG").is_some() {
-                let _ = deploy_agent::logging::init(cli.log_format);
-            }
-            let profile = match size.as_str() {
-                "tiny" => BuildProfile::TINY,
-                "demo" => BuildProfile::DEMO,
-                "small" => BuildProfile::SMALL,
-                "full" => BuildProfile::FULL,
-                other => {
-                    eprintln!("error: --size {other:?}: use tiny, demo, small or full");
-                    return ExitCode::from(exit::CONFIG);
-                }
-            };
-            let format = match format.as_str() {
-                "tar" => Format::Tar,
-                "tar.gz" => Format::TarGz,
-                "tar.zst" => Format::TarZst,
-                other => {
-                    eprintln!("error: --format {other:?}: use tar, tar.gz or tar.zst");
-                    return ExitCode::from(exit::CONFIG);
-                }
-            };
-            runtime_block(async move {
-                let mut out = std::io::stdout();
-                let opts = deploy_agent::demo::DemoOptions {
-                    dir,
-                    profile,
-                    format,
-                };
-                if keep {
-                    let until = async {
-                        let _ = tokio::signal::ctrl_c().await;
-                    };
-                    deploy_agent::demo::run_and_keep(opts, &mut out, until)
-                        .await
-                        .map(|_| ())
-                } else {
-                    deploy_agent::demo::run(opts, &mut out).await.map(|_| ())
-                }
             })
         }
     }

@@ -1,3 +1,3 @@
-//! Manifest parser and signature check; see `deploy_agent::fuzzing::manifest`.
+//! Manifest parser and signature check; see `testkit::fuzzing::manifest`.
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| deploy_agent::fuzzing::manifest(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| testkit::fuzzing::manifest(data));

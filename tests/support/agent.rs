@@ -4,14 +4,14 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use deploy_agent::buildgen::{self, Artifact, BuildProfile};
 use deploy_agent::config::Config;
 use deploy_agent::daemon::{Agent, RunOptions, StatusInner};
 use deploy_agent::deploy::{DeployRecord, Outcome};
 use deploy_agent::manifest::Format;
-use deploy_agent::testserver::artifact::ArtifactServer;
-use deploy_agent::testserver::consul::{ConsulServer, ConsulServerConfig};
 use deploy_agent::watch::consul::{Backoff, ConsulSettings, RateLimit};
+use testkit::buildgen::{self, Artifact, BuildProfile};
+use testkit::testserver::artifact::ArtifactServer;
+use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
 use tokio_util::sync::CancellationToken;
 
 pub const KEY: &str = "deploy/app/production";
@@ -501,19 +501,4 @@ impl Harness {
             .snapshot()
             .last_error
     }
-}
-
-/// Builds the real `deploy-agent` binary (debug) and returns its path.
-pub fn agent_binary() -> PathBuf {
-    let manifest_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "deploy-agent", "--bin", "deploy-agent"])
-        .current_dir(manifest_dir)
-        .status()
-        .unwrap();
-    assert!(status.success(), "cargo build of deploy-agent failed");
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest_dir.join("target"))
-        .join("debug/deploy-agent")
 }

@@ -10,15 +10,15 @@
 //! tears all of it down on drop, panics included.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use deploy_agent::buildgen::{self, Artifact, BuildProfile};
 use deploy_agent::fleet::hostreport::HostRecord;
 use deploy_agent::manifest::Format;
-use deploy_agent::testserver::artifact::ArtifactServer;
-use deploy_agent::testserver::consul::{ConsulServer, ConsulServerConfig};
+use testkit::buildgen::{self, Artifact, BuildProfile};
+use testkit::testserver::artifact::ArtifactServer;
+use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
 
 pub const APP: &str = "web";
 pub const TIER: &str = "production";
@@ -52,38 +52,6 @@ fn run(args: &[&str]) -> Result<(), String> {
 
 fn must(args: &[&str]) {
     run(args).unwrap_or_else(|e| panic!("{e}"));
-}
-
-/// Builds the `deploy-agent` binary of this profile (the root test package
-/// depends on the library only) and returns its path.
-pub fn agent_binary() -> PathBuf {
-    // target/<profile>/deps/<test> -> target/<profile>
-    let exe = crate::self_exe();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    let release = profile_dir.file_name().is_some_and(|n| n == "release");
-    let mut cmd = Command::new(env!("CARGO"));
-    // Select this package too, so features unify as in the test build and
-    // the two builds do not keep recompiling each other's dependencies.
-    cmd.args([
-        "build",
-        "-q",
-        "-p",
-        "deploy-agent-tests",
-        "-p",
-        "deploy-agent",
-    ]);
-    cmd.args(["--bin", "deploy-agent"]);
-    if release {
-        cmd.arg("--release");
-    }
-    if let Some(target) = profile_dir.parent() {
-        cmd.env("CARGO_TARGET_DIR", target);
-    }
-    let st = cmd.status().expect("run cargo build");
-    assert!(st.success(), "cargo build -p deploy-agent failed");
-    let bin = profile_dir.join("deploy-agent");
-    assert!(bin.exists(), "{} missing after the build", bin.display());
-    bin
 }
 
 /// The network: a bridge and one namespace + veth per host.
@@ -231,7 +199,7 @@ impl Drop for Fleet {
 impl Fleet {
     /// Creates the network, the servers and starts every agent.
     pub async fn start(opts: FleetOptions) -> Fleet {
-        let bin = tokio::task::spawn_blocking(agent_binary).await.unwrap();
+        let bin = tokio::task::spawn_blocking(crate::agent_bin).await.unwrap();
         let net = Net::create(opts.hosts);
         let gw = net.gateway();
         let consul = ConsulServer::start(ConsulServerConfig {

@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use deploy_agent::buildgen::{self, BuildProfile};
 use deploy_agent::manifest::Format;
-use deploy_agent::testserver::artifact::ArtifactServer;
-use deploy_agent::testserver::consul::ConsulServer;
+use testkit::buildgen::{self, BuildProfile};
+use testkit::testserver::artifact::ArtifactServer;
+use testkit::testserver::consul::ConsulServer;
 
 use crate::agent_bin;
 use crate::process::Proc;

@@ -65,26 +65,27 @@ pub mod disk;
 pub mod host;
 pub mod process;
 
-/// The `deploy-agent` binary, built once per test process (the root test
-/// package depends on the library, which does not build the binary).
+/// The `deploy-agent` binary under test.
+///
+/// The tests and benchmarks are targets of the agent package, so Cargo
+/// builds its binary before them and puts it in the profile directory, one
+/// level above the test executable (target/<profile>/deps/<test>).
+/// `tests/registered.rs` checks this path against the one Cargo gives the
+/// test itself (`CARGO_BIN_EXE_deploy-agent`), so a change in Cargo's layout
+/// fails there instead of running a stale binary.
 pub fn agent_bin() -> PathBuf {
-    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "-q", "-p", "deploy-agent", "--bin", "deploy-agent"])
-            .status()
-            .unwrap_or_else(|e| panic!("cannot run cargo build: {e}"));
-        assert!(status.success(), "building deploy-agent failed");
-        // target/debug/deps/<test> -> target/debug/deploy-agent
-        let exe = self_exe();
-        let dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .unwrap_or_else(|| panic!("unexpected test binary path {}", exe.display()));
-        dir.join("deploy-agent")
-    })
-    .clone()
+    let exe = self_exe();
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or_else(|| panic!("unexpected test binary path {}", exe.display()))
+        .join("deploy-agent");
+    assert!(
+        bin.exists(),
+        "{} missing: run the tests through cargo",
+        bin.display()
+    );
+    bin
 }
 pub mod containers;
 pub mod fleet;

@@ -9,9 +9,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::manifest::{Manifest, UrlPolicy, MAX_URLS};
-use crate::progress::Progress;
-use crate::unpack::{ArchiveFormat, UnpackLimits};
+use deploy_agent::manifest::{Manifest, UrlPolicy, MAX_URLS};
+use deploy_agent::progress::Progress;
+use deploy_agent::unpack::{ArchiveFormat, UnpackLimits};
 
 /// Manifest parser and signature check: never panic; whatever parses obeys
 /// the manifest's validated invariants; nothing random passes a signature
@@ -44,9 +44,9 @@ pub fn manifest(data: &[u8]) {
         &base64::engine::general_purpose::STANDARD,
         key.verifying_key().as_bytes(),
     );
-    if let Ok(trust) = crate::sign::TrustedKeys::parse(&[public]) {
+    if let Ok(trust) = deploy_agent::sign::TrustedKeys::parse(&[public]) {
         assert!(
-            crate::sign::verify(data, &trust).is_err(),
+            deploy_agent::sign::verify(data, &trust).is_err(),
             "an unsigned input passed the signature check"
         );
     }
@@ -73,7 +73,7 @@ pub fn unpack(data: &[u8]) {
         max_bytes: 16 << 20,
         max_entries: 10_000,
     };
-    let _ = crate::unpack::unpack(archive, format, &slot, &limits, &Progress::default());
+    let _ = deploy_agent::unpack::unpack(archive, format, &slot, &limits, &Progress::default());
     let mut siblings: Vec<PathBuf> = std::fs::read_dir(tmp.path())
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();

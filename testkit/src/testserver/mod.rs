@@ -1,4 +1,4 @@
-//! Test servers that the tests and `deploy-agent demo` run in-process.
+//! Test servers that the tests and the demo (`cargo run -p testkit --bin demo`) run in-process.
 //! They keep everything in memory: when the process dies, they are gone,
 //! and nothing of the agent's depends on them.
 

@@ -12,8 +12,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, Result};
-use crate::manifest::Format;
+use deploy_agent::error::{Error, Result};
+use deploy_agent::manifest::Format;
 
 /// The shape of a synthetic build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

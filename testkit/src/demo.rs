@@ -1,4 +1,4 @@
-//! `deploy-agent demo`: the whole job end to end on this machine, no setup.
+//! The demo (`cargo run --release -p testkit --bin demo`): the whole job end to end on this machine, no setup.
 //!
 //! Starts the Consul-compatible and artifact servers on loopback in-process,
 //! makes a deploy root in a temp dir (or `--dir`), generates two builds,
@@ -14,14 +14,14 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::buildgen::{self, Artifact, BuildProfile};
-use crate::config::Config;
-use crate::daemon::{Agent, RunOptions};
-use crate::deploy::{DeployRecord, Outcome};
-use crate::error::{Error, Result};
-use crate::manifest::Format;
 use crate::testserver::artifact::ArtifactServer;
 use crate::testserver::consul::{ConsulServer, ConsulServerConfig};
-use crate::watch::consul::ConsulSettings;
+use deploy_agent::config::Config;
+use deploy_agent::daemon::{Agent, RunOptions};
+use deploy_agent::deploy::{DeployRecord, Outcome};
+use deploy_agent::error::{Error, Result};
+use deploy_agent::manifest::Format;
+use deploy_agent::watch::consul::ConsulSettings;
 
 const KEY: &str = "deploy/demo/production";
 /// With `--keep` the agent is a fleet member of this app and tier (whose
@@ -143,7 +143,7 @@ async fn run_inner(
         first_request_splay: Duration::ZERO,
         // The demo publishes every few seconds; production keeps the
         // docs/consul-watch-rules.md default of one request per 15 s after a burst of 2.
-        rate: crate::watch::consul::RateLimit {
+        rate: deploy_agent::watch::consul::RateLimit {
             burst: 2,
             refill_interval: Duration::from_millis(100),
         },
@@ -211,7 +211,7 @@ async fn run_inner(
                 }
             ),
         );
-        let phases: Vec<String> = crate::deploy::Phase::PIPELINE
+        let phases: Vec<String> = deploy_agent::deploy::Phase::PIPELINE
             .iter()
             .filter_map(|p| {
                 rec.phase_ms
@@ -237,7 +237,7 @@ async fn run_inner(
     if keep.is_none() {
         p(
             out,
-            "(deploy-agent demo --keep keeps the servers up and prints the `deploy-agent fleet serve` command for a live page)".into(),
+            "(the demo with --keep keeps the servers up and prints the `deploy-agent fleet serve` command for a live page)".into(),
         );
     }
     if let Some(until) = keep {
@@ -257,18 +257,18 @@ async fn keep_up(
     manifest: &str,
     out: &mut (dyn Write + Send),
 ) -> Result<()> {
-    let m = crate::manifest::Manifest::parse(
+    let m = deploy_agent::manifest::Manifest::parse(
         manifest.as_bytes(),
-        crate::manifest::UrlPolicy { allow_file: true },
+        deploy_agent::manifest::UrlPolicy { allow_file: true },
     )
     .map_err(|e| Error::Internal(format!("demo: build 2's manifest: {e}")))?;
-    let release = crate::fleet::release::Release {
-        client: crate::watch::consul::ConsulClient::new(&ConsulSettings {
+    let release = deploy_agent::fleet::release::Release {
+        client: deploy_agent::watch::consul::ConsulClient::new(&ConsulSettings {
             address: consul.url(),
             ..ConsulSettings::default()
         })?,
-        key: crate::fleet::tier_key(APP, TIER),
-        freeze_key: crate::fleet::freeze_key(APP),
+        key: deploy_agent::fleet::tier_key(APP, TIER),
+        freeze_key: deploy_agent::fleet::freeze_key(APP),
     };
     release.publish(&m.spec, Some(2.0)).await?;
     let _ = writeln!(
@@ -279,7 +279,7 @@ async fn keep_up(
          \x20   then open http://{}/",
         m.spec.build,
         consul.url(),
-        crate::fleet::web::DEFAULT_LISTEN
+        deploy_agent::fleet::web::DEFAULT_LISTEN
     );
     Ok(())
 }
