@@ -4,7 +4,7 @@
 //!
 //! Run it with `cargo bench --bench compare -- [--small] [--dir D]
 //! [--runs N] [--json out.json] [--publishes N] [--idle-secs S]`
-//! (the README's Performance section explains every row).
+//! (docs/performance.md explains every row).
 //!
 //! Everything it creates lives under one work directory: a loop-mounted
 //! journaled ext4 image when run as root without `--dir`, unmounted and
@@ -61,7 +61,7 @@ fn parse_args() -> Args {
             "--idle-secs" => a.idle_secs = it.next().expect("S").parse().expect("S"),
             // cargo bench passes --bench to every harness = false target.
             "--bench" => {}
-            other => panic!("unknown argument {other:?}; see the README's Performance section"),
+            other => panic!("unknown argument {other:?}; see docs/performance.md"),
         }
     }
     assert!(a.runs >= 1 && a.publishes >= 2);

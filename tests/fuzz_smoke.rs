@@ -3,7 +3,7 @@
 //! those seeds (byte flips, truncations, splices) and over random bytes,
 //! from a fixed RNG seed so a failure reproduces. This keeps the targets
 //! compiling and catches the shallow bugs without nightly; the real fuzzing
-//! is `cargo +nightly fuzz run <target>` (README, Reliability and security).
+//! is `cargo +nightly fuzz run <target>` (docs/reliability.md, Fuzzing).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 

@@ -163,7 +163,7 @@ async fn freeze_then_release_rollback_flips_nobody_until_unfreeze() {
         "{reads} freeze-key requests: the wake-ups are not paced"
     );
 
-    // The README's incident steps, a moment apart.
+    // docs/fleet.md's incident steps, a moment apart.
     let frozen_at = Instant::now();
     release(&consul.url(), &["freeze", "--reason", "incident"]);
     std::thread::sleep(Duration::from_millis(300));
@@ -200,7 +200,7 @@ async fn freeze_then_release_rollback_flips_nobody_until_unfreeze() {
         h.wait_served("b1");
     }
 
-    // The figure for the README: from `release freeze` returning to every
+    // The figure for docs/fleet.md: from `release freeze` returning to every
     // host showing it, with the shipped rates, while the hosts write their
     // reports (each writes one for the freeze itself).
     std::thread::sleep(Duration::from_secs(2));

@@ -1,4 +1,5 @@
-//! The README's examples stay true: its example config parses.
+//! The README's examples stay true: its example config (the first toml
+//! code block) parses. Every key the other docs name: tests/operator_surfaces.rs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 

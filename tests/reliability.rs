@@ -250,7 +250,7 @@ async fn unhealthy_build_is_rolled_back_quarantined_and_a_new_build_deploys() {
     assert!(!log_lines_with(&["health check failed", "h-b"]).is_empty());
     let rolled = log_lines_with(&["unhealthy build rolled back", "h-a"]);
     assert!(!rolled.is_empty());
-    // The figure for the README's health-gate section (printed, not asserted).
+    // The figure for docs/reliability.md's health-gate section (printed, not asserted).
     eprintln!("rollback log line: {}", rolled[0]);
 
     // The same build published again (new deploy id, same artifact): no deploy.
