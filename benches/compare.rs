@@ -657,29 +657,16 @@ fn ensure_tools(is_root: bool) {
     assert!(which("curl"), "curl is needed");
 }
 
-/// Builds the release agent binary with the cargo running this bench.
+/// The release agent binary: the bench is a target of the agent package, so
+/// Cargo built it for this run.
 fn build_agent() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "deploy-agent",
-            "--bin",
-            "deploy-agent",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap();
-    assert!(st.success(), "cargo build of deploy-agent failed");
-    target_dir().join("release/deploy-agent")
+    PathBuf::from(env!("CARGO_BIN_EXE_deploy-agent"))
 }
 
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .unwrap_or_else(|| deploy_agent_tests::repo_root().join("target"))
 }
 
 fn artifacts_dir(profile: &str) -> PathBuf {

@@ -37,7 +37,7 @@ struct Exchange {
 }
 
 fn reference_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/consul-reference")
+    deploy_agent_tests::repo_root().join("tests/data/consul-reference")
 }
 
 fn parse_exchange(path: &Path) -> Exchange {

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 
 fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    deploy_agent_tests::repo_root()
 }
 
 #[test]

@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 fn seeds(target: &str) -> Vec<Vec<u8>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+    let dir = deploy_agent_tests::repo_root()
         .join("fuzz/seeds")
         .join(target);
     let mut out: Vec<Vec<u8>> = std::fs::read_dir(&dir)
@@ -77,7 +77,7 @@ fn unpack_target_over_seeds_and_mutations() {
 fn unpack_seeds_mean_what_their_names_say() {
     use deploy_agent::progress::Progress;
     use deploy_agent::unpack::{unpack, ArchiveFormat, UnpackLimits};
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/unpack");
+    let dir = deploy_agent_tests::repo_root().join("fuzz/seeds/unpack");
     for (name, format, ok) in [
         ("tar-good", ArchiveFormat::Tar, true),
         ("gz-good", ArchiveFormat::TarGz, true),

@@ -53,7 +53,7 @@ fn check_config(dir: &Path, body: &str, env: &[(&str, &str)]) -> Output {
 
 /// README.md and every `docs/*.md`, as (path from the repository root, text).
 fn docs() -> Vec<(String, String)> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = deploy_agent_tests::repo_root();
     let mut paths: Vec<PathBuf> = std::fs::read_dir(root.join("docs"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -72,7 +72,7 @@ fn docs() -> Vec<(String, String)> {
 
 /// The text of one of `docs()`.
 fn doc(name: &str) -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(name)).unwrap()
+    std::fs::read_to_string(deploy_agent_tests::repo_root().join(name)).unwrap()
 }
 
 /// `(table, key, value)` for every key the docs name: every line of the

@@ -8,7 +8,7 @@ use std::path::Path;
 #[test]
 fn readme_example_config_parses() {
     let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+        std::fs::read_to_string(deploy_agent_tests::repo_root().join("README.md")).unwrap();
     let start = readme.find("```toml\n").expect("README has a toml example") + 8;
     let len = readme[start..].find("```").unwrap();
     let cfg =

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn unit_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/deploy-agent.service")
+    deploy_agent_tests::repo_root().join("systemd/deploy-agent.service")
 }
 
 /// `section -> key -> values` (a key may repeat); comments and blank lines

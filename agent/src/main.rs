@@ -75,7 +75,7 @@ enum Cmd {
 }
 
 /// Exit codes of `run` and `check-config`, from the binary's one
-/// table (README, Exit codes): 1 runtime failure, 2 bad config or usage.
+/// table (docs/operating.md, Exit codes): 1 runtime failure, 2 bad config or usage.
 mod exit {
     pub const RUNTIME: u8 = deploy_agent::status::exit::FAILURE;
     pub const CONFIG: u8 = deploy_agent::status::exit::USAGE;

@@ -65,6 +65,12 @@ pub mod disk;
 pub mod host;
 pub mod process;
 
+/// The repository's root directory (tests and benches are targets of the
+/// agent package, so their own `CARGO_MANIFEST_DIR` is `agent/`).
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
 /// The `deploy-agent` binary under test.
 ///
 /// The tests and benchmarks are targets of the agent package, so Cargo

@@ -215,7 +215,7 @@ impl Target {
     }
 }
 
-/// The exit code for an error (README, Exit codes).
+/// The exit code for an error (docs/operating.md, Exit codes).
 pub fn code(e: &Error) -> u8 {
     match e {
         Error::NotConsul { .. } => exit::NOT_CONSUL,

@@ -25,7 +25,7 @@ pub mod server;
 /// The one exit-code table of the `deploy-agent` binary: host commands
 /// (`status`, `hold`, ...), `run`/`check-config`, and the commander's
 /// `release`/`fleet` commands all use it, so a code means the same thing
-/// whichever command returned it (README, Exit codes).
+/// whichever command returned it (docs/operating.md, Exit codes).
 pub mod exit {
     /// Success.
     pub const OK: u8 = 0;
