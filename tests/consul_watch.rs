@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deploy_agent::watch::consul::{
+use deploy_agent::source::consul::{
     next_index, watch_key, Backoff, ConsulClient, ConsulSettings, QueryOptions, RateLimit,
     WatchEvent, WatchStats,
 };
@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 // The agent re-exports the token type it takes, so tests need no
 // tokio-util dependency of their own.
-use deploy_agent::watch::consul::CancellationToken;
+use deploy_agent::source::consul::CancellationToken;
 
 const KEY: &str = "deploy/web/prod";
 const REFILL: Duration = Duration::from_millis(100);
@@ -210,7 +210,7 @@ async fn wakeups_by_other_writes_do_not_starve_the_watch_with_shipped_rates() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let asked = server.requests_for(KEY).len() - before;
-    let bound = 2000 / deploy_agent::watch::consul::WAKE_GAP.as_millis() as usize + 2;
+    let bound = 2000 / deploy_agent::source::consul::WAKE_GAP.as_millis() as usize + 2;
     assert!(
         asked <= bound,
         "{asked} requests in 2 s of wake-ups (bound {bound})"
@@ -310,7 +310,7 @@ async fn survives(
     fault: Fault,
     period: Duration,
     min_requests: usize,
-) -> deploy_agent::watch::consul::WatchStatsSnapshot {
+) -> deploy_agent::source::consul::WatchStatsSnapshot {
     let server = ConsulServer::start(ConsulServerConfig::default())
         .await
         .unwrap();
@@ -581,7 +581,7 @@ async fn client_reads_writes_and_lists() {
 
 mod file {
     use super::*;
-    use deploy_agent::watch::file::watch_file;
+    use deploy_agent::source::file::watch_file;
 
     async fn next(rx: &mut mpsc::Receiver<WatchEvent>) -> WatchEvent {
         tokio::time::timeout(Duration::from_secs(3), rx.recv())

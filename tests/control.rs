@@ -214,8 +214,8 @@ async fn an_already_live_build_is_not_counted_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identical_racing_promote_says_it_changed_nothing() {
-    use deploy_agent::fleet::release::Release;
-    use deploy_agent::watch::consul::{ConsulClient, ConsulSettings};
+    use deploy_agent::fleet::commander::release::Release;
+    use deploy_agent::source::consul::{ConsulClient, ConsulSettings};
     let consul = ConsulServer::start(ConsulServerConfig::default())
         .await
         .unwrap();
@@ -229,14 +229,15 @@ async fn an_identical_racing_promote_says_it_changed_nothing() {
         key: "deploy/app/production".into(),
         freeze_key: "deploy/app/freeze".into(),
     };
-    let spec = deploy_agent::fleet::release::check_spec(deploy_agent::manifest::BuildSpec {
-        build: "b1".into(),
-        urls: vec!["http://127.0.0.1:1/b1.tar.gz".into()],
-        sha256: "a".repeat(64),
-        size: 10,
-        format: Format::TarGz,
-    })
-    .unwrap();
+    let spec =
+        deploy_agent::fleet::commander::release::check_spec(deploy_agent::manifest::BuildSpec {
+            build: "b1".into(),
+            urls: vec!["http://127.0.0.1:1/b1.tar.gz".into()],
+            sha256: "a".repeat(64),
+            size: 10,
+            format: Format::TarGz,
+        })
+        .unwrap();
     let mut b0 = spec.clone();
     b0.build = "b0".into();
     r.publish(&b0, None).await.unwrap();

@@ -11,7 +11,7 @@
 use std::time::Duration;
 use tokio::time::Instant;
 
-use deploy_agent::watch::consul::{Backoff, ConsulSettings, RateLimit};
+use deploy_agent::source::consul::{Backoff, ConsulSettings, RateLimit};
 use deploy_agent_tests::agent::{
     capture_logs, captured_logs, fast_consul, Harness, ServeWatch, KEY,
 };

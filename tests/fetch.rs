@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deploy_agent::fetch::{
+use deploy_agent::artifact::fetch::{
     free_space_check, ArchiveFormat, ArtifactCache, ArtifactSpec, CancellationToken, FetchSettings,
     UnpackLimits,
 };
-use deploy_agent::pipeline::{fetch_and_unpack, UnpackOutcome};
+use deploy_agent::deploy::pipeline::{fetch_and_unpack, UnpackOutcome};
 use deploy_agent::progress::Progress;
 use deploy_agent::Error;
 use rand::{Rng, SeedableRng};
@@ -805,7 +805,7 @@ async fn end_to_end_throughput() {
 #[test]
 fn prune_never_touches_a_pinned_artifact_or_partial() {
     let dir = deploy_agent_tests::fast_tempdir();
-    let cache = deploy_agent::fetch::ArtifactCache::new(dir.path(), 1).unwrap();
+    let cache = deploy_agent::artifact::fetch::ArtifactCache::new(dir.path(), 1).unwrap();
     let sha = |c: char| c.to_string().repeat(64);
     // Three complete artifacts, oldest first; keep = 1.
     for (i, c) in ['a', 'b', 'c'].into_iter().enumerate() {

@@ -148,7 +148,7 @@ async fn freeze_then_release_rollback_flips_nobody_until_unfreeze() {
         freeze_reads(&consul) - reads0,
         report_writes(&consul) - writes0,
     );
-    let gap = deploy_agent::watch::consul::WAKE_GAP;
+    let gap = deploy_agent::source::consul::WAKE_GAP;
     let bound = 2 * (3 + (window.as_millis() / gap.as_millis()) as usize);
     println!(
         "one deploy on 2 hosts: {writes} report writes, {reads} freeze-key requests by the agents in {:.1} s (bound {bound})",

@@ -22,9 +22,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use deploy_agent::fleet::release::{check_spec, Release};
+use deploy_agent::fleet::commander::release::{check_spec, Release};
 use deploy_agent::manifest::{BuildSpec, Format, Manifest, UrlPolicy};
-use deploy_agent::watch::consul::{ConsulClient, ConsulSettings};
+use deploy_agent::source::consul::{ConsulClient, ConsulSettings};
 use deploy_agent_tests::fast_tempdir;
 use deploy_agent_tests::host::{Host, APP, TIER};
 use nix::sys::signal::Signal;
@@ -292,7 +292,7 @@ fn build_artifacts(dir: &Path, art: &ArtifactServer) -> HashMap<&'static str, Bu
         buildgen::write_build(BuildProfile::TINY, 3, b, Format::TarGz, &path).unwrap();
         let url = format!("/{b}.tar.gz");
         art.add(&url, std::fs::read(&path).unwrap());
-        let spec = deploy_agent::fleet::release::spec_from_artifact(
+        let spec = deploy_agent::fleet::commander::release::spec_from_artifact(
             b,
             &path,
             &art.url(&url),

@@ -9,7 +9,7 @@ use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::process::Command;
 use std::time::Duration;
 
-use deploy_agent::notify::{spawn_watchdog, watchdog_interval, Notifier};
+use deploy_agent::daemon::notify::{spawn_watchdog, watchdog_interval, Notifier};
 use deploy_agent::status::CancellationToken;
 use deploy_agent_tests::fast_tempdir;
 

@@ -741,8 +741,14 @@ fn one_exit_code_table_for_every_command() {
         key: "deploy/web/production".into(),
         expected: 1,
     };
-    assert_eq!(deploy_agent::fleet::cli::code(&frozen), exit::FROZEN);
-    assert_eq!(deploy_agent::fleet::cli::code(&conflict), exit::CONFLICT);
+    assert_eq!(
+        deploy_agent::fleet::commander::cli::code(&frozen),
+        exit::FROZEN
+    );
+    assert_eq!(
+        deploy_agent::fleet::commander::cli::code(&conflict),
+        exit::CONFLICT
+    );
     // The host commands' codes for the same numbers mean something else
     // no more.
     for (host_code, release_code) in [

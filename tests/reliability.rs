@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use deploy_agent::deploy::health::HealthConfig;
 use deploy_agent::deploy::{DeployRecord, Outcome, Phase};
-use deploy_agent::health::HealthConfig;
 use deploy_agent::status::{Command, CommandRequest, Peer};
 use deploy_agent_tests::agent::{Harness, KEY};
 
@@ -229,7 +229,7 @@ async fn unhealthy_build_is_rolled_back_quarantined_and_a_new_build_deploys() {
     {
         let view = {
             let a = h.agent.as_ref().unwrap();
-            deploy_agent::report::AgentView::new(
+            deploy_agent::daemon::report::AgentView::new(
                 a.shared.clone(),
                 a.deployer.clone(),
                 None,

@@ -6,7 +6,7 @@
 //! chown unpacked files, signal workers).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 fn unit_path() -> PathBuf {

@@ -21,27 +21,19 @@
 //! are durable and verified, so a build that was interrupted anywhere is
 //! never served.
 
+pub mod artifact;
 pub mod config;
-pub mod control;
 pub mod daemon;
 pub mod deploy;
-pub mod drain;
 pub mod error;
-pub mod fetch;
 pub mod fleet;
-pub mod guard;
-pub mod health;
 pub mod logging;
 pub mod manifest;
-pub mod notify;
-pub mod pipeline;
 pub mod progress;
 pub mod redact;
-pub mod report;
 pub mod sign;
+pub mod source;
 pub mod status;
 pub mod unpack;
-pub mod verify;
-pub mod watch;
 
 pub use error::{Error, Result};

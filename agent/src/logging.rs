@@ -108,7 +108,7 @@ pub fn init(format: LogFormat) -> Result<Output> {
     Ok(output)
 }
 
-/// `<6>INFO deploy_agent::fetch: span{f=1}: message key=value`: the
+/// `<6>INFO deploy_agent::artifact::fetch: span{f=1}: message key=value`: the
 /// `<N>` prefix is read by journald as the syslog priority.
 #[derive(Debug, Clone, Copy)]
 struct JournalFormat;

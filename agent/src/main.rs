@@ -66,9 +66,9 @@ enum Cmd {
     #[command(flatten)]
     Operator(OperatorCommand),
     /// The deploy commander's release commands (publish, promote, rollback, freeze).
-    Release(deploy_agent::fleet::cli::ReleaseCommand),
+    Release(deploy_agent::fleet::commander::cli::ReleaseCommand),
     /// The fleet as the hosts report it.
-    Fleet(deploy_agent::fleet::cli::FleetCommand),
+    Fleet(deploy_agent::fleet::commander::cli::FleetCommand),
     /// Packaging only: write the man pages or shell completions into DIR.
     #[command(hide = true)]
     Generate { what: generate::What, dir: PathBuf },
@@ -132,16 +132,19 @@ fn main() -> ExitCode {
                 ExitCode::from(exit::RUNTIME)
             }
         },
-        Cmd::Release(cmd) => ExitCode::from(deploy_agent::fleet::cli::run_release(cmd)),
+        Cmd::Release(cmd) => ExitCode::from(deploy_agent::fleet::commander::cli::run_release(cmd)),
         Cmd::Fleet(cmd) => {
-            if matches!(cmd.action, deploy_agent::fleet::cli::FleetAction::Serve(_)) {
+            if matches!(
+                cmd.action,
+                deploy_agent::fleet::commander::cli::FleetAction::Serve(_)
+            ) {
                 // A long-running server: log like the agent does.
                 if let Err(e) = deploy_agent::logging::init(cli.log_format) {
                     eprintln!("error: cannot set up logging: {e}");
                     return ExitCode::from(exit::RUNTIME);
                 }
             }
-            ExitCode::from(deploy_agent::fleet::cli::run_fleet(cmd))
+            ExitCode::from(deploy_agent::fleet::commander::cli::run_fleet(cmd))
         }
         // The same `Config::load` as `run`: parse, value rules, group
         // lookups, Consul settings with the CONSUL_HTTP_* overrides.
@@ -206,7 +209,7 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Run { config } => {
-            deploy_agent::pipeline::limit_malloc_arenas();
+            deploy_agent::deploy::pipeline::limit_malloc_arenas();
             if let Err(e) = deploy_agent::logging::init(cli.log_format) {
                 eprintln!("error: cannot set up logging: {e}");
                 return ExitCode::from(exit::RUNTIME);

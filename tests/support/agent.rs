@@ -8,7 +8,7 @@ use deploy_agent::config::Config;
 use deploy_agent::daemon::{Agent, RunOptions, StatusInner};
 use deploy_agent::deploy::{DeployRecord, Outcome};
 use deploy_agent::manifest::Format;
-use deploy_agent::watch::consul::{Backoff, ConsulSettings, RateLimit};
+use deploy_agent::source::consul::{Backoff, ConsulSettings, RateLimit};
 use testkit::buildgen::{self, Artifact, BuildProfile};
 use testkit::testserver::artifact::ArtifactServer;
 use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use deploy_agent::fleet::hostreport::HostRecord;
+use deploy_agent::fleet::host::hostreport::HostRecord;
 use deploy_agent::manifest::Format;
 use testkit::buildgen::{self, Artifact, BuildProfile};
 use testkit::testserver::artifact::ArtifactServer;

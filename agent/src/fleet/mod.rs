@@ -16,13 +16,8 @@
 //! Everything here is pure computation apart from reading the host id once
 //! at start; nothing is persisted, so a crash loses nothing.
 
-pub mod cli;
-pub mod hostreport;
-pub mod member;
-pub mod release;
-pub mod splay;
-pub mod view;
-pub mod web;
+pub mod commander;
+pub mod host;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};

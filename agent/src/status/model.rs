@@ -53,7 +53,7 @@ pub struct StatusReport {
     pub hold: HoldState,
     /// Fleet membership: rollout bucket and decision, freeze.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub fleet: Option<crate::fleet::member::FleetInfo>,
+    pub fleet: Option<crate::fleet::host::member::FleetInfo>,
 }
 
 impl StatusReport {
@@ -123,7 +123,7 @@ pub struct SlotInfo {
 pub use crate::deploy::{Outcome, Phase};
 
 /// The agent's own state (idle, deploying, retry-wait, held, frozen).
-pub use crate::control::AgentState;
+pub use crate::daemon::state::AgentState;
 
 /// Progress of a byte- or entry-counting phase.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]

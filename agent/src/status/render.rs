@@ -157,7 +157,12 @@ pub fn render_status(r: &StatusReport, color: bool, now_unix: u64) -> String {
         let _ = writeln!(o, "{:<9} not held", "hold");
     }
     if let Some(f) = &r.fleet {
-        let _ = writeln!(o, "{:<9} {}", "fleet", crate::fleet::view::member_line(f));
+        let _ = writeln!(
+            o,
+            "{:<9} {}",
+            "fleet",
+            crate::fleet::commander::view::member_line(f)
+        );
         if f.frozen {
             let line = format!(
                 "FROZEN fleet-wide ({})",

@@ -1,6 +1,6 @@
 //! The commander's command line: `deploy-agent release ...`,
 //! `deploy-agent fleet status` and `deploy-agent fleet serve`. Thin: parses flags, calls
-//! [`crate::fleet::release`] and [`crate::fleet::view`], prints, and maps
+//! [`crate::fleet::commander::release`] and [`crate::fleet::commander::view`], prints, and maps
 //! errors to the binary's one exit-code table ([`crate::status::exit`]:
 //! 0 ok, 1 failure, 2 usage, 6 check-and-set lost, 7 already frozen, 8 the
 //! address is not a Consul). Holds no state.
@@ -11,9 +11,9 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use crate::error::{Error, Result};
-use crate::fleet::release::{self, Release};
+use crate::fleet::commander::release::{self, Release};
 use crate::manifest::Format;
-use crate::watch::consul::{ConsulClient, ConsulSettings};
+use crate::source::consul::{ConsulClient, ConsulSettings};
 
 /// Exit codes: the names these commands use for the binary's one table.
 pub mod exit {
@@ -137,7 +137,7 @@ pub enum FleetAction {
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Where the page listens; anything but loopback needs --allow-remote.
-    #[arg(long, default_value = crate::fleet::web::DEFAULT_LISTEN)]
+    #[arg(long, default_value = crate::fleet::commander::web::DEFAULT_LISTEN)]
     pub listen: std::net::SocketAddr,
     /// Show the page without any control.
     #[arg(long)]
@@ -393,7 +393,7 @@ pub fn run_fleet(cmd: FleetCommand) -> u8 {
         };
         let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
         loop {
-            let s = crate::fleet::view::collect(
+            let s = crate::fleet::commander::view::collect(
                 &r.client,
                 &r,
                 &prefix,
@@ -406,11 +406,11 @@ pub fn run_fleet(cmd: FleetCommand) -> u8 {
             } else if watch && terminal {
                 // Clear the screen and home the cursor: only on a terminal,
                 // a pipe or a file gets one summary after another.
-                print!("\x1b[2J\x1b[H{}", crate::fleet::view::render(&s));
+                print!("\x1b[2J\x1b[H{}", crate::fleet::commander::view::render(&s));
             } else if watch {
-                println!("{}", crate::fleet::view::render(&s));
+                println!("{}", crate::fleet::commander::view::render(&s));
             } else {
-                print!("{}", crate::fleet::view::render(&s));
+                print!("{}", crate::fleet::commander::view::render(&s));
             }
             if !watch {
                 return Ok(());
@@ -457,14 +457,14 @@ async fn serve(target: Target, args: ServeArgs) -> Result<()> {
         ),
         freeze_key: freeze_key.clone(),
     };
-    let opts = crate::fleet::web::ServeOptions {
+    let opts = crate::fleet::commander::web::ServeOptions {
         listen: args.listen,
         read_only: args.read_only,
         allow_remote: args.allow_remote,
         origins: args.origins,
         user_header: args.user_header,
         max_clients: args.max_clients,
-        feed: crate::fleet::web::feed::FeedSettings {
+        feed: crate::fleet::commander::web::feed::FeedSettings {
             app,
             tier: target.tier.clone(),
             freeze_key,
@@ -474,7 +474,8 @@ async fn serve(target: Target, args: ServeArgs) -> Result<()> {
         },
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let page = crate::fleet::web::FleetPage::start(release, opts, shutdown.clone()).await?;
+    let page =
+        crate::fleet::commander::web::FleetPage::start(release, opts, shutdown.clone()).await?;
     println!(
         "fleet page on {} (Ctrl-C stops it){}",
         page.url(),

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::deploy::now_secs;
 use crate::error::{Error, Result};
 use crate::manifest::{BuildSpec, Format, Manifest, UrlPolicy};
-use crate::watch::consul::{ConsulClient, QueryOptions};
+use crate::source::consul::{ConsulClient, QueryOptions};
 
 /// The keys a commander works on.
 #[derive(Debug, Clone)]

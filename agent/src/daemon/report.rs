@@ -6,16 +6,16 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::control::AgentState;
+use crate::daemon::state::AgentState;
 use crate::daemon::Shared;
 use crate::deploy::{self, DeployRecord, Deployer, Phase};
+use crate::source::consul::WatchStats;
 use crate::status::metrics::ConsulErrorKind;
 use crate::status::model::{
     ConsulInfo, DesiredBuild, DrainHolder, HoldState, LastError, ProgressInfo, SlotInfo, Source,
     SourceKind,
 };
 use crate::status::{HistoryEntry, Metrics, StatusReport, StatusSource};
-use crate::watch::consul::WatchStats;
 
 /// The daemon as the status socket sees it.
 #[derive(Debug)]

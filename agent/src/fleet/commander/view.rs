@@ -11,9 +11,9 @@ use serde::Serialize;
 
 use crate::deploy::{now_secs, Phase};
 use crate::error::Result;
-use crate::fleet::hostreport::HostRecord;
-use crate::fleet::release::Release;
-use crate::watch::consul::ConsulClient;
+use crate::fleet::commander::release::Release;
+use crate::fleet::host::hostreport::HostRecord;
+use crate::source::consul::ConsulClient;
 
 /// The summary `fleet status` prints.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -191,7 +191,7 @@ pub fn render(s: &FleetSummary) -> String {
 }
 
 /// One line about this host's rollout decision, for `status`.
-pub fn member_line(f: &crate::fleet::member::FleetInfo) -> String {
+pub fn member_line(f: &crate::fleet::host::member::FleetInfo) -> String {
     let mut s = format!("host {}", f.host_id);
     if let Some(t) = &f.tier {
         let _ = write!(s, " tier {t}");

@@ -204,7 +204,8 @@ async fn attempt(
     }
     if let Some(argv) = &cfg.command {
         if let Err(e) =
-            crate::drain::run_hook("health-check", argv, env, cfg.timeout, output_limit).await
+            crate::deploy::drain::run_hook("health-check", argv, env, cfg.timeout, output_limit)
+                .await
         {
             return Some(e.to_string());
         }

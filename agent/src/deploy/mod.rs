@@ -25,6 +25,11 @@
 //! atomic flip. On restart the watch hands the same manifest over again and
 //! the deploy runs again from the top, reusing what was downloaded.
 
+pub mod drain;
+pub mod guard;
+pub mod health;
+pub mod pipeline;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -35,10 +40,9 @@ use swapper::{BuildInfo, DeployRoot, Slot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
 
+use crate::artifact::fetch::{self, ArtifactCache, ArtifactSpec, FetchSettings};
 use crate::config::Config;
-use crate::drain;
 use crate::error::{Error, Result};
-use crate::fetch::{self, ArtifactCache, ArtifactSpec, FetchSettings};
 use crate::manifest::{Format, Manifest};
 use crate::progress::{Progress, ProgressSnapshot};
 use crate::unpack::{ArchiveFormat, UnpackLimits};
@@ -285,7 +289,7 @@ pub struct Deployer {
     pub progress: Arc<Progress>,
     pub fetch: FetchSettings,
     /// Quarantine and applied ModifyIndex, persisted in `.deploy/guard.json`.
-    pub guard: Arc<crate::guard::Guard>,
+    pub guard: Arc<crate::deploy::guard::Guard>,
     /// Asked right before every flip (set once the fleet member exists).
     pub flip_gate: std::sync::OnceLock<Arc<dyn FlipGate>>,
 }
@@ -634,7 +638,8 @@ impl Deployer {
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))??;
                 // A download is needed: spread the fleet's requests out.
-                crate::fleet::splay::wait(self.config.fleet.splay(), &m.spec.build, cancel).await;
+                crate::fleet::host::splay::wait(self.config.fleet.splay(), &m.spec.build, cancel)
+                    .await;
                 check("the download")?;
             }
             drain::wait_cold_slot(
@@ -651,7 +656,7 @@ impl Deployer {
             run.step(Event::ColdSlotFree)?;
 
             // downloading: fetch, verify and unpack overlap.
-            let outcome = crate::pipeline::fetch_and_unpack(
+            let outcome = crate::deploy::pipeline::fetch_and_unpack(
                 &self.client,
                 &self.spec(m),
                 &self.cache,
@@ -726,7 +731,7 @@ impl Deployer {
         // verifying: the health gate, then the verdict.
         if self.config.health.is_enabled() {
             if let Err(bad) =
-                crate::health::check(&self.config.health, &env, hooks.output_limit).await
+                crate::deploy::health::check(&self.config.health, &env, hooks.output_limit).await
             {
                 return Err(self.reject_unhealthy(m, bad, run).await);
             }
@@ -750,7 +755,8 @@ impl Deployer {
         run.step(Event::Reverify)?;
         let env = self.hook_env(m, slot);
         let hooks = &self.config.hooks;
-        if let Err(bad) = crate::health::check(&self.config.health, &env, hooks.output_limit).await
+        if let Err(bad) =
+            crate::deploy::health::check(&self.config.health, &env, hooks.output_limit).await
         {
             return Err(self.reject_unhealthy(m, bad, run).await);
         }
@@ -764,7 +770,7 @@ impl Deployer {
     async fn reject_unhealthy(
         &self,
         m: &Manifest,
-        bad: crate::health::Unhealthy,
+        bad: crate::deploy::health::Unhealthy,
         run: &mut Run<'_>,
     ) -> Error {
         let verdict = Instant::now();

@@ -31,11 +31,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::deploy::{now_secs, Phase};
-use crate::fleet::hostreport::HostRecord;
-use crate::fleet::release::{Current, Release};
-use crate::fleet::view::{self, FleetSummary};
+use crate::fleet::commander::release::{Current, Release};
+use crate::fleet::commander::view::{self, FleetSummary};
+use crate::fleet::host::hostreport::HostRecord;
 use crate::manifest::{Manifest, UrlPolicy};
-use crate::watch::consul::{next_index, Backoff, BackoffState, ConsulClient, KvPair, QueryOptions};
+use crate::source::consul::{
+    next_index, Backoff, BackoffState, ConsulClient, KvPair, QueryOptions,
+};
 
 /// The rollout steps the page promotes through.
 pub const STEPS: [f64; 6] = [2.0, 10.0, 25.0, 50.0, 75.0, 100.0];
@@ -882,7 +884,7 @@ fn tier_view(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::watch::consul::ConsulSettings;
+    use crate::source::consul::ConsulSettings;
 
     fn settings(report_prefix: &str) -> FeedSettings {
         FeedSettings {

@@ -46,7 +46,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
-use crate::fleet::release::Release;
+use crate::fleet::commander::release::Release;
 use actions::{ActionOutcome, ActionRequest};
 use feed::{FeedReceiver, FeedSettings};
 

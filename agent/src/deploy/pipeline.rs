@@ -23,14 +23,14 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
 
-use crate::error::{Error, Result};
-use crate::fetch::{
+use crate::artifact::fetch::{
     download, ensure_space, unpacked_estimate, ArtifactCache, ArtifactSpec, Chunks, FetchSettings,
     Partial,
 };
+use crate::artifact::sha256::{check, parse_sha256, HashingReader};
+use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::unpack::{unpack, UnpackLimits, UnpackStats};
-use crate::verify::{check, parse_sha256, HashingReader};
 
 /// What [`fetch_and_unpack`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]

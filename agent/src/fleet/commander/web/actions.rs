@@ -1,5 +1,5 @@
 //! The fleet page's controls: promote to the next step, rollback, freeze,
-//! unfreeze. Each is the CLI's own write from [`crate::fleet::release`]
+//! unfreeze. Each is the CLI's own write from [`crate::fleet::commander::release`]
 //! (`promoted` / `rolled_back` + `write`, `freeze`, `unfreeze_at`), with
 //! check-and-set on the ModifyIndex the page showed when the commander
 //! confirmed: if anyone changed the key since, nothing is written and the
@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
-use crate::fleet::release::Release;
-use crate::fleet::web::feed::{cli_prefix, quote, STEPS};
+use crate::fleet::commander::release::Release;
+use crate::fleet::commander::web::feed::{cli_prefix, quote, STEPS};
 
 /// What the page posts.
 #[derive(Debug, Clone, Deserialize)]

@@ -27,7 +27,7 @@ use tracing::{debug, warn};
 
 use crate::deploy::{now_secs, DeployRecord, Outcome, Phase};
 use crate::fleet::Decision;
-use crate::watch::consul::ConsulClient;
+use crate::source::consul::ConsulClient;
 
 /// One host's report, as stored in Consul.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

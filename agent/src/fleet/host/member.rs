@@ -21,10 +21,10 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::deploy::DeployRecord;
 use crate::error::Result;
-use crate::fleet::hostreport::HostReporter;
+use crate::fleet::host::hostreport::HostReporter;
 use crate::fleet::{Choice, Decision};
 use crate::manifest::Manifest;
-use crate::watch::consul::{ConsulClient, ConsulSettings, QueryOptions, WatchEvent, WatchStats};
+use crate::source::consul::{ConsulClient, ConsulSettings, QueryOptions, WatchEvent, WatchStats};
 
 /// What `status` shows about the fleet.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -101,7 +101,7 @@ impl Member {
                 let (tx, mut rx) = mpsc::channel(4);
                 let stats = Arc::new(WatchStats::new());
                 freeze = Some((client.clone(), key.clone(), stats.clone()));
-                tracker.spawn(crate::watch::consul::watch_key(
+                tracker.spawn(crate::source::consul::watch_key(
                     client,
                     key.clone(),
                     tx,

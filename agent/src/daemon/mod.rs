@@ -17,6 +17,10 @@
 //! desired state again, and the deploy resumes from the cached partial
 //! download.
 
+pub mod notify;
+pub mod report;
+pub mod state;
+
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -30,17 +34,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::artifact::fetch::{ArtifactCache, FetchSettings};
 use crate::config::Config;
-use crate::control::{AgentEvent, AgentState, Control};
+use crate::daemon::report::AgentView;
+use crate::daemon::state::{AgentEvent, AgentState, Control};
 use crate::deploy::{now_secs, DeployRecord, Deployer, ErrorRecord, Observer, Outcome};
 use crate::error::{Error, Result};
-use crate::fetch::{ArtifactCache, FetchSettings};
 use crate::manifest::{Manifest, UrlPolicy};
 use crate::progress::Progress;
-use crate::report::AgentView;
+use crate::source::consul::{ConsulClient, ConsulSettings, WatchEvent, WatchStats};
 use crate::status::model::{HistoryEntry, HistoryKind};
 use crate::status::{Command, CommandRequest, Metrics, SocketSettings, StatusServer};
-use crate::watch::consul::{ConsulClient, ConsulSettings, WatchEvent, WatchStats};
 
 /// How many deploy records of this process the agent keeps in memory.
 pub const HISTORY_LEN: usize = 50;
@@ -89,9 +93,9 @@ pub struct Shared {
     /// Where `.deploy/agent.json` lives.
     root_path: PathBuf,
     /// systemd's `STATUS=` line follows the phase.
-    notifier: Option<crate::notify::Notifier>,
+    notifier: Option<crate::daemon::notify::Notifier>,
     /// Rollout decision, freeze and host reports.
-    member: Option<Arc<crate::fleet::member::Member>>,
+    member: Option<Arc<crate::fleet::host::member::Member>>,
 }
 
 impl Shared {
@@ -101,7 +105,7 @@ impl Shared {
     }
 
     /// This host's fleet membership.
-    pub fn member(&self) -> Option<&Arc<crate::fleet::member::Member>> {
+    pub fn member(&self) -> Option<&Arc<crate::fleet::host::member::Member>> {
         self.member.as_ref()
     }
 
@@ -150,7 +154,7 @@ impl Shared {
             }
             (g.control.clone(), durable)
         };
-        crate::control::save(&self.root_path, &control, durable)
+        crate::daemon::state::save(&self.root_path, &control, durable)
     }
 
     /// [`Shared::apply`] for events that are not answered to anyone (a
@@ -361,7 +365,7 @@ impl Agent {
             .client()
             .map_err(|e| Error::Internal(format!("cannot build the HTTP client: {e}")))?;
         let cache = ArtifactCache::new(config.cache_dir(), config.download.cache_keep)?;
-        let guard = Arc::new(crate::guard::Guard::open(&root_path));
+        let guard = Arc::new(crate::deploy::guard::Guard::open(&root_path));
         let trust = crate::sign::TrustedKeys::parse(&config.signing.public_keys).map_err(|e| {
             Error::Config(crate::config::ConfigError::Invalid {
                 path: PathBuf::from("[signing]"),
@@ -382,7 +386,7 @@ impl Agent {
         let tracker = TaskTracker::new();
         let notifier = opts
             .notify
-            .then(crate::notify::Notifier::from_env)
+            .then(crate::daemon::notify::Notifier::from_env)
             .filter(|n| n.is_enabled());
         let member = {
             let consul = match (&opts.consul, &config.source.key) {
@@ -390,8 +394,8 @@ impl Agent {
                 (None, Some(_)) => Some(consul_settings(&config)?),
                 (None, None) => None,
             };
-            let served = crate::fleet::member::served_build(&deployer.root);
-            crate::fleet::member::Member::start(
+            let served = crate::fleet::host::member::served_build(&deployer.root);
+            crate::fleet::host::member::Member::start(
                 &config,
                 consul.as_ref(),
                 served,
@@ -404,7 +408,7 @@ impl Agent {
             // The only `set` of a fresh OnceLock: it cannot fail.
             let _ = deployer.flip_gate.set(gate);
         }
-        let (mut control, control_error) = crate::control::load(&deployer.root_path);
+        let (mut control, control_error) = crate::daemon::state::load(&deployer.root_path);
         if control.frozen && !member.watches_freeze() {
             // No freeze key any more (config changed): nothing can lift it.
             control.frozen = false;
@@ -452,7 +456,7 @@ impl Agent {
                 let name = format!("consul:{}/{}", client.address(), key);
                 // Rule 12 across restarts: a value older than the one
                 // acted on before is re-read in default mode first.
-                tracker.spawn(crate::watch::consul::watch_key_from(
+                tracker.spawn(crate::source::consul::watch_key_from(
                     client,
                     key.clone(),
                     tx,
@@ -463,7 +467,7 @@ impl Agent {
                 name
             }
             (None, Some(path)) => {
-                tracker.spawn(crate::watch::file::watch_file(
+                tracker.spawn(crate::source::file::watch_file(
                     path.clone(),
                     tx,
                     shutdown.clone(),
@@ -537,8 +541,8 @@ struct MainLoop {
     trust: crate::sign::TrustedKeys,
     retry_initial: Duration,
     metrics: Arc<Metrics>,
-    notifier: Option<crate::notify::Notifier>,
-    member: Arc<crate::fleet::member::Member>,
+    notifier: Option<crate::daemon::notify::Notifier>,
+    member: Arc<crate::fleet::host::member::Member>,
 }
 
 struct Running {
@@ -604,7 +608,7 @@ impl MainLoop {
             // Pinged from this loop, so a wedged loop stops the pings and
             // systemd restarts the agent.
             watchdog: tokio::time::interval(
-                crate::notify::watchdog_interval().unwrap_or(Duration::from_secs(3600)),
+                crate::daemon::notify::watchdog_interval().unwrap_or(Duration::from_secs(3600)),
             ),
         };
         loop {
@@ -812,7 +816,7 @@ impl MainLoop {
         let mut entry = None;
         if let (Some(_), Some(rec)) = (outcome, self.shared.deploy_record()) {
             // `None` is "already live": no deploy ran, nothing to count.
-            crate::report::count_deploy(&self.metrics, &rec, rec.slot);
+            crate::daemon::report::count_deploy(&self.metrics, &rec, rec.slot);
             entry = Some(deploy_entry(&rec));
             self.shared.finished(rec);
         }
@@ -1000,7 +1004,8 @@ impl MainLoop {
     ) -> (std::result::Result<String, String>, bool) {
         // Hold and resume record the build live at the time; the other
         // commands record the build they act on.
-        let served = || crate::fleet::member::served_build(&self.deployer.root).unwrap_or_default();
+        let served =
+            || crate::fleet::host::member::served_build(&self.deployer.root).unwrap_or_default();
         match cmd {
             Command::Hold { reason } => {
                 let entry = action_entry(HistoryKind::Hold, uid, &served(), Some(reason.clone()));
@@ -1160,7 +1165,7 @@ pub async fn run_with_reload(path: PathBuf, shutdown: CancellationToken) -> Resu
     let mut config = Config::load(&path)?;
     let (reload_tx, mut reload_rx) = mpsc::channel::<&'static str>(4);
     spawn_reload_sources(&path, reload_tx, shutdown.clone())?;
-    let notifier = crate::notify::Notifier::from_env();
+    let notifier = crate::daemon::notify::Notifier::from_env();
     loop {
         let generation = shutdown.child_token();
         let mut agent =
@@ -1233,7 +1238,7 @@ fn spawn_reload_sources(
     // Watch the file's content through the same watcher as manifest files:
     // it handles editors' rename-into-place and debounces.
     let (ftx, mut frx) = mpsc::channel(4);
-    tokio::spawn(crate::watch::file::watch_file(
+    tokio::spawn(crate::source::file::watch_file(
         path.to_path_buf(),
         ftx,
         shutdown.clone(),

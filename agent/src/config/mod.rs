@@ -51,7 +51,7 @@ pub struct Config {
     pub status: crate::status::StatusConfig,
     /// The health gate after a flip (`health.rs`); off without url/command.
     #[serde(default)]
-    pub health: crate::health::HealthConfig,
+    pub health: crate::deploy::health::HealthConfig,
     /// Trusted manifest signing keys (`sign.rs`); none = no signature needed.
     #[serde(default)]
     pub signing: crate::sign::SigningConfig,
@@ -621,7 +621,7 @@ fn check_limits(cfg: &Config) -> Result<(), String> {
 /// Consul key rule (docs/consul-watch-rules.md rule 15): the Consul
 /// client's own validator, so `check-config` and the client never disagree.
 pub fn valid_key(k: &str) -> bool {
-    crate::watch::consul::validate_key(k, false).is_ok()
+    crate::source::consul::validate_key(k, false).is_ok()
 }
 
 /// Parses durations such as `250ms`, `5s`, `2m`, `1h`, `1m30s`.
@@ -687,7 +687,7 @@ mod tests {
             let cfg = format!("deploy-root = \"/s\"\n[source]\nkey = \"{k}\"\n");
             assert_eq!(
                 parse(&cfg).is_ok(),
-                crate::watch::consul::validate_key(k, false).is_ok(),
+                crate::source::consul::validate_key(k, false).is_ok(),
                 "{k}"
             );
         }
