@@ -11,10 +11,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deploy_agent::source::consul::{
-    next_index, watch_key, Backoff, ConsulClient, ConsulSettings, QueryOptions, RateLimit,
-    WatchEvent, WatchStats,
-};
+use deploy_agent::consul::{ConsulClient, ConsulSettings, QueryOptions};
+use deploy_agent::pacing::{Backoff, RateLimit};
+use deploy_agent::source::consul::{next_index, watch_key, WatchEvent, WatchStats};
 use testkit::testserver::consul::{
     AclConfig, AclToken, ConsulServer, ConsulServerConfig, Fault, KeyPolicy,
 };
@@ -22,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 // The agent re-exports the token type it takes, so tests need no
 // tokio-util dependency of their own.
-use deploy_agent::source::consul::CancellationToken;
+use tokio_util::sync::CancellationToken;
 
 const KEY: &str = "deploy/web/prod";
 const REFILL: Duration = Duration::from_millis(100);

@@ -120,7 +120,7 @@ async fn consul_errors_reach_status_and_a_fixed_token_file_applies_without_resta
     assert!(String::from_utf8_lossy(&rec.value).contains("\"host\":\"h1\""));
 
     // Consul goes away: the transport error and its time are in status.
-    let started = deploy_agent::deploy::now_secs();
+    let started = deploy_agent::clock::now_secs();
     consul.shutdown();
     let v = wait_status(&sock, "Consul outage in status", |v| {
         v["consul"]["consecutive_errors"].as_u64().unwrap_or(0) > 0
@@ -214,8 +214,8 @@ async fn an_already_live_build_is_not_counted_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identical_racing_promote_says_it_changed_nothing() {
+    use deploy_agent::consul::{ConsulClient, ConsulSettings};
     use deploy_agent::fleet::commander::release::Release;
-    use deploy_agent::source::consul::{ConsulClient, ConsulSettings};
     let consul = ConsulServer::start(ConsulServerConfig::default())
         .await
         .unwrap();

@@ -11,7 +11,8 @@
 use std::time::Duration;
 use tokio::time::Instant;
 
-use deploy_agent::source::consul::{Backoff, ConsulSettings, RateLimit};
+use deploy_agent::consul::ConsulSettings;
+use deploy_agent::pacing::{Backoff, RateLimit};
 use deploy_agent_tests::agent::{
     capture_logs, captured_logs, fast_consul, Harness, ServeWatch, KEY,
 };

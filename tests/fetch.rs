@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use deploy_agent::artifact::fetch::{
     free_space_check, ArchiveFormat, ArtifactCache, ArtifactSpec, CancellationToken, FetchSettings,
-    UnpackLimits,
 };
+use deploy_agent::config::UnpackLimits;
 use deploy_agent::deploy::pipeline::{fetch_and_unpack, UnpackOutcome};
 use deploy_agent::progress::Progress;
 use deploy_agent::Error;
@@ -83,8 +83,10 @@ impl Env {
             connect_timeout: Duration::from_secs(2),
             read_timeout: Duration::from_millis(500),
             retries_per_range: 3,
-            backoff_initial: Duration::from_millis(10),
-            backoff_max: Duration::from_millis(50),
+            backoff: deploy_agent::pacing::Backoff {
+                initial: Duration::from_millis(10),
+                max: Duration::from_millis(50),
+            },
             bandwidth_limit: None,
             allow_file_urls: false,
         };

@@ -21,13 +21,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use deploy_agent::deploy::{now_secs, Phase};
+use deploy_agent::clock::now_secs;
+use deploy_agent::consul::{ConsulClient, ConsulSettings};
+use deploy_agent::deploy::Phase;
 use deploy_agent::fleet::commander::release::Release;
 use deploy_agent::fleet::commander::web::feed::FeedSettings;
 use deploy_agent::fleet::commander::web::{FleetPage, ServeOptions};
 use deploy_agent::fleet::host::hostreport::HostRecord;
 use deploy_agent::manifest::{BuildSpec, Format, Manifest, UrlPolicy};
-use deploy_agent::source::consul::{ConsulClient, ConsulSettings};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};

@@ -7,12 +7,12 @@
 
 use std::time::{Duration, Instant};
 
+use deploy_agent::consul::ConsulClient;
 use deploy_agent::deploy::{Outcome, Phase};
 use deploy_agent::error::Error;
 use deploy_agent::fleet::commander::release::Release;
 use deploy_agent::fleet::host::hostreport::HostRecord;
 use deploy_agent::manifest::{BuildSpec, Format, Manifest, UrlPolicy};
-use deploy_agent::source::consul::ConsulClient;
 use deploy_agent_tests::agent::{fast_consul, Harness, KEY};
 use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
 

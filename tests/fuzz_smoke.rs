@@ -7,7 +7,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

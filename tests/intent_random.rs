@@ -22,9 +22,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use deploy_agent::consul::{ConsulClient, ConsulSettings};
 use deploy_agent::fleet::commander::release::{check_spec, Release};
 use deploy_agent::manifest::{BuildSpec, Format, Manifest, UrlPolicy};
-use deploy_agent::source::consul::{ConsulClient, ConsulSettings};
 use deploy_agent_tests::fast_tempdir;
 use deploy_agent_tests::host::{Host, APP, TIER};
 use nix::sys::signal::Signal;

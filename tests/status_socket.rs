@@ -12,6 +12,7 @@ use std::process::Command as Proc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use deploy_agent::clock::now_secs;
 use deploy_agent::status::client::{exit, request, run_cli_with, watch_status, SocketArgs};
 use deploy_agent::status::model::*;
 use deploy_agent::status::{
@@ -40,7 +41,7 @@ fn fixed_report() -> StatusReport {
         name: "a".into(),
         build: Some("web-1".into()),
         sha256: Some("cd".repeat(32)),
-        marked_unix: Some(now_unix() - 7200),
+        marked_unix: Some(now_secs() - 7200),
         unmarked_bytes: None,
     });
     r.cold = Some(SlotInfo {
@@ -48,7 +49,7 @@ fn fixed_report() -> StatusReport {
         ..SlotInfo::default()
     });
     r.phase = Phase::Downloading;
-    r.phase_since_unix = Some(now_unix() - 12);
+    r.phase_since_unix = Some(now_secs() - 12);
     r.progress = Some(ProgressInfo {
         bytes_done: 12 << 20,
         bytes_total: Some(24 << 20),
@@ -63,7 +64,7 @@ fn fixed_report() -> StatusReport {
     }];
     r.last_error = Some(LastError {
         message: "consul: connection refused".into(),
-        at_unix: now_unix() - 300,
+        at_unix: now_secs() - 300,
         build: None,
         current: true,
     });
@@ -78,7 +79,7 @@ fn fixed_report() -> StatusReport {
     r.hold = HoldState {
         held: true,
         reason: Some("db migration".into()),
-        since_unix: Some(now_unix() - 60),
+        since_unix: Some(now_secs() - 60),
         by_uid: Some(1000),
     };
     r
@@ -98,8 +99,8 @@ impl StatusSource for FixedSource {
             .map(|i| HistoryEntry {
                 id: format!("d{i}"),
                 build: format!("web-{i}"),
-                started_unix: now_unix() - 1000 + i,
-                finished_unix: Some(now_unix() - 900 + i),
+                started_unix: now_secs() - 1000 + i,
+                finished_unix: Some(now_secs() - 900 + i),
                 outcome: Some(if i == 0 {
                     Outcome::Failed
                 } else {

@@ -22,13 +22,16 @@
 //! never served.
 
 pub mod artifact;
+pub mod clock;
 pub mod config;
+pub mod consul;
 pub mod daemon;
 pub mod deploy;
 pub mod error;
 pub mod fleet;
 pub mod logging;
 pub mod manifest;
+pub mod pacing;
 pub mod progress;
 pub mod redact;
 pub mod sign;

@@ -17,11 +17,11 @@ use crate::buildgen::{self, Artifact, BuildProfile};
 use crate::testserver::artifact::ArtifactServer;
 use crate::testserver::consul::{ConsulServer, ConsulServerConfig};
 use deploy_agent::config::Config;
+use deploy_agent::consul::ConsulSettings;
 use deploy_agent::daemon::{Agent, RunOptions};
 use deploy_agent::deploy::{DeployRecord, Outcome};
 use deploy_agent::error::{Error, Result};
 use deploy_agent::manifest::Format;
-use deploy_agent::source::consul::ConsulSettings;
 
 const KEY: &str = "deploy/demo/production";
 /// With `--keep` the agent is a fleet member of this app and tier (whose
@@ -143,7 +143,7 @@ async fn run_inner(
         first_request_splay: Duration::ZERO,
         // The demo publishes every few seconds; production keeps the
         // docs/consul-watch-rules.md default of one request per 15 s after a burst of 2.
-        rate: deploy_agent::source::consul::RateLimit {
+        rate: deploy_agent::pacing::RateLimit {
             burst: 2,
             refill_interval: Duration::from_millis(100),
         },
@@ -263,7 +263,7 @@ async fn keep_up(
     )
     .map_err(|e| Error::Internal(format!("demo: build 2's manifest: {e}")))?;
     let release = deploy_agent::fleet::commander::release::Release {
-        client: deploy_agent::source::consul::ConsulClient::new(&ConsulSettings {
+        client: deploy_agent::consul::ConsulClient::new(&ConsulSettings {
             address: consul.url(),
             ..ConsulSettings::default()
         })?,

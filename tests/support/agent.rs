@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use deploy_agent::config::Config;
+use deploy_agent::consul::ConsulSettings;
 use deploy_agent::daemon::{Agent, RunOptions, StatusInner};
 use deploy_agent::deploy::{DeployRecord, Outcome};
 use deploy_agent::manifest::Format;
-use deploy_agent::source::consul::{Backoff, ConsulSettings, RateLimit};
+use deploy_agent::pacing::{Backoff, RateLimit};
 use testkit::buildgen::{self, Artifact, BuildProfile};
 use testkit::testserver::artifact::ArtifactServer;
 use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};

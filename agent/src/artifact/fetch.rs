@@ -21,17 +21,19 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use reqwest::header::{CONTENT_RANGE, RANGE};
 use reqwest::StatusCode;
 use tokio::task::JoinSet;
 use tracing::{debug, info, instrument, warn};
 
-pub use crate::unpack::{ArchiveFormat, UnpackLimits};
+use crate::config::{DownloadConfig, UnpackLimits};
+pub use crate::unpack::ArchiveFormat;
 pub use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
+use crate::pacing::{sleep_or_cancel, Backoff, BackoffState, TokenBucket};
 use crate::progress::Progress;
 
 /// What to download, from the manifest.
@@ -59,30 +61,36 @@ pub struct FetchSettings {
     pub read_timeout: Duration,
     /// Consecutive failures of one range on one mirror before moving to the next mirror.
     pub retries_per_range: u32,
-    pub backoff_initial: Duration,
-    pub backoff_max: Duration,
+    /// Pause between retries of one range (jittered, doubling).
+    pub backoff: Backoff,
     /// Total bytes per second over all ranges; `None` is unlimited.
     pub bandwidth_limit: Option<u64>,
     /// Accept `file://` URLs (tests, demo, air-gapped hosts).
     pub allow_file_urls: bool,
 }
 
-impl Default for FetchSettings {
-    fn default() -> Self {
-        FetchSettings {
-            parallel_ranges: 4,
-            connect_timeout: Duration::from_secs(10),
-            read_timeout: Duration::from_secs(30),
-            retries_per_range: 5,
-            backoff_initial: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(10),
-            bandwidth_limit: None,
-            allow_file_urls: false,
-        }
-    }
-}
+/// Retries of one range: 200 ms doubling to 10 s, jittered. Not a config
+/// key: the range retry count (`download.retries`) is the operator's knob.
+pub const RANGE_BACKOFF: Backoff = Backoff {
+    initial: Duration::from_millis(200),
+    max: Duration::from_secs(10),
+};
 
 impl FetchSettings {
+    /// The settings the `[download]` section gives; `allow_file_urls` also
+    /// holds when the desired state comes from a local file.
+    pub fn from_config(download: &DownloadConfig, local_source: bool) -> FetchSettings {
+        FetchSettings {
+            parallel_ranges: download.parallel_ranges,
+            connect_timeout: download.connect_timeout,
+            read_timeout: download.read_timeout,
+            retries_per_range: download.retries,
+            backoff: RANGE_BACKOFF,
+            bandwidth_limit: download.bandwidth_limit,
+            allow_file_urls: download.allow_file_urls || local_source,
+        }
+    }
+
     /// A client with this connect timeout, for callers without their own.
     pub fn client(&self) -> reqwest::Result<reqwest::Client> {
         reqwest::Client::builder()
@@ -685,34 +693,25 @@ fn preallocate(file: &File, path: &Path, size: u64) -> Result<()> {
     file.set_len(size).map_err(|e| Error::io(path, e))
 }
 
-/// Shared token bucket: ranges take tokens as bytes arrive and sleep off any debt.
+/// The download's bandwidth limit, shared by all ranges: each takes tokens
+/// as bytes arrive and sleeps off any debt. The lock is held while sleeping
+/// so ranges queue up fairly and the total stays at the rate.
 #[derive(Debug)]
-struct RateLimit {
-    bytes_per_sec: f64,
-    state: tokio::sync::Mutex<(f64, Instant)>,
-}
+struct Bandwidth(tokio::sync::Mutex<TokenBucket>);
 
-impl RateLimit {
-    fn new(bytes_per_sec: u64) -> RateLimit {
-        RateLimit {
-            bytes_per_sec: bytes_per_sec.max(1) as f64,
-            state: tokio::sync::Mutex::new((0.0, Instant::now())),
-        }
+impl Bandwidth {
+    fn new(bytes_per_sec: u64) -> Bandwidth {
+        Bandwidth(tokio::sync::Mutex::new(TokenBucket::per_second(
+            bytes_per_sec,
+            tokio::time::Instant::now(),
+        )))
     }
 
     async fn take(&self, n: usize) {
-        // The lock is held while sleeping so ranges queue up fairly and the
-        // total stays at the rate.
-        let mut state = self.state.lock().await;
-        let now = Instant::now();
-        let burst = self.bytes_per_sec / 10.0;
-        let refill = now.duration_since(state.1).as_secs_f64() * self.bytes_per_sec;
-        state.0 = (state.0 + refill).min(burst) - n as f64;
-        state.1 = now;
-        if state.0 < 0.0 {
-            tokio::time::sleep(Duration::from_secs_f64(-state.0 / self.bytes_per_sec)).await;
-            state.0 = 0.0;
-            state.1 = Instant::now();
+        let mut bucket = self.0.lock().await;
+        let pause = bucket.take_owing(n as u64, tokio::time::Instant::now());
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
         }
     }
 }
@@ -726,7 +725,7 @@ struct Job {
     partial: Arc<Partial>,
     progress: Arc<Progress>,
     mirror: AtomicUsize,
-    rate: Option<RateLimit>,
+    rate: Option<Bandwidth>,
     /// Set by the first response: does the server answer ranges with 206?
     ranges: tokio::sync::watch::Sender<Option<bool>>,
     /// Workers stop at the next chunk, flush what they hold and return.
@@ -767,7 +766,7 @@ pub(crate) async fn download(
         partial,
         progress,
         mirror: AtomicUsize::new(0),
-        rate: settings.bandwidth_limit.map(RateLimit::new),
+        rate: settings.bandwidth_limit.map(Bandwidth::new),
         ranges,
         // A child: stopping the workers after one failed must not cancel the caller.
         cancel: cancel.child_token(),
@@ -857,7 +856,7 @@ async fn fetch_range(job: &Job, start: u64, end: u64, buf: &mut Vec<u8>) -> Resu
     let chunks = &job.partial.chunks;
     let i = (start / chunks.chunk) as usize;
     let mut failures = 0u32;
-    let mut backoff = job.settings.backoff_initial;
+    let mut backoff = BackoffState::new(job.settings.backoff);
     let cancelled = || Error::Cancelled {
         what: format!("download of {}", job.spec.sha256),
     };
@@ -888,7 +887,7 @@ async fn fetch_range(job: &Job, start: u64, end: u64, buf: &mut Vec<u8>) -> Resu
                 let progressed = chunks.done(i) >= before + WRITE_BUFFER as u64;
                 if progressed {
                     failures = 0;
-                    backoff = job.settings.backoff_initial;
+                    backoff.reset();
                 }
                 failures += 1;
                 let give_up_mirror = match &failure {
@@ -924,14 +923,13 @@ async fn fetch_range(job: &Job, start: u64, end: u64, buf: &mut Vec<u8>) -> Resu
                         });
                     }
                     failures = 0;
-                    backoff = job.settings.backoff_initial;
+                    backoff.reset();
                     continue;
                 }
-                tokio::select! {
-                    _ = job.cancel.cancelled() => return Err(cancelled()),
-                    _ = tokio::time::sleep(backoff) => {}
+                let pause = backoff.next_delay(&mut rand::thread_rng());
+                if !sleep_or_cancel(pause, &job.cancel).await {
+                    return Err(cancelled());
                 }
-                backoff = (backoff * 2).min(job.settings.backoff_max);
             }
         }
     }

@@ -41,7 +41,7 @@ pub struct Config {
     #[serde(default)]
     pub download: DownloadConfig,
     #[serde(default)]
-    pub unpack: UnpackConfig,
+    pub unpack: UnpackLimits,
     #[serde(default)]
     pub drain: DrainConfig,
     #[serde(default)]
@@ -214,17 +214,21 @@ impl Default for DownloadConfig {
     }
 }
 
-/// Archive bomb limits (a manifest may lower them, never raise them).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// The `[unpack]` section: the bounds that stop archive bombs while
+/// streaming (a manifest may lower them, never raise them). The unpacker
+/// takes this type as is.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
-pub struct UnpackConfig {
+pub struct UnpackLimits {
+    /// Maximum total bytes of file contents.
     pub max_bytes: u64,
+    /// Maximum number of archive entries (files, dirs, links).
     pub max_entries: u64,
 }
 
-impl Default for UnpackConfig {
+impl Default for UnpackLimits {
     fn default() -> Self {
-        UnpackConfig {
+        UnpackLimits {
             max_bytes: 20 << 30,
             max_entries: 2_000_000,
         }
@@ -324,7 +328,7 @@ impl Config {
                 ..ConsulConfig::default()
             },
             download: DownloadConfig::default(),
-            unpack: UnpackConfig::default(),
+            unpack: UnpackLimits::default(),
             drain: DrainConfig::default(),
             hooks: HooksConfig::default(),
             health: Default::default(),
@@ -621,7 +625,7 @@ fn check_limits(cfg: &Config) -> Result<(), String> {
 /// Consul key rule (docs/consul-watch-rules.md rule 15): the Consul
 /// client's own validator, so `check-config` and the client never disagree.
 pub fn valid_key(k: &str) -> bool {
-    crate::source::consul::validate_key(k, false).is_ok()
+    crate::consul::validate_key(k, false).is_ok()
 }
 
 /// Parses durations such as `250ms`, `5s`, `2m`, `1h`, `1m30s`.
@@ -687,7 +691,7 @@ mod tests {
             let cfg = format!("deploy-root = \"/s\"\n[source]\nkey = \"{k}\"\n");
             assert_eq!(
                 parse(&cfg).is_ok(),
-                crate::source::consul::validate_key(k, false).is_ok(),
+                crate::consul::validate_key(k, false).is_ok(),
                 "{k}"
             );
         }

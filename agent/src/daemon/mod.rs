@@ -35,20 +35,25 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::artifact::fetch::{ArtifactCache, FetchSettings};
+use crate::clock::now_secs;
 use crate::config::Config;
+use crate::consul::{ConsulClient, ConsulSettings};
 use crate::daemon::report::AgentView;
 use crate::daemon::state::{AgentEvent, AgentState, Control};
-use crate::deploy::{now_secs, DeployRecord, Deployer, ErrorRecord, Observer, Outcome};
+use crate::deploy::{DeployRecord, Deployer, ErrorRecord, Observer, Outcome};
 use crate::error::{Error, Result};
 use crate::manifest::{Manifest, UrlPolicy};
+use crate::pacing::{Backoff, BackoffState};
 use crate::progress::Progress;
-use crate::source::consul::{ConsulClient, ConsulSettings, WatchEvent, WatchStats};
+use crate::source::consul::{WatchEvent, WatchStats};
 use crate::status::model::{HistoryEntry, HistoryKind};
 use crate::status::{Command, CommandRequest, Metrics, SocketSettings, StatusServer};
 
 /// How many deploy records of this process the agent keeps in memory.
 pub const HISTORY_LEN: usize = 50;
-/// First retry delay of a failed deploy; doubles up to [`RETRY_MAX`].
+/// First retry delay of a failed deploy; doubles up to [`RETRY_MAX`],
+/// jittered into [d/2, d] so a fleet that failed together does not retry
+/// together.
 pub const RETRY_INITIAL: Duration = Duration::from_secs(5);
 pub const RETRY_MAX: Duration = Duration::from_secs(300);
 /// How long shutdown waits for the running deploy to reach a safe point.
@@ -352,15 +357,7 @@ impl Agent {
             tokio::task::spawn_blocking(move || swapper::purge_trash(&p));
         }
         let root_path = root.path().to_path_buf();
-        let fetch = FetchSettings {
-            parallel_ranges: config.download.parallel_ranges,
-            connect_timeout: config.download.connect_timeout,
-            read_timeout: config.download.read_timeout,
-            retries_per_range: config.download.retries,
-            bandwidth_limit: config.download.bandwidth_limit,
-            allow_file_urls: config.download.allow_file_urls || config.source.file.is_some(),
-            ..FetchSettings::default()
-        };
+        let fetch = FetchSettings::from_config(&config.download, config.source.file.is_some());
         let client = fetch
             .client()
             .map_err(|e| Error::Internal(format!("cannot build the HTTP client: {e}")))?;
@@ -561,7 +558,7 @@ struct Loop {
     running: Option<Running>,
     /// The tokio instant of `retry-wait`'s `at`.
     retry_at: Option<tokio::time::Instant>,
-    retry_delay: Duration,
+    retry: BackoffState,
     attempt: u32,
     /// The freeze could not be confirmed; read it again at this instant.
     recheck_at: Option<tokio::time::Instant>,
@@ -601,7 +598,10 @@ impl MainLoop {
             applied: None,
             running: None,
             retry_at: None,
-            retry_delay: self.retry_initial,
+            retry: BackoffState::new(Backoff {
+                initial: self.retry_initial,
+                max: RETRY_MAX,
+            }),
             attempt: 0,
             recheck_at: None,
             force_next: false,
@@ -755,7 +755,7 @@ impl MainLoop {
         let same = l.desired.as_ref().map(Manifest::identity) == Some(m.identity());
         l.desired = Some(m);
         if !same {
-            l.retry_delay = self.retry_initial;
+            l.retry.reset();
             l.attempt = 0;
         }
         // Before acting on a tier change, read the freeze in the same
@@ -824,7 +824,7 @@ impl MainLoop {
         match outcome {
             None | Some(Outcome::Success | Outcome::RolledBack) => {
                 l.applied = r.map(|r| r.identity);
-                l.retry_delay = self.retry_initial;
+                l.retry.reset();
                 l.attempt = 0;
             }
             Some(Outcome::Failed) => {
@@ -837,10 +837,12 @@ impl MainLoop {
                     self.shared.error(e.to_string());
                 }
                 l.attempt += 1;
+                // A freeze that cannot be read is re-checked at its own pace
+                // without growing the deploy backoff.
                 let delay = if transient {
-                    FREEZE_RECHECK.min(l.retry_delay)
+                    FREEZE_RECHECK.min(l.retry.current())
                 } else {
-                    l.retry_delay
+                    l.retry.next_delay(&mut rand::thread_rng())
                 };
                 let at = now_secs() + delay.as_secs();
                 retry = Some((at, l.attempt));
@@ -850,9 +852,6 @@ impl MainLoop {
                     "will retry the deploy"
                 );
                 l.retry_at = Some(tokio::time::Instant::now() + delay);
-                if !transient {
-                    l.retry_delay = (l.retry_delay * 2).min(RETRY_MAX);
-                }
             }
             Some(Outcome::HealthFailed) => {
                 // Quarantined and (normally) rolled back: no retry until

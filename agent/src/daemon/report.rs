@@ -206,10 +206,7 @@ impl StatusSource for AgentView {
                     rep.last_error = Some(e.clone());
                 }
             }
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
+            let now_ms = crate::clock::now_ms();
             ConsulInfo {
                 address: w.address,
                 key: w.key,
@@ -224,7 +221,7 @@ impl StatusSource for AgentView {
                 if rep.last_error.is_none() {
                     rep.last_error = Some(LastError {
                         message: e.clone(),
-                        at_unix: deploy::now_secs(),
+                        at_unix: crate::clock::now_secs(),
                         build: None,
                         current: true,
                     });

@@ -265,7 +265,7 @@ impl Control {
         ) {
             self.state = if self.frozen {
                 AgentState::Frozen {
-                    since_unix: crate::deploy::now_secs(),
+                    since_unix: crate::clock::now_secs(),
                 }
             } else {
                 AgentState::Idle
@@ -315,7 +315,7 @@ fn unknown_intent() -> Control {
         state: AgentState::Held {
             by_uid: None,
             reason: "the agent's state file was unreadable; resume when no hold is wanted".into(),
-            since_unix: crate::deploy::now_secs(),
+            since_unix: crate::clock::now_secs(),
             pinned: None,
         },
         ..Control::default()

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::deploy::now_secs;
+use crate::clock::now_secs;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 

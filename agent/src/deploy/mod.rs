@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
 
 use crate::artifact::fetch::{self, ArtifactCache, ArtifactSpec, FetchSettings};
+use crate::clock::now_secs;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::manifest::{Format, Manifest};
@@ -260,14 +261,6 @@ pub struct DeployRecord {
     /// After a failed health check: the build the agent flipped back to.
     #[serde(default)]
     pub rolled_back_to: Option<String>,
-}
-
-/// Seconds since the Unix epoch.
-pub fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Observes the deploy as it goes (status socket, history, metrics).

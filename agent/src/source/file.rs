@@ -20,7 +20,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::consul::{WatchEvent, MAX_VALUE_SIZE};
+use super::consul::WatchEvent;
+use crate::consul::MAX_VALUE_SIZE;
 
 /// Quiet time after the last event before the file is read: an editor or a
 /// deploy tool often touches the file several times in a row.

@@ -12,9 +12,10 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::model::{now_unix, HistoryEntry, StatusReport};
+use super::model::{HistoryEntry, StatusReport};
 use super::render::{render_history, render_status};
 use super::server::DEFAULT_SOCKET;
+use crate::clock::now_secs;
 use crate::error::Error;
 
 /// Exit codes of the operator subcommands: the binary's one table
@@ -183,7 +184,7 @@ fn status(socket: &Path, out: &mut dyn Write, json: bool, color: bool) -> Result
     write_out(
         socket,
         out,
-        render_status(&report, color, now_unix()).as_bytes(),
+        render_status(&report, color, now_secs()).as_bytes(),
     )
 }
 
@@ -243,7 +244,7 @@ pub fn watch_status_on(
             .and_then(|r| r.ok("status"))
             .and_then(|r| r.json::<StatusReport>(socket))
         {
-            Ok(report) => render_status(&report, color, now_unix()),
+            Ok(report) => render_status(&report, color, now_secs()),
             Err(e @ Error::AgentNotRunning { .. }) => return Err(e),
             Err(e) => format!("{e}\n"),
         };
@@ -275,7 +276,7 @@ fn history(socket: &Path, out: &mut dyn Write, json: bool, color: bool) -> Resul
     write_out(
         socket,
         out,
-        render_history(&entries, color, now_unix()).as_bytes(),
+        render_history(&entries, color, now_secs()).as_bytes(),
     )
 }
 

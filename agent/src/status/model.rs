@@ -11,7 +11,6 @@
 //! can read a newer agent's report and the other way round.
 
 use std::collections::BTreeMap;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -293,15 +292,6 @@ pub struct CommandRequest {
     pub peer: Peer,
     /// Answer here; dropping it tells the client the agent did not answer.
     pub reply: oneshot::Sender<CommandReply>,
-}
-
-/// Now as unix seconds; 0 if the clock is before 1970 (it never is on a
-/// host that can verify TLS, and a wrong time is better than a panic).
-pub fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -33,6 +33,7 @@ use std::time::{Duration, SystemTime};
 use tar::EntryType;
 use tracing::{debug, instrument};
 
+pub use crate::config::UnpackLimits;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 
@@ -55,24 +56,6 @@ impl ArchiveFormat {
             ArchiveFormat::Tar => 1,
             ArchiveFormat::TarGz => 5,
             ArchiveFormat::TarZst => 6,
-        }
-    }
-}
-
-/// Bounds that stop archive bombs while streaming.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UnpackLimits {
-    /// Maximum total bytes of file contents.
-    pub max_bytes: u64,
-    /// Maximum number of archive entries (files, dirs, links).
-    pub max_entries: u64,
-}
-
-impl Default for UnpackLimits {
-    fn default() -> Self {
-        UnpackLimits {
-            max_bytes: 8 << 30,
-            max_entries: 1_000_000,
         }
     }
 }

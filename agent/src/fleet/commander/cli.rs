@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
+use crate::consul::{ConsulClient, ConsulSettings};
 use crate::error::{Error, Result};
 use crate::fleet::commander::release::{self, Release};
 use crate::manifest::Format;
-use crate::source::consul::{ConsulClient, ConsulSettings};
 
 /// Exit codes: the names these commands use for the binary's one table.
 pub mod exit {

@@ -12,10 +12,10 @@ use std::path::Path;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::deploy::now_secs;
+use crate::clock::now_secs;
+use crate::consul::{ConsulClient, QueryOptions};
 use crate::error::{Error, Result};
 use crate::manifest::{BuildSpec, Format, Manifest, UrlPolicy};
-use crate::source::consul::{ConsulClient, QueryOptions};
 
 /// The keys a commander works on.
 #[derive(Debug, Clone)]

@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::deploy::{now_secs, Phase};
+use crate::clock::now_secs;
+use crate::consul::ConsulClient;
+use crate::deploy::Phase;
 use crate::error::Result;
 use crate::fleet::commander::release::Release;
 use crate::fleet::host::hostreport::HostRecord;
-use crate::source::consul::ConsulClient;
 
 /// The summary `fleet status` prints.
 #[derive(Debug, Clone, Serialize, Default)]

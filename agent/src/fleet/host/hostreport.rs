@@ -25,9 +25,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::deploy::{now_secs, DeployRecord, Outcome, Phase};
+use crate::clock::now_secs;
+use crate::consul::ConsulClient;
+use crate::deploy::{DeployRecord, Outcome, Phase};
 use crate::fleet::Decision;
-use crate::source::consul::ConsulClient;
 
 /// One host's report, as stored in Consul.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

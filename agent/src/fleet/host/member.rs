@@ -19,12 +19,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::consul::{ConsulClient, ConsulSettings, QueryOptions};
 use crate::deploy::DeployRecord;
 use crate::error::Result;
 use crate::fleet::host::hostreport::HostReporter;
 use crate::fleet::{Choice, Decision};
 use crate::manifest::Manifest;
-use crate::source::consul::{ConsulClient, ConsulSettings, QueryOptions, WatchEvent, WatchStats};
+use crate::source::consul::{WatchEvent, WatchStats};
 
 /// What `status` shows about the fleet.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -30,14 +30,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::deploy::{now_secs, Phase};
+use crate::clock::now_secs;
+use crate::consul::{ConsulClient, KvPair, QueryOptions};
+use crate::deploy::Phase;
 use crate::fleet::commander::release::{Current, Release};
 use crate::fleet::commander::view::{self, FleetSummary};
 use crate::fleet::host::hostreport::HostRecord;
 use crate::manifest::{Manifest, UrlPolicy};
-use crate::source::consul::{
-    next_index, Backoff, BackoffState, ConsulClient, KvPair, QueryOptions,
-};
+use crate::pacing::{Backoff, BackoffState};
+use crate::source::consul::next_index;
 
 /// The rollout steps the page promotes through.
 pub const STEPS: [f64; 6] = [2.0, 10.0, 25.0, 50.0, 75.0, 100.0];
@@ -884,7 +885,7 @@ fn tier_view(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::consul::ConsulSettings;
+    use crate::consul::ConsulSettings;
 
     fn settings(report_prefix: &str) -> FeedSettings {
         FeedSettings {
