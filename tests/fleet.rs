@@ -261,7 +261,7 @@ async fn fleet_rollout_rollback_outages_disk_full_and_freeze() {
     let out = f.cli(&["release", "freeze"]);
     assert_eq!(
         out.status.code(),
-        Some(deploy_agent::status::exit::FROZEN as i32),
+        Some(deploy_agent::exit::FROZEN as i32),
         "a second freeze is refused"
     );
     f.cli_ok(&["release", "unfreeze"]);

@@ -1,11 +1,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! sd_notify against real datagram sockets standing in for systemd's
-//! `$NOTIFY_SOCKET`: a filesystem path and an abstract (`@`) name, plus the
-//! environment wrapper exercised in a child process (no `set_var` races).
+//! `$NOTIFY_SOCKET` (a filesystem path, as systemd, nspawn and podman set it). The
+//! notifier reads only the environment, so every case runs in a child
+//! process of this test binary (no `set_var` races).
 
-use std::ffi::OsString;
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::Duration;
 
@@ -13,26 +12,62 @@ use deploy_agent::daemon::notify::{spawn_watchdog, watchdog_interval, Notifier};
 use deploy_agent::status::CancellationToken;
 use deploy_agent_tests::fast_tempdir;
 
+/// One datagram, without the trailing newline sd_notify puts after each
+/// `KEY=VALUE`.
 fn recv(sock: &UnixDatagram) -> String {
     let mut buf = [0u8; 4096];
     let n = sock.recv(&mut buf).unwrap();
-    String::from_utf8(buf[..n].to_vec()).unwrap()
+    String::from_utf8(buf[..n].to_vec())
+        .unwrap()
+        .trim_end_matches('\n')
+        .to_string()
 }
 
-fn check_all_messages(sock: &UnixDatagram, n: &Notifier) {
-    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+/// Re-runs this test binary as `child` with `NOTIFY_SOCKET=socket` (the
+/// notifier reads only the environment, and a child keeps `set_var` out
+/// of the parallel tests); returns its exit status and stderr.
+fn run_child(child: &str, socket: &std::ffi::OsStr) -> (bool, String) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", child, "--test-threads=1", "--nocapture"])
+        .env("DEPLOY_AGENT_NOTIFY_CHILD", "1")
+        .env("NOTIFY_SOCKET", socket)
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Child half of the two `sends_every_message_*` tests.
+#[test]
+fn child_mode_all_messages() {
+    if std::env::var_os("DEPLOY_AGENT_NOTIFY_CHILD").is_none() {
+        return;
+    }
+    let n = Notifier::from_env();
     assert!(n.is_enabled());
     n.ready("serving web-1 from slot a").unwrap();
-    assert_eq!(recv(sock), "READY=1\nSTATUS=serving web-1 from slot a");
     n.status("downloading web-2\n50%").unwrap();
-    assert_eq!(recv(sock), "STATUS=downloading web-2 50%");
     n.watchdog().unwrap();
-    assert_eq!(recv(sock), "WATCHDOG=1");
     n.stopping().unwrap();
+    n.reloading().unwrap();
+    std::thread::sleep(Duration::from_millis(2));
+    n.reloading().unwrap();
+}
+
+fn check_all_messages(sock: &UnixDatagram, socket: &std::ffi::OsStr) {
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (ok, stderr) = run_child("child_mode_all_messages", socket);
+    assert!(ok, "{stderr}");
+    assert_eq!(recv(sock), "READY=1\nSTATUS=serving web-1 from slot a");
+    assert_eq!(recv(sock), "STATUS=downloading web-2 50%");
+    assert_eq!(recv(sock), "WATCHDOG=1");
     assert_eq!(recv(sock), "STOPPING=1");
     let mut last = 0u64;
     for _ in 0..2 {
-        n.reloading().unwrap();
         let msg = recv(sock);
         let (first, second) = msg.split_once('\n').unwrap();
         assert_eq!(first, "RELOADING=1");
@@ -51,30 +86,25 @@ fn sends_every_message_to_a_path_socket() {
     let dir = fast_tempdir();
     let path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&path).unwrap();
-    check_all_messages(&sock, &Notifier::new(Some(path.into_os_string())));
+    check_all_messages(&sock, path.as_os_str());
 }
 
+/// Child half of `a_missing_socket_is_an_error_not_a_panic`.
 #[test]
-fn sends_every_message_to_an_abstract_socket() {
-    let name = format!(
-        "deploy-agent-test-notify-{}-{}",
-        std::process::id(),
-        line!()
-    );
-    let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
-    let sock = UnixDatagram::bind_addr(&addr).unwrap();
-    check_all_messages(
-        &sock,
-        &Notifier::new(Some(OsString::from(format!("@{name}")))),
-    );
+fn child_mode_missing_socket() {
+    if std::env::var_os("DEPLOY_AGENT_NOTIFY_CHILD").is_none() {
+        return;
+    }
+    let e = Notifier::from_env().ready("x").unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
 }
 
 #[test]
 fn a_missing_socket_is_an_error_not_a_panic() {
     let dir = fast_tempdir();
-    let n = Notifier::new(Some(dir.path().join("nobody-listens").into_os_string()));
-    let e = n.ready("x").unwrap_err();
-    assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    let nowhere = dir.path().join("nobody-listens");
+    let (ok, stderr) = run_child("child_mode_missing_socket", nowhere.as_os_str());
+    assert!(ok, "{stderr}");
 }
 
 /// Child half of `reads_notify_socket_and_watchdog_from_the_environment`:
@@ -97,17 +127,20 @@ fn reads_notify_socket_and_watchdog_from_the_environment() {
     sock.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let me = std::env::current_exe().unwrap();
-    let run = |watchdog_pid: Option<&str>| {
-        let mut cmd = Command::new(&me);
-        cmd.args(["--exact", "child_mode_notify_from_env", "--test-threads=1"])
+    // systemd sets WATCHDOG_PID to the service's main pid: `exec` from a
+    // shell keeps `$$` as the child's pid.
+    let run = |watchdog_pid: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "WATCHDOG_PID={watchdog_pid} exec \"$0\" --exact child_mode_notify_from_env --test-threads=1"
+            ))
+            .arg(&me)
             .env("DEPLOY_AGENT_NOTIFY_CHILD", "1")
             .env("NOTIFY_SOCKET", &path)
             .env("WATCHDOG_USEC", "30000000")
-            .env_remove("WATCHDOG_PID");
-        if let Some(pid) = watchdog_pid {
-            cmd.env("WATCHDOG_PID", pid);
-        }
-        let out = cmd.output().unwrap();
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "{}",
@@ -116,9 +149,9 @@ fn reads_notify_socket_and_watchdog_from_the_environment() {
         recv(&sock)
     };
     // Half of WATCHDOG_USEC.
-    assert_eq!(run(None), "READY=1\nSTATUS=interval 15000");
+    assert_eq!(run("$$"), "READY=1\nSTATUS=interval 15000");
     // A watchdog meant for another process (pid 1 is never the child).
-    assert_eq!(run(Some("1")), "READY=1\nSTATUS=interval 0");
+    assert_eq!(run("1"), "READY=1\nSTATUS=interval 0");
 
     // Without NOTIFY_SOCKET the child sends nothing and still succeeds.
     let out = Command::new(&me)
@@ -164,12 +197,13 @@ fn watchdog_task_pings_at_half_the_interval() {
     let sock = UnixDatagram::bind(&path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_mode_watchdog_task", "--test-threads=1"])
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("WATCHDOG_PID=$$ exec \"$0\" --exact child_mode_watchdog_task --test-threads=1")
+        .arg(std::env::current_exe().unwrap())
         .env("DEPLOY_AGENT_WATCHDOG_CHILD", "1")
         .env("NOTIFY_SOCKET", &path)
         .env("WATCHDOG_USEC", "200000")
-        .env_remove("WATCHDOG_PID")
         .output()
         .unwrap();
     assert!(

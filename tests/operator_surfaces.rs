@@ -532,15 +532,9 @@ fn child_mode_flood() {
 }
 
 fn as_nobody(cmd: &mut Proc) {
-    // SAFETY: only async-signal-safe syscalls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setgroups(&[])?;
-            nix::unistd::setgid(nix::unistd::Gid::from_raw(NOBODY))?;
-            nix::unistd::setuid(nix::unistd::Uid::from_raw(NOBODY))?;
-            Ok(())
-        });
-    }
+    // std drops the supplementary groups (setgroups(0)) when it changes the
+    // uid as root, then sets gid and uid: no code of ours runs after fork.
+    cmd.uid(NOBODY).gid(NOBODY);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -662,7 +656,7 @@ async fn unprivileged_cli_is_never_told_to_join_group_root() {
     let err = text(&out.stderr);
     assert_eq!(
         out.status.code(),
-        Some(deploy_agent::status::exit::PERMISSION_DENIED as i32),
+        Some(deploy_agent::exit::PERMISSION_DENIED as i32),
         "{err}"
     );
     assert!(!err.contains("join group root"), "{err}");
@@ -728,7 +722,7 @@ fn json_logs_carry_values_not_debug_strings() {
 
 #[test]
 fn one_exit_code_table_for_every_command() {
-    use deploy_agent::status::exit;
+    use deploy_agent::exit;
     let mut all = exit::ALL.to_vec();
     all.sort_unstable();
     all.dedup();
@@ -794,7 +788,7 @@ async fn release_freeze_twice_exits_with_the_frozen_code() {
     .unwrap();
     assert_eq!(
         out.status.code(),
-        Some(deploy_agent::status::exit::FROZEN as i32),
+        Some(deploy_agent::exit::FROZEN as i32),
         "{}",
         text(&out.stderr)
     );
@@ -849,7 +843,7 @@ async fn fleet_status_against_something_that_is_not_consul_fails_clearly() {
     let err = text(&out.stderr);
     assert_eq!(
         out.status.code(),
-        Some(deploy_agent::status::exit::NOT_CONSUL as i32),
+        Some(deploy_agent::exit::NOT_CONSUL as i32),
         "stdout {} stderr {err}",
         text(&out.stdout)
     );

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use deploy_agent::deploy::health::HealthConfig;
+use deploy_agent::config::HealthConfig;
 use deploy_agent::deploy::{DeployRecord, Outcome, Phase};
 use deploy_agent::status::{Command, CommandRequest, Peer};
 use deploy_agent_tests::agent::{Harness, KEY};

@@ -13,10 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deploy_agent::clock::now_secs;
+use deploy_agent::config::GroupSpec;
 use deploy_agent::status::client::{exit, request, run_cli_with, watch_status, SocketArgs};
 use deploy_agent::status::model::*;
 use deploy_agent::status::{
-    CancellationToken, GroupSpec, Metrics, OperatorCommand, SocketSettings, StatusServer,
+    CancellationToken, Metrics, OperatorCommand, SocketSettings, StatusServer,
 };
 use deploy_agent::Error;
 use deploy_agent_tests::fast_tempdir;
@@ -859,15 +860,9 @@ fn cli_as_nobody(socket: &Path) -> (i32, String) {
         "--nocapture",
     ])
     .env("DEPLOY_AGENT_CLI_CHILD", socket);
-    // SAFETY: only async-signal-safe syscalls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setgroups(&[])?;
-            nix::unistd::setgid(nix::unistd::Gid::from_raw(NOBODY))?;
-            nix::unistd::setuid(nix::unistd::Uid::from_raw(NOBODY))?;
-            Ok(())
-        });
-    }
+    // std drops the supplementary groups (setgroups(0)) when it changes the
+    // uid as root, then sets gid and uid: no code of ours runs after fork.
+    cmd.uid(NOBODY).gid(NOBODY);
     let out = cmd.output().unwrap();
     (
         out.status.code().unwrap(),

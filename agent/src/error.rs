@@ -28,7 +28,7 @@ pub enum Error {
     ConsulConnect { url: String, message: String },
 
     /// No answer within the per-request timeout (wait * 17/16 + margin).
-    #[error("Consul request to {url} timed out after {}; check the local Consul agent and any proxy idle timeout on the path", crate::status::render::human_duration(*timeout))]
+    #[error("Consul request to {url} timed out after {}; check the local Consul agent and any proxy idle timeout on the path", crate::clock::human_duration(*timeout))]
     ConsulTimeout {
         url: String,
         timeout: std::time::Duration,
@@ -176,8 +176,17 @@ pub enum Error {
     #[error("{what} cancelled; a later attempt resumes from the partial download")]
     Cancelled { what: String },
     // ---- config / manifest / deploy / daemon ----
-    #[error("{0}")]
-    Config(#[from] crate::config::ConfigError),
+    /// The config file cannot be read.
+    #[error("cannot read config {path}: {source}")]
+    ConfigRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The config file (or a setting derived from it) is invalid.
+    #[error("config {path}: {message}")]
+    ConfigInvalid { path: PathBuf, message: String },
 
     #[error("rejected manifest from {source_name}: {error}; fix the published value, the current build keeps serving")]
     Manifest {
@@ -193,7 +202,7 @@ pub enum Error {
         output: String,
     },
 
-    #[error("drain condition ({what}) did not hold within {}; the flip was not done, check the workers or raise drain.hot-deadline", crate::status::render::human_duration(*waited))]
+    #[error("drain condition ({what}) did not hold within {}; the flip was not done, check the workers or raise drain.hot-deadline", crate::clock::human_duration(*waited))]
     DrainCondition {
         what: String,
         waited: std::time::Duration,

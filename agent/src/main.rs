@@ -77,8 +77,8 @@ enum Cmd {
 /// Exit codes of `run` and `check-config`, from the binary's one
 /// table (docs/operating.md, Exit codes): 1 runtime failure, 2 bad config or usage.
 mod exit {
-    pub const RUNTIME: u8 = deploy_agent::status::exit::FAILURE;
-    pub const CONFIG: u8 = deploy_agent::status::exit::USAGE;
+    pub const RUNTIME: u8 = deploy_agent::exit::FAILURE;
+    pub const CONFIG: u8 = deploy_agent::exit::USAGE;
 }
 
 fn main() -> ExitCode {
@@ -156,7 +156,7 @@ fn main() -> ExitCode {
                     (Some(k), _) => {
                         // load() already resolved these once; this cannot
                         // fail differently unless the environment changed.
-                        let address = deploy_agent::daemon::consul_settings(&c)
+                        let address = deploy_agent::config::consul_settings(&c)
                             .map(|s| s.address)
                             .unwrap_or_else(|_| c.consul.address.clone());
                         println!("  source: consul key {k} at {address}");
@@ -191,7 +191,7 @@ fn main() -> ExitCode {
                         cmd.as_ref()
                             .map(|a| format!("command {a:?}"))
                             .unwrap_or_default(),
-                        deploy_agent::status::render::human_duration(c.health.window)
+                        deploy_agent::clock::human_duration(c.health.window)
                     ),
                 }
                 println!(

@@ -89,12 +89,9 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 /// this costs well under a second, where one fsync per file costs 5-29 s.
 pub fn syncfs(path: &Path) -> Result<()> {
     let f = File::open(path).at(path)?;
-    // SAFETY: syncfs only reads the descriptor, which `f` keeps open.
-    let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).at(path);
-    }
-    Ok(())
+    nix::unistd::syncfs(f.as_raw_fd())
+        .map_err(std::io::Error::from)
+        .at(path)
 }
 
 /// Removes `path` recursively if it exists. Used off the critical path on

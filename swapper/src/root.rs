@@ -19,11 +19,12 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{symlink, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::fcntl::{renameat2, Flock, FlockArg, RenameFlags};
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -45,7 +46,7 @@ pub struct DeployRoot {
     state: State,
     // Held for its flock(2); closing the descriptor releases the lock, so a
     // SIGKILLed owner never leaves the root locked.
-    _lock: File,
+    _lock: Flock<File>,
 }
 
 /// What [`DeployRoot::open`] found and repaired.
@@ -588,7 +589,7 @@ pub fn purge_trash(root: &Path) -> Result<usize> {
     Ok(n)
 }
 
-fn lock(path: &Path) -> Result<File> {
+fn lock(path: &Path) -> Result<Flock<File>> {
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -600,16 +601,12 @@ fn lock(path: &Path) -> Result<File> {
         .at(path)?;
     let me = std::process::id().to_string();
     let mut attempts = 0;
-    loop {
-        // SAFETY: flock only reads the descriptor, which `f` keeps open.
-        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
-            break;
-        }
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(err).at(path);
-        }
+    let mut locked = loop {
+        f = match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => break locked,
+            Err((f, Errno::EWOULDBLOCK)) => f,
+            Err((_, errno)) => return Err(std::io::Error::from(errno)).at(path),
+        };
         let mut pid = String::new();
         f.seek(SeekFrom::Start(0)).at(path)?;
         let _ = f.read_to_string(&mut pid);
@@ -630,46 +627,23 @@ fn lock(path: &Path) -> Result<File> {
                 pid
             },
         });
-    }
+    };
     // Record the owner for the "locked by pid N" message. Not fsynced: after
     // a crash the lock is free anyway and the next owner rewrites it.
-    f.set_len(0).at(path)?;
-    f.seek(SeekFrom::Start(0)).at(path)?;
-    write!(f, "{}", std::process::id()).at(path)?;
-    Ok(f)
+    locked.set_len(0).at(path)?;
+    locked.seek(SeekFrom::Start(0)).at(path)?;
+    write!(locked, "{}", std::process::id()).at(path)?;
+    Ok(locked)
 }
 
 fn exchange(a: &Path, b: &Path) -> Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let ca = CString::new(a.as_os_str().as_bytes()).map_err(|e| Error::Io {
+    renameat2(None, a, None, b, RenameFlags::RENAME_EXCHANGE).map_err(|errno| Error::Adopt {
         path: a.to_path_buf(),
-        source: std::io::Error::other(e),
-    })?;
-    let cb = CString::new(b.as_os_str().as_bytes()).map_err(|e| Error::Io {
-        path: b.to_path_buf(),
-        source: std::io::Error::other(e),
-    })?;
-    // SAFETY: both pointers are valid NUL-terminated strings for the call.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            ca.as_ptr(),
-            libc::AT_FDCWD,
-            cb.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
-    if rc != 0 {
-        return Err(Error::Adopt {
-            path: a.to_path_buf(),
-            reason: format!(
-                "renameat2(RENAME_EXCHANGE) failed: {} (the filesystem must support it)",
-                std::io::Error::last_os_error()
-            ),
-        });
-    }
-    Ok(())
+        reason: format!(
+            "renameat2(RENAME_EXCHANGE) failed: {} (the filesystem must support it)",
+            std::io::Error::from(errno)
+        ),
+    })
 }
 
 /// Recreates the tree `src` under `dst` with hard links for files (a copy

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use deploy_agent::config::Config;
 use deploy_agent::consul::ConsulSettings;
-use deploy_agent::daemon::{Agent, RunOptions, StatusInner};
+use deploy_agent::daemon::live::StatusInner;
+use deploy_agent::daemon::{Agent, RunOptions};
 use deploy_agent::deploy::{DeployRecord, Outcome};
 use deploy_agent::manifest::Format;
 use deploy_agent::pacing::{Backoff, RateLimit};

@@ -95,8 +95,7 @@ impl Host {
                 .env("NO_COLOR", "1")
                 .output()
                 .unwrap();
-            let not_running =
-                out.status.code() == Some(i32::from(deploy_agent::status::exit::NOT_RUNNING));
+            let not_running = out.status.code() == Some(i32::from(deploy_agent::exit::NOT_RUNNING));
             if !not_running || start.elapsed() > Duration::from_secs(15) {
                 return out;
             }

@@ -6,23 +6,21 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+mod health;
+mod signing;
+mod status;
+
+pub use health::HealthConfig;
+pub use signing::SigningConfig;
+pub use status::{parse_octal_mode, GroupSpec, StatusConfig, MAX_SOCKET_MODE};
+
+use serde::Deserialize;
+
+use crate::consul::ConsulSettings;
+use crate::error::{Error, Result};
 
 /// Where the config lives unless `--config` says otherwise.
 pub const DEFAULT_PATH: &str = "/etc/deploy-agent/config.toml";
-
-/// Why a config was rejected.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config {path}: {message}")]
-    Invalid { path: PathBuf, message: String },
-}
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -48,13 +46,13 @@ pub struct Config {
     pub hooks: HooksConfig,
     /// The local status socket.
     #[serde(default)]
-    pub status: crate::status::StatusConfig,
+    pub status: StatusConfig,
     /// The health gate after a flip (`health.rs`); off without url/command.
     #[serde(default)]
-    pub health: crate::deploy::health::HealthConfig,
+    pub health: HealthConfig,
     /// Trusted manifest signing keys (`sign.rs`); none = no signature needed.
     #[serde(default)]
-    pub signing: crate::sign::SigningConfig,
+    pub signing: SigningConfig,
     /// Tier, app, host id, rollout splay, host reports, freeze key.
     #[serde(default)]
     pub fleet: FleetConfig,
@@ -75,7 +73,7 @@ pub struct FleetConfig {
     /// Longest random wait before a download, so a fleet does not hit the
     /// artifact server in the same second. Default 20s when `app` is set,
     /// else 0s (off).
-    #[serde(deserialize_with = "opt_duration")]
+    #[serde(with = "humantime_serde")]
     pub splay_max: Option<Duration>,
     /// Write this host's state to Consul on every state change. Default on
     /// when `app` is set.
@@ -106,7 +104,7 @@ impl FleetConfig {
         }
         match (&self.report_prefix, &self.app) {
             (Some(p), _) => Some(p.clone()),
-            (None, Some(app)) => Some(crate::fleet::report_prefix(app)),
+            (None, Some(app)) => Some(crate::consul::keys::report_prefix(app)),
             (None, None) => None,
         }
     }
@@ -115,7 +113,7 @@ impl FleetConfig {
     pub fn freeze_key(&self) -> Option<String> {
         self.freeze_key
             .clone()
-            .or_else(|| self.app.as_deref().map(crate::fleet::freeze_key))
+            .or_else(|| self.app.as_deref().map(crate::consul::keys::freeze_key))
     }
 }
 
@@ -144,20 +142,20 @@ pub struct ConsulConfig {
     pub ssl_verify: bool,
     pub datacenter: Option<String>,
     /// Blocking query wait (at most 10m).
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub wait: Duration,
     /// LastContact above this triggers a consistent re-read.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub max_stale: Duration,
     /// The first request waits a random delay below this (default 5s), so
     /// a fleet-wide restart does not reach Consul in one burst.
-    #[serde(default, deserialize_with = "opt_duration")]
+    #[serde(default, with = "humantime_serde")]
     pub first_request_splay: Option<Duration>,
     /// Watch token bucket: requests that may go out back to back (default 2).
     #[serde(default)]
     pub rate_burst: Option<u32>,
     /// Watch token bucket: one more request per interval (default 15s).
-    #[serde(default, deserialize_with = "opt_duration")]
+    #[serde(default, with = "humantime_serde")]
     pub rate_interval: Option<Duration>,
 }
 
@@ -187,9 +185,9 @@ impl Default for ConsulConfig {
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct DownloadConfig {
     pub parallel_ranges: usize,
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub read_timeout: Duration,
     pub retries: u32,
     /// Total bytes per second across ranges; none = unlimited.
@@ -266,13 +264,13 @@ pub enum HotDrain {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct DrainConfig {
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub cold_deadline: Duration,
     pub cold_action: ColdSlotAction,
     pub hot: HotDrain,
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub hot_deadline: Duration,
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub poll: Duration,
 }
 
@@ -294,7 +292,7 @@ impl Default for DrainConfig {
 pub struct HooksConfig {
     pub pre_flip: Option<Vec<String>>,
     pub post_flip: Option<Vec<String>>,
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Bytes of hook output kept for the log and status.
     pub output_limit: usize,
@@ -334,15 +332,15 @@ impl Config {
             health: Default::default(),
             signing: Default::default(),
             fleet: FleetConfig::default(),
-            status: crate::status::StatusConfig::default(),
+            status: StatusConfig::default(),
         }
     }
 
     /// Reads and validates the config file at `path`: [`Config::parse`],
     /// then [`Config::check_host`]. `run` (at start and on every reload)
     /// and `check-config` both call this, so they accept the same files.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
             path: path.to_path_buf(),
             source,
         })?;
@@ -356,8 +354,8 @@ impl Config {
     /// with the environment's `CONSUL_HTTP_*` overrides (a token file that
     /// cannot be read fails here, not after the agent set anything up).
     /// Creates nothing. Group lookups may go to NSS (LDAP...) and block.
-    pub fn check_host(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid {
+    pub fn check_host(&self, path: &Path) -> Result<()> {
+        let invalid = |message: String| Error::ConfigInvalid {
             path: path.to_path_buf(),
             message,
         };
@@ -370,14 +368,14 @@ impl Config {
             }
         }
         if self.source.key.is_some() || self.fleet.report_prefix().is_some() {
-            crate::daemon::consul_settings(self).map_err(|e| invalid(format!("consul: {e}")))?;
+            consul_settings(self).map_err(|e| invalid(format!("consul: {e}")))?;
         }
         Ok(())
     }
 
     /// Parses and validates config text; `path` is only for messages.
-    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid {
+    pub fn parse(text: &str, path: &Path) -> Result<Config> {
+        let invalid = |message: String| Error::ConfigInvalid {
             path: path.to_path_buf(),
             message,
         };
@@ -400,7 +398,7 @@ impl Config {
             &cfg.fleet.app,
             &cfg.fleet.tier,
         ) {
-            cfg.source.key = Some(crate::fleet::tier_key(app, tier));
+            cfg.source.key = Some(crate::consul::keys::tier_key(app, tier));
         }
         if !cfg.deploy_root.is_absolute() {
             return Err(invalid("deploy-root: must be an absolute path".into()));
@@ -628,58 +626,44 @@ pub fn valid_key(k: &str) -> bool {
     crate::consul::validate_key(k, false).is_ok()
 }
 
-/// Parses durations such as `250ms`, `5s`, `2m`, `1h`, `1m30s`.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    if s.is_empty() {
-        return None;
+/// Builds the Consul settings from the config, then the environment
+/// (`CONSUL_HTTP_ADDR` and friends override the file, as in every Consul
+/// tool).
+pub fn consul_settings(cfg: &Config) -> Result<ConsulSettings> {
+    let c = &cfg.consul;
+    let mut s = ConsulSettings {
+        address: c.address.clone(),
+        token: c.token.clone(),
+        ca_cert: c.ca_cert.clone(),
+        client_cert: c.client_cert.clone(),
+        client_key: c.client_key.clone(),
+        tls_server_name: c.tls_server_name.clone(),
+        ssl_verify: c.ssl_verify,
+        datacenter: c.datacenter.clone(),
+        wait: c.wait,
+        max_stale: c.max_stale,
+        ..ConsulSettings::default()
+    };
+    // Read now (a missing file fails the start) and again by the client
+    // whenever it changes.
+    s.token_file = c.token_file.clone();
+    if let Some(d) = c.first_request_splay {
+        s.first_request_splay = d;
     }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return None;
-        }
-        let n: f64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let secs = match unit {
-            "ms" => n / 1000.0,
-            "s" => n,
-            "m" => n * 60.0,
-            "h" => n * 3600.0,
-            _ => return None,
-        };
-        total += Duration::try_from_secs_f64(secs).ok()?;
+    if let Some(b) = c.rate_burst {
+        s.rate.burst = b.max(1);
     }
-    Some(total)
-}
-
-fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    duration(d).map(Some)
-}
-
-pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_duration(&s).ok_or_else(|| {
-        serde::de::Error::custom(format!(
-            "{s:?} is not a duration (use e.g. 250ms, 5s, 2m, 1h)"
-        ))
-    })
+    if let Some(i) = c.rate_interval {
+        s.rate.refill_interval = i;
+    }
+    s.from_env()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(t: &str) -> Result<Config, ConfigError> {
+    fn parse(t: &str) -> Result<Config> {
         Config::parse(t, Path::new("test.toml"))
     }
 
@@ -710,7 +694,7 @@ mod tests {
     fn watch_pacing_defaults_and_overrides() {
         let c = parse("deploy-root = \"/x\"\n[source]\nkey = \"k\"\n").unwrap();
         assert_eq!((c.consul.rate_burst, c.consul.rate_interval), (None, None));
-        let s = crate::daemon::consul_settings(&c).unwrap();
+        let s = consul_settings(&c).unwrap();
         assert_eq!(
             (s.rate.burst, s.rate.refill_interval),
             (2, Duration::from_secs(15))
@@ -719,7 +703,7 @@ mod tests {
             "deploy-root = \"/x\"\n[source]\nkey = \"k\"\n[consul]\nrate-burst = 3\nrate-interval = \"100ms\"\n",
         )
         .unwrap();
-        let s = crate::daemon::consul_settings(&c).unwrap();
+        let s = consul_settings(&c).unwrap();
         assert_eq!(s.rate.burst, 3);
         assert_eq!(s.rate.refill_interval, Duration::from_millis(100));
     }
@@ -867,11 +851,15 @@ mod tests {
     }
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
-        assert_eq!(parse_duration("5"), None);
-        assert_eq!(parse_duration("x"), None);
+    fn durations_read_as_people_write_them() {
+        let c = parse("deploy-root = \"/x\"\n[source]\nkey = \"k\"\n[download]\nread-timeout = \"1m 30s\"\nconnect-timeout = \"250ms\"\n").unwrap();
+        assert_eq!(c.download.read_timeout, Duration::from_secs(90));
+        assert_eq!(c.download.connect_timeout, Duration::from_millis(250));
+        let e = parse(
+            "deploy-root = \"/x\"\n[source]\nkey = \"k\"\n[download]\nread-timeout = \"5\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("read-timeout"), "{e}");
     }
 }

@@ -1,6 +1,7 @@
 //! Consul key rules (docs/consul-watch-rules.md rule 15): the one validator
 //! the client, the config check and `check-config` use, and the URL
-//! encoding of key names. Pure functions.
+//! encoding of key names, and the fleet's key layout (tier, freeze and
+//! report keys). Pure functions.
 
 /// Re-exported: [`watch_key`] takes one, and callers (the tests among
 /// them) need not depend on tokio-util themselves.
@@ -50,6 +51,25 @@ pub(crate) fn encode(s: &str, keep_slash: bool) -> String {
         }
     }
     out
+}
+
+/// The default key of a tier: `deploy/<app>/<tier>`.
+pub fn tier_key(app: &str, tier: &str) -> String {
+    format!("deploy/{app}/{tier}")
+}
+
+/// The default fleet-wide freeze key of an app: `deploy/<app>/freeze`.
+pub fn freeze_key(app: &str) -> String {
+    format!("deploy/{app}/freeze")
+}
+
+/// The default prefix of per-host reports: `deploy-hosts/<app>/`. Outside
+/// `deploy/<app>/` on purpose: real Consul wakes a blocking query on a
+/// missing key (the freeze key, a tier key before its first publish) for
+/// every write in the key's radix subtree, and reports are the fleet's most
+/// frequent writes (see `fleet/host/hostreport.rs`).
+pub fn report_prefix(app: &str) -> String {
+    format!("deploy-hosts/{app}/")
 }
 
 #[cfg(test)]

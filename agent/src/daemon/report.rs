@@ -6,8 +6,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::daemon::state::AgentState;
-use crate::daemon::Shared;
+use crate::control::AgentState;
+use crate::daemon::live::LiveStatus;
 use crate::deploy::{self, DeployRecord, Deployer, Phase};
 use crate::source::consul::WatchStats;
 use crate::status::metrics::ConsulErrorKind;
@@ -20,7 +20,7 @@ use crate::status::{HistoryEntry, Metrics, StatusReport, StatusSource};
 /// The daemon as the status socket sees it.
 #[derive(Debug)]
 pub struct AgentView {
-    pub shared: Arc<Shared>,
+    pub shared: Arc<LiveStatus>,
     pub deployer: Arc<Deployer>,
     pub watch: Option<Arc<WatchStats>>,
     pub metrics: Arc<Metrics>,
@@ -41,7 +41,7 @@ const LEFTOVERS_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl AgentView {
     pub fn new(
-        shared: Arc<Shared>,
+        shared: Arc<LiveStatus>,
         deployer: Arc<Deployer>,
         watch: Option<Arc<WatchStats>>,
         metrics: Arc<Metrics>,

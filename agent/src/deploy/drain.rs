@@ -117,7 +117,7 @@ pub async fn run_hook(
                 let text = String::from_utf8_lossy(&output).into_owned();
                 return Err(Error::Hook {
                     name: name.into(),
-                    reason: format!("timed out after {} and was killed with its process group", crate::status::render::human_duration(timeout)),
+                    reason: format!("timed out after {} and was killed with its process group", crate::clock::human_duration(timeout)),
                     output: text,
                 });
             }

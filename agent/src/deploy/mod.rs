@@ -29,6 +29,7 @@ pub mod drain;
 pub mod guard;
 pub mod health;
 pub mod pipeline;
+pub mod splay;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -631,8 +632,7 @@ impl Deployer {
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))??;
                 // A download is needed: spread the fleet's requests out.
-                crate::fleet::host::splay::wait(self.config.fleet.splay(), &m.spec.build, cancel)
-                    .await;
+                crate::deploy::splay::wait(self.config.fleet.splay(), &m.spec.build, cancel).await;
                 check("the download")?;
             }
             drain::wait_cold_slot(

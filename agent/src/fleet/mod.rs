@@ -23,29 +23,11 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
+pub use crate::consul::keys::{freeze_key, report_prefix, tier_key};
 use crate::manifest::{BuildSpec, Manifest};
 
 /// Where the host id comes from when the config does not set one.
 pub const MACHINE_ID_PATH: &str = "/etc/machine-id";
-
-/// The default key of a tier: `deploy/<app>/<tier>`.
-pub fn tier_key(app: &str, tier: &str) -> String {
-    format!("deploy/{app}/{tier}")
-}
-
-/// The default fleet-wide freeze key of an app: `deploy/<app>/freeze`.
-pub fn freeze_key(app: &str) -> String {
-    format!("deploy/{app}/freeze")
-}
-
-/// The default prefix of per-host reports: `deploy-hosts/<app>/`. Outside
-/// `deploy/<app>/` on purpose: real Consul wakes a blocking query on a
-/// missing key (the freeze key, a tier key before its first publish) for
-/// every write in the key's radix subtree, and reports are the fleet's most
-/// frequent writes (see `hostreport.rs`).
-pub fn report_prefix(app: &str) -> String {
-    format!("deploy-hosts/{app}/")
-}
 
 /// This host's id: the config's `host-id`, else `/etc/machine-id`, else the
 /// hostname. Reads files: call it once at start.

@@ -53,16 +53,6 @@ pub const CONTEXT: &[u8] = b"deploy-agent manifest v1\n";
 /// The manifest member holding the signatures; never part of what is signed.
 pub const FIELD: &str = "signatures";
 
-/// `[signing]` in the config.
-#[derive(Debug, Clone, Default, serde::Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
-pub struct SigningConfig {
-    /// Base64 ed25519 public keys (the `.pub` files `keygen` writes). With
-    /// more than one, a manifest signed by any of them is accepted (key
-    /// rotation).
-    pub public_keys: Vec<String>,
-}
-
 /// The public keys this host trusts, by key id. Empty = signatures are not
 /// required (and not checked).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -19,9 +19,9 @@ use crate::clock::now_secs;
 use crate::error::Error;
 
 /// Exit codes of the operator subcommands: the binary's one table
-/// ([`crate::status::exit`]) as `i32`, the type [`run_cli`] returns.
+/// ([`crate::exit`]) as `i32`, the type [`run_cli`] returns.
 pub mod exit {
-    use crate::status::exit as table;
+    use crate::exit as table;
     pub const OK: i32 = table::OK as i32;
     pub const FAILURE: i32 = table::FAILURE as i32;
     pub const USAGE: i32 = table::USAGE as i32;
@@ -253,7 +253,7 @@ pub fn watch_status_on(
             // flicker.
             format!(
                 "\x1b[H\x1b[2J{screen}\n(every {}, Ctrl-C to quit)\n",
-                super::render::human_duration(interval)
+                crate::clock::human_duration(interval)
             )
         } else {
             format!("{screen}\n")

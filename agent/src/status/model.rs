@@ -10,8 +10,6 @@
 //! Every field has a default and unknown fields are ignored, so an older CLI
 //! can read a newer agent's report and the other way round.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -52,7 +50,7 @@ pub struct StatusReport {
     pub hold: HoldState,
     /// Fleet membership: rollout bucket and decision, freeze.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub fleet: Option<crate::fleet::host::member::FleetInfo>,
+    pub fleet: Option<FleetInfo>,
 }
 
 impl StatusReport {
@@ -119,10 +117,33 @@ pub struct SlotInfo {
 
 /// The phases and outcomes of a deploy: one vocabulary, defined by the
 /// per-deploy state machine and shown on the wire as is.
+/// What `status` shows about the fleet.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FleetInfo {
+    pub host_id: String,
+    pub tier: Option<String>,
+    /// The rollout bucket in `[0, 100)` under the last manifest.
+    pub bucket: Option<f64>,
+    pub percent: Option<f64>,
+    /// `all`, `new`, `previous` or `stay`.
+    pub choice: Option<String>,
+    /// The build the decision names.
+    pub decided_build: Option<String>,
+    pub frozen: bool,
+    pub freeze_key: Option<String>,
+    pub report_key: Option<String>,
+    /// Why the freeze watch is failing, while it is (with its time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_error: Option<String>,
+    /// Why the last host report could not be written, until one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_error: Option<String>,
+}
+
 pub use crate::deploy::{Outcome, Phase};
 
 /// The agent's own state (idle, deploying, retry-wait, held, frozen).
-pub use crate::daemon::state::AgentState;
+pub use crate::control::{AgentState, HistoryEntry, HistoryKind};
 
 /// Progress of a byte- or entry-counting phase.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -189,47 +210,6 @@ pub struct HoldState {
     pub since_unix: Option<u64>,
     /// Uid of the peer that asked for the hold.
     pub by_uid: Option<u32>,
-}
-
-/// What a history entry records.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum HistoryKind {
-    /// A deploy (finished, or cancelled).
-    #[default]
-    Deploy,
-    /// `deploy-agent hold`.
-    Hold,
-    /// `deploy-agent resume`.
-    Resume,
-    /// `deploy-agent rollback` (the build it flipped to is `build`).
-    Rollback,
-    /// `deploy-agent redeploy`.
-    Redeploy,
-}
-
-/// One finished deploy or operator action, for `GET /v1/history`.
-/// Persisted with the agent state, so history survives restarts.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct HistoryEntry {
-    /// Daemon-assigned id.
-    pub id: String,
-    pub kind: HistoryKind,
-    /// The operator's uid (operator actions).
-    pub by_uid: Option<u32>,
-    /// The operator's reason (hold), or what the action did.
-    pub reason: Option<String>,
-    pub build: String,
-    pub started_unix: u64,
-    /// `None` while running.
-    pub finished_unix: Option<u64>,
-    /// `None` while running.
-    pub outcome: Option<Outcome>,
-    pub error: Option<String>,
-    /// Duration of each phase that ran, in milliseconds, keyed by
-    /// [`Phase::as_str`].
-    pub phase_ms: BTreeMap<String, u64>,
 }
 
 /// What the daemon exposes to the status socket. Implementations must be

@@ -3,6 +3,7 @@
 //! caller says the output is a terminal. Pure functions of their inputs;
 //! nothing is written anywhere, so there is nothing to lose on a crash.
 
+use crate::clock::duration;
 use std::fmt::Write as _;
 
 use super::model::{HistoryEntry, HistoryKind, Outcome, Phase, StatusReport};
@@ -157,12 +158,7 @@ pub fn render_status(r: &StatusReport, color: bool, now_unix: u64) -> String {
         let _ = writeln!(o, "{:<9} not held", "hold");
     }
     if let Some(f) = &r.fleet {
-        let _ = writeln!(
-            o,
-            "{:<9} {}",
-            "fleet",
-            crate::fleet::commander::view::member_line(f)
-        );
+        let _ = writeln!(o, "{:<9} {}", "fleet", member_line(f));
         if f.frozen {
             let line = format!(
                 "FROZEN fleet-wide ({})",
@@ -352,35 +348,6 @@ pub fn bytes(n: u64) -> String {
     format!("{v:.1} {}", UNITS[unit])
 }
 
-/// `45s`, `4m05s`, `3h12m`, `2d04h`.
-pub fn duration(secs: u64) -> String {
-    match secs {
-        s if s < 60 => format!("{s}s"),
-        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
-        s if s < 86400 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
-        s => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
-    }
-}
-
-/// A duration for messages, to the precision a reader can use: `250ms`,
-/// `2.5s`, `30s`, `4m05s`, `3h12m` (never `2.521672156s`).
-pub fn human_duration(d: std::time::Duration) -> String {
-    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-    if ms < 1000 {
-        return format!("{ms}ms");
-    }
-    if ms < 60_000 {
-        // Tenths, rounded; a whole number of seconds has no `.0`.
-        let tenths = (ms + 50) / 100;
-        return if tenths % 10 == 0 {
-            format!("{}s", tenths / 10)
-        } else {
-            format!("{}.{}s", tenths / 10, tenths % 10)
-        };
-    }
-    duration(d.as_secs())
-}
-
 fn millis(ms: u64) -> String {
     if ms < 1000 {
         format!("{ms}ms")
@@ -402,6 +369,30 @@ fn short_sha(sha: &str) -> &str {
     sha.get(..12).unwrap_or(sha)
 }
 
+/// One line about this host's rollout decision, for `status`.
+pub fn member_line(f: &super::model::FleetInfo) -> String {
+    let mut s = format!("host {}", f.host_id);
+    if let Some(t) = &f.tier {
+        let _ = write!(s, " tier {t}");
+    }
+    if let Some(b) = f.bucket {
+        let _ = write!(s, "  bucket {b:.3}");
+    }
+    match (f.percent, f.choice.as_deref()) {
+        (Some(p), Some(c)) => {
+            let _ = write!(s, " vs {p}% -> {c}");
+        }
+        (None, Some(c)) => {
+            let _ = write!(s, " -> {c}");
+        }
+        _ => {}
+    }
+    if let Some(b) = &f.decided_build {
+        let _ = write!(s, " ({b})");
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,16 +409,6 @@ mod tests {
         assert_eq!(bar(5, 10, 10), "[#####-----]");
         assert_eq!(bar(20, 10, 4), "[####]");
         assert_eq!(bar(1, 0, 4), "[----]");
-    }
-
-    #[test]
-    fn human_durations_are_rounded() {
-        use std::time::Duration;
-        assert_eq!(human_duration(Duration::from_nanos(2_521_672_156)), "2.5s");
-        assert_eq!(human_duration(Duration::from_millis(250)), "250ms");
-        assert_eq!(human_duration(Duration::from_secs(2)), "2s");
-        assert_eq!(human_duration(Duration::from_millis(59_990)), "60s");
-        assert_eq!(human_duration(Duration::from_secs(245)), "4m05s");
     }
 
     #[test]

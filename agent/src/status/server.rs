@@ -43,6 +43,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::model::{Command, CommandRequest, Peer, StatusSource, HISTORY_LIMIT};
+use crate::config::{GroupSpec, StatusConfig};
 use crate::error::{Error, Result};
 
 /// Where the agent listens unless configured otherwise; systemd creates
@@ -53,49 +54,6 @@ pub const DEFAULT_SOCKET: &str = "/run/deploy-agent/agent.sock";
 const BUSY_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
 content-type: application/json\r\ncontent-length: 56\r\nconnection: close\r\n\r\n\
 {\"error\":\"too many clients on the status socket; retry\"}";
-
-/// A group named by name (looked up in the group database at start) or by
-/// number (used as is).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
-pub enum GroupSpec {
-    Gid(u32),
-    Name(String),
-}
-
-impl std::str::FromStr for GroupSpec {
-    type Err = Infallible;
-    fn from_str(s: &str) -> std::result::Result<Self, Infallible> {
-        Ok(match s.parse::<u32>() {
-            Ok(gid) => GroupSpec::Gid(gid),
-            Err(_) => GroupSpec::Name(s.to_owned()),
-        })
-    }
-}
-
-impl std::fmt::Display for GroupSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            GroupSpec::Gid(g) => write!(f, "{g}"),
-            GroupSpec::Name(n) => f.write_str(n),
-        }
-    }
-}
-
-impl GroupSpec {
-    /// The numeric gid; a name must exist in the group database.
-    pub fn resolve(&self) -> Result<u32> {
-        match self {
-            GroupSpec::Gid(g) => Ok(*g),
-            GroupSpec::Name(name) => match nix::unistd::Group::from_name(name) {
-                Ok(Some(g)) => Ok(g.gid.as_raw()),
-                _ => Err(Error::UnknownGroup {
-                    group: name.clone(),
-                }),
-            },
-        }
-    }
-}
 
 /// How the socket is created and bounded.
 #[derive(Debug, Clone)]
@@ -137,70 +95,6 @@ impl Default for SocketSettings {
     }
 }
 
-/// The `[status]` table of the agent's TOML config; every key optional,
-/// defaults as in [`SocketSettings::default`]. Timeouts are not
-/// configurable: they bound misbehaving clients, not operators.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
-pub struct StatusConfig {
-    /// Socket path (`/run/deploy-agent/agent.sock`).
-    pub socket: Option<PathBuf>,
-    /// Socket mode: a TOML octal literal (`0o660`) or an octal string
-    /// (`"0660"`, `"660"`), at most `0o777` (no setuid/setgid/sticky bits).
-    /// `Config::parse` also refuses a decimal literal such as `660`.
-    #[serde(deserialize_with = "socket_mode")]
-    pub socket_mode: Option<u32>,
-    /// Group owning the socket: who may connect and read status.
-    pub socket_group: Option<GroupSpec>,
-    /// Group whose members may hold/resume/rollback/redeploy.
-    pub operator_group: Option<GroupSpec>,
-    /// Connections served at once (16).
-    pub max_clients: Option<usize>,
-}
-
-/// The largest socket mode: permission bits only.
-pub const MAX_SOCKET_MODE: u32 = 0o777;
-
-/// Parses an octal mode string: `660`, `0660` or `0o660`.
-pub fn parse_octal_mode(s: &str) -> std::result::Result<u32, String> {
-    let t = s.trim();
-    let digits = t.strip_prefix("0o").unwrap_or(t);
-    if digits.is_empty() || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
-        return Err(format!(
-            "{s:?} is not an octal mode (write e.g. \"0660\" or 0o660)"
-        ));
-    }
-    let mode = u32::from_str_radix(digits, 8).map_err(|e| format!("{s:?}: {e}"))?;
-    check_mode(mode)
-}
-
-fn check_mode(mode: u32) -> std::result::Result<u32, String> {
-    if mode > MAX_SOCKET_MODE {
-        return Err(format!(
-            "0o{mode:o} is above 0o777: a socket mode has permission bits only"
-        ));
-    }
-    Ok(mode)
-}
-
-fn socket_mode<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> std::result::Result<Option<u32>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Int(i64),
-        Text(String),
-    }
-    let mode = match Raw::deserialize(d)? {
-        Raw::Int(n) => u32::try_from(n)
-            .map_err(|_| format!("{n} is not a file mode"))
-            .and_then(check_mode),
-        Raw::Text(t) => parse_octal_mode(&t),
-    };
-    mode.map(Some).map_err(serde::de::Error::custom)
-}
-
 impl From<StatusConfig> for SocketSettings {
     fn from(c: StatusConfig) -> Self {
         let d = SocketSettings::default();
@@ -216,7 +110,7 @@ impl From<StatusConfig> for SocketSettings {
 }
 
 /// What every connection task needs, resolved once at start.
-struct Shared {
+struct ConnContext {
     source: Arc<dyn StatusSource>,
     commands: mpsc::Sender<CommandRequest>,
     operator_gid: Option<u32>,
@@ -288,7 +182,7 @@ impl StatusServer {
             max_clients = settings.max_clients as u64,
             "status socket listening"
         );
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(ConnContext {
             source,
             commands,
             operator_gid,
@@ -335,7 +229,7 @@ async fn accept_loop(
     listener: UnixListener,
     inode: u64,
     settings: SocketSettings,
-    shared: Arc<Shared>,
+    shared: Arc<ConnContext>,
     shutdown: CancellationToken,
 ) {
     let (general, reserved) = split_slots(settings.max_clients);
@@ -432,7 +326,7 @@ fn peer_of(stream: &UnixStream) -> std::io::Result<Peer> {
 async fn serve(
     stream: UnixStream,
     peer: Peer,
-    shared: Arc<Shared>,
+    shared: Arc<ConnContext>,
     settings: SocketSettings,
     _permit: OwnedSemaphorePermit,
 ) {
@@ -472,7 +366,7 @@ enum Route {
     Redeploy,
 }
 
-async fn handle(req: Request<Incoming>, peer: Peer, shared: &Shared) -> Response<Full<Bytes>> {
+async fn handle(req: Request<Incoming>, peer: Peer, shared: &ConnContext) -> Response<Full<Bytes>> {
     // A declared body over the cap is refused before a byte of it is read:
     // waiting for it would hold a client slot until the request timeout.
     if let Some(len) = declared_length(&req) {
@@ -635,7 +529,7 @@ fn declared_length(req: &Request<Incoming>) -> Option<u64> {
 
 /// Root, the agent's own uid, or a member (primary or supplementary) of the
 /// operator group: who may send commands and use the reserved slot.
-async fn is_operator(peer: Peer, shared: &Shared) -> bool {
+async fn is_operator(peer: Peer, shared: &ConnContext) -> bool {
     if peer.uid == 0 || peer.uid == shared.own_uid {
         return true;
     }
@@ -646,7 +540,7 @@ async fn is_operator(peer: Peer, shared: &Shared) -> bool {
 }
 
 /// [`is_operator`], or the message that says what to do instead.
-async fn authorize(peer: Peer, shared: &Shared) -> std::result::Result<(), String> {
+async fn authorize(peer: Peer, shared: &ConnContext) -> std::result::Result<(), String> {
     if is_operator(peer, shared).await {
         return Ok(());
     }
@@ -689,7 +583,7 @@ fn parse_groups_line(status: &str) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-async fn send_command(command: Command, peer: Peer, shared: &Shared) -> Response<Full<Bytes>> {
+async fn send_command(command: Command, peer: Peer, shared: &ConnContext) -> Response<Full<Bytes>> {
     let name = command.name();
     info!(
         command = name,

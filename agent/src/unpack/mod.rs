@@ -195,7 +195,7 @@ struct FileJob {
 }
 
 /// Work shared between the parser and the writer threads.
-struct Shared {
+struct WriteBudget {
     budget: Mutex<u64>,
     budget_freed: Condvar,
     failed: Mutex<Option<Error>>,
@@ -203,7 +203,7 @@ struct Shared {
     bytes_written: AtomicU64,
 }
 
-impl Shared {
+impl WriteBudget {
     fn fail(&self, err: Error) {
         if let Ok(mut slot) = self.failed.lock() {
             slot.get_or_insert(err);
@@ -254,12 +254,12 @@ struct Unpacker<'a> {
     content_bytes: u64,
     sender: Option<SyncSender<FileJob>>,
     writers: Vec<std::thread::JoinHandle<()>>,
-    shared: Arc<Shared>,
+    shared: Arc<WriteBudget>,
 }
 
 impl<'a> Unpacker<'a> {
     fn new(slot: &'a Path, limits: &'a UnpackLimits, progress: &'a Progress) -> Self {
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(WriteBudget {
             budget: Mutex::new(0),
             budget_freed: Condvar::new(),
             failed: Mutex::new(None),
@@ -635,7 +635,7 @@ impl Drop for Unpacker<'_> {
     }
 }
 
-fn writer_loop(slot: &Path, receiver: &Mutex<Receiver<FileJob>>, shared: &Shared) {
+fn writer_loop(slot: &Path, receiver: &Mutex<Receiver<FileJob>>, shared: &WriteBudget) {
     loop {
         let job = {
             let Ok(guard) = receiver.lock() else {

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
+use deploy_agent::exit;
 use deploy_agent::manifest::Format;
-use deploy_agent::status::exit;
 use testkit::buildgen::BuildProfile;
 use testkit::demo::DemoOptions;
 

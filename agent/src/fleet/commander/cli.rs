@@ -1,7 +1,7 @@
 //! The commander's command line: `deploy-agent release ...`,
 //! `deploy-agent fleet status` and `deploy-agent fleet serve`. Thin: parses flags, calls
 //! [`crate::fleet::commander::release`] and [`crate::fleet::commander::view`], prints, and maps
-//! errors to the binary's one exit-code table ([`crate::status::exit`]:
+//! errors to the binary's one exit-code table ([`crate::exit`]:
 //! 0 ok, 1 failure, 2 usage, 6 check-and-set lost, 7 already frozen, 8 the
 //! address is not a Consul). Holds no state.
 
@@ -17,7 +17,7 @@ use crate::manifest::Format;
 
 /// Exit codes: the names these commands use for the binary's one table.
 pub mod exit {
-    use crate::status::exit as table;
+    use crate::exit as table;
     pub const OK: u8 = table::OK;
     pub const FAILED: u8 = table::FAILURE;
     pub const USAGE: u8 = table::USAGE;
@@ -173,7 +173,7 @@ pub struct ServeArgs {
 }
 
 fn parse_dur(s: &str) -> std::result::Result<Duration, String> {
-    crate::config::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration (5s, 2m)"))
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration (5s, 2m): {e}"))
 }
 
 impl Target {

@@ -190,27 +190,3 @@ pub fn render(s: &FleetSummary) -> String {
     }
     o
 }
-
-/// One line about this host's rollout decision, for `status`.
-pub fn member_line(f: &crate::fleet::host::member::FleetInfo) -> String {
-    let mut s = format!("host {}", f.host_id);
-    if let Some(t) = &f.tier {
-        let _ = write!(s, " tier {t}");
-    }
-    if let Some(b) = f.bucket {
-        let _ = write!(s, "  bucket {b:.3}");
-    }
-    match (f.percent, f.choice.as_deref()) {
-        (Some(p), Some(c)) => {
-            let _ = write!(s, " vs {p}% -> {c}");
-        }
-        (None, Some(c)) => {
-            let _ = write!(s, " -> {c}");
-        }
-        _ => {}
-    }
-    if let Some(b) = &f.decided_build {
-        let _ = write!(s, " ({b})");
-    }
-    s
-}

@@ -12,7 +12,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,29 +25,7 @@ use crate::fleet::host::hostreport::HostReporter;
 use crate::fleet::{Choice, Decision};
 use crate::manifest::Manifest;
 use crate::source::consul::{WatchEvent, WatchStats};
-
-/// What `status` shows about the fleet.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct FleetInfo {
-    pub host_id: String,
-    pub tier: Option<String>,
-    /// The rollout bucket in `[0, 100)` under the last manifest.
-    pub bucket: Option<f64>,
-    pub percent: Option<f64>,
-    /// `all`, `new`, `previous` or `stay`.
-    pub choice: Option<String>,
-    /// The build the decision names.
-    pub decided_build: Option<String>,
-    pub frozen: bool,
-    pub freeze_key: Option<String>,
-    pub report_key: Option<String>,
-    /// Why the freeze watch is failing, while it is (with its time).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub freeze_error: Option<String>,
-    /// Why the last host report could not be written, until one is.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub report_error: Option<String>,
-}
+pub use crate::status::model::FleetInfo;
 
 /// The fleet side of one running agent.
 #[derive(Debug)]

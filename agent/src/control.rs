@@ -26,6 +26,7 @@
 //! the next start turns both into `idle` (the watch hands the desired
 //! state over again and the deploy resumes from its partial download).
 
+use std::collections::BTreeMap;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
@@ -33,7 +34,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::deploy::{Outcome, Phase};
 use crate::error::{Error, Result};
-use crate::status::model::HistoryEntry;
 
 /// How many history entries (deploys and operator actions) are kept.
 pub const HISTORY_LEN: usize = 50;
@@ -339,6 +339,47 @@ pub fn save(root: &Path, c: &Control, durable: bool) -> Result<()> {
         path,
         message: e.to_string(),
     })
+}
+
+/// What a history entry records.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum HistoryKind {
+    /// A deploy (finished, or cancelled).
+    #[default]
+    Deploy,
+    /// `deploy-agent hold`.
+    Hold,
+    /// `deploy-agent resume`.
+    Resume,
+    /// `deploy-agent rollback` (the build it flipped to is `build`).
+    Rollback,
+    /// `deploy-agent redeploy`.
+    Redeploy,
+}
+
+/// One finished deploy or operator action, for `GET /v1/history`.
+/// Persisted with the agent state, so history survives restarts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct HistoryEntry {
+    /// Daemon-assigned id.
+    pub id: String,
+    pub kind: HistoryKind,
+    /// The operator's uid (operator actions).
+    pub by_uid: Option<u32>,
+    /// The operator's reason (hold), or what the action did.
+    pub reason: Option<String>,
+    pub build: String,
+    pub started_unix: u64,
+    /// `None` while running.
+    pub finished_unix: Option<u64>,
+    /// `None` while running.
+    pub outcome: Option<Outcome>,
+    pub error: Option<String>,
+    /// Duration of each phase that ran, in milliseconds, keyed by
+    /// [`Phase::as_str`].
+    pub phase_ms: BTreeMap<String, u64>,
 }
 
 #[cfg(test)]
