@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use deploy_agent::manifest::Format;
 use deploy_agent::progress::Progress;
-use deploy_agent::unpack::{unpack, ArchiveFormat, UnpackLimits};
+use deploy_agent::unpack::{unpack, UnpackLimits};
 use sha2::{Digest, Sha256};
 use testkit::buildgen::{self, BuildProfile};
 
@@ -74,7 +74,7 @@ fn unpacking(c: &mut Criterion) {
                 let t = Instant::now();
                 unpack(
                     &tar[..],
-                    ArchiveFormat::Tar,
+                    Format::Tar,
                     dir.path(),
                     &UnpackLimits::default(),
                     &Progress::default(),

@@ -23,7 +23,9 @@ async fn publish_same_again_then_new_build_then_rollback() {
     h.publish(&m1);
     let r1 = h.wait_live("b1", T).await;
     assert_eq!(r1.outcome, Some(Outcome::Success));
-    assert!(r1.phase_ms.contains_key("downloading"));
+    assert!(r1
+        .phase_ms
+        .contains_key(&deploy_agent::deploy::Phase::Downloading));
     assert!(r1.progress.entries > 60);
 
     // The same value again (a spurious write): no work at all.

@@ -233,7 +233,7 @@ async fn an_identical_racing_promote_says_it_changed_nothing() {
         deploy_agent::fleet::commander::release::check_spec(deploy_agent::manifest::BuildSpec {
             build: "b1".into(),
             urls: vec!["http://127.0.0.1:1/b1.tar.gz".into()],
-            sha256: "a".repeat(64),
+            sha256: "a".repeat(64).parse().unwrap(),
             size: 10,
             format: Format::TarGz,
         })

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deploy_agent::artifact::fetch::{
-    free_space_check, ArchiveFormat, ArtifactCache, ArtifactSpec, CancellationToken, FetchSettings,
+    free_space_check, ArtifactCache, BuildSpec, CancellationToken, FetchSettings, Format, Sha256Sum,
 };
 use deploy_agent::config::UnpackLimits;
 use deploy_agent::deploy::pipeline::{fetch_and_unpack, UnpackOutcome};
@@ -23,11 +23,11 @@ use testkit::testserver::artifact::{ArtifactServer, Fault, FaultRule};
 /// contents, about `bytes` in total.
 struct Build {
     archive: Vec<u8>,
-    sha256: String,
+    sha256: Sha256Sum,
     files: Vec<(String, Vec<u8>)>,
 }
 
-fn build(seed: u64, files: usize, bytes: usize, format: ArchiveFormat) -> Build {
+fn build(seed: u64, files: usize, bytes: usize, format: Format) -> Build {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut tar = tar::Builder::new(Vec::new());
     let mut list = Vec::new();
@@ -45,16 +45,16 @@ fn build(seed: u64, files: usize, bytes: usize, format: ArchiveFormat) -> Build 
     }
     let tar = tar.into_inner().unwrap();
     let archive = match format {
-        ArchiveFormat::Tar => tar,
-        ArchiveFormat::TarGz => {
+        Format::Tar => tar,
+        Format::TarGz => {
             use std::io::Write;
             let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
             e.write_all(&tar).unwrap();
             e.finish().unwrap()
         }
-        ArchiveFormat::TarZst => zstd::encode_all(&tar[..], 1).unwrap(),
+        Format::TarZst => zstd::encode_all(&tar[..], 1).unwrap(),
     };
-    let sha256 = hex::encode(Sha256::digest(&archive));
+    let sha256 = Sha256Sum::from_bytes(Sha256::digest(&archive).into());
     Build {
         archive,
         sha256,
@@ -102,8 +102,9 @@ impl Env {
         }
     }
 
-    fn spec(&self, build: &Build, paths: &[&str], format: ArchiveFormat) -> ArtifactSpec {
-        ArtifactSpec {
+    fn spec(&self, build: &Build, paths: &[&str], format: Format) -> BuildSpec {
+        BuildSpec {
+            build: "b1".into(),
             urls: paths.iter().map(|p| self.server.url(p)).collect(),
             sha256: build.sha256.clone(),
             size: build.archive.len() as u64,
@@ -119,10 +120,7 @@ impl Env {
         slot
     }
 
-    async fn fetch(
-        &mut self,
-        spec: &ArtifactSpec,
-    ) -> (PathBuf, deploy_agent::Result<UnpackOutcome>) {
+    async fn fetch(&mut self, spec: &BuildSpec) -> (PathBuf, deploy_agent::Result<UnpackOutcome>) {
         let slot = self.slot();
         let result = self.fetch_into(spec, &slot, CancellationToken::new()).await;
         (slot, result)
@@ -130,7 +128,7 @@ impl Env {
 
     async fn fetch_into(
         &self,
-        spec: &ArtifactSpec,
+        spec: &BuildSpec,
         slot: &Path,
         cancel: CancellationToken,
     ) -> deploy_agent::Result<UnpackOutcome> {
@@ -159,7 +157,7 @@ fn assert_unpacked(slot: &Path, build: &Build) {
     }
 }
 
-const FORMAT: ArchiveFormat = ArchiveFormat::TarGz;
+const FORMAT: Format = Format::TarGz;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parallel_ranged_download_verifies_and_unpacks() {
@@ -174,7 +172,7 @@ async fn parallel_ranged_download_verifies_and_unpacks() {
     let (slot, result) = env.fetch(&spec).await;
     let outcome = result.unwrap();
     assert!(!outcome.from_cache);
-    assert_eq!(outcome.sha256, build.sha256);
+    assert_eq!(build.sha256, *outcome.sha256);
     assert_eq!(outcome.stats.files, 200);
     assert_unpacked(&slot, &build);
     let stats = env.server.stats();
@@ -197,7 +195,7 @@ async fn parallel_ranged_download_verifies_and_unpacks() {
 
 #[tokio::test]
 async fn every_format_round_trips() {
-    for format in [ArchiveFormat::Tar, ArchiveFormat::TarZst] {
+    for format in [Format::Tar, Format::TarZst] {
         let mut env = Env::new().await;
         let build = build(2, 50, 1 << 20, format);
         env.server.add("/b", build.archive.clone());
@@ -255,7 +253,7 @@ async fn persistent_truncation_fails_naming_the_bytes_and_keeps_the_partial() {
 
 #[tokio::test]
 async fn flipped_byte_fails_the_digest_and_deletes_the_partial() {
-    for format in [ArchiveFormat::Tar, ArchiveFormat::TarGz] {
+    for format in [Format::Tar, Format::TarGz] {
         let mut env = Env::new().await;
         let build = build(5, 100, 2 << 20, format);
         env.server.add("/b", build.archive.clone());
@@ -270,8 +268,8 @@ async fn flipped_byte_fails_the_digest_and_deletes_the_partial() {
                 calculated,
             }) => {
                 assert!(url.ends_with("/b"));
-                assert_eq!(expected, build.sha256);
-                assert_ne!(calculated, build.sha256);
+                assert_eq!(build.sha256, *expected);
+                assert_ne!(build.sha256, *calculated);
                 assert_eq!(calculated.len(), 64);
             }
             other => panic!("expected ChecksumFailed, got {other:?}"),
@@ -386,14 +384,14 @@ async fn network_failure_resumes_without_refetching() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_resumes_from_the_partial() {
     let mut env = Env::new().await;
-    let build = build(11, 100, 6 << 20, ArchiveFormat::Tar);
+    let build = build(11, 100, 6 << 20, Format::Tar);
     let size = build.archive.len() as u64;
     env.server.add("/b", build.archive.clone());
     // Slow enough that the first attempt is dropped halfway.
     env.server.set_fault(FaultRule::always(Fault::Trickle {
         bytes_per_sec: 500_000,
     }));
-    let spec = env.spec(&build, &["/b"], ArchiveFormat::Tar);
+    let spec = env.spec(&build, &["/b"], Format::Tar);
     let slot = env.slot();
     let first = tokio::time::timeout(
         Duration::from_millis(1500),
@@ -555,13 +553,11 @@ async fn small_tmpfs_refuses_before_downloading() {
 #[tokio::test]
 async fn bandwidth_cap_is_roughly_respected() {
     let mut env = Env::new().await;
-    let build = build(32, 20, 1 << 20, ArchiveFormat::Tar);
+    let build = build(32, 20, 1 << 20, Format::Tar);
     env.server.add("/b", build.archive.clone());
     env.settings.bandwidth_limit = Some(4 << 20);
     let started = Instant::now();
-    let (_slot, result) = env
-        .fetch(&env.spec(&build, &["/b"], ArchiveFormat::Tar))
-        .await;
+    let (_slot, result) = env.fetch(&env.spec(&build, &["/b"], Format::Tar)).await;
     result.unwrap();
     let secs = started.elapsed().as_secs_f64();
     let expected = build.archive.len() as f64 / (4 << 20) as f64;
@@ -575,12 +571,12 @@ async fn bandwidth_cap_is_roughly_respected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unpack_overlaps_the_download() {
     let mut env = Env::new().await;
-    let build = build(33, 200, 4 << 20, ArchiveFormat::Tar);
+    let build = build(33, 200, 4 << 20, Format::Tar);
     env.server.add("/b", build.archive.clone());
     env.server.set_fault(FaultRule::always(Fault::Trickle {
         bytes_per_sec: 2 << 20,
     }));
-    let spec = env.spec(&build, &["/b"], ArchiveFormat::Tar);
+    let spec = env.spec(&build, &["/b"], Format::Tar);
     let slot = env.slot();
     let progress = Arc::new(Progress::default());
     let watcher = {
@@ -643,14 +639,12 @@ async fn unsafe_archive_is_refused_even_when_the_digest_matches() {
     tar.append(&header, &b"x"[..]).unwrap();
     let archive = tar.into_inner().unwrap();
     let build = Build {
-        sha256: hex::encode(Sha256::digest(&archive)),
+        sha256: Sha256Sum::from_bytes(Sha256::digest(&archive).into()),
         archive,
         files: Vec::new(),
     };
     env.server.add("/b", build.archive.clone());
-    let (_slot, result) = env
-        .fetch(&env.spec(&build, &["/b"], ArchiveFormat::Tar))
-        .await;
+    let (_slot, result) = env.fetch(&env.spec(&build, &["/b"], Format::Tar)).await;
     assert!(
         matches!(result, Err(Error::UnsafeArchive { .. })),
         "{result:?}"
@@ -774,7 +768,7 @@ async fn end_to_end_throughput() {
     std::io::Write::write_all(&mut gz, &tar).unwrap();
     let archive = gz.finish().unwrap();
     let build = Build {
-        sha256: hex::encode(Sha256::digest(&archive)),
+        sha256: Sha256Sum::from_bytes(Sha256::digest(&archive).into()),
         archive,
         files: Vec::new(),
     };
@@ -822,8 +816,8 @@ fn prune_never_touches_a_pinned_artifact_or_partial() {
     }
     // The next deploy pins `a` (an old artifact it just looked up) and
     // `d` (its download in progress).
-    let pin_a = cache.pin(&sha('a'));
-    let pin_d = cache.pin(&sha('d'));
+    let pin_a = cache.pin(&sha('a').parse().unwrap());
+    let pin_d = cache.pin(&sha('d').parse().unwrap());
     std::fs::write(dir.path().join(format!("{}.partial", sha('d'))), b"part").unwrap();
     std::fs::write(dir.path().join(format!("{}.progress", sha('d'))), b"{}").unwrap();
     std::fs::write(dir.path().join(format!("{}.partial", sha('e'))), b"stale").unwrap();

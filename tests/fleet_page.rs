@@ -43,7 +43,7 @@ fn spec(build: &str) -> BuildSpec {
     BuildSpec {
         build: build.into(),
         urls: vec![format!("http://artifacts.test/{build}.tar.gz")],
-        sha256: "ab".repeat(32),
+        sha256: "ab".repeat(32).parse().unwrap(),
         size: 1000,
         format: Format::TarGz,
     }

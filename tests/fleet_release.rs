@@ -22,7 +22,7 @@ fn spec(build: &str) -> BuildSpec {
     BuildSpec {
         build: build.into(),
         urls: vec![format!("http://artifacts.test/{build}.tar.gz")],
-        sha256: "ab".repeat(32),
+        sha256: "ab".repeat(32).parse().unwrap(),
         size: 1000,
         format: Format::TarGz,
     }
@@ -271,7 +271,9 @@ async fn one_agent_follows_percent_freeze_and_rollback_and_reports_each_change()
         reqs,
         "rollback downloads nothing"
     );
-    assert!(!rec.phase_ms.contains_key("downloading"));
+    assert!(!rec
+        .phase_ms
+        .contains_key(&deploy_agent::deploy::Phase::Downloading));
     let rep = wait_report(&h, HOST, "b2 rolled back", |r| {
         r.build.as_deref() == Some("b2") && r.outcome == Some(Outcome::RolledBack)
     })

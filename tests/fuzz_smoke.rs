@@ -74,13 +74,13 @@ fn unpack_target_over_seeds_and_mutations() {
 #[test]
 fn unpack_seeds_mean_what_their_names_say() {
     use deploy_agent::progress::Progress;
-    use deploy_agent::unpack::{unpack, ArchiveFormat, UnpackLimits};
+    use deploy_agent::unpack::{unpack, Format, UnpackLimits};
     let dir = deploy_agent_tests::repo_root().join("fuzz/seeds/unpack");
     for (name, format, ok) in [
-        ("tar-good", ArchiveFormat::Tar, true),
-        ("gz-good", ArchiveFormat::TarGz, true),
-        ("zst-good", ArchiveFormat::TarZst, true),
-        ("tar-evil", ArchiveFormat::Tar, false),
+        ("tar-good", Format::Tar, true),
+        ("gz-good", Format::TarGz, true),
+        ("zst-good", Format::TarZst, true),
+        ("tar-evil", Format::Tar, false),
     ] {
         let data = std::fs::read(dir.join(name)).unwrap();
         let tmp = deploy_agent_tests::fast_tempdir();

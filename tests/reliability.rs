@@ -195,7 +195,11 @@ async fn unhealthy_build_is_rolled_back_quarantined_and_a_new_build_deploys() {
     let (ma, _) = h.build("h-a");
     h.publish(&ma);
     let ra = h.wait_live("h-a", T).await;
-    assert!(ra.phase_ms.contains_key("verifying"), "{ra:?}");
+    assert!(
+        ra.phase_ms
+            .contains_key(&deploy_agent::deploy::Phase::Verifying),
+        "{ra:?}"
+    );
     assert!(health.requests.load(Ordering::Relaxed) >= 1);
 
     // B turns the app unhealthy: the agent flips back to A by itself.

@@ -111,10 +111,7 @@ impl StatusSource for FixedSource {
                 kind: Default::default(),
                 by_uid: None,
                 reason: None,
-                phase_ms: BTreeMap::from([
-                    ("downloading".to_owned(), 1500),
-                    ("flipping".to_owned(), 3),
-                ]),
+                phase_ms: BTreeMap::from([(Phase::Downloading, 1500), (Phase::Flipping, 3)]),
             })
             .collect()
     }

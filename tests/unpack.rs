@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use deploy_agent::progress::Progress;
-use deploy_agent::unpack::{unpack, ArchiveFormat, UnpackLimits};
+use deploy_agent::unpack::{unpack, Format, UnpackLimits};
 use deploy_agent::Error;
 use proptest::prelude::*;
 
@@ -58,14 +58,14 @@ impl Sandbox {
         assert!(!Path::new("/etc/deploy-agent-test-escape").exists());
     }
 
-    fn unpack(&self, archive: &[u8], format: ArchiveFormat) -> deploy_agent::Result<()> {
+    fn unpack(&self, archive: &[u8], format: Format) -> deploy_agent::Result<()> {
         self.unpack_with(archive, format, &UnpackLimits::default())
     }
 
     fn unpack_with(
         &self,
         archive: &[u8],
-        format: ArchiveFormat,
+        format: Format,
         limits: &UnpackLimits,
     ) -> deploy_agent::Result<()> {
         let progress = Progress::default();
@@ -121,15 +121,15 @@ fn tar_of(entries: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-fn compress(tar: &[u8], format: ArchiveFormat) -> Vec<u8> {
+fn compress(tar: &[u8], format: Format) -> Vec<u8> {
     match format {
-        ArchiveFormat::Tar => tar.to_vec(),
-        ArchiveFormat::TarGz => {
+        Format::Tar => tar.to_vec(),
+        Format::TarGz => {
             let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
             e.write_all(tar).unwrap();
             e.finish().unwrap()
         }
-        ArchiveFormat::TarZst => zstd::encode_all(tar, 3).unwrap(),
+        Format::TarZst => zstd::encode_all(tar, 3).unwrap(),
     }
 }
 
@@ -223,7 +223,7 @@ fn assert_same_tree(src: &Path, dst: &Path) {
     }
 }
 
-fn round_trip(format: ArchiveFormat) {
+fn round_trip(format: Format) {
     let src = tempfile::tempdir().unwrap();
     generate_tree(src.path());
     let archive = compress(&archive_tree(src.path()), format);
@@ -256,17 +256,17 @@ fn round_trip(format: ArchiveFormat) {
 
 #[test]
 fn round_trip_tar() {
-    round_trip(ArchiveFormat::Tar);
+    round_trip(Format::Tar);
 }
 
 #[test]
 fn round_trip_tar_gz() {
-    round_trip(ArchiveFormat::TarGz);
+    round_trip(Format::TarGz);
 }
 
 #[test]
 fn round_trip_tar_zst() {
-    round_trip(ArchiveFormat::TarZst);
+    round_trip(Format::TarZst);
 }
 
 #[test]
@@ -277,7 +277,7 @@ fn dot_slash_prefixes_and_read_only_dirs_work() {
         file(b, "./ro/inside", b"x");
     });
     let sandbox = Sandbox::new();
-    sandbox.unpack(&archive, ArchiveFormat::Tar).unwrap();
+    sandbox.unpack(&archive, Format::Tar).unwrap();
     assert_eq!(fs::read(sandbox.slot.join("ro/inside")).unwrap(), b"x");
     let mode = fs::metadata(sandbox.slot.join("ro")).unwrap().mode() & 0o777;
     assert_eq!(mode, 0o755, "owner keeps write access");
@@ -297,7 +297,7 @@ fn setuid_setgid_sticky_and_world_write_are_stripped() {
         raw_entry(b, b"sticky/", tar::EntryType::Directory, b"", 0o1777, b"");
     });
     let sandbox = Sandbox::new();
-    sandbox.unpack(&archive, ArchiveFormat::Tar).unwrap();
+    sandbox.unpack(&archive, Format::Tar).unwrap();
     let mode = fs::metadata(sandbox.slot.join("suid")).unwrap().mode() & 0o7777;
     assert_eq!(mode, 0o755);
     let mode = fs::metadata(sandbox.slot.join("sticky")).unwrap().mode() & 0o7777;
@@ -308,7 +308,7 @@ fn setuid_setgid_sticky_and_world_write_are_stripped() {
 
 fn assert_hostile(entries: impl FnOnce(&mut tar::Builder<Vec<u8>>)) {
     let archive = tar_of(entries);
-    for format in [ArchiveFormat::Tar, ArchiveFormat::TarGz] {
+    for format in [Format::Tar, Format::TarGz] {
         let sandbox = Sandbox::new();
         assert_refused(sandbox.unpack(&compress(&archive, format), format));
         sandbox.assert_nothing_escaped();
@@ -430,7 +430,7 @@ fn entry_count_bomb_stops_early() {
         max_bytes: 1 << 30,
         max_entries: 100,
     };
-    match sandbox.unpack_with(&archive, ArchiveFormat::Tar, &limits) {
+    match sandbox.unpack_with(&archive, Format::Tar, &limits) {
         Err(Error::ArchiveTooLarge { limit: 100, .. }) => {}
         other => panic!("expected ArchiveTooLarge, got {other:?}"),
     }
@@ -460,7 +460,7 @@ fn byte_bomb_stops_early_and_fast() {
         max_entries: 1000,
     };
     let started = Instant::now();
-    match sandbox.unpack_with(&archive, ArchiveFormat::TarGz, &limits) {
+    match sandbox.unpack_with(&archive, Format::TarGz, &limits) {
         Err(Error::ArchiveTooLarge { .. }) => {}
         other => panic!("expected ArchiveTooLarge, got {other:?}"),
     }
@@ -484,7 +484,7 @@ fn long_name_bomb_is_refused_without_buffering_it() {
     }
     let archive = gz.finish().unwrap();
     let sandbox = Sandbox::new();
-    match sandbox.unpack(&archive, ArchiveFormat::TarGz) {
+    match sandbox.unpack(&archive, Format::TarGz) {
         Err(Error::ArchiveTooLarge { what, .. }) => assert!(what.contains("metadata"), "{what}"),
         other => panic!("expected ArchiveTooLarge, got {other:?}"),
     }
@@ -503,11 +503,7 @@ fn many_small_files_within_byte_limit_but_over_it_in_total() {
         max_bytes: 1_000_000,
         max_entries: 1000,
     };
-    match sandbox.unpack_with(
-        &compress(&archive, ArchiveFormat::TarZst),
-        ArchiveFormat::TarZst,
-        &limits,
-    ) {
+    match sandbox.unpack_with(&compress(&archive, Format::TarZst), Format::TarZst, &limits) {
         Err(Error::ArchiveTooLarge { what, .. }) => assert_eq!(what, "unpacked bytes"),
         other => panic!("expected ArchiveTooLarge, got {other:?}"),
     }
@@ -516,12 +512,12 @@ fn many_small_files_within_byte_limit_but_over_it_in_total() {
 #[test]
 fn corrupt_gzip_is_an_error() {
     let archive = tar_of(|b| file(b, "x", &[1u8; 10_000]));
-    let mut gz = compress(&archive, ArchiveFormat::TarGz);
+    let mut gz = compress(&archive, Format::TarGz);
     let mid = gz.len() / 2;
     gz[mid] ^= 0xff;
     gz.truncate(gz.len() - 4);
     let sandbox = Sandbox::new();
-    assert!(sandbox.unpack(&gz, ArchiveFormat::TarGz).is_err());
+    assert!(sandbox.unpack(&gz, Format::TarGz).is_err());
 }
 
 // ---- property: no archive writes outside its slot ----
@@ -589,7 +585,7 @@ proptest! {
                 }
             }
         });
-        let _ = sandbox.unpack(&archive, ArchiveFormat::Tar);
+        let _ = sandbox.unpack(&archive, Format::Tar);
         sandbox.assert_nothing_escaped();
     }
 }
@@ -622,12 +618,12 @@ fn throughput() {
             );
         }
     });
-    let gz = compress(&archive, ArchiveFormat::TarGz);
+    let gz = compress(&archive, Format::TarGz);
     let sandbox = Sandbox::new();
     let started = Instant::now();
     let stats = unpack(
         &gz[..],
-        ArchiveFormat::TarGz,
+        Format::TarGz,
         &sandbox.slot,
         &UnpackLimits::default(),
         &Progress::default(),

@@ -379,7 +379,7 @@ pub struct HistoryEntry {
     pub error: Option<String>,
     /// Duration of each phase that ran, in milliseconds, keyed by
     /// [`Phase::as_str`].
-    pub phase_ms: BTreeMap<String, u64>,
+    pub phase_ms: BTreeMap<Phase, u64>,
 }
 
 #[cfg(test)]

@@ -41,6 +41,16 @@ impl Format {
         }
     }
 
+    /// A generous guess of unpacked size / archive size, used only by the
+    /// free-space check when no better number is known.
+    pub fn expansion_estimate(self) -> u64 {
+        match self {
+            Format::Tar => 1,
+            Format::TarGz => 5,
+            Format::TarZst => 6,
+        }
+    }
+
     /// The manifest spelling.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -51,16 +61,110 @@ impl Format {
     }
 }
 
+/// A sha256 digest, 64 lowercase hex digits. Parsed and validated once,
+/// where a digest enters the agent (the manifest, a cache file name, the
+/// command line); everything downstream holds this type, so it never checks
+/// again and two spellings of one digest compare equal.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Sha256Sum(String);
+
+impl Sha256Sum {
+    /// Accepts 64 hex digits in any case.
+    pub fn parse(s: &str) -> Option<Sha256Sum> {
+        (s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| Sha256Sum(s.to_ascii_lowercase()))
+    }
+
+    /// The digest of `bytes` already computed.
+    pub fn from_bytes(bytes: [u8; 32]) -> Sha256Sum {
+        Sha256Sum(hex::encode(bytes))
+    }
+
+    /// The 32 raw bytes.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        // Invariant: the constructor accepted exactly 64 hex digits.
+        let _ = hex::decode_to_slice(&self.0, &mut out);
+        out
+    }
+
+    /// The lowercase hex form.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Sha256Sum {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Sha256Sum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for Sha256Sum {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Sha256Sum::parse(s).ok_or_else(|| format!("{s:?} is not a sha256 (64 hex digits)"))
+    }
+}
+
+impl TryFrom<String> for Sha256Sum {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Sha256Sum> for String {
+    fn from(d: Sha256Sum) -> String {
+        d.0
+    }
+}
+
+impl PartialEq<str> for Sha256Sum {
+    fn eq(&self, other: &str) -> bool {
+        self.0.eq_ignore_ascii_case(other)
+    }
+}
+
 /// One build's artifact: everything needed to fetch and verify it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildSpec {
     pub build: String,
     /// The primary URL first, then mirrors.
     pub urls: Vec<String>,
-    /// Lowercase hex sha256 of the artifact.
-    pub sha256: String,
+    /// The sha256 of the artifact.
+    pub sha256: Sha256Sum,
     pub size: u64,
     pub format: Format,
+}
+
+impl BuildSpec {
+    /// The manifest's wire form of this spec (`build`, `url`, `mirrors`,
+    /// `sha256`, `size`, `format`): the one writer, used by `release
+    /// publish` and the test build generator, and read back by
+    /// [`Manifest::parse`].
+    pub fn to_json(&self) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("build".into(), Value::from(self.build.as_str()));
+        if let Some(url) = self.urls.first() {
+            m.insert("url".into(), Value::from(url.as_str()));
+        }
+        if self.urls.len() > 1 {
+            m.insert("mirrors".into(), Value::from(self.urls[1..].to_vec()));
+        }
+        m.insert("sha256".into(), Value::from(self.sha256.as_str()));
+        m.insert("size".into(), Value::from(self.size));
+        m.insert("format".into(), Value::from(self.format.as_str()));
+        m
+    }
 }
 
 /// A validated manifest.
@@ -220,10 +324,9 @@ impl BuildSpec {
             check_url(u, policy)?;
         }
         let sha256 = match obj.get("sha256") {
-            Some(Value::String(s)) if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) => {
-                s.to_ascii_lowercase()
+            Some(Value::String(s)) => {
+                Sha256Sum::parse(s).ok_or_else(|| err("sha256", "must be 64 hex digits"))?
             }
-            Some(Value::String(_)) => return Err(err("sha256", "must be 64 hex digits")),
             Some(_) => return Err(err("sha256", "must be a string of 64 hex digits")),
             None => return Err(err("sha256", "missing")),
         };

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
 use deploy_agent::error::{Error, Result};
-use deploy_agent::manifest::Format;
+use deploy_agent::manifest::{BuildSpec, Format};
 
 /// The shape of a synthetic build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,12 +299,15 @@ impl<W: Write> Write for HashWriter<W> {
 
 /// The manifest JSON for an artifact served at `url`.
 pub fn manifest_json(build_id: &str, url: &str, a: &Artifact, format: Format) -> String {
-    serde_json::json!({
-        "build": build_id,
-        "url": url,
-        "sha256": a.sha256,
-        "size": a.size,
-        "format": format.as_str(),
-    })
-    .to_string()
+    let spec = BuildSpec {
+        build: build_id.into(),
+        urls: vec![url.into()],
+        sha256: a
+            .sha256
+            .parse()
+            .unwrap_or_else(|e| panic!("generated artifact: {e}")),
+        size: a.size,
+        format,
+    };
+    serde_json::Value::Object(spec.to_json()).to_string()
 }

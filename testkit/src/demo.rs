@@ -215,7 +215,7 @@ async fn run_inner(
             .iter()
             .filter_map(|p| {
                 rec.phase_ms
-                    .get(p.as_str())
+                    .get(p)
                     .map(|v| format!("{} {v} ms", p.as_str()))
             })
             .collect();

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use deploy_agent::manifest::{Manifest, UrlPolicy, MAX_URLS};
 use deploy_agent::progress::Progress;
-use deploy_agent::unpack::{ArchiveFormat, UnpackLimits};
+use deploy_agent::unpack::{Format, UnpackLimits};
 
 /// Manifest parser and signature check: never panic; whatever parses obeys
 /// the manifest's validated invariants; nothing random passes a signature
@@ -59,9 +59,9 @@ pub fn unpack(data: &[u8]) {
         return;
     };
     let format = match sel % 3 {
-        0 => ArchiveFormat::Tar,
-        1 => ArchiveFormat::TarGz,
-        _ => ArchiveFormat::TarZst,
+        0 => Format::Tar,
+        1 => Format::TarGz,
+        _ => Format::TarZst,
     };
     let Ok(tmp) = tempdir() else { return };
     let slot = tmp.path().join("slot");

@@ -29,25 +29,12 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, instrument, warn};
 
 use crate::config::{DownloadConfig, UnpackLimits};
-pub use crate::unpack::ArchiveFormat;
+pub use crate::manifest::{BuildSpec, Format, Sha256Sum};
 pub use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::pacing::{sleep_or_cancel, Backoff, BackoffState, TokenBucket};
 use crate::progress::Progress;
-
-/// What to download, from the manifest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ArtifactSpec {
-    /// Mirrors, tried in order; a mirror is abandoned after a range used up
-    /// its retries there, or on an answer that will not change (404, wrong size).
-    pub urls: Vec<String>,
-    /// Lowercase or uppercase hex sha256 of the whole artifact.
-    pub sha256: String,
-    /// Exact size in bytes.
-    pub size: u64,
-    pub format: ArchiveFormat,
-}
 
 /// How to download.
 #[derive(Debug, Clone, PartialEq)]
@@ -148,8 +135,8 @@ impl ArtifactCache {
 
     /// Pins `sha256` (in memory) until the returned guard drops: take it
     /// before looking the artifact up, hold it until the deploy ends.
-    pub fn pin(&self, sha256: &str) -> CachePin {
-        let sha256 = sha256.to_ascii_lowercase();
+    pub fn pin(&self, sha256: &Sha256Sum) -> CachePin {
+        let sha256 = sha256.to_string();
         *self
             .pins
             .lock()
@@ -212,31 +199,26 @@ impl ArtifactCache {
 
     /// Path of the verified artifact `sha256` if the cache holds it (no I/O
     /// beyond one `stat`).
-    pub fn lookup(&self, sha256: &str) -> Option<PathBuf> {
-        // Anything but a digest could name a path outside the cache.
-        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
+    pub fn lookup(&self, sha256: &Sha256Sum) -> Option<PathBuf> {
         let path = self.complete_path(sha256);
         path.is_file().then_some(path)
     }
 
-    fn complete_path(&self, sha256: &str) -> PathBuf {
-        self.dir.join(sha256.to_ascii_lowercase())
+    /// A digest names only a file inside the cache: it is 64 hex digits.
+    fn complete_path(&self, sha256: &Sha256Sum) -> PathBuf {
+        self.dir.join(sha256.as_str())
     }
 
-    pub(crate) fn partial_path(&self, sha256: &str) -> PathBuf {
-        self.dir
-            .join(format!("{}.partial", sha256.to_ascii_lowercase()))
+    pub(crate) fn partial_path(&self, sha256: &Sha256Sum) -> PathBuf {
+        self.dir.join(format!("{sha256}.partial"))
     }
 
-    pub(crate) fn sidecar_path(&self, sha256: &str) -> PathBuf {
-        self.dir
-            .join(format!("{}.progress", sha256.to_ascii_lowercase()))
+    pub(crate) fn sidecar_path(&self, sha256: &Sha256Sum) -> PathBuf {
+        self.dir.join(format!("{sha256}.progress"))
     }
 
     /// Marks `sha256` as just used (on disk: its mtime), so `prune` keeps it.
-    pub fn touch(&self, sha256: &str) {
+    pub fn touch(&self, sha256: &Sha256Sum) {
         let path = self.complete_path(sha256);
         if let Ok(file) = File::options().write(true).open(&path) {
             if let Err(e) = file.set_modified(SystemTime::now()) {
@@ -359,7 +341,7 @@ pub fn ensure_space(
 
 /// Unpacked size assumed by the free-space check: the ratio guess for the
 /// format, capped by the unpack limit (which the unpack would enforce anyway).
-pub fn unpacked_estimate(spec: &ArtifactSpec, limits: &UnpackLimits) -> u64 {
+pub fn unpacked_estimate(spec: &BuildSpec, limits: &UnpackLimits) -> u64 {
     spec.size
         .saturating_mul(spec.format.expansion_estimate())
         .min(limits.max_bytes)
@@ -609,7 +591,7 @@ impl Partial {
     /// Opens (resuming) or creates `<sha>.partial`, preallocated to `size`.
     pub(crate) fn open(
         cache: &ArtifactCache,
-        spec: &ArtifactSpec,
+        spec: &BuildSpec,
         parallel: usize,
     ) -> Result<Partial> {
         let path = cache.partial_path(&spec.sha256);
@@ -720,7 +702,7 @@ impl Bandwidth {
 #[derive(Debug)]
 struct Job {
     client: reqwest::Client,
-    spec: ArtifactSpec,
+    spec: BuildSpec,
     settings: FetchSettings,
     partial: Arc<Partial>,
     progress: Arc<Progress>,
@@ -749,7 +731,7 @@ enum Failure {
 #[instrument(skip_all, fields(sha256 = %spec.sha256, size = spec.size))]
 pub(crate) async fn download(
     client: &reqwest::Client,
-    spec: &ArtifactSpec,
+    spec: &BuildSpec,
     partial: Arc<Partial>,
     settings: &FetchSettings,
     progress: Arc<Progress>,
@@ -798,7 +780,7 @@ pub(crate) async fn download(
                     Some(Ok(Ok(()))) => continue,
                     Some(Ok(Err(e))) => e,
                     Some(Err(e)) => Error::Download {
-                        sha256: spec.sha256.clone(),
+                        sha256: spec.sha256.to_string(),
                         url: spec.urls.join(", "),
                         reason: format!("range worker failed: {e}"),
                     },
@@ -827,7 +809,7 @@ pub(crate) async fn download(
         // Every worker ended without error yet bytes are missing: a bug, but
         // report it as a failed download rather than verify a hole.
         return Err(Error::Download {
-            sha256: spec.sha256.clone(),
+            sha256: spec.sha256.to_string(),
             url: spec.urls.join(", "),
             reason: format!("only {present} of {} bytes arrived", spec.size),
         });
@@ -871,7 +853,7 @@ async fn fetch_range(job: &Job, start: u64, end: u64, buf: &mut Vec<u8>) -> Resu
         let mirror = job.mirror.load(Ordering::Acquire);
         let Some(url) = job.spec.urls.get(mirror) else {
             return Err(Error::Download {
-                sha256: job.spec.sha256.clone(),
+                sha256: job.spec.sha256.to_string(),
                 url: job.spec.urls.join(", "),
                 reason: "no mirror left".into(),
             });
@@ -916,7 +898,7 @@ async fn fetch_range(job: &Job, start: u64, end: u64, buf: &mut Vec<u8>) -> Resu
                             Failure::Mirror(e) => e,
                             Failure::Cancelled => cancelled(),
                             Failure::Transient(reason) => Error::Download {
-                                sha256: job.spec.sha256.clone(),
+                                sha256: job.spec.sha256.to_string(),
                                 url: url.clone(),
                                 reason,
                             },
@@ -1019,7 +1001,7 @@ async fn attempt(
             || s == StatusCode::RANGE_NOT_SATISFIABLE =>
         {
             return Err(Failure::Mirror(Error::Download {
-                sha256: job.spec.sha256.clone(),
+                sha256: job.spec.sha256.to_string(),
                 url: url.to_string(),
                 reason: format!("HTTP {s}"),
             }))

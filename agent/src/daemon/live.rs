@@ -16,7 +16,7 @@ use crate::clock::now_secs;
 use crate::control::{AgentEvent, AgentState, Control};
 use crate::deploy::{DeployRecord, ErrorRecord, Observer};
 use crate::error::Result;
-use crate::status::model::{HistoryEntry, HistoryKind};
+use crate::status::model::{HistoryEntry, HistoryKind, Source};
 
 /// How many deploy records of this process the agent keeps in memory.
 pub const HISTORY_LEN: usize = 50;
@@ -26,8 +26,7 @@ pub struct Desired {
     pub build: String,
     pub sha256: String,
     pub deploy_id: Option<String>,
-    /// `consul:<address>/<key>` or `file:<path>`.
-    pub source: String,
+    pub source: Source,
     pub modify_index: u64,
     pub received_at: u64,
 }

@@ -23,6 +23,7 @@ use crate::manifest::{Manifest, UrlPolicy};
 use crate::pacing::{Backoff, BackoffState};
 use crate::source::consul::WatchEvent;
 use crate::status::model::HistoryKind;
+use crate::status::model::{Source, SourceKind};
 use crate::status::{Command, CommandRequest, Metrics};
 
 /// First retry delay of a failed deploy; doubles up to [`RETRY_MAX`],
@@ -39,7 +40,7 @@ pub const FREEZE_RECHECK: Duration = Duration::from_secs(5);
 pub(super) struct MainLoop {
     pub(super) deployer: Arc<Deployer>,
     pub(super) shared: Arc<LiveStatus>,
-    pub(super) source: String,
+    pub(super) source: Source,
     pub(super) policy: UrlPolicy,
     /// Manifest signing keys; empty = signatures not required.
     pub(super) trust: crate::sign::TrustedKeys,
@@ -223,7 +224,7 @@ impl MainLoop {
             } => (value, modify_index),
             WatchEvent::Rejected { reason } => {
                 let err = Error::ManifestSource {
-                    source_name: self.source.clone(),
+                    source_name: self.source.to_string(),
                     reason,
                 };
                 error!(error = %err, "manifest rejected");
@@ -238,7 +239,7 @@ impl MainLoop {
             Ok(m) => m,
             Err(e) => {
                 let err = Error::Manifest {
-                    source_name: self.source.clone(),
+                    source_name: self.source.to_string(),
                     error: e,
                 };
                 error!(error = %err, "manifest rejected");
@@ -252,7 +253,7 @@ impl MainLoop {
         info!(build = %m.spec.build, modify_index, "desired state received");
         self.shared.lock().desired = Some(Desired {
             build: m.spec.build.clone(),
-            sha256: m.spec.sha256.clone(),
+            sha256: m.spec.sha256.to_string(),
             deploy_id: m.deploy_id.clone(),
             source: self.source.clone(),
             modify_index,
@@ -479,7 +480,7 @@ impl MainLoop {
     /// (rule 12). Both persisted; a failure to persist is logged only.
     async fn remember(&self, m: &Manifest, modify_index: u64) {
         let guard = self.deployer.guard.clone();
-        let from_consul = self.source.starts_with("consul:");
+        let from_consul = self.source.kind == SourceKind::Consul;
         let m = m.clone();
         let r = tokio::task::spawn_blocking(move || {
             if let Some(q) = guard.lift(Some(&m))? {

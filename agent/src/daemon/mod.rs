@@ -45,6 +45,7 @@ use crate::error::{Error, Result};
 use crate::manifest::UrlPolicy;
 use crate::progress::Progress;
 use crate::source::consul::WatchStats;
+use crate::status::model::{Source, SourceKind};
 use crate::status::{CommandRequest, Metrics, SocketSettings, StatusServer};
 use live::LiveStatus;
 use main_loop::MainLoop;
@@ -219,7 +220,10 @@ impl Agent {
                     None => consul_settings(&config)?,
                 };
                 let client = ConsulClient::new(&settings)?;
-                let name = format!("consul:{}/{}", client.address(), key);
+                let name = Source {
+                    kind: SourceKind::Consul,
+                    location: format!("{}/{}", client.address(), key),
+                };
                 // Rule 12 across restarts: a value older than the one
                 // acted on before is re-read in default mode first.
                 tracker.spawn(crate::source::consul::watch_key_from(
@@ -238,7 +242,10 @@ impl Agent {
                     tx,
                     shutdown.clone(),
                 ));
-                format!("file:{}", path.display())
+                Source {
+                    kind: SourceKind::File,
+                    location: path.display().to_string(),
+                }
             }
             (None, None) => {
                 return Err(Error::Internal(

@@ -12,8 +12,7 @@ use crate::deploy::{self, DeployRecord, Deployer, Phase};
 use crate::source::consul::WatchStats;
 use crate::status::metrics::ConsulErrorKind;
 use crate::status::model::{
-    ConsulInfo, DesiredBuild, DrainHolder, HoldState, LastError, ProgressInfo, SlotInfo, Source,
-    SourceKind,
+    ConsulInfo, DesiredBuild, DrainHolder, HoldState, LastError, ProgressInfo, SlotInfo,
 };
 use crate::status::{HistoryEntry, Metrics, StatusReport, StatusSource};
 
@@ -107,18 +106,11 @@ impl StatusSource for AgentView {
     fn status(&self) -> StatusReport {
         let s = self.shared.snapshot();
         let mut rep = StatusReport::new(self.started.elapsed().as_secs());
-        rep.desired = s.desired.as_ref().map(|d| {
-            let (kind, location) = match d.source.split_once(':') {
-                Some(("file", loc)) => (SourceKind::File, loc.to_string()),
-                Some((_, loc)) => (SourceKind::Consul, loc.to_string()),
-                None => (SourceKind::Consul, d.source.clone()),
-            };
-            DesiredBuild {
-                build: d.build.clone(),
-                sha256: Some(d.sha256.clone()),
-                source: Source { kind, location },
-                modify_index: Some(d.modify_index),
-            }
+        rep.desired = s.desired.as_ref().map(|d| DesiredBuild {
+            build: d.build.clone(),
+            sha256: Some(d.sha256.clone()),
+            source: d.source.clone(),
+            modify_index: Some(d.modify_index),
         });
         (rep.hot, rep.cold) = self.slots();
         let rec = s.deploy.as_ref();
@@ -279,13 +271,11 @@ pub fn count_deploy(metrics: &Metrics, rec: &DeployRecord, slot: Option<swapper:
         metrics.deploy_finished(o);
     }
     for (phase, ms) in &rec.phase_ms {
-        if let Some(p) = Phase::ALL.iter().find(|p| p.as_str() == phase) {
-            metrics.phase_finished(*p, std::time::Duration::from_millis(*ms));
-        }
+        metrics.phase_finished(*phase, std::time::Duration::from_millis(*ms));
     }
     if rec.from_cache {
         metrics.cache_hit();
-    } else if rec.phase_ms.contains_key("downloading") {
+    } else if rec.phase_ms.contains_key(&Phase::Downloading) {
         metrics.add_bytes_downloaded(rec.progress.bytes_downloaded);
     }
     if matches!(

@@ -88,7 +88,7 @@ impl Guard {
         self.lock()
             .quarantined
             .clone()
-            .filter(|q| q.build == m.spec.build && q.sha256 == m.spec.sha256)
+            .filter(|q| q.build == m.spec.build && m.spec.sha256 == *q.sha256)
     }
 
     /// Quarantines `m`'s build (replacing any earlier entry) and writes the file.
@@ -96,7 +96,7 @@ impl Guard {
         self.change(|s| {
             s.quarantined = Some(Quarantined {
                 build: m.spec.build.clone(),
-                sha256: m.spec.sha256.clone(),
+                sha256: m.spec.sha256.to_string(),
                 reason: reason.to_string(),
                 at: now_secs(),
             });
@@ -109,7 +109,7 @@ impl Guard {
     pub fn lift(&self, m: Option<&Manifest>) -> Result<Option<Quarantined>> {
         let current = self.lock().quarantined.clone();
         let Some(q) = current else { return Ok(None) };
-        if m.is_some_and(|m| q.build == m.spec.build && q.sha256 == m.spec.sha256) {
+        if m.is_some_and(|m| q.build == m.spec.build && m.spec.sha256 == *q.sha256) {
             return Ok(None);
         }
         self.change(|s| s.quarantined = None)?;

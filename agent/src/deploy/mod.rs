@@ -41,13 +41,13 @@ use swapper::{BuildInfo, DeployRoot, Slot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
 
-use crate::artifact::fetch::{self, ArtifactCache, ArtifactSpec, FetchSettings};
+use crate::artifact::fetch::{self, ArtifactCache, FetchSettings};
 use crate::clock::now_secs;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::manifest::{Format, Manifest};
+use crate::manifest::Manifest;
 use crate::progress::{Progress, ProgressSnapshot};
-use crate::unpack::{ArchiveFormat, UnpackLimits};
+use crate::unpack::UnpackLimits;
 
 /// The phases of a deploy. This is the one phase vocabulary: status, logs,
 /// metrics and host reports all use it.
@@ -254,7 +254,7 @@ pub struct DeployRecord {
     pub started_at: u64,
     pub finished_at: Option<u64>,
     /// Milliseconds spent in each phase.
-    pub phase_ms: BTreeMap<String, u64>,
+    pub phase_ms: BTreeMap<Phase, u64>,
     pub progress: ProgressSnapshot,
     pub from_cache: bool,
     pub slot: Option<Slot>,
@@ -315,11 +315,7 @@ impl Run<'_> {
         let next = transition(self.rec.phase, event)?;
         let spent = self.phase_start.elapsed().as_millis() as u64;
         if !self.rec.phase.is_terminal() {
-            *self
-                .rec
-                .phase_ms
-                .entry(self.rec.phase.as_str().into())
-                .or_default() += spent;
+            *self.rec.phase_ms.entry(self.rec.phase).or_default() += spent;
         }
         info!(build = %self.rec.build, from = self.rec.phase.as_str(), to = next.as_str(), spent_ms = spent, "deploy phase");
         self.rec.phase = next;
@@ -428,16 +424,6 @@ pub fn load_record(root: &std::path::Path) -> Option<DeployRecord> {
     serde_json::from_slice(&bytes).ok()
 }
 
-impl From<Format> for ArchiveFormat {
-    fn from(f: Format) -> Self {
-        match f {
-            Format::Tar => ArchiveFormat::Tar,
-            Format::TarGz => ArchiveFormat::TarGz,
-            Format::TarZst => ArchiveFormat::TarZst,
-        }
-    }
-}
-
 impl Deployer {
     async fn with_root<T: Send + 'static>(
         &self,
@@ -504,7 +490,7 @@ impl Deployer {
             d: self,
             rec: DeployRecord {
                 build: m.spec.build.clone(),
-                sha256: m.spec.sha256.clone(),
+                sha256: m.spec.sha256.to_string(),
                 deploy_id: m.deploy_id.clone(),
                 phase: Phase::Idle,
                 outcome: None,
@@ -534,7 +520,7 @@ impl Deployer {
                 run.finish(outcome, None);
                 // Off the critical path: delete what claims moved aside and
                 // keep only the newest artifacts.
-                self.purge_off_critical_path(Some(m.spec.sha256.clone()));
+                self.purge_off_critical_path(Some(m.spec.sha256.to_string()));
                 (Some(outcome), None)
             }
             Err(e) => {
@@ -621,7 +607,7 @@ impl Deployer {
                 root.slot_path(root.cold())
             };
             let limits = self.limits(m);
-            let spec = self.spec(m);
+            let spec = m.spec.clone();
             let cold = cold_dir.clone();
             if self.cache.lookup(&m.spec.sha256).is_none() {
                 let est = fetch::unpacked_estimate(&spec, &limits);
@@ -651,7 +637,7 @@ impl Deployer {
             // downloading: fetch, verify and unpack overlap.
             let outcome = crate::deploy::pipeline::fetch_and_unpack(
                 &self.client,
-                &self.spec(m),
+                &m.spec,
                 &self.cache,
                 &dir,
                 &self.fetch,
@@ -738,7 +724,7 @@ impl Deployer {
     fn unjudged(&self, m: &Manifest) -> bool {
         self.config.health.is_enabled()
             && load_record(&self.root_path).is_some_and(|r| {
-                r.phase == Phase::Verifying && r.build == m.spec.build && r.sha256 == m.spec.sha256
+                r.phase == Phase::Verifying && r.build == m.spec.build && m.spec.sha256 == *r.sha256
             })
     }
 
@@ -805,15 +791,6 @@ impl Deployer {
         }
     }
 
-    fn spec(&self, m: &Manifest) -> ArtifactSpec {
-        ArtifactSpec {
-            urls: m.spec.urls.clone(),
-            sha256: m.spec.sha256.clone(),
-            size: m.spec.size,
-            format: m.spec.format.into(),
-        }
-    }
-
     /// The manifest may lower the configured limits, never raise them.
     fn limits(&self, m: &Manifest) -> UnpackLimits {
         let c = &self.config.unpack;
@@ -830,7 +807,7 @@ impl Deployer {
     fn hook_env(&self, m: &Manifest, slot: Slot) -> Vec<(String, String)> {
         vec![
             ("DEPLOY_BUILD".into(), m.spec.build.clone()),
-            ("DEPLOY_SHA256".into(), m.spec.sha256.clone()),
+            ("DEPLOY_SHA256".into(), m.spec.sha256.to_string()),
             ("DEPLOY_ROOT".into(), self.root_path.display().to_string()),
             ("DEPLOY_SLOT".into(), slot.dir_name().into()),
             (

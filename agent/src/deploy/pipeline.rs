@@ -24,10 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
 
 use crate::artifact::fetch::{
-    download, ensure_space, unpacked_estimate, ArtifactCache, ArtifactSpec, Chunks, FetchSettings,
+    download, ensure_space, unpacked_estimate, ArtifactCache, BuildSpec, Chunks, FetchSettings,
     Partial,
 };
-use crate::artifact::sha256::{check, parse_sha256, HashingReader};
+use crate::artifact::sha256::{check, HashingReader};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::unpack::{unpack, UnpackLimits, UnpackStats};
@@ -59,7 +59,7 @@ pub struct UnpackOutcome {
 #[allow(clippy::too_many_arguments)] // the deploy state machine's interface, kept flat on purpose
 pub async fn fetch_and_unpack(
     client: &reqwest::Client,
-    spec: &ArtifactSpec,
+    spec: &BuildSpec,
     cache: &ArtifactCache,
     slot_dir: &Path,
     settings: &FetchSettings,
@@ -67,21 +67,19 @@ pub async fn fetch_and_unpack(
     progress: Arc<Progress>,
     cancel: CancellationToken,
 ) -> Result<UnpackOutcome> {
-    let expected = parse_sha256(&spec.sha256)?;
-    let mut spec = spec.clone();
-    spec.sha256 = hex::encode(expected);
+    let expected = spec.sha256.to_bytes();
     progress.reset(spec.size);
     let started = Instant::now();
 
     // A cache hit needs no URL at all (rollback to a build whose mirrors are gone).
     if let Some(path) = cache.lookup(&spec.sha256) {
         return from_cache(
-            &spec, &expected, cache, path, slot_dir, limits, progress, cancel,
+            spec, &expected, cache, path, slot_dir, limits, progress, cancel,
         )
         .await;
     }
 
-    validate_urls(&spec, settings)?;
+    validate_urls(spec, settings)?;
     let partial = {
         let (cache, spec, slot) = (cache.clone(), spec.clone(), slot_dir.to_path_buf());
         let (limits, parallel) = (*limits, settings.parallel_ranges);
@@ -105,7 +103,7 @@ pub async fn fetch_and_unpack(
     let reader = spawn_reader(
         Arc::clone(&partial.file),
         Arc::clone(&partial.chunks),
-        &spec,
+        spec,
         slot_dir,
         limits,
         Arc::clone(&progress),
@@ -115,7 +113,7 @@ pub async fn fetch_and_unpack(
     // so a cancelled attempt keeps every byte it paid for.
     let downloaded = download(
         client,
-        &spec,
+        spec,
         Arc::clone(&partial),
         settings,
         Arc::clone(&progress),
@@ -150,7 +148,7 @@ pub async fn fetch_and_unpack(
         return Err(e);
     }
     // Verified: only now does the partial become a cache entry.
-    let complete = cache.dir().join(&spec.sha256);
+    let complete = cache.dir().join(spec.sha256.as_str());
     std::fs::rename(&partial.path, &complete).map_err(|e| Error::io(&complete, e))?;
     let _ = std::fs::remove_file(&partial.sidecar);
     if let Err(e) = cache.prune(Some(&spec.sha256)) {
@@ -166,7 +164,7 @@ pub async fn fetch_and_unpack(
     );
     Ok(UnpackOutcome {
         stats,
-        sha256: spec.sha256.clone(),
+        sha256: spec.sha256.to_string(),
         from_cache: false,
         download_time,
         unpack_time,
@@ -178,7 +176,7 @@ pub async fn fetch_and_unpack(
 /// loss); a bad cache entry is deleted.
 #[allow(clippy::too_many_arguments)]
 async fn from_cache(
-    spec: &ArtifactSpec,
+    spec: &BuildSpec,
     expected: &[u8; 32],
     cache: &ArtifactCache,
     path: PathBuf,
@@ -221,7 +219,7 @@ async fn from_cache(
     let stats = read.unpacked?;
     Ok(UnpackOutcome {
         stats,
-        sha256: spec.sha256.clone(),
+        sha256: spec.sha256.to_string(),
         from_cache: true,
         download_time: Duration::ZERO,
         unpack_time: started.elapsed(),
@@ -265,7 +263,7 @@ fn stopped(read: ReadOutcome, cancel: &CancellationToken, sha256: &str) -> Error
     read.unpacked.err().unwrap_or_else(cancelled)
 }
 
-fn validate_urls(spec: &ArtifactSpec, settings: &FetchSettings) -> Result<()> {
+fn validate_urls(spec: &BuildSpec, settings: &FetchSettings) -> Result<()> {
     if spec.urls.is_empty() {
         return Err(Error::InvalidArtifact {
             reason: format!("artifact {} has no URLs", spec.sha256),
@@ -295,7 +293,7 @@ struct ReadOutcome {
 fn spawn_reader(
     file: Arc<File>,
     chunks: Arc<Chunks>,
-    spec: &ArtifactSpec,
+    spec: &BuildSpec,
     slot_dir: &Path,
     limits: &UnpackLimits,
     progress: Arc<Progress>,

@@ -139,7 +139,7 @@ mod tests {
         BuildSpec {
             build: b.into(),
             urls: vec!["http://h/a".into()],
-            sha256: "a".repeat(64),
+            sha256: "a".repeat(64).parse().unwrap(),
             size: 1,
             format: Format::Tar,
         }

@@ -89,6 +89,17 @@ pub struct Source {
     pub location: String,
 }
 
+impl std::fmt::Display for Source {
+    /// `consul:<address>/<key>` or `file:<path>`, for logs and errors.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            SourceKind::Consul => "consul",
+            SourceKind::File => "file",
+        };
+        write!(f, "{kind}:{}", self.location)
+    }
+}
+
 /// Kinds of manifest sources.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]

@@ -316,7 +316,7 @@ pub fn render_history(h: &[HistoryEntry], color: bool, now_unix: u64) -> String 
         let phases = e
             .phase_ms
             .iter()
-            .map(|(k, ms)| format!("{k} {}", millis(*ms)))
+            .map(|(k, ms)| format!("{} {}", k.as_str(), millis(*ms)))
             .collect::<Vec<_>>()
             .join(", ");
         let _ = writeln!(

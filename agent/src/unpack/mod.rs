@@ -35,30 +35,8 @@ use tracing::{debug, instrument};
 
 pub use crate::config::UnpackLimits;
 use crate::error::{Error, Result};
+pub use crate::manifest::Format;
 use crate::progress::Progress;
-
-/// Compression wrapped around the tar stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ArchiveFormat {
-    /// Plain tar.
-    Tar,
-    /// gzip-compressed tar (flate2, zlib-rs backend).
-    TarGz,
-    /// zstd-compressed tar.
-    TarZst,
-}
-
-impl ArchiveFormat {
-    /// A generous guess of unpacked size / archive size, used only by the
-    /// free-space check when no better number is known.
-    pub fn expansion_estimate(self) -> u64 {
-        match self {
-            ArchiveFormat::Tar => 1,
-            ArchiveFormat::TarGz => 5,
-            ArchiveFormat::TarZst => 6,
-        }
-    }
-}
 
 /// What one unpack wrote.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -103,7 +81,7 @@ const PER_ENTRY_OVERHEAD: u64 = 3 * 512;
 #[instrument(skip_all, fields(slot = %slot_dir.display(), ?format))]
 pub fn unpack<R: Read>(
     reader: R,
-    format: ArchiveFormat,
+    format: Format,
     slot_dir: &Path,
     limits: &UnpackLimits,
     progress: &Progress,
@@ -130,9 +108,9 @@ pub fn unpack<R: Read>(
         )
         .saturating_add(1 << 20);
     let decoded: Box<dyn Read + '_> = match format {
-        ArchiveFormat::Tar => Box::new(reader),
-        ArchiveFormat::TarGz => Box::new(flate2::read::MultiGzDecoder::new(reader)),
-        ArchiveFormat::TarZst => {
+        Format::Tar => Box::new(reader),
+        Format::TarGz => Box::new(flate2::read::MultiGzDecoder::new(reader)),
+        Format::TarZst => {
             let mut decoder =
                 zstd::stream::read::Decoder::new(reader).map_err(|e| Error::io(slot_dir, e))?;
             decoder

@@ -68,7 +68,7 @@ pub enum ReleaseAction {
         #[arg(long)]
         url: String,
         #[arg(long)]
-        sha256: Option<String>,
+        sha256: Option<crate::manifest::Sha256Sum>,
         #[arg(long)]
         size: Option<u64>,
         /// tar, tar.gz or tar.zst.
@@ -283,7 +283,7 @@ pub fn run_release(cmd: ReleaseCommand) -> u8 {
                         release::check_spec(crate::manifest::BuildSpec {
                             build,
                             urls: vec![url],
-                            sha256: sha256.to_ascii_lowercase(),
+                            sha256,
                             size,
                             format,
                         })?

@@ -45,20 +45,6 @@ pub struct Shown {
     pub freeze: Option<Value>,
 }
 
-/// The JSON fields of one build, as manifests spell them.
-pub fn spec_json(s: &BuildSpec) -> Map<String, Value> {
-    let mut m = Map::new();
-    m.insert("build".into(), json!(s.build));
-    m.insert("url".into(), json!(s.urls.first()));
-    if s.urls.len() > 1 {
-        m.insert("mirrors".into(), json!(s.urls[1..]));
-    }
-    m.insert("sha256".into(), json!(s.sha256));
-    m.insert("size".into(), json!(s.size));
-    m.insert("format".into(), json!(s.format.as_str()));
-    m
-}
-
 /// Builds a spec from a local artifact: its sha256 and size are computed
 /// here, the URL is where the artifact server serves it.
 pub fn spec_from_artifact(
@@ -83,7 +69,7 @@ pub fn spec_from_artifact(
     check_spec(BuildSpec {
         build: build.to_string(),
         urls: vec![url.to_string()],
-        sha256: hex::encode(h.finalize()),
+        sha256: crate::manifest::Sha256Sum::from_bytes(h.finalize().into()),
         size,
         format,
     })
@@ -91,7 +77,7 @@ pub fn spec_from_artifact(
 
 /// Validates a spec given on the command line exactly as agents will.
 pub fn check_spec(s: BuildSpec) -> Result<BuildSpec> {
-    let obj = spec_json(&s);
+    let obj = s.to_json();
     BuildSpec::from_object(&obj, UrlPolicy { allow_file: true }).map_err(|e| {
         Error::ReleaseInvalid {
             key: String::new(),
@@ -170,7 +156,7 @@ impl Release {
         spec: &BuildSpec,
         percent: Option<f64>,
     ) -> Result<Map<String, Value>> {
-        let mut m = spec_json(spec);
+        let mut m = spec.to_json();
         if let Some(p) = percent {
             m.insert("percent".into(), json!(check_percent(&self.key, p)?));
         }
@@ -182,7 +168,7 @@ impl Release {
             }
         });
         if let Some(prev) = previous {
-            m.insert("previous".into(), Value::Object(spec_json(&prev)));
+            m.insert("previous".into(), Value::Object(prev.to_json()));
         }
         if let Some(c) = cur {
             for k in ["max_unpacked_bytes", "max_entries"] {
@@ -233,10 +219,10 @@ impl Release {
                 reason: "the published manifest names no previous build to roll back to".into(),
             });
         };
-        let mut m = spec_json(prev);
+        let mut m = prev.to_json();
         m.insert(
             "previous".into(),
-            Value::Object(spec_json(&cur.manifest.spec)),
+            Value::Object(cur.manifest.spec.to_json()),
         );
         m.insert("percent".into(), json!(100));
         m.insert("rolled_back_from".into(), json!(cur.manifest.spec.build));
