@@ -7,9 +7,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
-use deploy_agent::artifact::fetch::{
-    free_space_check, ArtifactCache, BuildSpec, CancellationToken, FetchSettings, Format, Sha256Sum,
+use deploy_agent::artifact::cache::make_room;
+use deploy_agent::artifact::{
+    free_space_check, ArtifactCache, BuildSpec, FetchSettings, Format, Sha256Sum,
 };
 use deploy_agent::config::UnpackLimits;
 use deploy_agent::deploy::pipeline::{fetch_and_unpack, UnpackOutcome};
@@ -136,6 +138,7 @@ impl Env {
             &self.client,
             spec,
             &self.cache,
+            self.cache.lookup(&spec.sha256),
             slot,
             &self.settings,
             &UnpackLimits::default(),
@@ -530,17 +533,16 @@ async fn small_tmpfs_refuses_before_downloading() {
     let cache = ArtifactCache::new(small.join("cache"), 2).unwrap();
     let mut spec = env.spec(&build, &["/b"], FORMAT);
     spec.size = 6 << 20; // with a 5x unpack estimate, far more than 8 MiB
-    let result = fetch_and_unpack(
-        &env.client,
-        &spec,
+                         // The deploy's one free-space check, before it claims the slot and
+                         // before any request.
+    let result = make_room(
         &cache,
+        &small,
         &slot,
-        &env.settings,
+        &spec,
         &UnpackLimits::default(),
-        Arc::new(Progress::default()),
-        CancellationToken::new(),
-    )
-    .await;
+        false,
+    );
     let unmounted = std::process::Command::new("umount").arg(&small).status();
     match result {
         Err(Error::NotEnoughSpace { needed, free, .. }) => assert!(needed > free),
@@ -595,6 +597,7 @@ async fn unpack_overlaps_the_download() {
         &env.client,
         &spec,
         &env.cache,
+        env.cache.lookup(&spec.sha256),
         &slot,
         &env.settings,
         &UnpackLimits::default(),
@@ -664,6 +667,7 @@ async fn progress_reaches_the_totals() {
         &env.client,
         &spec,
         &env.cache,
+        env.cache.lookup(&spec.sha256),
         &slot,
         &env.settings,
         &UnpackLimits::default(),
@@ -801,7 +805,7 @@ async fn end_to_end_throughput() {
 #[test]
 fn prune_never_touches_a_pinned_artifact_or_partial() {
     let dir = deploy_agent_tests::fast_tempdir();
-    let cache = deploy_agent::artifact::fetch::ArtifactCache::new(dir.path(), 1).unwrap();
+    let cache = deploy_agent::artifact::ArtifactCache::new(dir.path(), 1).unwrap();
     let sha = |c: char| c.to_string().repeat(64);
     // Three complete artifacts, oldest first; keep = 1.
     for (i, c) in ['a', 'b', 'c'].into_iter().enumerate() {

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
-use crate::artifact::fetch::{ArtifactCache, FetchSettings};
+use crate::artifact::{ArtifactCache, FetchSettings};
 use crate::config::{consul_settings, Config};
 use crate::consul::{ConsulClient, ConsulSettings};
 use crate::control::AgentState;

@@ -41,7 +41,8 @@ use swapper::{BuildInfo, DeployRoot, Slot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
 
-use crate::artifact::fetch::{self, ArtifactCache, FetchSettings};
+use crate::artifact::cache::make_room;
+use crate::artifact::{ArtifactCache, FetchSettings};
 use crate::clock::now_secs;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -365,54 +366,6 @@ impl Run<'_> {
     }
 }
 
-/// The free-space check before the cold slot is claimed. What the agent
-/// itself occupies and will clear (the cold slot, about to be claimed; the
-/// trash; partial downloads no deploy uses) counts as free: a failed
-/// deploy's leftovers must never stop the next deploy. The claim and
-/// [`fetch::ensure_space`] then actually free it.
-fn space_before_claim(
-    cache: &ArtifactCache,
-    root: &std::path::Path,
-    cold: &std::path::Path,
-    download: u64,
-    unpacked: u64,
-) -> Result<()> {
-    match fetch::free_space_check(cache.dir(), cold, download, unpacked) {
-        Err(Error::NotEnoughSpace { path, needed, .. }) => {
-            // Clear what can go now (the trash, unused partials), so the
-            // claim itself has room for its few writes.
-            if let Err(e) = swapper::purge_trash(root) {
-                warn!(error = %e, "cannot empty the trash");
-            }
-            if let Err(e) = cache.remove_stale_partials() {
-                warn!(error = %e, "cannot remove unused partial downloads");
-            }
-            let free = match fetch::free_space_check(cache.dir(), cold, download, unpacked) {
-                Ok(()) => return Ok(()),
-                Err(Error::NotEnoughSpace { free, .. }) => free,
-                Err(e) => return Err(e),
-            };
-            let reclaimable = swapper::fsutil::disk_usage(cold);
-            if free.saturating_add(reclaimable) >= needed {
-                info!(
-                    needed,
-                    free,
-                    reclaimable,
-                    "space short until the agent's own leftovers are cleared; going on"
-                );
-                return Ok(());
-            }
-            Err(Error::NotEnoughSpace {
-                path,
-                needed,
-                free,
-                reclaimable,
-            })
-        }
-        r => r,
-    }
-}
-
 /// Where a deploy root keeps the record of its current or last deploy.
 fn record_path(root: &std::path::Path) -> PathBuf {
     root.join(".deploy/deploy.json")
@@ -607,16 +560,20 @@ impl Deployer {
                 root.slot_path(root.cold())
             };
             let limits = self.limits(m);
-            let spec = m.spec.clone();
-            let cold = cold_dir.clone();
-            if self.cache.lookup(&m.spec.sha256).is_none() {
-                let est = fetch::unpacked_estimate(&spec, &limits);
-                let (cache, root) = (self.cache.clone(), self.root_path.clone());
+            // The one cache lookup (the entry is pinned for the whole
+            // deploy) and the one free-space check, before the claim.
+            let cached = self.cache.lookup(&m.spec.sha256);
+            {
+                let (cache, root, cold) =
+                    (self.cache.clone(), self.root_path.clone(), cold_dir.clone());
+                let (spec, hit) = (m.spec.clone(), cached.is_some());
                 tokio::task::spawn_blocking(move || {
-                    space_before_claim(&cache, &root, &cold, spec.size, est)
+                    make_room(&cache, &root, &cold, &spec, &limits, hit)
                 })
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))??;
+            }
+            if cached.is_none() {
                 // A download is needed: spread the fleet's requests out.
                 crate::deploy::splay::wait(self.config.fleet.splay(), &m.spec.build, cancel).await;
                 check("the download")?;
@@ -639,6 +596,7 @@ impl Deployer {
                 &self.client,
                 &m.spec,
                 &self.cache,
+                cached,
                 &dir,
                 &self.fetch,
                 &limits,

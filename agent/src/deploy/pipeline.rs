@@ -14,8 +14,7 @@
 //! after the digest matched.
 
 use std::fs::File;
-use std::io::{BufReader, Read};
-use std::os::unix::fs::FileExt;
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,11 +22,10 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
 
-use crate::artifact::fetch::{
-    download, ensure_space, unpacked_estimate, ArtifactCache, BuildSpec, Chunks, FetchSettings,
-    Partial,
-};
+use crate::artifact::download::download;
+use crate::artifact::partial::{Partial, PartialReader};
 use crate::artifact::sha256::{check, HashingReader};
+use crate::artifact::{ArtifactCache, BuildSpec, FetchSettings};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::unpack::{unpack, UnpackLimits, UnpackStats};
@@ -46,9 +44,10 @@ pub struct UnpackOutcome {
     pub unpack_time: Duration,
 }
 
-/// Downloads (or takes from `cache`), verifies and unpacks the artifact into
-/// `slot_dir`, an EMPTY directory the caller has claimed, overlapping the
-/// stages.
+/// Downloads into `cache` (or reads `cached`, the cache entry the caller
+/// looked up and pinned), verifies and unpacks the artifact into `slot_dir`,
+/// an EMPTY directory the caller has claimed after its free-space check,
+/// overlapping the stages.
 ///
 /// Returns only when the sha256 and size of the whole artifact matched AND
 /// every entry is written; the caller then makes the slot durable (syncfs)
@@ -61,6 +60,7 @@ pub async fn fetch_and_unpack(
     client: &reqwest::Client,
     spec: &BuildSpec,
     cache: &ArtifactCache,
+    cached: Option<PathBuf>,
     slot_dir: &Path,
     settings: &FetchSettings,
     limits: &UnpackLimits,
@@ -72,7 +72,7 @@ pub async fn fetch_and_unpack(
     let started = Instant::now();
 
     // A cache hit needs no URL at all (rollback to a build whose mirrors are gone).
-    if let Some(path) = cache.lookup(&spec.sha256) {
+    if let Some(path) = cached {
         return from_cache(
             spec, &expected, cache, path, slot_dir, limits, progress, cancel,
         )
@@ -81,17 +81,8 @@ pub async fn fetch_and_unpack(
 
     validate_urls(spec, settings)?;
     let partial = {
-        let (cache, spec, slot) = (cache.clone(), spec.clone(), slot_dir.to_path_buf());
-        let (limits, parallel) = (*limits, settings.parallel_ranges);
-        blocking(move || {
-            // A partial of the right length already holds its blocks.
-            let allocated = std::fs::metadata(cache.partial_path(&spec.sha256))
-                .is_ok_and(|m| m.len() == spec.size);
-            let download = if allocated { 0 } else { spec.size };
-            ensure_space(&cache, &slot, download, unpacked_estimate(&spec, &limits))?;
-            Partial::open(&cache, &spec, parallel)
-        })
-        .await?
+        let (cache, spec, parallel) = (cache.clone(), spec.clone(), settings.parallel_ranges);
+        blocking(move || Partial::open(&cache, &spec, parallel)).await?
     };
     let partial = Arc::new(partial);
     let resumed = partial.bytes_present();
@@ -101,13 +92,11 @@ pub async fn fetch_and_unpack(
     let mut stop = StopOnDrop(Some(Arc::clone(&partial)));
 
     let reader = spawn_reader(
-        Arc::clone(&partial.file),
-        Arc::clone(&partial.chunks),
+        partial.reader(cancel.clone()),
         spec,
         slot_dir,
         limits,
         Arc::clone(&progress),
-        cancel.clone(),
     );
     // Cancellation is handled inside: workers flush what they received,
     // so a cancelled attempt keeps every byte it paid for.
@@ -123,9 +112,8 @@ pub async fn fetch_and_unpack(
     let download_time = started.elapsed();
     if let Err(e) = downloaded {
         // Stop the reader and wait for it: the caller may clear the slot next.
-        partial.chunks.abort();
+        partial.stop();
         let _ = reader.await;
-        partial.persist();
         stop.0 = None;
         if matches!(e, Error::SizeMismatch { .. }) {
             partial.discard();
@@ -148,12 +136,7 @@ pub async fn fetch_and_unpack(
         return Err(e);
     }
     // Verified: only now does the partial become a cache entry.
-    let complete = cache.dir().join(spec.sha256.as_str());
-    std::fs::rename(&partial.path, &complete).map_err(|e| Error::io(&complete, e))?;
-    let _ = std::fs::remove_file(&partial.sidecar);
-    if let Err(e) = cache.prune(Some(&spec.sha256)) {
-        warn!(error = %e, "cannot prune the artifact cache");
-    }
+    partial.commit(cache, &spec.sha256)?;
     let stats = read.unpacked?;
     info!(
         entries = stats.entries,
@@ -187,20 +170,17 @@ async fn from_cache(
 ) -> Result<UnpackOutcome> {
     let started = Instant::now();
     info!(path = %path.display(), "artifact cache hit");
-    ensure_space(cache, slot_dir, 0, unpacked_estimate(spec, limits))?;
     let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
     let size = file.metadata().map_err(|e| Error::io(&path, e))?.len();
     progress
         .bytes_downloaded
         .store(size, std::sync::atomic::Ordering::Relaxed);
     let reader = spawn_reader(
-        Arc::new(file),
-        Arc::new(Chunks::complete(size)),
+        PartialReader::whole(file, size, cancel.clone()),
         spec,
         slot_dir,
         limits,
         progress,
-        cancel.clone(),
     );
     let read = reader
         .await
@@ -291,22 +271,14 @@ struct ReadOutcome {
 }
 
 fn spawn_reader(
-    file: Arc<File>,
-    chunks: Arc<Chunks>,
+    source: PartialReader,
     spec: &BuildSpec,
     slot_dir: &Path,
     limits: &UnpackLimits,
     progress: Arc<Progress>,
-    cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<ReadOutcome> {
     let (format, slot, limits) = (spec.format, slot_dir.to_path_buf(), *limits);
     tokio::task::spawn_blocking(move || {
-        let source = WatermarkReader {
-            file,
-            chunks,
-            pos: 0,
-            cancel,
-        };
         let mut hashing =
             HashingReader::new(BufReader::with_capacity(256 << 10, source), &progress);
         let unpacked = unpack(&mut hashing, format, &slot, &limits, &progress);
@@ -320,33 +292,6 @@ fn spawn_reader(
     })
 }
 
-/// Reads the partial in order, never past the contiguous watermark.
-struct WatermarkReader {
-    file: Arc<File>,
-    chunks: Arc<Chunks>,
-    pos: u64,
-    cancel: CancellationToken,
-}
-
-impl Read for WatermarkReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.cancel.is_cancelled() {
-            return Err(std::io::Error::other("cancelled"));
-        }
-        if self.pos >= self.chunks.size || buf.is_empty() {
-            return Ok(0);
-        }
-        let available = self.chunks.wait_beyond(self.pos)?;
-        let n = (available - self.pos).min(buf.len() as u64) as usize;
-        let n = self.file.read_at(&mut buf[..n], self.pos)?;
-        if n == 0 {
-            return Err(std::io::Error::other("partial file shorter than recorded"));
-        }
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-
 /// Stops the reader and records progress if `fetch_and_unpack` is dropped
 /// mid-download (the "restart" case): the range workers are aborted by
 /// their JoinSet, this wakes the reader thread so it exits.
@@ -355,9 +300,7 @@ struct StopOnDrop(Option<Arc<Partial>>);
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
         if let Some(partial) = self.0.take() {
-            partial.chunks.abort();
-            // A few hundred bytes, synchronously: Drop cannot await.
-            partial.persist();
+            partial.stop();
         }
     }
 }
