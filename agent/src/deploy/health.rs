@@ -136,7 +136,7 @@ async fn attempt(
     }
     if let Some(argv) = &cfg.command {
         if let Err(e) =
-            crate::deploy::drain::run_hook("health-check", argv, env, cfg.timeout, output_limit)
+            crate::deploy::hooks::run_hook("health-check", argv, env, cfg.timeout, output_limit)
                 .await
         {
             return Some(e.to_string());

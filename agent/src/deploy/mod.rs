@@ -28,6 +28,7 @@
 pub mod drain;
 pub mod guard;
 pub mod health;
+pub mod hooks;
 pub mod pipeline;
 pub mod splay;
 
@@ -625,7 +626,7 @@ impl Deployer {
         let hooks = &self.config.hooks;
         let env = self.hook_env(m, target);
         if let Some(argv) = &hooks.pre_flip {
-            drain::run_hook("pre-flip", argv, &env, hooks.timeout, hooks.output_limit).await?;
+            hooks::run_hook("pre-flip", argv, &env, hooks.timeout, hooks.output_limit).await?;
         }
         let hot_dir = self.root_path.join("current");
         drain::wait_hot_drained(
@@ -654,7 +655,7 @@ impl Deployer {
             // The new build is live whatever the hook says; its failure is
             // reported, not undone (the health gate decides about rollback).
             if let Err(e) =
-                drain::run_hook("post-flip", argv, &env, hooks.timeout, hooks.output_limit).await
+                hooks::run_hook("post-flip", argv, &env, hooks.timeout, hooks.output_limit).await
             {
                 warn!(error = %e, "post-flip hook failed");
                 run.rec.error = Some(ErrorRecord {
