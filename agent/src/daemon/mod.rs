@@ -44,7 +44,7 @@ use crate::deploy::Deployer;
 use crate::error::{Error, Result};
 use crate::manifest::UrlPolicy;
 use crate::progress::Progress;
-use crate::source::consul::WatchStats;
+use crate::source::consul::{WatchEvent, WatchStats};
 use crate::status::model::{Source, SourceKind};
 use crate::status::{CommandRequest, Metrics, SocketSettings, StatusServer};
 use live::LiveStatus;
@@ -99,160 +99,32 @@ impl Agent {
         opts: RunOptions,
         shutdown: CancellationToken,
     ) -> Result<Agent> {
-        let root_path = config.deploy_root.clone();
-        let (root, report) = tokio::task::spawn_blocking({
-            let p = root_path.clone();
-            move || DeployRoot::open(p)
-        })
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
-        // Values, not a Debug dump. An unmarked slot on a root with no build
-        // yet is simply empty, not damage: only name invalid slots when a
-        // build was live.
-        let invalid: Vec<&str> = report.invalid_slots.iter().map(|s| s.dir_name()).collect();
-        info!(
-            root = %root.path().display(),
-            hot = root.hot().map(|s| s.dir_name()).unwrap_or("none"),
-            removed_temp = report.removed_temp.len(),
-            unmarked_slots = %if root.hot().is_some() { invalid.join(",") } else { String::new() },
-            state_repaired = report.state_repaired,
-            current_restored = report.current_restored.map(|s| s.dir_name()).unwrap_or(""),
-            adopted = report.adopted.as_deref().unwrap_or(""),
-            trash_entries = report.trash_entries,
-            "deploy root ready"
-        );
-        if report.trash_entries > 0 {
-            // Left by a crash between a claim and the purge; off the
-            // critical path like every purge.
-            let p = root.path().to_path_buf();
-            tokio::task::spawn_blocking(move || swapper::purge_trash(&p));
-        }
-        let root_path = root.path().to_path_buf();
-        let fetch = FetchSettings::from_config(&config.download, config.source.file.is_some());
-        let client = fetch
-            .client()
-            .map_err(|e| Error::Internal(format!("cannot build the HTTP client: {e}")))?;
-        let cache = ArtifactCache::new(config.cache_dir(), config.download.cache_keep)?;
-        let guard = Arc::new(crate::deploy::guard::Guard::open(&root_path));
-        let trust = crate::sign::TrustedKeys::parse(&config.signing.public_keys).map_err(|e| {
-            Error::ConfigInvalid {
-                path: PathBuf::from("[signing]"),
-                message: e,
-            }
-        })?;
-        let deployer = Arc::new(Deployer {
-            root: Arc::new(Mutex::new(root)),
-            root_path,
-            config: config.clone(),
-            client,
-            cache,
-            progress: Arc::new(Progress::default()),
-            fetch,
-            guard: guard.clone(),
-            flip_gate: std::sync::OnceLock::new(),
-        });
+        let root = open_deploy_root(config.deploy_root.clone()).await?;
+        let (deployer, trust) = build_deployer(&config, root)?;
         let tracker = TaskTracker::new();
         let notifier = opts
             .notify
             .then(crate::daemon::notify::Notifier::from_env)
             .filter(|n| n.is_enabled());
-        let member = {
-            let consul = match (&opts.consul, &config.source.key) {
-                (Some(s), _) => Some(s.clone()),
-                (None, Some(_)) => Some(consul_settings(&config)?),
-                (None, None) => None,
-            };
-            let served = crate::fleet::host::member::served_build(&deployer.root);
-            crate::fleet::host::member::Member::start(
-                &config,
-                consul.as_ref(),
-                served,
-                &tracker,
-                shutdown.clone(),
-            )?
-        };
-        if member.watches_freeze() {
-            let gate: Arc<dyn crate::deploy::FlipGate> = member.clone();
-            // The only `set` of a fresh OnceLock: it cannot fail.
-            let _ = deployer.flip_gate.set(gate);
-        }
-        let (mut control, control_error) = crate::control::load(&deployer.root_path);
-        if control.frozen && !member.watches_freeze() {
-            // No freeze key any more (config changed): nothing can lift it.
-            control.frozen = false;
-            if matches!(control.state, AgentState::Frozen { .. }) {
-                control.state = AgentState::Idle;
-            }
-        }
-        info!(
-            state = control.state.as_str(),
-            frozen = control.frozen,
-            "agent state recovered"
-        );
-        let shared = Arc::new(LiveStatus::new(
-            deployer.root_path.clone(),
-            notifier.clone(),
-            Some(member.clone()),
-        ));
-        shared.lock().control = control;
-        if let Some(e) = control_error {
-            error!(error = %e, "agent state file");
-            shared.error(e.to_string());
-        }
+        let member = start_member(&config, &opts, &deployer, &tracker, &shutdown)?;
+        let shared = recover_status(&deployer, notifier.clone(), member.clone());
         let metrics = Arc::new(Metrics::new());
-        {
-            let root = deployer.root.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(hot) = root.hot() {
-                if let Some(m) = root.marker(hot) {
-                    metrics.set_build(&m.build.build_id, hot.dir_name());
-                }
-            }
-        }
-        if let Some(rec) = crate::deploy::load_record(&deployer.root_path) {
-            shared.lock().deploy = Some(rec);
+        if let Some((build, slot)) = served(&deployer) {
+            metrics.set_build(&build, slot.dir_name());
         }
         let watch_stats = Arc::new(WatchStats::new());
         let (tx, rx) = mpsc::channel(8);
-        let source = match (&config.source.key, &config.source.file) {
-            (Some(key), _) => {
-                let settings = match opts.consul.clone() {
-                    Some(s) => s,
-                    None => consul_settings(&config)?,
-                };
-                let client = ConsulClient::new(&settings)?;
-                let name = Source {
-                    kind: SourceKind::Consul,
-                    location: format!("{}/{}", client.address(), key),
-                };
-                // Rule 12 across restarts: a value older than the one
-                // acted on before is re-read in default mode first.
-                tracker.spawn(crate::source::consul::watch_key_from(
-                    client,
-                    key.clone(),
-                    tx,
-                    watch_stats.clone(),
-                    shutdown.clone(),
-                    guard.state().applied_modify_index,
-                ));
-                name
-            }
-            (None, Some(path)) => {
-                tracker.spawn(crate::source::file::watch_file(
-                    path.clone(),
-                    tx,
-                    shutdown.clone(),
-                ));
-                Source {
-                    kind: SourceKind::File,
-                    location: path.display().to_string(),
-                }
-            }
-            (None, None) => {
-                return Err(Error::Internal(
-                    "config has no source (checked at load)".into(),
-                ))
-            }
-        };
+        let source = start_source(
+            &config,
+            &opts,
+            deployer.guard.state().applied_modify_index,
+            SourceTasks {
+                tracker: &tracker,
+                tx,
+                stats: watch_stats.clone(),
+                shutdown: &shutdown,
+            },
+        )?;
         let (cmd_tx, cmd_rx) = mpsc::channel(8);
         let status_task = if opts.status_socket {
             let view = Arc::new(AgentView::new(
@@ -261,26 +133,18 @@ impl Agent {
                 config.source.key.is_some().then(|| watch_stats.clone()),
                 metrics.clone(),
             ));
-            Some(
-                StatusServer::start(
-                    SocketSettings::from(config.status.clone()),
-                    view,
-                    cmd_tx.clone(),
-                    shutdown.clone(),
-                )
-                .await?,
-            )
+            let settings = SocketSettings::from(config.status.clone());
+            Some(StatusServer::start(settings, view, cmd_tx.clone(), shutdown.clone()).await?)
         } else {
             None
-        };
-        let policy = UrlPolicy {
-            allow_file: config.download.allow_file_urls || config.source.file.is_some(),
         };
         let main = MainLoop {
             deployer: deployer.clone(),
             shared: shared.clone(),
             source,
-            policy,
+            policy: UrlPolicy {
+                allow_file: config.download.allow_file_urls || config.source.file.is_some(),
+            },
             trust,
             retry_initial: opts.retry_initial,
             metrics: metrics.clone(),
@@ -302,6 +166,197 @@ impl Agent {
             tracker,
             status_task,
         })
+    }
+}
+
+/// Opens the deploy root (swapper recovers it: temp files, a torn flip, a
+/// missing `current`) and logs what recovery did, as values.
+async fn open_deploy_root(path: PathBuf) -> Result<DeployRoot> {
+    let (root, report) = tokio::task::spawn_blocking(move || DeployRoot::open(path))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+    // An unmarked slot on a root with no build yet is simply empty, not
+    // damage: only name invalid slots when a build was live.
+    let invalid: Vec<&str> = report.invalid_slots.iter().map(|s| s.dir_name()).collect();
+    info!(
+        root = %root.path().display(),
+        hot = root.hot().map(|s| s.dir_name()).unwrap_or("none"),
+        removed_temp = report.removed_temp.len(),
+        unmarked_slots = %if root.hot().is_some() { invalid.join(",") } else { String::new() },
+        state_repaired = report.state_repaired,
+        current_restored = report.current_restored.map(|s| s.dir_name()).unwrap_or(""),
+        adopted = report.adopted.as_deref().unwrap_or(""),
+        trash_entries = report.trash_entries,
+        "deploy root ready"
+    );
+    if report.trash_entries > 0 {
+        // Left by a crash between a claim and the purge; off the critical
+        // path like every purge.
+        let p = root.path().to_path_buf();
+        tokio::task::spawn_blocking(move || swapper::purge_trash(&p));
+    }
+    Ok(root)
+}
+
+/// The deployer (everything one deploy needs) and the manifest signing
+/// keys, from the config.
+fn build_deployer(
+    config: &Config,
+    root: DeployRoot,
+) -> Result<(Arc<Deployer>, crate::sign::TrustedKeys)> {
+    let root_path = root.path().to_path_buf();
+    let fetch = FetchSettings::from_config(&config.download, config.source.file.is_some());
+    let client = fetch
+        .client()
+        .map_err(|e| Error::Internal(format!("cannot build the HTTP client: {e}")))?;
+    let cache = ArtifactCache::new(config.cache_dir(), config.download.cache_keep)?;
+    let trust = crate::sign::TrustedKeys::parse(&config.signing.public_keys).map_err(|e| {
+        Error::ConfigInvalid {
+            path: PathBuf::from("[signing]"),
+            message: e,
+        }
+    })?;
+    let deployer = Arc::new(Deployer {
+        root: Arc::new(Mutex::new(root)),
+        guard: Arc::new(crate::deploy::guard::Guard::open(&root_path)),
+        root_path,
+        config: config.clone(),
+        client,
+        cache,
+        progress: Arc::new(Progress::default()),
+        fetch,
+        flip_gate: std::sync::OnceLock::new(),
+    });
+    Ok((deployer, trust))
+}
+
+/// Starts this host's fleet membership (rollout decision, freeze watch,
+/// host reports) and, when a freeze key is watched, makes it the gate every
+/// flip passes.
+fn start_member(
+    config: &Config,
+    opts: &RunOptions,
+    deployer: &Deployer,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<Arc<crate::fleet::host::member::Member>> {
+    let consul = match (&opts.consul, &config.source.key) {
+        (Some(s), _) => Some(s.clone()),
+        (None, Some(_)) => Some(consul_settings(config)?),
+        (None, None) => None,
+    };
+    let served = crate::fleet::host::member::served_build(&deployer.root);
+    let member = crate::fleet::host::member::Member::start(
+        config,
+        consul.as_ref(),
+        served,
+        tracker,
+        shutdown.clone(),
+    )?;
+    if member.watches_freeze() {
+        let gate: Arc<dyn crate::deploy::FlipGate> = member.clone();
+        // The only `set` of a fresh OnceLock: it cannot fail.
+        let _ = deployer.flip_gate.set(gate);
+    }
+    Ok(member)
+}
+
+/// The agent's live status as recovered from disk: the persisted agent
+/// state (intent survives restarts) and the last deploy record.
+fn recover_status(
+    deployer: &Deployer,
+    notifier: Option<crate::daemon::notify::Notifier>,
+    member: Arc<crate::fleet::host::member::Member>,
+) -> Arc<LiveStatus> {
+    let (mut control, control_error) = crate::control::load(&deployer.root_path);
+    if control.frozen && !member.watches_freeze() {
+        // No freeze key any more (config changed): nothing can lift it.
+        control.frozen = false;
+        if matches!(control.state, AgentState::Frozen { .. }) {
+            control.state = AgentState::Idle;
+        }
+    }
+    info!(
+        state = control.state.as_str(),
+        frozen = control.frozen,
+        "agent state recovered"
+    );
+    let shared = Arc::new(LiveStatus::new(
+        deployer.root_path.clone(),
+        notifier,
+        Some(member),
+    ));
+    shared.lock().control = control;
+    if let Some(e) = control_error {
+        error!(error = %e, "agent state file");
+        shared.error(e.to_string());
+    }
+    if let Some(rec) = crate::deploy::load_record(&deployer.root_path) {
+        shared.lock().deploy = Some(rec);
+    }
+    shared
+}
+
+/// The build the hot slot serves, per its marker, and the slot.
+fn served(deployer: &Deployer) -> Option<(String, swapper::Slot)> {
+    let root = deployer.root.lock().unwrap_or_else(|p| p.into_inner());
+    let hot = root.hot()?;
+    Some((root.marker(hot)?.build.build_id.clone(), hot))
+}
+
+/// What a desired-state source task needs from the agent.
+struct SourceTasks<'a> {
+    tracker: &'a TaskTracker,
+    tx: mpsc::Sender<WatchEvent>,
+    stats: Arc<WatchStats>,
+    shutdown: &'a CancellationToken,
+}
+
+/// Starts the task that watches the desired state (the Consul key, or the
+/// local file) and names it.
+fn start_source(
+    config: &Config,
+    opts: &RunOptions,
+    applied_modify_index: u64,
+    t: SourceTasks<'_>,
+) -> Result<Source> {
+    match (&config.source.key, &config.source.file) {
+        (Some(key), _) => {
+            let settings = match opts.consul.clone() {
+                Some(s) => s,
+                None => consul_settings(config)?,
+            };
+            let client = ConsulClient::new(&settings)?;
+            let location = format!("{}/{}", client.address(), key);
+            // Rule 12 across restarts: a value older than the one acted on
+            // before is re-read in default mode first.
+            t.tracker.spawn(crate::source::consul::watch_key_from(
+                client,
+                key.clone(),
+                t.tx,
+                t.stats,
+                t.shutdown.clone(),
+                applied_modify_index,
+            ));
+            Ok(Source {
+                kind: SourceKind::Consul,
+                location,
+            })
+        }
+        (None, Some(path)) => {
+            t.tracker.spawn(crate::source::file::watch_file(
+                path.clone(),
+                t.tx,
+                t.shutdown.clone(),
+            ));
+            Ok(Source {
+                kind: SourceKind::File,
+                location: path.display().to_string(),
+            })
+        }
+        (None, None) => Err(Error::Internal(
+            "config has no source (checked at load)".into(),
+        )),
     }
 }
 

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 /// them) need not depend on tokio-util themselves.
 pub use tokio_util::sync::CancellationToken;
 
-use crate::consul::{ConsulClient, KvRead, QueryOptions};
+use crate::consul::{ConsulClient, ConsulSettings, KvRead, QueryOptions};
 use crate::error::{Error, Result};
 use crate::pacing::{jitter_half, random_below, sleep_or_cancel, BackoffState, TokenBucket};
 
@@ -77,42 +77,96 @@ pub async fn watch_key_from(
 ) {
     let s = client.settings().clone();
     stats.start(client.address(), &key);
-    let mut rng = StdRng::from_entropy();
-    let mut bucket = TokenBucket::new(s.rate, Instant::now());
-    let mut backoff = BackoffState::new(s.backoff);
-    let mut state = WatchState {
-        applied_modify_index,
-        ..WatchState::default()
+    let mut watch = Watch {
+        bucket: TokenBucket::new(s.rate, Instant::now()),
+        backoff: BackoffState::new(s.backoff),
+        state: WatchState {
+            applied_modify_index,
+            ..WatchState::default()
+        },
+        rng: StdRng::from_entropy(),
+        s,
+        client,
+        key,
+        tx,
+        stats,
+        shutdown,
     };
-
     // Rule 9: spread a fleet-wide restart.
-    if !sleep_or_cancel(random_below(s.first_request_splay, &mut rng), &shutdown).await {
-        return;
+    let splay = random_below(watch.s.first_request_splay, &mut watch.rng);
+    if sleep_or_cancel(splay, &watch.shutdown).await {
+        watch.run().await;
     }
-    let mut not_before: Option<Instant> = None;
-    loop {
-        if let Some(t) = not_before.take() {
-            let wait = t.saturating_duration_since(Instant::now());
-            if !sleep_or_cancel(wait, &shutdown).await {
+}
+
+/// One watch loop's state: pacing, the index rules and where events go.
+struct Watch {
+    client: ConsulClient,
+    key: String,
+    tx: mpsc::Sender<WatchEvent>,
+    stats: Arc<WatchStats>,
+    shutdown: CancellationToken,
+    s: ConsulSettings,
+    rng: StdRng,
+    bucket: TokenBucket,
+    backoff: BackoffState,
+    state: WatchState,
+}
+
+impl Watch {
+    /// Blocking queries until shutdown (or the receiver is gone). Every
+    /// function it calls returns `false` / `None` to say "stop".
+    async fn run(mut self) {
+        let mut not_before: Option<Instant> = None;
+        loop {
+            if let Some(t) = not_before.take() {
+                let wait = t.saturating_duration_since(Instant::now());
+                if !sleep_or_cancel(wait, &self.shutdown).await {
+                    return;
+                }
+            }
+            // Rule 8: every request, re-reads included, takes a token.
+            if !self.bucket.acquire(&self.shutdown).await {
+                return;
+            }
+            let query = self.state.query(self.s.wait);
+            let asked = Instant::now();
+            let Some(result) = self.read(&query).await else {
+                return;
+            };
+            not_before = self.pace(&query, &result, asked);
+            let Some(result) = self.confirm(result).await else {
+                return;
+            };
+            let go_on = match result {
+                Ok(answer) => self.deliver(answer).await,
+                Err(e) => self.back_off(e).await,
+            };
+            if !go_on {
                 return;
             }
         }
-        // Rule 8: every request, re-reads included, takes a token.
-        if !bucket.acquire(&shutdown).await {
-            return;
-        }
-        let query = state.query(s.wait);
-        let asked = Instant::now();
-        let Some(mut result) = read(&client, &key, &query, &stats, &shutdown).await else {
-            return;
-        };
+    }
+
+    async fn read(&self, query: &QueryOptions) -> Option<Result<KvRead>> {
+        read(&self.client, &self.key, query, &self.stats, &self.shutdown).await
+    }
+
+    /// Refunds the tokens of answers that prove the server blocks, and
+    /// returns when the next request may go out, if not at once.
+    fn pace(
+        &mut self,
+        query: &QueryOptions,
+        result: &Result<KvRead>,
+        asked: Instant,
+    ) -> Option<Instant> {
         // A query the server held for a while proves it is blocking, not
         // spinning: give its token back, so two real changes a few seconds
         // apart are both seen at once. Immediate answers (errors, a server
         // that ignores `index`) keep paying, which is what bounds a spin.
         let held = Instant::now().saturating_duration_since(asked);
         if result.is_ok() && held >= BLOCKED_LONG_ENOUGH {
-            bucket.refund();
+            self.bucket.refund();
         }
         // A quick answer with a higher index is Consul waking us for a
         // write near the key (a missing key wakes on its whole radix
@@ -120,104 +174,104 @@ pub async fn watch_key_from(
         // wake-ups must not drain the bucket, or the watch would be asleep
         // exactly when its key is finally written; they are paced by
         // `WAKE_GAP` instead, which bounds them to one request per gap
-        // while a real change is still seen within one gap.
-        let woken = matches!(&result, Ok(a) if query.index > 0 && a.index > query.index);
+        // while a real change is still seen within one gap. Paced at the
+        // top of the next round, after this answer's event (if any) went out.
+        let woken = matches!(result, Ok(a) if query.index > 0 && a.index > query.index);
         if woken && held < BLOCKED_LONG_ENOUGH {
-            bucket.refund();
-            // Paced at the top of the next round, after this answer's
-            // event (if any) went out.
-            not_before = Some(asked + WAKE_GAP);
+            self.bucket.refund();
+            return Some(asked + WAKE_GAP);
         }
-        if let Ok(answer) = &result {
-            if let Some(reason) = state.reread_reason(answer, s.max_stale) {
-                // Rules 11 and 12: confirm with a default-mode read (the
-                // leader's view) before acting on it.
-                tracing::info!(
-                    reason,
-                    last_contact_ms = answer.last_contact.as_millis() as u64,
-                    modify_index = answer.pair.as_ref().map(|p| p.modify_index),
-                    applied_modify_index = state.applied_modify_index,
-                    "re-reading in default consistency mode"
-                );
-                if !bucket.acquire(&shutdown).await {
-                    return;
-                }
-                stats.reread();
-                let default_mode = QueryOptions::default();
-                let Some(confirmed) = read(&client, &key, &default_mode, &stats, &shutdown).await
-                else {
-                    return;
-                };
-                result = confirmed;
-            }
+        None
+    }
+
+    /// Rules 11 and 12: an answer too stale, or older than what was acted
+    /// on, is confirmed with a default-mode read (the leader's view) before
+    /// it is acted on. `None`: stop.
+    async fn confirm(&mut self, result: Result<KvRead>) -> Option<Result<KvRead>> {
+        let Ok(answer) = &result else {
+            return Some(result);
+        };
+        let Some(reason) = self.state.reread_reason(answer, self.s.max_stale) else {
+            return Some(result);
+        };
+        tracing::info!(
+            reason,
+            last_contact_ms = answer.last_contact.as_millis() as u64,
+            modify_index = answer.pair.as_ref().map(|p| p.modify_index),
+            applied_modify_index = self.state.applied_modify_index,
+            "re-reading in default consistency mode"
+        );
+        if !self.bucket.acquire(&self.shutdown).await {
+            return None;
         }
-        match result {
-            Ok(answer) => {
-                backoff.reset();
-                let (received, last_contact, known_leader) =
-                    (answer.index, answer.last_contact, answer.known_leader);
-                let previous = state.index;
-                let event = state.on_answer(answer);
-                if state.index == 0 {
-                    tracing::info!(
-                        previous,
-                        received,
-                        "Consul index went backwards; starting over from 0"
-                    );
-                }
-                stats.success(state.index, last_contact, known_leader);
-                let Some(event) = event else { continue };
-                match &event {
-                    WatchEvent::Value {
-                        modify_index,
-                        value,
-                    } => tracing::info!(modify_index, bytes = value.len(), "desired value changed"),
-                    WatchEvent::Missing => {
-                        tracing::warn!("key not found: nothing published; keeping what is deployed")
-                    }
-                    WatchEvent::Rejected { reason } => tracing::error!(%reason, "value rejected"),
-                }
-                tokio::select! {
-                    r = tx.send(event) => if r.is_err() {
-                        tracing::debug!("watch receiver gone; stopping");
-                        return;
-                    },
-                    _ = shutdown.cancelled() => return,
-                }
-                stats.event_sent();
-            }
-            Err(e) => {
-                let kind = ErrorKind::of(&e);
-                stats.error(kind, &e);
-                state.on_error(kind);
-                let delay = match kind {
-                    // Rule 10: the agent asks us to slow down a little, not
-                    // to back off exponentially.
-                    ErrorKind::RateLimited => {
-                        s.backoff.initial + random_below(s.backoff.initial * 3, &mut rng)
-                    }
-                    // Rule 10: a token problem needs an operator; retrying
-                    // fast would only add load.
-                    ErrorKind::Forbidden => jitter_half(s.forbidden_retry, &mut rng),
-                    _ => backoff.next_delay(&mut rng),
-                };
-                let retry_in_ms = delay.as_millis() as u64;
-                if kind == ErrorKind::Forbidden {
-                    tracing::error!(error = %e, retry_in_ms, "Consul denied the watch: configuration error");
-                    // A fixed token file applies at once, not after the
-                    // slow 403 retry.
-                    if !sleep_until_token_changes(&client, delay, &shutdown).await {
-                        return;
-                    }
-                    continue;
-                } else {
-                    tracing::warn!(error = %e, kind = kind.as_str(), retry_in_ms, "Consul watch request failed");
-                }
-                if !sleep_or_cancel(delay, &shutdown).await {
-                    return;
-                }
-            }
+        self.stats.reread();
+        self.read(&QueryOptions::default()).await
+    }
+
+    /// Applies an answer to the index rules and hands a change on.
+    async fn deliver(&mut self, answer: KvRead) -> bool {
+        self.backoff.reset();
+        let (received, last_contact, known_leader) =
+            (answer.index, answer.last_contact, answer.known_leader);
+        let previous = self.state.index;
+        let event = self.state.on_answer(answer);
+        if self.state.index == 0 {
+            tracing::info!(
+                previous,
+                received,
+                "Consul index went backwards; starting over from 0"
+            );
         }
+        self.stats
+            .success(self.state.index, last_contact, known_leader);
+        let Some(event) = event else { return true };
+        match &event {
+            WatchEvent::Value {
+                modify_index,
+                value,
+            } => tracing::info!(modify_index, bytes = value.len(), "desired value changed"),
+            WatchEvent::Missing => {
+                tracing::warn!("key not found: nothing published; keeping what is deployed")
+            }
+            WatchEvent::Rejected { reason } => tracing::error!(%reason, "value rejected"),
+        }
+        tokio::select! {
+            r = self.tx.send(event) => if r.is_err() {
+                tracing::debug!("watch receiver gone; stopping");
+                return false;
+            },
+            _ = self.shutdown.cancelled() => return false,
+        }
+        self.stats.event_sent();
+        true
+    }
+
+    /// Waits before the next request after an error, as its kind asks.
+    async fn back_off(&mut self, e: Error) -> bool {
+        let kind = ErrorKind::of(&e);
+        self.stats.error(kind, &e);
+        self.state.on_error(kind);
+        let delay = match kind {
+            // Rule 10: the agent asks us to slow down a little, not to back
+            // off exponentially.
+            ErrorKind::RateLimited => {
+                let initial = self.s.backoff.initial;
+                initial + random_below(initial * 3, &mut self.rng)
+            }
+            // Rule 10: a token problem needs an operator; retrying fast
+            // would only add load.
+            ErrorKind::Forbidden => jitter_half(self.s.forbidden_retry, &mut self.rng),
+            _ => self.backoff.next_delay(&mut self.rng),
+        };
+        let retry_in_ms = delay.as_millis() as u64;
+        if kind == ErrorKind::Forbidden {
+            tracing::error!(error = %e, retry_in_ms, "Consul denied the watch: configuration error");
+            // A fixed token file applies at once, not after the slow 403
+            // retry.
+            return sleep_until_token_changes(&self.client, delay, &self.shutdown).await;
+        }
+        tracing::warn!(error = %e, kind = kind.as_str(), retry_in_ms, "Consul watch request failed");
+        sleep_or_cancel(delay, &self.shutdown).await
     }
 }
 
