@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use deploy_agent::manifest::Format;
-use deploy_agent_tests::process::Proc;
+use deploy_agent_tests::process::{self, Proc};
 use deploy_agent_tests::{agent_bin, fast_tempdir};
 use nix::sys::signal::Signal;
 use testkit::buildgen::{self, BuildProfile};
@@ -19,15 +19,10 @@ use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
 
 const KEY: &str = "deploy/app/production";
 
+/// The config under `dir`: Consul key [`KEY`], a 5 s watch, then `extra`.
 fn write_config(dir: &Path, consul: &str, extra: &str) -> PathBuf {
-    let path = dir.join("config.toml");
-    let text = format!(
-        "deploy-root = \"{root}\"\n{extra}\n[source]\nkey = \"{KEY}\"\n[consul]\naddress = \"{consul}\"\nwait = \"5s\"\n[status]\nsocket = \"{sock}\"\n",
-        root = dir.join("root").display(),
-        sock = dir.join("agent.sock").display(),
-    );
-    std::fs::write(&path, text).unwrap();
-    path
+    let tables = format!("[source]\nkey = \"{KEY}\"\n{extra}");
+    process::write_config(dir, &dir.join("root"), consul, "wait = \"5s\"", &tables)
 }
 
 fn publish(

@@ -8,47 +8,23 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use deploy_agent_tests::agent::{capture_logs, Harness};
+use deploy_agent::unpack::Format;
+use deploy_agent_tests::agent::{fast_consul, Harness};
+use deploy_agent_tests::archive::{compress, file, raw_entry, symlink, tar_of};
 use sha2::Digest;
 
 const T: Duration = Duration::from_secs(60);
 
-fn raw_entry(
-    b: &mut tar::Builder<Vec<u8>>,
-    name: &str,
-    kind: tar::EntryType,
-    link: &str,
-    mode: u32,
-    data: &[u8],
-) {
-    let mut header = tar::Header::new_gnu();
-    header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
-    header.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
-    header.set_entry_type(kind);
-    header.set_mode(mode);
-    header.set_mtime(1_600_000_000);
-    header.set_size(data.len() as u64);
-    header.set_cksum();
-    b.append(&header, data).unwrap();
-}
-
-fn file(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) {
-    raw_entry(b, name, tar::EntryType::Regular, "", 0o644, data);
-}
-
 /// A tar.gz with a BUILD file naming `id`, then `entries`.
 fn archive(id: &str, entries: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    file(&mut b, "BUILD", id.as_bytes());
-    entries(&mut b);
-    let tar = b.into_inner().unwrap();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&tar).unwrap();
-    gz.finish().unwrap()
+    let tar = tar_of(|b| {
+        file(b, "BUILD", id.as_bytes());
+        entries(b);
+    });
+    compress(&tar, Format::TarGz)
 }
 
 /// Serves `bytes` as build `id` and returns its manifest (plus `extra`
@@ -72,16 +48,6 @@ fn serve(h: &Harness, id: &str, bytes: Vec<u8>, extra: serde_json::Value) -> Str
     m.to_string()
 }
 
-async fn live_harness() -> Harness {
-    capture_logs();
-    let mut h = Harness::new(|_| {}).await;
-    h.start_agent().await;
-    let (m, _) = h.build("good");
-    h.publish(&m);
-    h.wait_live("good", T).await;
-    h
-}
-
 /// The archive of build `id` is refused with `needle`, writes nothing
 /// outside the slot, and the matrix (a)-(d) holds.
 async fn hostile(
@@ -90,7 +56,7 @@ async fn hostile(
     extra: serde_json::Value,
     needle: &str,
 ) {
-    let mut h = live_harness().await;
+    let mut h = Harness::live(fast_consul).await;
     let outside = h.tmp.path().join("outside");
     std::fs::create_dir_all(&outside).unwrap();
     let m = serve(&h, id, archive(id, entries), extra);
@@ -141,14 +107,7 @@ async fn through_a_symlink() {
     hostile(
         "h-symlink-out",
         |b| {
-            raw_entry(
-                b,
-                "link",
-                tar::EntryType::Symlink,
-                "../../outside",
-                0o777,
-                b"",
-            );
+            symlink(b, "link", "../../outside");
             file(b, "link/escape", b"x");
         },
         none(),
@@ -158,7 +117,7 @@ async fn through_a_symlink() {
     hostile(
         "h-symlink-abs",
         |b| {
-            raw_entry(b, "l2", tar::EntryType::Symlink, "/tmp", 0o777, b"");
+            symlink(b, "l2", "/tmp");
             file(b, "l2/escape-h-symlink-abs", b"x");
         },
         none(),
@@ -171,14 +130,23 @@ async fn through_a_symlink() {
 async fn through_a_hard_link() {
     hostile(
         "h-hardlink",
-        |b| raw_entry(b, "pw", tar::EntryType::Link, "/etc/passwd", 0o644, b""),
+        |b| raw_entry(b, b"pw", tar::EntryType::Link, b"/etc/passwd", 0o644, b""),
         none(),
         "pw",
     )
     .await;
     hostile(
         "h-hardlink-up",
-        |b| raw_entry(b, "up", tar::EntryType::Link, "../../outside/x", 0o644, b""),
+        |b| {
+            raw_entry(
+                b,
+                b"up",
+                tar::EntryType::Link,
+                b"../../outside/x",
+                0o644,
+                b"",
+            )
+        },
         none(),
         "up",
     )
@@ -189,14 +157,14 @@ async fn through_a_hard_link() {
 async fn special_files() {
     hostile(
         "h-chardev",
-        |b| raw_entry(b, "dev", tar::EntryType::Char, "", 0o666, b""),
+        |b| raw_entry(b, b"dev", tar::EntryType::Char, b"", 0o666, b""),
         none(),
         "dev",
     )
     .await;
     hostile(
         "h-fifo",
-        |b| raw_entry(b, "fifo", tar::EntryType::Fifo, "", 0o666, b""),
+        |b| raw_entry(b, b"fifo", tar::EntryType::Fifo, b"", 0o666, b""),
         none(),
         "fifo",
     )
@@ -227,20 +195,20 @@ async fn expanding_past_the_limits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setuid_bits_are_stripped_not_deployed() {
-    let mut h = live_harness().await;
+    let mut h = Harness::live(fast_consul).await;
     let m = serve(
         &h,
         "h-suid",
         archive("h-suid", |b| {
             raw_entry(
                 b,
-                "suid",
+                b"suid",
                 tar::EntryType::Regular,
-                "",
+                b"",
                 0o4755,
                 b"#!/bin/sh\n",
             );
-            raw_entry(b, "sgid", tar::EntryType::Regular, "", 0o2777, b"x");
+            raw_entry(b, b"sgid", tar::EntryType::Regular, b"", 0o2777, b"x");
         }),
         none(),
     );

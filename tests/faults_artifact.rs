@@ -10,24 +10,14 @@
 use std::time::{Duration, Instant};
 
 use deploy_agent::deploy::{Outcome, Phase};
-use deploy_agent_tests::agent::{capture_logs, Harness, ServeWatch};
+use deploy_agent_tests::agent::{fast_consul, Harness, ServeWatch};
 use testkit::testserver::artifact::{Fault, FaultRule};
 
 const T: Duration = Duration::from_secs(60);
 
-async fn live_harness() -> Harness {
-    capture_logs();
-    let mut h = Harness::new(|_| {}).await;
-    h.start_agent().await;
-    let (m, _) = h.build("good");
-    h.publish(&m);
-    h.wait_live("good", T).await;
-    h
-}
-
 /// A bad build `id` served with `fault`, checked through the whole matrix.
 async fn artifact_case(id: &str, fault: Fault, needle: &str, digest_fails: bool) {
-    let mut h = live_harness().await;
+    let mut h = Harness::live(fast_consul).await;
     let (m, a) = h.build(id);
     h.artifacts
         .set_fault(FaultRule::always(fault).on_path(Harness::url_path(id)));
@@ -94,7 +84,7 @@ async fn stall_mid_body_past_the_read_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unavailable_then_recovering() {
-    let mut h = live_harness().await;
+    let mut h = Harness::live(fast_consul).await;
     let (m, _) = h.build("flaky");
     // More 503s than one attempt's retries: the first deploy fails, a
     // later retry (with backoff) succeeds without anyone healing anything.
@@ -119,7 +109,7 @@ async fn unavailable_then_recovering() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_ignoring_range() {
-    let mut h = live_harness().await;
+    let mut h = Harness::live(fast_consul).await;
     let (m, _) = h.build("norange");
     h.artifacts
         .set_fault(FaultRule::always(Fault::IgnoreRange).on_path(Harness::url_path("norange")));
@@ -151,7 +141,7 @@ async fn server_ignoring_range() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn very_slow_trickle_is_visible_and_superseded() {
-    let mut h = live_harness().await;
+    let mut h = Harness::live(fast_consul).await;
     let (m, a) = h.build("slow");
     h.artifacts.set_fault(
         FaultRule::always(Fault::Trickle {

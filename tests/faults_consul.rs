@@ -13,9 +13,7 @@ use tokio::time::Instant;
 
 use deploy_agent::consul::ConsulSettings;
 use deploy_agent::pacing::{Backoff, RateLimit};
-use deploy_agent_tests::agent::{
-    capture_logs, captured_logs, fast_consul, Harness, ServeWatch, KEY,
-};
+use deploy_agent_tests::agent::{captured_logs, fast_consul, Harness, ServeWatch, KEY};
 use testkit::testserver::consul::Fault;
 
 const T: Duration = Duration::from_secs(60);
@@ -39,16 +37,6 @@ fn settings(url: &str) -> ConsulSettings {
         forbidden_retry: Duration::from_millis(300),
         ..fast_consul(url)
     }
-}
-
-async fn live_harness() -> Harness {
-    capture_logs();
-    let mut h = Harness::new(|_| {}).await;
-    h.start_agent_consul(settings(&h.consul.url())).await;
-    let (m, _) = h.build("good");
-    h.publish(&m);
-    h.wait_live("good", T).await;
-    h
 }
 
 /// Requests for the key in `[from, to]` never exceed the bucket.
@@ -95,7 +83,7 @@ async fn assert_logged(needle: &str) {
 
 /// With `good` live: `fault` for `window`, then heal, then `next` deploys.
 async fn consul_case(fault: Fault, window: Duration, needle: &str) {
-    let mut h = live_harness().await;
+    let mut h = Harness::live(settings).await;
     let watch = ServeWatch::start(&h.root, "good");
     let t0 = Instant::now();
     h.consul.set_fault(fault);
@@ -142,7 +130,7 @@ async fn forbidden_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn down_mid_watch_then_back() {
-    let mut h = live_harness().await;
+    let mut h = Harness::live(settings).await;
     let watch = ServeWatch::start(&h.root, "good");
     let t0 = Instant::now();
     h.consul.pause().await;
@@ -159,7 +147,7 @@ async fn down_mid_watch_then_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn down_at_start() {
-    let mut h = live_harness().await;
+    let mut h = Harness::live(settings).await;
     h.stop_agent().await;
     h.consul.pause().await;
     let watch = ServeWatch::start(&h.root, "good");
@@ -178,7 +166,7 @@ async fn down_at_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn index_going_backwards() {
-    let mut h = live_harness().await;
+    let mut h = Harness::live(settings).await;
     let watch = ServeWatch::start(&h.root, "good");
     let t0 = Instant::now();
     // A snapshot restore: the index drops below what the agent holds.
@@ -193,7 +181,7 @@ async fn index_going_backwards() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_index_ahead_of_a_lagging_follower() {
-    let mut h = live_harness().await;
+    let mut h = Harness::live(settings).await;
     // A follower that stopped replicating before `good` was written.
     let stale = h.consul.follower_view();
     let (m, _) = h.build("mid");

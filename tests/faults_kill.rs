@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use deploy_agent::manifest::Format;
 use deploy_agent_tests::agent_bin;
+use deploy_agent_tests::process::write_config;
 use rand::{Rng, SeedableRng};
 use testkit::buildgen::{self, Artifact, BuildProfile};
 use testkit::testserver::artifact::{ArtifactServer, Fault, FaultRule};
@@ -23,36 +24,6 @@ use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
 
 const KEY: &str = "deploy/app/kill";
 const DEPLOYS: usize = 100;
-
-fn write_config(dir: &Path, root: &Path, consul: &str) -> PathBuf {
-    let path = dir.join("agent.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"deploy-root = "{root}"
-[source]
-key = "{KEY}"
-[consul]
-address = "{consul}"
-wait = "5s"
-first-request-splay = "0s"
-rate-burst = 50
-rate-interval = "20ms"
-[download]
-read-timeout = "3s"
-retries = 3
-[drain]
-cold-deadline = "2s"
-[status]
-socket = "{sock}"
-"#,
-            root = root.display(),
-            sock = dir.join("agent.sock").display(),
-        ),
-    )
-    .unwrap();
-    path
-}
 
 fn spawn(bin: &Path, config: &Path, log: &Path) -> Child {
     let log = std::fs::OpenOptions::new()
@@ -177,7 +148,19 @@ async fn sigkill_at_random_points_across_100_deploys() {
     let artifacts = ArtifactServer::start().await.unwrap();
     let tmp = deploy_agent_tests::fast_tempdir();
     let root = tmp.path().join("srv/app");
-    let config = write_config(tmp.path(), &root, &consul.url());
+    // Faster than the shipped defaults, so 100 deploys and restarts fit in
+    // one test: no splay, a larger watch bucket, a short read timeout and
+    // cold-slot deadline.
+    let config = write_config(
+        tmp.path(),
+        &root,
+        &consul.url(),
+        "wait = \"5s\"\nfirst-request-splay = \"0s\"\nrate-burst = 50\nrate-interval = \"20ms\"",
+        &format!(
+            "[source]\nkey = \"{KEY}\"\n[download]\nread-timeout = \"3s\"\nretries = 3\n\
+             [drain]\ncold-deadline = \"2s\""
+        ),
+    );
     let log = tmp.path().join("agent.log");
     let seed: u64 = std::env::var("KILL_SEED")
         .ok()

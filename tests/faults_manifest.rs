@@ -9,24 +9,14 @@
 
 use std::time::Duration;
 
-use deploy_agent_tests::agent::{capture_logs, Harness};
+use deploy_agent_tests::agent::{capture_logs, fast_consul, Harness};
 
 const T: Duration = Duration::from_secs(60);
-
-async fn live_harness() -> Harness {
-    capture_logs();
-    let mut h = Harness::new(|_| {}).await;
-    h.start_agent().await;
-    let (m, _) = h.build("good");
-    h.publish(&m);
-    h.wait_live("good", T).await;
-    h
-}
 
 /// Publishes `bad` (derived from a valid manifest of build `id`), expects
 /// `needle` in the refusal, and no request to the artifact server.
 async fn refused(make: impl FnOnce(&Harness) -> String, needle: &str) -> String {
-    let mut h = live_harness().await;
+    let mut h = Harness::live(fast_consul).await;
     let bad = make(&h);
     let requests = h.artifacts.stats().requests;
     let msg = h
@@ -102,7 +92,7 @@ async fn huge_values() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn size_larger_than_the_disk_is_refused_before_downloading() {
-    let mut h = live_harness().await;
+    let mut h = Harness::live(fast_consul).await;
     let mut v = valid(&h);
     v["size"] = serde_json::json!(1u64 << 44);
     let msg = h

@@ -17,6 +17,7 @@ use deploy_agent::config::UnpackLimits;
 use deploy_agent::deploy::pipeline::{fetch_and_unpack, UnpackOutcome};
 use deploy_agent::progress::Progress;
 use deploy_agent::Error;
+use deploy_agent_tests::archive::{compress, file, php_tree, tar_of};
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 use testkit::testserver::artifact::{ArtifactServer, Fault, FaultRule};
@@ -31,31 +32,22 @@ struct Build {
 
 fn build(seed: u64, files: usize, bytes: usize, format: Format) -> Build {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut tar = tar::Builder::new(Vec::new());
     let mut list = Vec::new();
-    for i in 0..files {
-        let mut data = vec![0u8; rng.gen_range(0..2 * bytes / files)];
-        rng.fill(&mut data[..]);
-        let name = format!("app/d{}/f{i}.php", i % 7);
-        let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        header.set_mtime(1_600_000_000 + i as u64);
-        header.set_entry_type(tar::EntryType::Regular);
-        tar.append_data(&mut header, &name, &data[..]).unwrap();
-        list.push((name, data));
-    }
-    let tar = tar.into_inner().unwrap();
-    let archive = match format {
-        Format::Tar => tar,
-        Format::TarGz => {
-            use std::io::Write;
-            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            e.write_all(&tar).unwrap();
-            e.finish().unwrap()
+    let tar = tar_of(|tar| {
+        for i in 0..files {
+            let mut data = vec![0u8; rng.gen_range(0..2 * bytes / files)];
+            rng.fill(&mut data[..]);
+            let name = format!("app/d{}/f{i}.php", i % 7);
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_mtime(1_600_000_000 + i as u64);
+            header.set_entry_type(tar::EntryType::Regular);
+            tar.append_data(&mut header, &name, &data[..]).unwrap();
+            list.push((name, data));
         }
-        Format::TarZst => zstd::encode_all(&tar[..], 1).unwrap(),
-    };
+    });
+    let archive = compress(&tar, format);
     let sha256 = Sha256Sum::from_bytes(Sha256::digest(&archive).into());
     Build {
         archive,
@@ -510,7 +502,7 @@ fn free_space_check_names_needed_and_free() {
 
 #[tokio::test]
 async fn small_tmpfs_refuses_before_downloading() {
-    if !nix::unistd::geteuid().is_root() {
+    if !deploy_agent_tests::disk::is_root() {
         eprintln!("skipped: mounting a tmpfs needs root");
         return;
     }
@@ -633,14 +625,7 @@ async fn file_urls_only_when_allowed() {
 #[tokio::test]
 async fn unsafe_archive_is_refused_even_when_the_digest_matches() {
     let mut env = Env::new().await;
-    let mut tar = tar::Builder::new(Vec::new());
-    let mut header = tar::Header::new_gnu();
-    header.as_old_mut().name[..4].copy_from_slice(b"../x");
-    header.set_size(1);
-    header.set_mode(0o644);
-    header.set_cksum();
-    tar.append(&header, &b"x"[..]).unwrap();
-    let archive = tar.into_inner().unwrap();
+    let archive = tar_of(|b| file(b, "../x", b"x"));
     let build = Build {
         sha256: Sha256Sum::from_bytes(Sha256::digest(&archive).into()),
         archive,
@@ -746,31 +731,9 @@ async fn artifact_server_speaks_http_ranges() {
 #[ignore]
 async fn end_to_end_throughput() {
     let mut env = Env::new().await;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    let words = [
-        "function", "return", "$this->", "array(", "public", "=>", ";\n",
-    ];
-    let mut tar = tar::Builder::new(Vec::new());
     let files = 3000;
-    for i in 0..files {
-        let len = rng.gen_range(200..12_000);
-        let mut text = String::with_capacity(len + 16);
-        while text.len() < len {
-            text.push_str(words[rng.gen_range(0..words.len())]);
-            text.push(' ');
-        }
-        let mut header = tar::Header::new_gnu();
-        header.set_size(text.len() as u64);
-        header.set_mode(0o644);
-        header.set_mtime(1_600_000_000);
-        let name = format!("vendor/p{}/src/F{i}.php", i % 40);
-        tar.append_data(&mut header, &name, text.as_bytes())
-            .unwrap();
-    }
-    let tar = tar.into_inner().unwrap();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    std::io::Write::write_all(&mut gz, &tar).unwrap();
-    let archive = gz.finish().unwrap();
+    let tar = php_tree(5, files, |i| format!("vendor/p{}/src/F{i}.php", i % 40));
+    let archive = compress(&tar, Format::TarGz);
     let build = Build {
         sha256: Sha256Sum::from_bytes(Sha256::digest(&archive).into()),
         archive,

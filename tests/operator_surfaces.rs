@@ -17,13 +17,10 @@ use std::time::{Duration, Instant};
 
 use deploy_agent::status::model::{CommandRequest, HistoryEntry, StatusReport, StatusSource};
 use deploy_agent::status::{CancellationToken, SocketSettings, StatusServer};
+use deploy_agent_tests::disk::is_root;
 use deploy_agent_tests::{agent_bin, fast_tempdir};
 
 const NOBODY: u32 = 65534;
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
 
 /// Runs the binary with `args`, without any CONSUL_HTTP_* from the
 /// caller's environment.

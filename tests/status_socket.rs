@@ -20,6 +20,7 @@ use deploy_agent::status::{
     CancellationToken, Metrics, OperatorCommand, SocketSettings, StatusServer,
 };
 use deploy_agent::Error;
+use deploy_agent_tests::disk::is_root;
 use deploy_agent_tests::fast_tempdir;
 use tokio::sync::mpsc;
 
@@ -239,10 +240,6 @@ fn have(cmd: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 /// Runs curl against the socket as `uid`/`gid` with supplementary `groups`
 /// (or as ourselves when `uid` is None); returns (http status, body).
 fn curl_as(user: Option<(u32, u32, Vec<u32>)>, socket: &Path, args: &[&str]) -> (u16, String) {
@@ -257,8 +254,11 @@ fn curl_as(user: Option<(u32, u32, Vec<u32>)>, socket: &Path, args: &[&str]) -> 
             .iter()
             .map(|g| nix::unistd::Gid::from_raw(*g))
             .collect();
-        // SAFETY: the closure only makes syscalls (setgroups, setgid,
-        // setuid) on data prepared before the fork; it does not allocate.
+        // SAFETY: between fork and exec the child may only do what is
+        // async-signal-safe. The closure makes three syscalls (setgroups,
+        // setgid, setuid) on data built before the fork (`groups` is moved
+        // in, not cloned), and `?` turns a nix `Errno` into an
+        // `io::Error::from_raw_os_error`, which does not allocate.
         unsafe {
             cmd.pre_exec(move || {
                 nix::unistd::setgroups(&groups)?;

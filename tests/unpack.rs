@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use deploy_agent::progress::Progress;
 use deploy_agent::unpack::{unpack, Format, UnpackLimits};
 use deploy_agent::Error;
+use deploy_agent_tests::archive::{compress, file, php_tree, raw_entry, symlink, tar_of};
 use proptest::prelude::*;
 
 /// A temp dir with `outside/` (holding a canary) and an empty `slot/`.
@@ -70,66 +71,6 @@ impl Sandbox {
     ) -> deploy_agent::Result<()> {
         let progress = Progress::default();
         unpack(archive, format, &self.slot, limits, &progress).map(|_| ())
-    }
-}
-
-/// Appends one entry with raw name/link bytes (so `..` and `/abs` survive).
-fn raw_entry(
-    builder: &mut tar::Builder<Vec<u8>>,
-    name: &[u8],
-    kind: tar::EntryType,
-    link: &[u8],
-    mode: u32,
-    data: &[u8],
-) {
-    let mut header = tar::Header::new_gnu();
-    header.as_old_mut().name[..name.len()].copy_from_slice(name);
-    header.as_old_mut().linkname[..link.len()].copy_from_slice(link);
-    header.set_entry_type(kind);
-    header.set_mode(mode);
-    header.set_mtime(1_600_000_000);
-    header.set_size(data.len() as u64);
-    header.set_cksum();
-    builder.append(&header, data).unwrap();
-}
-
-fn file(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) {
-    raw_entry(
-        b,
-        name.as_bytes(),
-        tar::EntryType::Regular,
-        b"",
-        0o644,
-        data,
-    );
-}
-
-fn symlink(b: &mut tar::Builder<Vec<u8>>, name: &str, target: &str) {
-    raw_entry(
-        b,
-        name.as_bytes(),
-        tar::EntryType::Symlink,
-        target.as_bytes(),
-        0o777,
-        b"",
-    );
-}
-
-fn tar_of(entries: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    entries(&mut b);
-    b.into_inner().unwrap()
-}
-
-fn compress(tar: &[u8], format: Format) -> Vec<u8> {
-    match format {
-        Format::Tar => tar.to_vec(),
-        Format::TarGz => {
-            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            e.write_all(tar).unwrap();
-            e.finish().unwrap()
-        }
-        Format::TarZst => zstd::encode_all(tar, 3).unwrap(),
     }
 }
 
@@ -597,26 +538,9 @@ proptest! {
 #[test]
 #[ignore]
 fn throughput() {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(99);
-    let words = [
-        "function", "return", "$this->", "array(", "public", "static", "=>", ";\n",
-    ];
     let files = 3000;
-    let archive = tar_of(|b| {
-        for i in 0..files {
-            let len = rng.gen_range(200..12_000);
-            let mut text = String::with_capacity(len + 16);
-            while text.len() < len {
-                text.push_str(words[rng.gen_range(0..words.len())]);
-                text.push(' ');
-            }
-            file(
-                b,
-                &format!("vendor/p{}/src/d{}/F{i}.php", i % 40, i % 7),
-                text.as_bytes(),
-            );
-        }
+    let archive = php_tree(99, files, |i| {
+        format!("vendor/p{}/src/d{}/F{i}.php", i % 40, i % 7)
     });
     let gz = compress(&archive, Format::TarGz);
     let sandbox = Sandbox::new();

@@ -77,20 +77,21 @@ impl Harness {
     }
 
     pub async fn start_agent(&mut self) {
-        self.shutdown = CancellationToken::new();
-        let agent = Agent::start(
-            self.config.clone(),
-            RunOptions {
-                consul: Some(fast_consul(&self.consul.url())),
-                retry_initial: Duration::from_millis(300),
-                status_socket: true,
-                notify: false,
-            },
-            self.shutdown.clone(),
-        )
-        .await
-        .unwrap();
-        self.agent = Some(agent);
+        self.start_agent_consul(fast_consul(&self.consul.url()))
+            .await;
+    }
+
+    /// Servers and a running agent with build `good` live: where the fault
+    /// matrix tests start. The agent's Consul settings are
+    /// `consul(address)` ([`fast_consul`] for most).
+    pub async fn live(consul: impl FnOnce(&str) -> ConsulSettings) -> Harness {
+        capture_logs();
+        let mut h = Harness::new(|_| {}).await;
+        h.start_agent_consul(consul(&h.consul.url())).await;
+        let (m, _) = h.build("good");
+        h.publish(&m);
+        h.wait_live("good", Duration::from_secs(60)).await;
+        h
     }
 
     pub async fn stop_agent(&mut self) {

@@ -52,7 +52,7 @@ pub fn unsupported() -> Option<String> {
     if mode() == "skip" {
         return Some(format!("{MODE_ENV}=skip"));
     }
-    if !nix::unistd::geteuid().is_root() {
+    if !crate::disk::is_root() {
         return Some("not root: nspawn, network namespaces and debootstrap need root".into());
     }
     for (tool, pkg) in [
@@ -424,7 +424,10 @@ impl Container {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap_or_else(|e| panic!("dup log: {e}")))
             .stderr(log);
-        // SAFETY: prctl is async-signal-safe and touches only the child.
+        // SAFETY: between fork and exec the child may only do what is
+        // async-signal-safe: prctl is one syscall and touches only the
+        // child, and its error becomes an `io::Error` from the raw errno,
+        // without allocating.
         // PDEATHSIG shuts the container down (SIGTERM to nspawn) if this
         // process dies without running our destructors (see
         // `spawn_long_lived` for why the forking thread must live on).

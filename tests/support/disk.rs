@@ -5,7 +5,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// Mounting needs root: the tests that do print why they skip otherwise.
+/// Whether the tests run as root (mounting, other uids, sockets of other
+/// modes need it): the tests that do print why they skip otherwise.
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }

@@ -25,7 +25,7 @@ pub const TIER: &str = "production";
 
 /// Why the fleet cannot run here, if it cannot (not root, no `ip`).
 pub fn unsupported() -> Option<String> {
-    if !nix::unistd::geteuid().is_root() {
+    if !crate::disk::is_root() {
         return Some("not root: network namespaces need CAP_NET_ADMIN".into());
     }
     let ip = Command::new("ip").arg("-V").output();

@@ -11,7 +11,7 @@ use testkit::testserver::artifact::ArtifactServer;
 use testkit::testserver::consul::ConsulServer;
 
 use crate::agent_bin;
-use crate::process::Proc;
+use crate::process::{write_config, Proc};
 
 pub const APP: &str = "app";
 pub const TIER: &str = "production";
@@ -45,12 +45,11 @@ impl Host {
     }
 
     pub fn write_config(&self, id: &str, consul: &str, extra: &str) {
-        let text = format!(
-            "deploy-root = \"{root}\"\n{extra}\n[fleet]\napp = \"{APP}\"\ntier = \"{TIER}\"\nhost-id = \"{id}\"\nsplay-max = \"1s\"\n[consul]\naddress = \"{consul}\"\n[status]\nsocket = \"{sock}\"\n",
-            root = self.dir.join("root").display(),
-            sock = self.sock().display(),
+        let tables = format!(
+            "[fleet]\napp = \"{APP}\"\ntier = \"{TIER}\"\nhost-id = \"{id}\"\nsplay-max = \"1s\"\n{extra}"
         );
-        std::fs::write(&self.config, text).unwrap();
+        let written = write_config(&self.dir, &self.dir.join("root"), consul, "", &tables);
+        debug_assert_eq!(written, self.config);
     }
 
     pub fn sock(&self) -> PathBuf {

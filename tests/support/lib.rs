@@ -61,6 +61,7 @@ pub fn self_exe() -> PathBuf {
 }
 
 pub mod agent;
+pub mod archive;
 pub mod disk;
 pub mod host;
 pub mod process;

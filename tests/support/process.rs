@@ -2,7 +2,7 @@
 //! log, signal it, wait for it; killed on drop.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -106,4 +106,27 @@ pub fn status_json(sock: &Path) -> Option<serde_json::Value> {
         serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("status --json is not JSON: {e}"))
     })
+}
+
+/// Writes the config of a `deploy-agent run` process to `dir/config.toml`
+/// and returns its path: deploy root `root`, status socket
+/// `dir/agent.sock`, Consul at `consul` with `consul_keys` in its table,
+/// then `tables` (whole tables such as `[source]`, `[fleet]`, `[hooks]`;
+/// not `[consul]` or `[status]`). Everything else is the shipped default.
+pub fn write_config(
+    dir: &Path,
+    root: &Path,
+    consul: &str,
+    consul_keys: &str,
+    tables: &str,
+) -> PathBuf {
+    let path = dir.join("config.toml");
+    let text = format!(
+        "deploy-root = \"{root}\"\n[status]\nsocket = \"{sock}\"\n\
+         [consul]\naddress = \"{consul}\"\n{consul_keys}\n{tables}\n",
+        root = root.display(),
+        sock = dir.join("agent.sock").display(),
+    );
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    path
 }

@@ -1,16 +1,24 @@
 //! The operator CLI: `deploy-agent status|history|hold|resume|rollback|
-//! redeploy`, a minimal blocking HTTP/1.1 client over the status socket
-//! (one request per connection, `Connection: close`), with distinct exit
-//! codes for "agent not running", "permission denied" and "agent refused".
+//! redeploy`, a blocking client of the status socket (hyper's HTTP/1.1
+//! client, one request per connection, `Connection: close`, a whole
+//! exchange bounded by `CLIENT_TIMEOUT`), with distinct exit codes for
+//! "agent not running", "permission denied" and "agent refused".
 //!
 //! The client changes nothing locally; a command the agent accepted is the
-//! agent's to carry out even if the CLI is killed while waiting.
+//! agent's to carry out even if the CLI is killed while waiting. Killed
+//! before the request is written, nothing reached the agent.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
 
 use super::model::{HistoryEntry, StatusReport};
 use super::render::{render_history, render_status};
@@ -30,8 +38,9 @@ pub mod exit {
     pub const REFUSED: i32 = table::REFUSED as i32;
 }
 
-/// How long the client waits for the agent; above the server's own
-/// whole-request bound so the server's answer (even a 504) arrives first.
+/// How long the client waits for a whole exchange with the agent; above the
+/// server's own whole-request bound so the server's answer (even a 504)
+/// arrives first.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Where to find the agent.
@@ -346,43 +355,214 @@ impl HttpResponse {
 }
 
 /// Sends one request and reads the whole answer.
+///
+/// Blocking: the CLI has no runtime of its own, so each request runs on a
+/// current-thread runtime that lives as long as the request (the HTTP is
+/// hyper's client, one request per connection, `Connection: close`).
 pub fn request(
     socket: &Path,
     method: &str,
     path: &str,
     body: Option<&[u8]>,
 ) -> Result<HttpResponse, Error> {
-    let mut stream = UnixStream::connect(socket).map_err(|e| connect_error(socket, e))?;
+    // A blocking connect, as `connect(2)` reports it: a full backlog waits
+    // instead of failing with EAGAIN as a non-blocking connect would, and
+    // "no socket" / "nobody listening" / EACCES keep their own exit codes.
+    let stream =
+        std::os::unix::net::UnixStream::connect(socket).map_err(|e| connect_error(socket, e))?;
+    request_on(socket, stream, method, path, body)
+}
+
+/// [`request`] over a connected socket.
+fn request_on(
+    socket: &Path,
+    stream: std::os::unix::net::UnixStream,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Result<HttpResponse, Error> {
     let io = |e| Error::io(socket, e);
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(io)?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT)).map_err(io)?;
-    let body = body.unwrap_or_default();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: deploy-agent\r\nConnection: close\r\n\
-         User-Agent: deploy-agent-cli/{}\r\nContent-Length: {}\r\n",
-        env!("CARGO_PKG_VERSION"),
-        body.len()
-    );
+    stream.set_nonblocking(true).map_err(io)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(io)?;
+    let body = Bytes::copy_from_slice(body.unwrap_or_default());
+    runtime.block_on(async {
+        match tokio::time::timeout(CLIENT_TIMEOUT, exchange(socket, stream, method, path, body))
+            .await
+        {
+            Ok(answer) => answer,
+            Err(_) => Err(Error::io(
+                socket,
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no answer from the agent within {}",
+                        crate::clock::human_duration(CLIENT_TIMEOUT)
+                    ),
+                ),
+            )),
+        }
+    })
+}
+
+/// One request and its whole answer over a connected socket.
+async fn exchange(
+    socket: &Path,
+    stream: std::os::unix::net::UnixStream,
+    method: &str,
+    path: &str,
+    body: Bytes,
+) -> Result<HttpResponse, Error> {
+    use hyper::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, USER_AGENT};
+
+    let stream = tokio::net::UnixStream::from_std(stream).map_err(|e| Error::io(socket, e))?;
+    let write_error = Arc::new(OnceLock::new());
+    let io = TokioIo::new(KeepAnswer {
+        stream,
+        write_error: write_error.clone(),
+    });
+    let failed = |e: hyper::Error| hyper_error(socket, e, &write_error);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(failed)?;
+    // The connection's errors reach us through `send_request` and the body;
+    // the task ends with the runtime.
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(HOST, "deploy-agent")
+        .header(CONNECTION, "close")
+        .header(
+            USER_AGENT,
+            concat!("deploy-agent-cli/", env!("CARGO_PKG_VERSION")),
+        )
+        .header(CONTENT_LENGTH, body.len());
     if !body.is_empty() {
-        req.push_str("Content-Type: application/json\r\n");
+        req = req.header(CONTENT_TYPE, "application/json");
     }
-    req.push_str("\r\n");
-    let mut raw = req.into_bytes();
-    raw.extend_from_slice(body);
-    // A server that turns us away (too many clients) answers 503 and closes
-    // without reading the request: our write may then fail and our read end
-    // in ECONNRESET after the answer. Keep whatever answer arrived.
-    let written = stream.write_all(&raw);
-    let mut answer = Vec::new();
-    let read = stream.read_to_end(&mut answer);
-    if answer.is_empty() {
-        written.map_err(io)?;
-        read.map_err(io)?;
-    }
-    parse_response(&answer).map_err(|detail| Error::AgentProtocol {
+    let req = req
+        .body(Full::new(body))
+        .map_err(|e| Error::AgentProtocol {
+            path: socket.into(),
+            detail: format!("cannot send {method} {path}: {e}"),
+        })?;
+    let resp = sender.send_request(req).await.map_err(failed)?;
+    let status = resp.status().as_u16();
+    // hyper undoes Content-Length and chunked framing; a body cut short is
+    // an error, never a silently shorter answer.
+    let body = resp.into_body().collect().await.map_err(failed)?.to_bytes();
+    Ok(HttpResponse {
+        status,
+        body: body.to_vec(),
+    })
+}
+
+/// A failed exchange as the operator should read it: I/O trouble on the
+/// socket as [`Error::Io`], anything else the agent sent as
+/// [`Error::AgentProtocol`].
+fn hyper_error(socket: &Path, e: hyper::Error, write_error: &OnceLock<std::io::Error>) -> Error {
+    let protocol = |detail: String| Error::AgentProtocol {
         path: socket.into(),
         detail,
-    })
+    };
+    let cause = std::error::Error::source(&e).and_then(|c| c.downcast_ref::<std::io::Error>());
+    // No answer came after a failed write: the write's error is what
+    // happened (the read only saw the close that followed it).
+    if e.is_incomplete_message() || cause.is_some() {
+        if let Some(w) = write_error.get() {
+            return Error::io(socket, copy_io(w));
+        }
+    }
+    match cause {
+        // hyper's word for a body shorter than its Content-Length or chunks.
+        Some(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            protocol(format!("answer cut short: {io}"))
+        }
+        Some(io) => Error::io(socket, copy_io(io)),
+        None => protocol(e.to_string()),
+    }
+}
+
+/// An owned copy of an `io::Error` only borrowed from its holder.
+fn copy_io(e: &std::io::Error) -> std::io::Error {
+    e.raw_os_error().map_or_else(
+        || std::io::Error::new(e.kind(), e.to_string()),
+        std::io::Error::from_raw_os_error,
+    )
+}
+
+/// The socket, with write errors set aside so the answer can still be read.
+///
+/// A server that turns us away (too many clients) answers 503 and closes
+/// without reading the request: our write may then fail (EPIPE, or
+/// ECONNRESET) while the 503 waits in our receive buffer. hyper polls its
+/// reads before its writes, so it usually has the 503 first; but if the
+/// server answers and closes between that read and the write, hyper gives
+/// up at the write error and the 503 is lost. Here the error is recorded,
+/// the bytes are reported written, and hyper goes on to read the answer;
+/// [`hyper_error`] reports the recorded error if no answer arrives. (The
+/// unit tests below pass without this in the interleavings they produce;
+/// that window is too narrow to hit on purpose.)
+#[derive(Debug)]
+struct KeepAnswer {
+    stream: tokio::net::UnixStream,
+    write_error: Arc<OnceLock<std::io::Error>>,
+}
+
+impl KeepAnswer {
+    fn set_aside(&self, result: std::io::Result<usize>, len: usize) -> std::io::Result<usize> {
+        match result {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                let _ = self.write_error.set(e);
+                Ok(len)
+            }
+            other => other,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for KeepAnswer {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for KeepAnswer {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.write_error.get().is_some() {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        let result = ready!(Pin::new(&mut self.stream).poll_write(cx, buf));
+        Poll::Ready(self.set_aside(result, buf.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.write_error.get().is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 fn connect_error(socket: &Path, e: std::io::Error) -> Error {
@@ -430,95 +610,106 @@ fn group_hint(socket: &Path) -> Option<String> {
     }
 }
 
-/// Parses `HTTP/1.1 200 OK\r\n...\r\n\r\nbody`, honouring Content-Length
-/// and chunked transfer encoding.
-pub fn parse_response(raw: &[u8]) -> Result<HttpResponse, String> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| format!("no HTTP header in {} bytes", raw.len()))?;
-    let head = std::str::from_utf8(&raw[..split]).map_err(|_| "header is not UTF-8".to_owned())?;
-    let rest = &raw[split + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .strip_prefix("HTTP/1.")
-        .and_then(|s| s.get(2..5))
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
-    let mut length = None;
-    let mut chunked = false;
-    for l in lines {
-        let Some((k, v)) = l.split_once(':') else {
-            continue;
-        };
-        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
-        if k == "content-length" {
-            length = Some(
-                v.parse::<usize>()
-                    .map_err(|_| format!("bad content-length {v:?}"))?,
-            );
-        } else if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
-            chunked = true;
-        }
-    }
-    let body = if chunked {
-        dechunk(rest)?
-    } else if let Some(n) = length {
-        rest.get(..n)
-            .ok_or_else(|| format!("body truncated: {} of {n} bytes", rest.len()))?
-            .to_vec()
-    } else {
-        rest.to_vec()
-    };
-    Ok(HttpResponse { status, body })
-}
-
-fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    loop {
-        let eol = data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("truncated chunk header")?;
-        let size_text = std::str::from_utf8(&data[..eol]).map_err(|_| "bad chunk header")?;
-        let size_text = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
-        data = &data[eol + 2..];
-        if size == 0 {
-            return Ok(body);
-        }
-        let chunk = data.get(..size).ok_or("truncated chunk")?;
-        body.extend_from_slice(chunk);
-        data = data.get(size + 2..).ok_or("truncated chunk trailer")?;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A one-connection server that reads the request head (unless
+    /// `read` is false), answers `answer` and closes; returns the socket.
+    fn answering(
+        dir: &tempfile::TempDir,
+        answer: impl Into<Vec<u8>>,
+        read: bool,
+    ) -> (PathBuf, std::thread::JoinHandle<()>) {
+        use std::io::Read;
+        let path = dir.path().join("agent.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let answer = answer.into();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            if read {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap() == 1 {
+                    head.push(byte[0]);
+                }
+            }
+            s.write_all(&answer).unwrap();
+        });
+        (path, server)
+    }
+
+    /// `request` (POST with `body`, else GET) against [`answering`].
+    fn against(
+        answer: impl Into<Vec<u8>>,
+        read: bool,
+        body: Option<&[u8]>,
+    ) -> Result<HttpResponse, Error> {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, server) = answering(&dir, answer, read);
+        let method = if body.is_some() { "POST" } else { "GET" };
+        let r = request(&p, method, "/v1/hold", body);
+        server.join().unwrap();
+        r
+    }
+
+    const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy";
+
     #[test]
-    fn parses_content_length_and_chunked() {
-        let r = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi-extra").unwrap();
-        assert_eq!(
-            r,
-            HttpResponse {
-                status: 200,
-                body: b"hi".to_vec()
-            }
-        );
-        let r = parse_response(b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n").unwrap();
-        assert_eq!(
-            r,
-            HttpResponse {
-                status: 404,
-                body: b"abcde".to_vec()
-            }
-        );
-        assert!(parse_response(b"garbage").is_err());
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nhi").is_err());
+    fn reads_content_length_and_chunked_answers() {
+        let r = against(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi",
+            true,
+            None,
+        )
+        .unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"hi"[..]));
+        let chunked = b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n\
+                        3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n";
+        let r = against(chunked, true, Some(br#"{"reason":"x"}"#)).unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (404, &b"abcde"[..]));
+    }
+
+    #[test]
+    fn garbage_or_a_short_body_is_a_protocol_error() {
+        for answer in [
+            &b"garbage\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nhi",
+            b"",
+        ] {
+            let e = against(answer, true, None).unwrap_err();
+            assert!(matches!(e, Error::AgentProtocol { .. }), "{answer:?}: {e}");
+            assert_eq!(exit_code(&e), exit::FAILURE);
+        }
+    }
+
+    /// A server turning us away answers without reading: our write fails
+    /// (a request larger than the socket buffer makes sure of it), the
+    /// answer is still what we report.
+    #[test]
+    fn an_answer_sent_without_reading_the_request_is_kept() {
+        let big = vec![b'x'; 4 << 20];
+        let r = against(BUSY, false, Some(&big)).unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (503, &b"busy"[..]));
+        // Answer and request both larger than the socket buffers: neither
+        // side waits for the other forever.
+        let mut answer =
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 1048576\r\n\r\n".to_vec();
+        answer.resize(answer.len() + (1 << 20), b'b');
+        let r = against(answer, false, Some(&big)).unwrap();
+        assert_eq!((r.status, r.body.len()), (503, 1 << 20));
+    }
+
+    /// The same at the first write: the server has answered and closed
+    /// before the client writes a byte.
+    #[test]
+    fn an_answer_sent_before_the_request_is_written_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, server) = answering(&dir, BUSY, false);
+        let stream = std::os::unix::net::UnixStream::connect(&p).unwrap();
+        server.join().unwrap();
+        let r = request_on(&p, stream, "GET", "/v1/status", None).unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (503, &b"busy"[..]));
     }
 
     #[test]
