@@ -120,6 +120,14 @@ struct Job {
     cancel: CancellationToken,
 }
 
+impl Job {
+    fn cancelled(&self) -> Error {
+        Error::Cancelled {
+            what: format!("download of {}", self.spec.sha256),
+        }
+    }
+}
+
 /// How one request attempt ended.
 enum Failure {
     /// Worth retrying on the same mirror (network, timeout, 5xx, 429).
@@ -128,6 +136,16 @@ enum Failure {
     Mirror(Error),
     /// The cancel token fired; what arrived was written.
     Cancelled,
+}
+
+impl Failure {
+    fn reason(&self) -> String {
+        match self {
+            Failure::Transient(r) => r.clone(),
+            Failure::Mirror(e) => e.to_string(),
+            Failure::Cancelled => "cancelled".to_string(),
+        }
+    }
 }
 
 /// Downloads every missing byte of `partial` (resuming what it holds),
@@ -146,7 +164,7 @@ pub(crate) async fn download(
     progress
         .bytes_downloaded
         .store(partial.bytes_present(), Ordering::Relaxed);
-    let (ranges, mut ranges_known) = tokio::sync::watch::channel(None);
+    let (ranges, ranges_known) = tokio::sync::watch::channel(None);
     let job = Arc::new(Job {
         client: client.clone(),
         spec: spec.clone(),
@@ -159,53 +177,7 @@ pub(crate) async fn download(
         // A child: stopping the workers after one failed must not cancel the caller.
         cancel: cancel.child_token(),
     });
-    // JoinSet aborts the workers if this future is dropped (cancel/restart).
-    let mut workers = JoinSet::new();
-    workers.spawn(worker(Arc::clone(&job)));
-    let mut spawned_rest = false;
-    let mut first_error = None;
-    loop {
-        tokio::select! {
-            changed = ranges_known.changed(), if !spawned_rest => {
-                if changed.is_err() {
-                    spawned_rest = true;
-                    continue;
-                }
-                if let Some(with_ranges) = *ranges_known.borrow_and_update() {
-                    spawned_rest = true;
-                    if with_ranges {
-                        for _ in 1..settings.parallel_ranges.max(1) {
-                            workers.spawn(worker(Arc::clone(&job)));
-                        }
-                    }
-                }
-            }
-            joined = workers.join_next() => {
-                let failed = match joined {
-                    None => break,
-                    Some(Ok(Ok(()))) => continue,
-                    Some(Ok(Err(e))) => e,
-                    Some(Err(e)) => Error::Download {
-                        sha256: spec.sha256.to_string(),
-                        url: spec.urls.join(", "),
-                        reason: format!("range worker failed: {e}"),
-                    },
-                };
-                // Stop the other workers gracefully (they flush what they
-                // hold) and report the first real error, not "cancelled".
-                job.cancel.cancel();
-                spawned_rest = true;
-                let replace = match &first_error {
-                    None => true,
-                    Some(Error::Cancelled { .. }) => !matches!(failed, Error::Cancelled { .. }),
-                    Some(_) => false,
-                };
-                if replace {
-                    first_error = Some(failed);
-                }
-            }
-        }
-    }
+    let first_error = supervise(&job, ranges_known).await;
     job.partial.persist();
     if let Some(e) = first_error {
         return Err(e);
@@ -221,6 +193,63 @@ pub(crate) async fn download(
         });
     }
     Ok(())
+}
+
+/// Runs the first worker, then the others once the server proved it
+/// answers ranges, until all ended. On the first failure the others stop
+/// gracefully (they flush what they hold); returns the first real error,
+/// not "cancelled". `JoinSet` aborts the workers if this future is dropped
+/// (cancel/restart).
+async fn supervise(
+    job: &Arc<Job>,
+    mut ranges_known: tokio::sync::watch::Receiver<Option<bool>>,
+) -> Option<Error> {
+    let spec = &job.spec;
+    let mut workers = JoinSet::new();
+    workers.spawn(worker(Arc::clone(job)));
+    let mut spawned_rest = false;
+    let mut first_error: Option<Error> = None;
+    loop {
+        tokio::select! {
+            changed = ranges_known.changed(), if !spawned_rest => {
+                // A closed channel: the first worker ended; no more to start.
+                let known = match changed {
+                    Ok(()) => *ranges_known.borrow_and_update(),
+                    Err(_) => Some(false),
+                };
+                if let Some(with_ranges) = known {
+                    spawned_rest = true;
+                    if with_ranges {
+                        for _ in 1..job.settings.parallel_ranges.max(1) {
+                            workers.spawn(worker(Arc::clone(job)));
+                        }
+                    }
+                }
+            }
+            joined = workers.join_next() => {
+                let failed = match joined {
+                    None => return first_error,
+                    Some(Ok(Ok(()))) => continue,
+                    Some(Ok(Err(e))) => e,
+                    Some(Err(e)) => Error::Download {
+                        sha256: spec.sha256.to_string(),
+                        url: spec.urls.join(", "),
+                        reason: format!("range worker failed: {e}"),
+                    },
+                };
+                job.cancel.cancel();
+                spawned_rest = true;
+                let replace = match &first_error {
+                    None => true,
+                    Some(Error::Cancelled { .. }) => !matches!(failed, Error::Cancelled { .. }),
+                    Some(_) => false,
+                };
+                if replace {
+                    first_error = Some(failed);
+                }
+            }
+        }
+    }
 }
 
 /// One range worker: claims chunks in order until none are left.
@@ -245,16 +274,13 @@ async fn fetch_range(job: &Job, start: u64, end: u64, buf: &mut Vec<u8>) -> Resu
     let i = (start / chunks.chunk) as usize;
     let mut failures = 0u32;
     let mut backoff = BackoffState::new(job.settings.backoff);
-    let cancelled = || Error::Cancelled {
-        what: format!("download of {}", job.spec.sha256),
-    };
     loop {
         let from = start + chunks.done(i);
         if from >= end {
             return Ok(false);
         }
         if job.cancel.is_cancelled() {
-            return Err(cancelled());
+            return Err(job.cancelled());
         }
         let mirror = job.mirror.load(Ordering::Acquire);
         let Some(url) = job.spec.urls.get(mirror) else {
@@ -268,59 +294,57 @@ async fn fetch_range(job: &Job, start: u64, end: u64, buf: &mut Vec<u8>) -> Resu
         let outcome = attempt(job, url, from, end, buf).await;
         match outcome {
             Ok(single) => return Ok(single),
-            Err(Failure::Cancelled) => return Err(cancelled()),
+            Err(Failure::Cancelled) => return Err(job.cancelled()),
             Err(failure) => {
                 // Only real progress earns fresh retries, so a server that
                 // dies after a few bytes every time still fails in bounded time.
-                let progressed = chunks.done(i) >= before + WRITE_BUFFER as u64;
-                if progressed {
+                if chunks.done(i) >= before + WRITE_BUFFER as u64 {
                     failures = 0;
                     backoff.reset();
                 }
                 failures += 1;
+                warn!(url = %url, from, end, failures, reason = %failure.reason(), "range request failed");
                 let give_up_mirror = match &failure {
                     Failure::Transient(_) => failures > job.settings.retries_per_range,
                     Failure::Mirror(_) | Failure::Cancelled => true,
                 };
-                let reason = match &failure {
-                    Failure::Transient(r) => r.clone(),
-                    Failure::Mirror(e) => e.to_string(),
-                    Failure::Cancelled => "cancelled".to_string(),
-                };
-                warn!(url = %url, from, end, failures, reason = %reason, "range request failed");
                 if give_up_mirror {
-                    if let Some(next) = job.spec.urls.get(mirror + 1) {
-                        warn!(url = %url, next = %next, "giving up on mirror, trying the next");
-                    }
-                    // Other workers may have moved on already; only advance once.
-                    let _ = job.mirror.compare_exchange(
-                        mirror,
-                        mirror + 1,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    );
-                    if mirror + 1 >= job.spec.urls.len() {
-                        return Err(match failure {
-                            Failure::Mirror(e) => e,
-                            Failure::Cancelled => cancelled(),
-                            Failure::Transient(reason) => Error::Download {
-                                sha256: job.spec.sha256.to_string(),
-                                url: url.clone(),
-                                reason,
-                            },
-                        });
-                    }
+                    next_mirror(job, mirror, url, failure)?;
                     failures = 0;
                     backoff.reset();
                     continue;
                 }
                 let pause = backoff.next_delay(&mut rand::thread_rng());
                 if !sleep_or_cancel(pause, &job.cancel).await {
-                    return Err(cancelled());
+                    return Err(job.cancelled());
                 }
             }
         }
     }
+}
+
+/// Moves every range off mirror number `mirror` after `failure` there;
+/// the failure becomes the download's error when no mirror is left.
+fn next_mirror(job: &Job, mirror: usize, url: &str, failure: Failure) -> Result<()> {
+    if let Some(next) = job.spec.urls.get(mirror + 1) {
+        warn!(url = %url, next = %next, "giving up on mirror, trying the next");
+    }
+    // Other workers may have moved on already; only advance once.
+    let _ = job
+        .mirror
+        .compare_exchange(mirror, mirror + 1, Ordering::AcqRel, Ordering::Acquire);
+    if mirror + 1 < job.spec.urls.len() {
+        return Ok(());
+    }
+    Err(match failure {
+        Failure::Mirror(e) => e,
+        Failure::Cancelled => job.cancelled(),
+        Failure::Transient(reason) => Error::Download {
+            sha256: job.spec.sha256.to_string(),
+            url: url.to_string(),
+            reason,
+        },
+    })
 }
 
 /// One HTTP request for `[from, end)`; streams the body into the partial.
@@ -353,8 +377,27 @@ async fn attempt(
         Ok(Err(e)) => return Err(Failure::Transient(format!("request failed: {}", chain(&e)))),
         Ok(Ok(r)) => r,
     };
-    let status = response.status();
-    let (offset, single) = match status {
+    let (offset, single) = where_body_starts(job, url, &response, from, end)?;
+    let stop = if single { size } else { end };
+    let streamed = stream_body(job, url, response, offset, stop, buf).await;
+    if single && streamed.is_err() {
+        job.partial.chunks.unclaim_incomplete();
+    }
+    streamed.map(|()| single)
+}
+
+/// Checks a response against the artifact: a 206 for this range (and the
+/// right total), or a 200 of the whole file when the server has no ranges.
+/// Returns the offset its body starts at and whether it is the whole file.
+fn where_body_starts(
+    job: &Job,
+    url: &str,
+    response: &reqwest::Response,
+    from: u64,
+    end: u64,
+) -> std::result::Result<(u64, bool), Failure> {
+    let size = job.spec.size;
+    match response.status() {
         StatusCode::PARTIAL_CONTENT => {
             let _ = job.ranges.send_if_modified(|r| r.replace(true).is_none());
             let total = response
@@ -377,7 +420,7 @@ async fn attempt(
                     actual: size - (end - from) + len,
                 }));
             }
-            (from, false)
+            Ok((from, false))
         }
         StatusCode::OK => {
             if let Some(len) = response.content_length().filter(|l| *l != size) {
@@ -398,7 +441,7 @@ async fn attempt(
             }
             // No ranges: this worker streams the whole file from byte 0.
             job.partial.chunks.reset_all_claimed();
-            (0, true)
+            Ok((0, true))
         }
         s if s == StatusCode::NOT_FOUND
             || s == StatusCode::GONE
@@ -406,20 +449,14 @@ async fn attempt(
             || s == StatusCode::UNAUTHORIZED
             || s == StatusCode::RANGE_NOT_SATISFIABLE =>
         {
-            return Err(Failure::Mirror(Error::Download {
+            Err(Failure::Mirror(Error::Download {
                 sha256: job.spec.sha256.to_string(),
                 url: url.to_string(),
                 reason: format!("HTTP {s}"),
             }))
         }
-        s => return Err(Failure::Transient(format!("HTTP {s}"))),
-    };
-    let stop = if single { size } else { end };
-    let streamed = stream_body(job, url, response, offset, stop, buf).await;
-    if single && streamed.is_err() {
-        job.partial.chunks.unclaim_incomplete();
+        s => Err(Failure::Transient(format!("HTTP {s}"))),
     }
-    streamed.map(|()| single)
 }
 
 /// An error with its sources, for the operator (reqwest's top-level

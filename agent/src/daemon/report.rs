@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::control::AgentState;
-use crate::daemon::live::LiveStatus;
+use crate::daemon::live::{LiveStatus, StatusInner};
 use crate::deploy::{self, DeployRecord, Deployer, Phase};
 use crate::source::consul::WatchStats;
 use crate::status::metrics::ConsulErrorKind;
@@ -122,27 +122,9 @@ impl StatusSource for AgentView {
             }
         }
         rep.state = s.control.state.clone();
-        if let Some(r) = rec.filter(|r| r.phase.is_active()) {
-            let p = self.deployer.progress.snapshot();
-            let now = Instant::now();
-            let mut g = self.rate.lock().unwrap_or_else(|e| e.into_inner());
-            let rate = match *g {
-                Some((t, b, _)) if now > t && p.bytes_downloaded >= b => {
-                    let dt = now.duration_since(t).as_secs_f64();
-                    (dt > 0.05).then(|| ((p.bytes_downloaded - b) as f64 / dt) as u64)
-                }
-                _ => None,
-            };
-            *g = Some((now, p.bytes_downloaded, r.started_at));
-            let left = p.bytes_total.saturating_sub(p.bytes_downloaded);
-            rep.progress = Some(ProgressInfo {
-                bytes_done: p.bytes_downloaded,
-                bytes_total: Some(p.bytes_total),
-                rate_bytes_per_sec: rate,
-                eta_seconds: rate.filter(|r| *r > 0).map(|r| left / r),
-                entries: Some(p.entries),
-            });
-        }
+        rep.progress = rec
+            .filter(|r| r.phase.is_active())
+            .map(|r| self.progress(r));
         rep.drain_holders = s
             .holders
             .iter()
@@ -153,87 +135,22 @@ impl StatusSource for AgentView {
             })
             .collect();
         rep.fleet = self.shared.member().map(|m| m.info());
-        // An error stays visible after it is resolved, marked as such:
-        // a later successful deploy, or a different desired build, makes it
-        // history rather than the reason for anything now.
-        let last_success = s
-            .control
-            .history
-            .iter()
-            .filter(|h| {
-                matches!(
-                    h.outcome,
-                    Some(deploy::Outcome::Success | deploy::Outcome::RolledBack)
-                )
-            })
-            .filter_map(|h| h.finished_unix)
-            .max();
-        let desired = s.desired.as_ref().map(|d| d.build.as_str());
-        rep.last_error = s.last_error.as_ref().map(|e| LastError {
-            message: e.message.clone(),
-            at_unix: e.at,
-            build: e.build.clone(),
-            current: last_success.is_none_or(|t| t < e.at)
-                && e.build.as_deref().is_none_or(|b| Some(b) == desired),
-        });
-        rep.consul = self.watch.as_ref().map(|w| {
-            let w = w.snapshot();
-            let watch_error = (w.consecutive_errors > 0)
-                .then(|| w.last_error.clone().zip(w.last_error_unix))
-                .flatten()
-                .map(|(message, at_unix)| LastError {
-                    message,
-                    at_unix,
+        rep.last_error = last_error(&s);
+        rep.consul = self
+            .watch
+            .as_ref()
+            .map(|w| consul_info(w, &mut rep.last_error));
+        if let Some(f) = &rep.fleet {
+            if let Some(e) = f.freeze_error.as_ref().or(f.report_error.as_ref()) {
+                rep.last_error.get_or_insert_with(|| LastError {
+                    message: e.clone(),
+                    at_unix: crate::clock::now_secs(),
                     build: None,
                     current: true,
                 });
-            // An error that stops the watch stops progress: it is the
-            // error an operator must see first, while it lasts.
-            if let Some(e) = &watch_error {
-                if rep
-                    .last_error
-                    .as_ref()
-                    .is_none_or(|l| l.at_unix <= e.at_unix)
-                {
-                    rep.last_error = Some(e.clone());
-                }
-            }
-            let now_ms = crate::clock::now_ms();
-            ConsulInfo {
-                address: w.address,
-                key: w.key,
-                last_index: Some(w.last_index),
-                last_contact_ms: w.last_success_unix_ms.map(|t| now_ms.saturating_sub(t)),
-                consecutive_errors: w.consecutive_errors.min(u32::MAX as u64) as u32,
-                last_error: watch_error,
-            }
-        });
-        if let Some(f) = &rep.fleet {
-            if let Some(e) = f.freeze_error.as_ref().or(f.report_error.as_ref()) {
-                if rep.last_error.is_none() {
-                    rep.last_error = Some(LastError {
-                        message: e.clone(),
-                        at_unix: crate::clock::now_secs(),
-                        build: None,
-                        current: true,
-                    });
-                }
             }
         }
-        rep.hold = match &s.control.state {
-            AgentState::Held {
-                by_uid,
-                reason,
-                since_unix,
-                ..
-            } => HoldState {
-                held: true,
-                reason: Some(reason.clone()),
-                since_unix: Some(*since_unix),
-                by_uid: *by_uid,
-            },
-            _ => HoldState::default(),
-        };
+        rep.hold = hold_state(&s.control.state);
         rep
     }
 
@@ -262,6 +179,106 @@ impl StatusSource for AgentView {
         }
         self.metrics.set_held(self.shared.state().is_held());
         self.metrics.render()
+    }
+}
+
+impl AgentView {
+    /// Download progress of the running deploy `r`, with the rate since the
+    /// previous status read.
+    fn progress(&self, r: &DeployRecord) -> ProgressInfo {
+        let p = self.deployer.progress.snapshot();
+        let now = Instant::now();
+        let mut g = self.rate.lock().unwrap_or_else(|e| e.into_inner());
+        let rate = match *g {
+            Some((t, b, _)) if now > t && p.bytes_downloaded >= b => {
+                let dt = now.duration_since(t).as_secs_f64();
+                (dt > 0.05).then(|| ((p.bytes_downloaded - b) as f64 / dt) as u64)
+            }
+            _ => None,
+        };
+        *g = Some((now, p.bytes_downloaded, r.started_at));
+        let left = p.bytes_total.saturating_sub(p.bytes_downloaded);
+        ProgressInfo {
+            bytes_done: p.bytes_downloaded,
+            bytes_total: Some(p.bytes_total),
+            rate_bytes_per_sec: rate,
+            eta_seconds: rate.filter(|r| *r > 0).map(|r| left / r),
+            entries: Some(p.entries),
+        }
+    }
+}
+
+/// The last deploy error. It stays visible after it is resolved, marked as
+/// such: a later successful deploy, or a different desired build, makes it
+/// history rather than the reason for anything now.
+fn last_error(s: &StatusInner) -> Option<LastError> {
+    let last_success = s
+        .control
+        .history
+        .iter()
+        .filter(|h| {
+            matches!(
+                h.outcome,
+                Some(deploy::Outcome::Success | deploy::Outcome::RolledBack)
+            )
+        })
+        .filter_map(|h| h.finished_unix)
+        .max();
+    let desired = s.desired.as_ref().map(|d| d.build.as_str());
+    s.last_error.as_ref().map(|e| LastError {
+        message: e.message.clone(),
+        at_unix: e.at,
+        build: e.build.clone(),
+        current: last_success.is_none_or(|t| t < e.at)
+            && e.build.as_deref().is_none_or(|b| Some(b) == desired),
+    })
+}
+
+/// The watch as the status shows it. An error that stops the watch stops
+/// progress: while it lasts it replaces an older `last_error`, as the error
+/// an operator must see first.
+fn consul_info(w: &WatchStats, last_error: &mut Option<LastError>) -> ConsulInfo {
+    let w = w.snapshot();
+    let watch_error = (w.consecutive_errors > 0)
+        .then(|| w.last_error.clone().zip(w.last_error_unix))
+        .flatten()
+        .map(|(message, at_unix)| LastError {
+            message,
+            at_unix,
+            build: None,
+            current: true,
+        });
+    if let Some(e) = &watch_error {
+        if last_error.as_ref().is_none_or(|l| l.at_unix <= e.at_unix) {
+            *last_error = Some(e.clone());
+        }
+    }
+    let now_ms = crate::clock::now_ms();
+    ConsulInfo {
+        address: w.address,
+        key: w.key,
+        last_index: Some(w.last_index),
+        last_contact_ms: w.last_success_unix_ms.map(|t| now_ms.saturating_sub(t)),
+        consecutive_errors: w.consecutive_errors.min(u32::MAX as u64) as u32,
+        last_error: watch_error,
+    }
+}
+
+/// The operator hold, if the agent is held.
+fn hold_state(state: &AgentState) -> HoldState {
+    match state {
+        AgentState::Held {
+            by_uid,
+            reason,
+            since_unix,
+            ..
+        } => HoldState {
+            held: true,
+            reason: Some(reason.clone()),
+            since_unix: Some(*since_unix),
+            by_uid: *by_uid,
+        },
+        _ => HoldState::default(),
     }
 }
 

@@ -42,44 +42,80 @@ pub async fn run_hook(
     limit: usize,
 ) -> Result<HookOutcome> {
     let start = Instant::now();
-    let Some((prog, args)) = argv.split_first() else {
-        return Err(Error::Hook {
-            name: name.into(),
-            reason: "no command configured".into(),
-            output: String::new(),
-        });
+    let hook_error = |reason: String, output: String| Error::Hook {
+        name: name.into(),
+        reason,
+        output,
     };
-    let mut cmd = tokio::process::Command::new(prog);
-    cmd.args(args)
+    let Some((prog, args)) = argv.split_first() else {
+        return Err(hook_error("no command configured".into(), String::new()));
+    };
+    let mut child = tokio::process::Command::new(prog)
+        .args(args)
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| Error::Hook {
-        name: name.into(),
-        reason: format!("cannot start {prog:?}: {e}"),
-        output: String::new(),
-    })?;
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| hook_error(format!("cannot start {prog:?}: {e}"), String::new()))?;
     let pgid = child.id().map(|p| Pid::from_raw(p as i32));
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
-    for pipe in [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    {
+    let mut output = Output::new(read_pipes(&mut child), limit);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let status = loop {
+        tokio::select! {
+            st = child.wait() => break st.ok(),
+            Some(chunk) = output.rx.recv() => output.add(&chunk),
+            _ = tokio::time::sleep_until(deadline) => {
+                if let Some(pg) = pgid {
+                    // The whole group: a hook's children die with it.
+                    let _ = killpg(pg, Signal::SIGKILL);
+                }
+                let _ = child.wait().await;
+                let reason = format!(
+                    "timed out after {} and was killed with its process group",
+                    crate::clock::human_duration(timeout)
+                );
+                return Err(hook_error(reason, output.text()));
+            }
+        }
+    };
+    output.drain(name).await;
+    let code = status.and_then(|s| s.code());
+    if code != Some(0) {
+        let reason = match code {
+            Some(c) => format!("exited with status {c}"),
+            None => "was killed by a signal".into(),
+        };
+        return Err(hook_error(reason, output.text()));
+    }
+    let took = start.elapsed();
+    info!(
+        hook = name,
+        took_ms = took.as_millis() as u64,
+        "hook succeeded"
+    );
+    Ok(HookOutcome {
+        name: name.into(),
+        status: code,
+        output: output.text(),
+        truncated: output.truncated,
+        took,
+    })
+}
+
+/// Reads the child's stdout and stderr on their own tasks; the chunks
+/// arrive on the returned channel, which closes when both pipes did.
+fn read_pipes(child: &mut tokio::process::Child) -> tokio::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    let pipes: [Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>; 2] = [
+        child.stdout.take().map(|s| Box::new(s) as _),
+        child.stderr.take().map(|s| Box::new(s) as _),
+    ];
+    for mut pipe in pipes.into_iter().flatten() {
         let tx = tx.clone();
         tokio::spawn(async move {
-            let mut pipe = pipe;
             let mut buf = vec![0u8; 8192];
             while let Ok(n) = pipe.read(&mut buf).await {
                 if n == 0 || tx.send(buf[..n].to_vec()).await.is_err() {
@@ -88,71 +124,52 @@ pub async fn run_hook(
             }
         });
     }
-    drop(tx);
-    let mut output = Vec::new();
-    let mut truncated = false;
-    let mut collect = |chunk: Vec<u8>, output: &mut Vec<u8>| {
-        let room = limit.saturating_sub(output.len());
+    rx
+}
+
+/// A hook's output, capped at `limit` bytes.
+struct Output {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    bytes: Vec<u8>,
+    limit: usize,
+    truncated: bool,
+}
+
+impl Output {
+    fn new(rx: tokio::sync::mpsc::Receiver<Vec<u8>>, limit: usize) -> Self {
+        Output {
+            rx,
+            bytes: Vec::new(),
+            limit,
+            truncated: false,
+        }
+    }
+
+    fn add(&mut self, chunk: &[u8]) {
+        let room = self.limit.saturating_sub(self.bytes.len());
         if chunk.len() > room {
-            truncated = true;
+            self.truncated = true;
         }
-        output.extend_from_slice(&chunk[..chunk.len().min(room)]);
-    };
-    let deadline = tokio::time::Instant::now() + timeout;
-    let status = loop {
-        tokio::select! {
-            st = child.wait() => break st.ok(),
-            Some(chunk) = rx.recv() => collect(chunk, &mut output),
-            _ = tokio::time::sleep_until(deadline) => {
-                if let Some(pg) = pgid {
-                    // The whole group: a hook's children die with it.
-                    let _ = killpg(pg, Signal::SIGKILL);
+        self.bytes
+            .extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+
+    /// After the hook exited: takes what is buffered, but never waits on a
+    /// grandchild that keeps the pipe open.
+    async fn drain(&mut self, name: &str) {
+        let grace = tokio::time::Instant::now() + OUTPUT_GRACE;
+        loop {
+            tokio::select! {
+                c = self.rx.recv() => match c { Some(chunk) => self.add(&chunk), None => break },
+                _ = tokio::time::sleep_until(grace) => {
+                    warn!(hook = name, "hook left a process holding its output; no longer reading it");
+                    break;
                 }
-                let _ = child.wait().await;
-                let text = String::from_utf8_lossy(&output).into_owned();
-                return Err(Error::Hook {
-                    name: name.into(),
-                    reason: format!("timed out after {} and was killed with its process group", crate::clock::human_duration(timeout)),
-                    output: text,
-                });
-            }
-        }
-    };
-    // Drain what is buffered, but never wait on a grandchild that keeps
-    // the pipe open.
-    let grace = tokio::time::Instant::now() + OUTPUT_GRACE;
-    loop {
-        tokio::select! {
-            c = rx.recv() => match c { Some(chunk) => collect(chunk, &mut output), None => break },
-            _ = tokio::time::sleep_until(grace) => {
-                warn!(hook = name, "hook left a process holding its output; no longer reading it");
-                break;
             }
         }
     }
-    let text = String::from_utf8_lossy(&output).into_owned();
-    let code = status.and_then(|s| s.code());
-    let outcome = HookOutcome {
-        name: name.into(),
-        status: code,
-        output: text.clone(),
-        truncated,
-        took: start.elapsed(),
-    };
-    if code != Some(0) {
-        return Err(Error::Hook {
-            name: name.into(),
-            reason: match code {
-                Some(c) => format!("exited with status {c}"),
-                None => "was killed by a signal".into(),
-            },
-            output: text,
-        });
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).into_owned()
     }
-    info!(
-        hook = name,
-        took_ms = outcome.took.as_millis() as u64,
-        "hook succeeded"
-    );
-    Ok(outcome)
 }

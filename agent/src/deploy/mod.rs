@@ -266,6 +266,27 @@ pub struct DeployRecord {
     pub rolled_back_to: Option<String>,
 }
 
+impl DeployRecord {
+    /// The record of a deploy of `m` that starts now.
+    fn start(m: &Manifest) -> DeployRecord {
+        DeployRecord {
+            build: m.spec.build.clone(),
+            sha256: m.spec.sha256.to_string(),
+            deploy_id: m.deploy_id.clone(),
+            phase: Phase::Idle,
+            outcome: None,
+            started_at: now_secs(),
+            finished_at: None,
+            phase_ms: BTreeMap::new(),
+            progress: ProgressSnapshot::default(),
+            from_cache: false,
+            slot: None,
+            error: None,
+            rolled_back_to: None,
+        }
+    }
+}
+
 /// Observes the deploy as it goes (status socket, history, metrics).
 pub trait Observer: Send + Sync {
     /// Called after every persisted transition.
@@ -367,6 +388,47 @@ impl Run<'_> {
     }
 }
 
+/// Stops the deploy of `m` when `cancel` fired, naming the step it did
+/// not start.
+fn not_cancelled(m: &Manifest, cancel: &CancellationToken, what: &str) -> Result<()> {
+    if cancel.is_cancelled() {
+        return Err(Error::Cancelled {
+            what: format!("deploy of {} (before {what})", m.spec.build),
+        });
+    }
+    Ok(())
+}
+
+/// Records how the deploy of `m` ended on `e`: cancelled at a safe point,
+/// rejected by the health gate, or failed (the previous build serves).
+fn failed(m: &Manifest, e: &Error, cancel: &CancellationToken, run: &mut Run<'_>) -> Outcome {
+    let unhealthy = matches!(
+        e,
+        Error::HealthCheckFailed { .. } | Error::HealthRollbackImpossible { .. }
+    );
+    let cancelled = !unhealthy && (matches!(e, Error::Cancelled { .. }) || cancel.is_cancelled());
+    let ev = if cancelled {
+        Event::Cancel
+    } else {
+        Event::Fail
+    };
+    if let Err(te) = run.step(ev) {
+        warn!(error = %te, "cannot record the failure transition");
+    }
+    let outcome = if cancelled {
+        info!(build = %m.spec.build, "deploy cancelled at a safe point");
+        Outcome::Cancelled
+    } else if unhealthy {
+        tracing::error!(build = %m.spec.build, error = %e, rolled_back_to = run.rec.rolled_back_to.as_deref(), "health check failed");
+        Outcome::HealthFailed
+    } else {
+        tracing::error!(build = %m.spec.build, error = %e, "deploy failed; the previous build keeps serving");
+        Outcome::Failed
+    };
+    run.finish(outcome, Some(e));
+    outcome
+}
+
 /// Where a deploy root keeps the record of its current or last deploy.
 fn record_path(root: &std::path::Path) -> PathBuf {
     root.join(".deploy/deploy.json")
@@ -442,21 +504,7 @@ impl Deployer {
         self.progress.reset(m.spec.size);
         let mut run = Run {
             d: self,
-            rec: DeployRecord {
-                build: m.spec.build.clone(),
-                sha256: m.spec.sha256.to_string(),
-                deploy_id: m.deploy_id.clone(),
-                phase: Phase::Idle,
-                outcome: None,
-                started_at: now_secs(),
-                finished_at: None,
-                phase_ms: BTreeMap::new(),
-                progress: ProgressSnapshot::default(),
-                from_cache: false,
-                slot: None,
-                error: None,
-                rolled_back_to: None,
-            },
+            rec: DeployRecord::start(m),
             phase_start: Instant::now(),
             obs,
         };
@@ -478,35 +526,7 @@ impl Deployer {
                 (Some(outcome), None)
             }
             Err(e) => {
-                let unhealthy = matches!(
-                    e,
-                    Error::HealthCheckFailed { .. } | Error::HealthRollbackImpossible { .. }
-                );
-                let cancelled =
-                    !unhealthy && (matches!(e, Error::Cancelled { .. }) || cancel.is_cancelled());
-                let ev = if cancelled {
-                    Event::Cancel
-                } else {
-                    Event::Fail
-                };
-                if let Err(te) = run.step(ev) {
-                    warn!(error = %te, "cannot record the failure transition");
-                }
-                let outcome = if cancelled {
-                    Outcome::Cancelled
-                } else if unhealthy {
-                    Outcome::HealthFailed
-                } else {
-                    Outcome::Failed
-                };
-                if cancelled {
-                    info!(build = %m.spec.build, "deploy cancelled at a safe point");
-                } else if unhealthy {
-                    tracing::error!(build = %m.spec.build, error = %e, rolled_back_to = run.rec.rolled_back_to.as_deref(), "health check failed");
-                } else {
-                    tracing::error!(build = %m.spec.build, error = %e, "deploy failed; the previous build keeps serving");
-                }
-                run.finish(outcome, Some(&e));
+                let outcome = failed(m, &e, &cancel, &mut run);
                 // Each attempt's claim moved the cold slot's old contents
                 // (often the previous attempt's partial unpack) to the
                 // trash: empty it now, or retries of a failing deploy
@@ -535,6 +555,8 @@ impl Deployer {
         });
     }
 
+    /// The phases of one deploy, in order: the cold slot (unless the build
+    /// already waits there), drain, flip, then the health verdict.
     async fn drive(
         &self,
         m: &Manifest,
@@ -542,91 +564,99 @@ impl Deployer {
         cancel: &CancellationToken,
         run: &mut Run<'_>,
     ) -> Result<()> {
-        let check = |what: &str| -> Result<()> {
-            if cancel.is_cancelled() {
-                return Err(Error::Cancelled {
-                    what: format!("deploy of {} (before {what})", m.spec.build),
-                });
-            }
-            Ok(())
-        };
         run.step(Event::Start { in_cold_slot })?;
         let target = if in_cold_slot {
             let hot = self.root.lock().unwrap_or_else(|p| p.into_inner()).hot();
             hot.map(Slot::other).unwrap_or(Slot::A)
         } else {
-            // waiting-for-cold-slot
-            let cold_dir = {
-                let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
-                root.slot_path(root.cold())
-            };
-            let limits = self.limits(m);
-            // The one cache lookup (the entry is pinned for the whole
-            // deploy) and the one free-space check, before the claim.
-            let cached = self.cache.lookup(&m.spec.sha256);
-            {
-                let (cache, root, cold) =
-                    (self.cache.clone(), self.root_path.clone(), cold_dir.clone());
-                let (spec, hit) = (m.spec.clone(), cached.is_some());
-                tokio::task::spawn_blocking(move || {
-                    make_room(&cache, &root, &cold, &spec, &limits, hit)
-                })
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))??;
-            }
-            if cached.is_none() {
-                // A download is needed: spread the fleet's requests out.
-                crate::deploy::splay::wait(self.config.fleet.splay(), &m.spec.build, cancel).await;
-                check("the download")?;
-            }
-            drain::wait_cold_slot(
-                &cold_dir,
-                &self.config.drain,
-                cancel,
-                holder_reporter(run.obs.clone()),
-            )
-            .await?;
-            run.obs.holders(&[]);
-            check("claiming the cold slot")?;
-            let (slot, dir) = self.with_root(|r| r.claim_cold()).await?;
-            run.rec.slot = Some(slot);
-            run.step(Event::ColdSlotFree)?;
-
-            // downloading: fetch, verify and unpack overlap.
-            let outcome = crate::deploy::pipeline::fetch_and_unpack(
-                &self.client,
-                &m.spec,
-                &self.cache,
-                cached,
-                &dir,
-                &self.fetch,
-                &limits,
-                self.progress.clone(),
-                cancel.clone(),
-            )
-            .await?;
-            run.rec.from_cache = outcome.from_cache;
-            run.step(Event::Fetched)?;
-
-            // unpacking: durable, then marked. Not cancelled: it is short
-            // and leaves a reusable slot.
-            let info = BuildInfo {
-                build_id: m.spec.build.clone(),
-                sha256: Some(outcome.sha256.clone()),
-                entries: outcome.stats.entries,
-                bytes: outcome.stats.bytes_written,
-            };
-            self.with_root(move |r| r.mark_ready(slot, info)).await?;
-            run.step(Event::Marked)?;
-            slot
+            self.fill_cold_slot(m, cancel, run).await?
         };
         run.rec.slot = Some(target);
-
-        // draining
-        let hooks = &self.config.hooks;
         let env = self.hook_env(m, target);
+        self.drain_and_flip(m, target, &env, cancel, run).await?;
+        self.judge(m, &env, run).await
+    }
+
+    /// waiting-for-cold-slot, downloading, unpacking: the one cache lookup
+    /// (the entry is pinned for the whole deploy) and the one free-space
+    /// check, the splay, the claim, fetch+verify+unpack, and the marker.
+    async fn fill_cold_slot(
+        &self,
+        m: &Manifest,
+        cancel: &CancellationToken,
+        run: &mut Run<'_>,
+    ) -> Result<Slot> {
+        let cold_dir = {
+            let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
+            root.slot_path(root.cold())
+        };
+        let limits = self.limits(m);
+        let cached = self.cache.lookup(&m.spec.sha256);
+        {
+            let (cache, root, cold) =
+                (self.cache.clone(), self.root_path.clone(), cold_dir.clone());
+            let (spec, hit) = (m.spec.clone(), cached.is_some());
+            tokio::task::spawn_blocking(move || {
+                make_room(&cache, &root, &cold, &spec, &limits, hit)
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        }
+        if cached.is_none() {
+            // A download is needed: spread the fleet's requests out.
+            crate::deploy::splay::wait(self.config.fleet.splay(), &m.spec.build, cancel).await;
+            not_cancelled(m, cancel, "the download")?;
+        }
+        let holders = holder_reporter(run.obs.clone());
+        drain::wait_cold_slot(&cold_dir, &self.config.drain, cancel, holders).await?;
+        run.obs.holders(&[]);
+        not_cancelled(m, cancel, "claiming the cold slot")?;
+        let (slot, dir) = self.with_root(|r| r.claim_cold()).await?;
+        run.rec.slot = Some(slot);
+        run.step(Event::ColdSlotFree)?;
+
+        // downloading: fetch, verify and unpack overlap.
+        let outcome = crate::deploy::pipeline::fetch_and_unpack(
+            &self.client,
+            &m.spec,
+            &self.cache,
+            cached,
+            &dir,
+            &self.fetch,
+            &limits,
+            self.progress.clone(),
+            cancel.clone(),
+        )
+        .await?;
+        run.rec.from_cache = outcome.from_cache;
+        run.step(Event::Fetched)?;
+
+        // unpacking: durable, then marked. Not cancelled: it is short and
+        // leaves a reusable slot.
+        let info = BuildInfo {
+            build_id: m.spec.build.clone(),
+            sha256: Some(outcome.sha256.clone()),
+            entries: outcome.stats.entries,
+            bytes: outcome.stats.bytes_written,
+        };
+        self.with_root(move |r| r.mark_ready(slot, info)).await?;
+        run.step(Event::Marked)?;
+        Ok(slot)
+    }
+
+    /// draining, flipping: the pre-flip hook, the hot slot's drain, the
+    /// freeze gate, then the flip, which is never cancelled once started.
+    async fn drain_and_flip(
+        &self,
+        m: &Manifest,
+        target: Slot,
+        env: &[(String, String)],
+        cancel: &CancellationToken,
+        run: &mut Run<'_>,
+    ) -> Result<()> {
+        let hooks = &self.config.hooks;
         if let Some(argv) = &hooks.pre_flip {
-            hooks::run_hook("pre-flip", argv, &env, hooks.timeout, hooks.output_limit).await?;
+            hooks::run_hook("pre-flip", argv, env, hooks.timeout, hooks.output_limit).await?;
         }
         let hot_dir = self.root_path.join("current");
         drain::wait_hot_drained(
@@ -639,23 +669,25 @@ impl Deployer {
         )
         .await?;
         run.obs.holders(&[]);
-        check("the flip")?;
+        not_cancelled(m, cancel, "the flip")?;
         if let Some(gate) = self.flip_gate.get() {
             gate.check(&m.spec.build).await?;
         }
-        check("the flip")?;
+        not_cancelled(m, cancel, "the flip")?;
         run.step(Event::Drained)?;
 
-        // flipping: never cancelled once started.
         let report = self.with_root(move |r| r.flip_to(target)).await?;
         info!(build = %report.build_id, to = %report.to, took_us = report.took.as_micros() as u64, "flip complete");
-        run.step(Event::Flipped)?;
+        run.step(Event::Flipped)
+    }
 
+    /// verifying: the post-flip hook (reported, never undone: the build is
+    /// live whatever it says), then the health gate and its verdict.
+    async fn judge(&self, m: &Manifest, env: &[(String, String)], run: &mut Run<'_>) -> Result<()> {
+        let hooks = &self.config.hooks;
         if let Some(argv) = &hooks.post_flip {
-            // The new build is live whatever the hook says; its failure is
-            // reported, not undone (the health gate decides about rollback).
             if let Err(e) =
-                hooks::run_hook("post-flip", argv, &env, hooks.timeout, hooks.output_limit).await
+                hooks::run_hook("post-flip", argv, env, hooks.timeout, hooks.output_limit).await
             {
                 warn!(error = %e, "post-flip hook failed");
                 run.rec.error = Some(ErrorRecord {
@@ -665,17 +697,14 @@ impl Deployer {
                 });
             }
         }
-
-        // verifying: the health gate, then the verdict.
         if self.config.health.is_enabled() {
             if let Err(bad) =
-                crate::deploy::health::check(&self.config.health, &env, hooks.output_limit).await
+                crate::deploy::health::check(&self.config.health, env, hooks.output_limit).await
             {
                 return Err(self.reject_unhealthy(m, bad, run).await);
             }
         }
-        run.step(Event::Verified)?;
-        Ok(())
+        run.step(Event::Verified)
     }
 
     /// Whether the persisted record says the agent stopped while the health

@@ -67,28 +67,19 @@ pub async fn fetch_and_unpack(
     progress: Arc<Progress>,
     cancel: CancellationToken,
 ) -> Result<UnpackOutcome> {
-    let expected = spec.sha256.to_bytes();
     progress.reset(spec.size);
     let started = Instant::now();
 
     // A cache hit needs no URL at all (rollback to a build whose mirrors are gone).
     if let Some(path) = cached {
+        let expected = spec.sha256.to_bytes();
         return from_cache(
             spec, &expected, cache, path, slot_dir, limits, progress, cancel,
         )
         .await;
     }
 
-    validate_urls(spec, settings)?;
-    let partial = {
-        let (cache, spec, parallel) = (cache.clone(), spec.clone(), settings.parallel_ranges);
-        blocking(move || Partial::open(&cache, &spec, parallel)).await?
-    };
-    let partial = Arc::new(partial);
-    let resumed = partial.bytes_present();
-    if resumed > 0 {
-        info!(resumed, "resuming partial download");
-    }
+    let partial = open_partial(spec, cache, settings).await?;
     let mut stop = StopOnDrop(Some(Arc::clone(&partial)));
 
     let reader = spawn_reader(
@@ -126,18 +117,7 @@ pub async fn fetch_and_unpack(
         .map_err(|e| Error::io(slot_dir, std::io::Error::other(e)))?;
     release_memory();
     let unpack_time = started.elapsed();
-    let Some((digest, bytes)) = read.digest else {
-        return Err(stopped(read, &cancel, &spec.sha256));
-    };
-    let source = spec.urls.join(", ");
-    if let Err(e) = check(&source, &expected, spec.size, &digest, bytes) {
-        warn!(error = %e, "downloaded artifact failed verification, deleting it");
-        partial.discard();
-        return Err(e);
-    }
-    // Verified: only now does the partial become a cache entry.
-    partial.commit(cache, &spec.sha256)?;
-    let stats = read.unpacked?;
+    let stats = verify_and_commit(read, &partial, cache, spec, &cancel)?;
     info!(
         entries = stats.entries,
         bytes = stats.bytes_written,
@@ -152,6 +132,45 @@ pub async fn fetch_and_unpack(
         download_time,
         unpack_time,
     })
+}
+
+/// Opens (resuming) the partial download of `spec` in the cache.
+async fn open_partial(
+    spec: &BuildSpec,
+    cache: &ArtifactCache,
+    settings: &FetchSettings,
+) -> Result<Arc<Partial>> {
+    validate_urls(spec, settings)?;
+    let (cache, spec, parallel) = (cache.clone(), spec.clone(), settings.parallel_ranges);
+    let partial = blocking(move || Partial::open(&cache, &spec, parallel)).await?;
+    let resumed = partial.bytes_present();
+    if resumed > 0 {
+        info!(resumed, "resuming partial download");
+    }
+    Ok(Arc::new(partial))
+}
+
+/// After the last byte: the size and digest of everything the reader saw
+/// must match, and only then does the partial become a cache entry. A
+/// mismatch deletes the partial (never resume from bad data).
+fn verify_and_commit(
+    read: ReadOutcome,
+    partial: &Partial,
+    cache: &ArtifactCache,
+    spec: &BuildSpec,
+    cancel: &CancellationToken,
+) -> Result<UnpackStats> {
+    let Some((digest, bytes)) = read.digest else {
+        return Err(stopped(read, cancel, &spec.sha256));
+    };
+    let source = spec.urls.join(", ");
+    if let Err(e) = check(&source, &spec.sha256.to_bytes(), spec.size, &digest, bytes) {
+        warn!(error = %e, "downloaded artifact failed verification, deleting it");
+        partial.discard();
+        return Err(e);
+    }
+    partial.commit(cache, &spec.sha256)?;
+    read.unpacked
 }
 
 /// The cache path: same reader, the whole file is already present. The

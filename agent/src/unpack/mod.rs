@@ -355,36 +355,14 @@ impl<'a> Unpacker<'a> {
                     .link_name_bytes()
                     .map(|t| t.into_owned())
                     .ok_or_else(|| self.refuse(&display, "is a symlink without a target"))?;
-                self.check_symlink_target(&parent, &target, &display)?;
-                let full = self.slot.join(&rel);
-                std::os::unix::fs::symlink(bytes_path(&target), &full)
-                    .map_err(|e| Error::io(&full, e))?;
-                self.nodes.insert(rel, Node::Symlink);
-                self.stats.symlinks += 1;
-                self.progress.entries.fetch_add(1, Ordering::Relaxed);
+                self.symlink(rel, &parent, &target, &display)?;
             }
             EntryType::Link => {
                 let target = entry
                     .link_name_bytes()
                     .map(|t| t.into_owned())
                     .ok_or_else(|| self.refuse(&display, "is a hard link without a target"))?;
-                let target_display = String::from_utf8_lossy(&target).into_owned();
-                let target_rel = self
-                    .validate_path(&target, &display)
-                    .map_err(|_| self.refuse(&display, "is a hard link leaving the slot"))?;
-                if self.nodes.get(&target_rel) != Some(&Node::File) {
-                    return Err(self.refuse(
-                        &display,
-                        &format!(
-                            "is a hard link to {target_display:?}, which is not a regular \
-                             file extracted earlier from this archive"
-                        ),
-                    ));
-                }
-                // Recorded as a file: a later hard link to this link is fine,
-                // a later entry through it is not.
-                self.nodes.insert(rel.clone(), Node::File);
-                self.hardlinks.push((rel, target_rel));
+                self.hardlink(rel, &target, &display)?;
             }
             other => {
                 return Err(self.refuse(
@@ -393,6 +371,40 @@ impl<'a> Unpacker<'a> {
                 ))
             }
         }
+        Ok(())
+    }
+
+    /// A symlink whose target stays inside the slot.
+    fn symlink(&mut self, rel: PathBuf, parent: &Path, target: &[u8], display: &str) -> Result<()> {
+        self.check_symlink_target(parent, target, display)?;
+        let full = self.slot.join(&rel);
+        std::os::unix::fs::symlink(bytes_path(target), &full).map_err(|e| Error::io(&full, e))?;
+        self.nodes.insert(rel, Node::Symlink);
+        self.stats.symlinks += 1;
+        self.progress.entries.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A hard link, only to a regular file extracted earlier from this
+    /// archive; made after the writers finished (`hardlinks`).
+    fn hardlink(&mut self, rel: PathBuf, target: &[u8], display: &str) -> Result<()> {
+        let target_display = String::from_utf8_lossy(target).into_owned();
+        let target_rel = self
+            .validate_path(target, display)
+            .map_err(|_| self.refuse(display, "is a hard link leaving the slot"))?;
+        if self.nodes.get(&target_rel) != Some(&Node::File) {
+            return Err(self.refuse(
+                display,
+                &format!(
+                    "is a hard link to {target_display:?}, which is not a regular \
+                     file extracted earlier from this archive"
+                ),
+            ));
+        }
+        // Recorded as a file: a later hard link to this link is fine, a
+        // later entry through it is not.
+        self.nodes.insert(rel.clone(), Node::File);
+        self.hardlinks.push((rel, target_rel));
         Ok(())
     }
 
