@@ -417,6 +417,7 @@ impl ConsulClient {
     }
 }
 
+/// A setting the client cannot be built with, and why.
 fn cfg_err(setting: &str, message: String) -> Error {
     Error::ConsulConfig {
         setting: setting.into(),
