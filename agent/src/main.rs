@@ -2,7 +2,7 @@
 //! calls into the library. Holds no state of its own, so a crash here is a
 //! crash of the library call it was in, covered by that module's guarantees.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -88,43 +88,8 @@ fn main() -> ExitCode {
             let code = deploy_agent::status::run_cli(cmd);
             ExitCode::from(u8::try_from(code).unwrap_or(exit::RUNTIME))
         }
-        Cmd::Keygen { out } => match deploy_agent::sign::keygen(&out) {
-            Ok((public, id)) => {
-                println!("private key: {} (mode 0600; keep it secret)", out.display());
-                println!("public key:  {}.pub", out.display());
-                println!("key id:      {id}");
-                println!("\nadd to the agents' config:\n[signing]\npublic-keys = [\"{public}\"]");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(exit::RUNTIME)
-            }
-        },
-        Cmd::Sign { key, manifest } => {
-            let bytes = if manifest.as_os_str() == "-" {
-                let mut b = Vec::new();
-                std::io::Read::read_to_end(&mut std::io::stdin(), &mut b).map(|_| b)
-            } else {
-                std::fs::read(&manifest)
-            };
-            let signed = bytes
-                .map_err(|e| deploy_agent::Error::io(&manifest, e))
-                .and_then(|b| {
-                    let k = deploy_agent::sign::load_private_key(&key)?;
-                    deploy_agent::sign::sign(&b, &k)
-                });
-            match signed {
-                Ok(text) => {
-                    println!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(exit::CONFIG)
-                }
-            }
-        }
+        Cmd::Keygen { out } => keygen(&out),
+        Cmd::Sign { key, manifest } => sign(&key, &manifest),
         Cmd::Generate { what, dir } => match generate::write(what, &dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -133,113 +98,193 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Release(cmd) => ExitCode::from(deploy_agent::fleet::commander::cli::run_release(cmd)),
-        Cmd::Fleet(cmd) => {
-            if matches!(
-                cmd.action,
-                deploy_agent::fleet::commander::cli::FleetAction::Serve(_)
-            ) {
-                // A long-running server: log like the agent does.
-                if let Err(e) = deploy_agent::logging::init(cli.log_format) {
-                    eprintln!("error: cannot set up logging: {e}");
-                    return ExitCode::from(exit::RUNTIME);
-                }
-            }
-            ExitCode::from(deploy_agent::fleet::commander::cli::run_fleet(cmd))
+        Cmd::Fleet(cmd) => fleet(cmd, cli.log_format),
+        Cmd::CheckConfig { config } => check_config(&config),
+        Cmd::Run { config } => run(config, cli.log_format),
+    }
+}
+
+/// `deploy-agent keygen`: writes the pair and prints the config lines that
+/// trust it.
+fn keygen(out: &Path) -> ExitCode {
+    match deploy_agent::sign::keygen(out) {
+        Ok((public, id)) => {
+            println!("private key: {} (mode 0600; keep it secret)", out.display());
+            println!("public key:  {}.pub", out.display());
+            println!("key id:      {id}");
+            println!("\nadd to the agents' config:\n[signing]\npublic-keys = [\"{public}\"]");
+            ExitCode::SUCCESS
         }
-        // The same `Config::load` as `run`: parse, value rules, group
-        // lookups, Consul settings with the CONSUL_HTTP_* overrides.
-        Cmd::CheckConfig { config } => match Config::load(&config) {
-            Ok(c) => {
-                println!("{}: ok", config.display());
-                println!("  deploy root: {}", c.deploy_root.display());
-                match (&c.source.key, &c.source.file) {
-                    (Some(k), _) => {
-                        // load() already resolved these once; this cannot
-                        // fail differently unless the environment changed.
-                        let address = deploy_agent::config::consul_settings(&c)
-                            .map(|s| s.address)
-                            .unwrap_or_else(|_| c.consul.address.clone());
-                        println!("  source: consul key {k} at {address}");
-                    }
-                    (_, Some(f)) => println!("  source: file {}", f.display()),
-                    _ => {}
-                }
-                let socket = deploy_agent::status::SocketSettings::from(c.status.clone());
-                println!(
-                    "  status socket: {} mode 0o{:o}{}{}",
-                    socket.path.display(),
-                    socket.mode,
-                    socket
-                        .group
-                        .as_ref()
-                        .map(|g| format!(" group {g}"))
-                        .unwrap_or_default(),
-                    socket
-                        .operator_group
-                        .as_ref()
-                        .map(|g| format!(", operator group {g}"))
-                        .unwrap_or_else(|| ", operators: root and the agent's user".into()),
-                );
-                println!("  cache: {}", c.cache_dir().display());
-                match (&c.health.url, &c.health.command) {
-                    (None, None) => println!("  health gate: none"),
-                    (url, cmd) => println!(
-                        "  health gate: {}{}, window {}",
-                        url.as_deref()
-                            .map(|u| format!("GET {u} "))
-                            .unwrap_or_default(),
-                        cmd.as_ref()
-                            .map(|a| format!("command {a:?}"))
-                            .unwrap_or_default(),
-                        deploy_agent::clock::human_duration(c.health.window)
-                    ),
-                }
-                println!(
-                    "  signed manifests: {}",
-                    match c.signing.public_keys.len() {
-                        0 => "not required".to_string(),
-                        n => format!("required ({n} trusted key(s))"),
-                    }
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(exit::CONFIG)
-            }
-        },
-        Cmd::Run { config } => {
-            deploy_agent::deploy::pipeline::limit_malloc_arenas();
-            if let Err(e) = deploy_agent::logging::init(cli.log_format) {
-                eprintln!("error: cannot set up logging: {e}");
-                return ExitCode::from(exit::RUNTIME);
-            }
-            if let Err(e) = Config::load(&config) {
-                eprintln!("error: {e}");
-                return ExitCode::from(exit::CONFIG);
-            }
-            runtime_block(async move {
-                let shutdown = CancellationToken::new();
-                let s = shutdown.clone();
-                tokio::spawn(async move {
-                    use tokio::signal::unix::{signal, SignalKind};
-                    let (Ok(mut term), Ok(mut int)) = (
-                        signal(SignalKind::terminate()),
-                        signal(SignalKind::interrupt()),
-                    ) else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = int.recv() => {}
-                    }
-                    tracing::info!("stopping at the next safe point");
-                    s.cancel();
-                });
-                deploy_agent::daemon::run_with_reload(config, shutdown).await
-            })
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(exit::RUNTIME)
         }
     }
+}
+
+/// `deploy-agent sign`: prints the manifest (a file, or `-` for stdin)
+/// signed with the private key.
+fn sign(key: &Path, manifest: &Path) -> ExitCode {
+    let bytes = if manifest.as_os_str() == "-" {
+        let mut b = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut b).map(|_| b)
+    } else {
+        std::fs::read(manifest)
+    };
+    let signed = bytes
+        .map_err(|e| deploy_agent::Error::io(manifest, e))
+        .and_then(|b| {
+            let k = deploy_agent::sign::load_private_key(key)?;
+            deploy_agent::sign::sign(&b, &k)
+        });
+    match signed {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(exit::CONFIG)
+        }
+    }
+}
+
+/// `deploy-agent fleet ...`; `fleet serve` logs like the agent.
+fn fleet(
+    cmd: deploy_agent::fleet::commander::cli::FleetCommand,
+    log_format: LogFormat,
+) -> ExitCode {
+    if matches!(
+        cmd.action,
+        deploy_agent::fleet::commander::cli::FleetAction::Serve(_)
+    ) {
+        // A long-running server: log like the agent does.
+        if let Err(e) = deploy_agent::logging::init(log_format) {
+            eprintln!("error: cannot set up logging: {e}");
+            return ExitCode::from(exit::RUNTIME);
+        }
+    }
+    ExitCode::from(deploy_agent::fleet::commander::cli::run_fleet(cmd))
+}
+
+/// `deploy-agent check-config`: the same `Config::load` as `run` (parse,
+/// value rules, group lookups, Consul settings with the CONSUL_HTTP_*
+/// overrides), then what the file resolves to.
+fn check_config(config: &Path) -> ExitCode {
+    let c = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    println!("{}: ok", config.display());
+    println!("  deploy root: {}", c.deploy_root.display());
+    if let Some(line) = source_line(&c) {
+        println!("  source: {line}");
+    }
+    println!("  status socket: {}", socket_line(&c));
+    println!("  cache: {}", c.cache_dir().display());
+    println!("  health gate: {}", health_line(&c));
+    println!(
+        "  signed manifests: {}",
+        match c.signing.public_keys.len() {
+            0 => "not required".to_string(),
+            n => format!("required ({n} trusted key(s))"),
+        }
+    );
+    ExitCode::SUCCESS
+}
+
+/// Where the desired state comes from: a Consul key (at the address the
+/// environment resolves) or a file.
+fn source_line(c: &Config) -> Option<String> {
+    match (&c.source.key, &c.source.file) {
+        (Some(k), _) => {
+            // load() already resolved these once; this cannot
+            // fail differently unless the environment changed.
+            let address = deploy_agent::config::consul_settings(c)
+                .map(|s| s.address)
+                .unwrap_or_else(|_| c.consul.address.clone());
+            Some(format!("consul key {k} at {address}"))
+        }
+        (_, Some(f)) => Some(format!("file {}", f.display())),
+        _ => None,
+    }
+}
+
+/// The status socket's path, mode and who may use it.
+fn socket_line(c: &Config) -> String {
+    let socket = deploy_agent::status::SocketSettings::from(c.status.clone());
+    format!(
+        "{} mode 0o{:o}{}{}",
+        socket.path.display(),
+        socket.mode,
+        socket
+            .group
+            .as_ref()
+            .map(|g| format!(" group {g}"))
+            .unwrap_or_default(),
+        socket
+            .operator_group
+            .as_ref()
+            .map(|g| format!(", operator group {g}"))
+            .unwrap_or_else(|| ", operators: root and the agent's user".into()),
+    )
+}
+
+/// The health gate: URL and/or command, and its window.
+fn health_line(c: &Config) -> String {
+    match (&c.health.url, &c.health.command) {
+        (None, None) => "none".to_string(),
+        (url, cmd) => format!(
+            "{}{}, window {}",
+            url.as_deref()
+                .map(|u| format!("GET {u} "))
+                .unwrap_or_default(),
+            cmd.as_ref()
+                .map(|a| format!("command {a:?}"))
+                .unwrap_or_default(),
+            deploy_agent::clock::human_duration(c.health.window)
+        ),
+    }
+}
+
+/// `deploy-agent run`: checks the config once before anything starts, then
+/// runs the daemon until SIGTERM or SIGINT.
+fn run(config: PathBuf, log_format: LogFormat) -> ExitCode {
+    deploy_agent::deploy::pipeline::limit_malloc_arenas();
+    if let Err(e) = deploy_agent::logging::init(log_format) {
+        eprintln!("error: cannot set up logging: {e}");
+        return ExitCode::from(exit::RUNTIME);
+    }
+    if let Err(e) = Config::load(&config) {
+        eprintln!("error: {e}");
+        return ExitCode::from(exit::CONFIG);
+    }
+    runtime_block(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        deploy_agent::daemon::run_with_reload(config, shutdown).await
+    })
+}
+
+/// Cancels `shutdown` at the first SIGTERM or SIGINT; the daemon stops at
+/// its next safe point.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("stopping at the next safe point");
+    shutdown.cancel();
 }
 
 fn runtime_block(fut: impl std::future::Future<Output = deploy_agent::Result<()>>) -> ExitCode {

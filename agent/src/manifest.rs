@@ -277,52 +277,8 @@ impl BuildSpec {
         obj: &Map<String, Value>,
         policy: UrlPolicy,
     ) -> Result<BuildSpec, ManifestError> {
-        let build = match obj.get("build") {
-            Some(Value::String(s)) if swapper::validate_build_id(s) => s.clone(),
-            Some(Value::String(s)) => {
-                return Err(err(
-                    "build",
-                    format!(
-                        "{:?} must be 1-128 characters of [A-Za-z0-9._-], starting with a letter or digit",
-                        crate::redact::truncate(s, 64)
-                    ),
-                ))
-            }
-            Some(_) => return Err(err("build", "must be a string")),
-            None => return Err(err("build", "missing")),
-        };
-        let mut urls = match obj.get("url") {
-            Some(Value::String(s)) => vec![s.clone()],
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|u| u.as_str().map(str::to_owned))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| err("url", "must be a string or a list of strings"))?,
-            Some(_) => return Err(err("url", "must be a string or a list of strings")),
-            None => return Err(err("url", "missing")),
-        };
-        match obj.get("mirrors") {
-            None | Some(Value::Null) => {}
-            Some(Value::Array(a)) => {
-                for m in a {
-                    urls.push(
-                        m.as_str()
-                            .ok_or_else(|| err("mirrors", "must be a list of strings"))?
-                            .to_owned(),
-                    );
-                }
-            }
-            Some(_) => return Err(err("mirrors", "must be a list of strings")),
-        }
-        if urls.is_empty() {
-            return Err(err("url", "no URL given"));
-        }
-        if urls.len() > MAX_URLS {
-            return Err(err("url", format!("more than {MAX_URLS} URLs")));
-        }
-        for u in &urls {
-            check_url(u, policy)?;
-        }
+        let build = build_field(obj)?;
+        let urls = url_fields(obj, policy)?;
         let sha256 = match obj.get("sha256") {
             Some(Value::String(s)) => {
                 Sha256Sum::parse(s).ok_or_else(|| err("sha256", "must be 64 hex digits"))?
@@ -355,6 +311,60 @@ impl BuildSpec {
             format,
         })
     }
+}
+
+/// `build`: a build id the swapper accepts as a slot's build.
+fn build_field(obj: &Map<String, Value>) -> Result<String, ManifestError> {
+    match obj.get("build") {
+        Some(Value::String(s)) if swapper::validate_build_id(s) => Ok(s.clone()),
+        Some(Value::String(s)) => Err(err(
+            "build",
+            format!(
+                "{:?} must be 1-128 characters of [A-Za-z0-9._-], starting with a letter or digit",
+                crate::redact::truncate(s, 64)
+            ),
+        )),
+        Some(_) => Err(err("build", "must be a string")),
+        None => Err(err("build", "missing")),
+    }
+}
+
+/// `url` (one or a list) then `mirrors`, in the order they are tried: at
+/// least one, at most [`MAX_URLS`], each allowed by `policy`.
+fn url_fields(obj: &Map<String, Value>, policy: UrlPolicy) -> Result<Vec<String>, ManifestError> {
+    let mut urls = match obj.get("url") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|u| u.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| err("url", "must be a string or a list of strings"))?,
+        Some(_) => return Err(err("url", "must be a string or a list of strings")),
+        None => return Err(err("url", "missing")),
+    };
+    match obj.get("mirrors") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(a)) => {
+            for m in a {
+                urls.push(
+                    m.as_str()
+                        .ok_or_else(|| err("mirrors", "must be a list of strings"))?
+                        .to_owned(),
+                );
+            }
+        }
+        Some(_) => return Err(err("mirrors", "must be a list of strings")),
+    }
+    if urls.is_empty() {
+        return Err(err("url", "no URL given"));
+    }
+    if urls.len() > MAX_URLS {
+        return Err(err("url", format!("more than {MAX_URLS} URLs")));
+    }
+    for u in &urls {
+        check_url(u, policy)?;
+    }
+    Ok(urls)
 }
 
 fn opt_percent(obj: &Map<String, Value>) -> Result<Option<f64>, ManifestError> {

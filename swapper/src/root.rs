@@ -394,51 +394,7 @@ impl DeployRoot {
             if self.slot_of_target(&target).is_some() {
                 return Ok(());
             }
-            let resolved = if target.is_absolute() {
-                target.clone()
-            } else {
-                self.root.join(&target)
-            };
-            let rmeta = fs::metadata(&resolved).map_err(|e| Error::Adopt {
-                path: current.clone(),
-                reason: format!("it points at {} which is unusable: {e}", target.display()),
-            })?;
-            if !rmeta.is_dir() {
-                return Err(Error::Adopt {
-                    path: current.clone(),
-                    reason: format!("it points at {}, not a directory", target.display()),
-                });
-            }
-            let slot = self.cold_for_adoption();
-            Marker::invalidate(&self.marker_path(slot))?;
-            self.state.set_marker(slot, None);
-            let dir = self.slot_path(slot);
-            if dir.exists() {
-                let aside = self.trash_dir().join(unique_tmp_name(slot.dir_name()));
-                fs::rename(&dir, &aside).at(&dir)?;
-            }
-            fs::create_dir(&dir).at(&dir)?;
-            let (entries, bytes) = link_tree(&resolved, &dir)?;
-            let name = resolved
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "release".into());
-            let build_id = sanitize_build_id(&format!("adopted-{name}"));
-            self.mark_ready(
-                slot,
-                BuildInfo {
-                    build_id,
-                    sha256: None,
-                    entries,
-                    bytes,
-                },
-            )?;
-            self.flip(slot, FlipKind::Adopt)?;
-            report.adopted = Some(format!(
-                "`current` symlink to {} copied into {slot} with hard links",
-                target.display()
-            ));
-            return Ok(());
+            return self.adopt_symlinked_release(&current, &target, report);
         }
         if !meta.is_dir() {
             return Err(Error::Adopt {
@@ -446,7 +402,69 @@ impl DeployRoot {
                 reason: "`current` is neither a directory nor a symlink".into(),
             });
         }
-        // A plain served directory. Slot A must be free for it.
+        self.adopt_plain_dir(&current, report)
+    }
+
+    /// `current` links outside the slots (a Capistrano `releases/` entry):
+    /// the release is hard-linked into the cold slot, made durable and
+    /// marked, then `current` is flipped to it.
+    fn adopt_symlinked_release(
+        &mut self,
+        current: &Path,
+        target: &Path,
+        report: &mut RecoveryReport,
+    ) -> Result<()> {
+        let resolved = if target.is_absolute() {
+            target.to_path_buf()
+        } else {
+            self.root.join(target)
+        };
+        let rmeta = fs::metadata(&resolved).map_err(|e| Error::Adopt {
+            path: current.to_path_buf(),
+            reason: format!("it points at {} which is unusable: {e}", target.display()),
+        })?;
+        if !rmeta.is_dir() {
+            return Err(Error::Adopt {
+                path: current.to_path_buf(),
+                reason: format!("it points at {}, not a directory", target.display()),
+            });
+        }
+        let slot = self.cold_for_adoption();
+        Marker::invalidate(&self.marker_path(slot))?;
+        self.state.set_marker(slot, None);
+        let dir = self.slot_path(slot);
+        if dir.exists() {
+            let aside = self.trash_dir().join(unique_tmp_name(slot.dir_name()));
+            fs::rename(&dir, &aside).at(&dir)?;
+        }
+        fs::create_dir(&dir).at(&dir)?;
+        let (entries, bytes) = link_tree(&resolved, &dir)?;
+        let name = resolved
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "release".into());
+        let build_id = sanitize_build_id(&format!("adopted-{name}"));
+        self.mark_ready(
+            slot,
+            BuildInfo {
+                build_id,
+                sha256: None,
+                entries,
+                bytes,
+            },
+        )?;
+        self.flip(slot, FlipKind::Adopt)?;
+        report.adopted = Some(format!(
+            "`current` symlink to {} copied into {slot} with hard links",
+            target.display()
+        ));
+        Ok(())
+    }
+
+    /// `current` is a plain served directory: it becomes slot A, and
+    /// `current` a symlink to it, in one exchange.
+    fn adopt_plain_dir(&mut self, current: &Path, report: &mut RecoveryReport) -> Result<()> {
+        // Slot A must be free for it.
         let slot = Slot::A;
         let dir = self.slot_path(slot);
         Marker::invalidate(&self.marker_path(slot))?;
@@ -458,7 +476,7 @@ impl DeployRoot {
         // the exchange, after which `current` carries that text and the
         // directory carries the name slot-a.
         symlink(slot.dir_name(), &dir).at(&dir)?;
-        exchange(&current, &dir)?;
+        exchange(current, &dir)?;
         fsutil::fsync_dir(&self.root)?;
         let (entries, bytes) = count_tree(&dir)?;
         fsutil::syncfs(&dir)?;

@@ -374,24 +374,15 @@ impl Config {
     }
 
     /// Parses and validates config text; `path` is only for messages.
+    /// The checks run in this order, so a file with several mistakes is
+    /// told about the same one first every time.
     pub fn parse(text: &str, path: &Path) -> Result<Config> {
         let invalid = |message: String| Error::ConfigInvalid {
             path: path.to_path_buf(),
             message,
         };
         let mut cfg: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
-        for (name, v) in [
-            ("fleet.app", &cfg.fleet.app),
-            ("fleet.tier", &cfg.fleet.tier),
-        ] {
-            if let Some(v) = v {
-                if v.is_empty() || v.contains('/') || !valid_key(v) {
-                    return Err(invalid(format!(
-                        "{name}: {v:?} must be [A-Za-z0-9._-], without '/'"
-                    )));
-                }
-            }
-        }
+        check_fleet_names(&cfg).map_err(invalid)?;
         if let (None, None, Some(app), Some(tier)) = (
             &cfg.source.key,
             &cfg.source.file,
@@ -400,65 +391,12 @@ impl Config {
         ) {
             cfg.source.key = Some(crate::consul::keys::tier_key(app, tier));
         }
-        if !cfg.deploy_root.is_absolute() {
-            return Err(invalid("deploy-root: must be an absolute path".into()));
-        }
-        if let Some(why) = dangerous_root(&cfg.deploy_root) {
-            return Err(invalid(format!(
-                "deploy-root: {} {why}; use a directory of its own, e.g. /srv/<app>",
-                cfg.deploy_root.display()
-            )));
-        }
+        check_deploy_root(&cfg.deploy_root).map_err(invalid)?;
         check_socket_mode_literal(text).map_err(invalid)?;
         check_limits(&cfg).map_err(invalid)?;
-        match (&cfg.source.key, &cfg.source.file) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    "source: set either `key` or `file`, not both".into(),
-                ))
-            }
-            (None, None) => {
-                return Err(invalid(
-                    "source: set `key` (a Consul KV key) or `file` (a local manifest), or [fleet] `app` and `tier`".into(),
-                ))
-            }
-            (Some(k), None) if !valid_key(k) => {
-                return Err(invalid(format!(
-                    "source.key: {k:?} must be [A-Za-z0-9._/-], no leading '/', no '..'"
-                )))
-            }
-            _ => {}
-        }
-        for (name, k) in [
-            ("fleet.report-prefix", &cfg.fleet.report_prefix),
-            ("fleet.freeze-key", &cfg.fleet.freeze_key),
-        ] {
-            if k.as_deref().is_some_and(|k| !valid_key(k)) {
-                return Err(invalid(format!("{name}: must be [A-Za-z0-9._/-]")));
-            }
-        }
-        if cfg.consul.wait.is_zero() || cfg.consul.wait > Duration::from_secs(600) {
-            return Err(invalid("consul.wait: must be between 1s and 10m".into()));
-        }
-        if !(1..=64).contains(&cfg.download.parallel_ranges) {
-            return Err(invalid("download.parallel-ranges: must be 1 to 64".into()));
-        }
-        if cfg.download.cache_keep == 0 {
-            return Err(invalid("download.cache-keep: must be at least 1".into()));
-        }
-        for (name, argv) in [
-            ("hooks.pre-flip", &cfg.hooks.pre_flip),
-            ("hooks.post-flip", &cfg.hooks.post_flip),
-        ] {
-            if argv.as_ref().is_some_and(|a| a.is_empty()) {
-                return Err(invalid(format!("{name}: must name a command")));
-            }
-        }
-        if let HotDrain::Command { argv } = &cfg.drain.hot {
-            if argv.is_empty() {
-                return Err(invalid("drain.hot.argv: must name a command".into()));
-            }
-        }
+        check_keys(&cfg).map_err(invalid)?;
+        check_ranges(&cfg).map_err(invalid)?;
+        check_commands(&cfg).map_err(invalid)?;
         cfg.health.validate().map_err(invalid)?;
         crate::sign::TrustedKeys::parse(&cfg.signing.public_keys)
             .map_err(|e| invalid(format!("signing.{e}")))?;
@@ -573,6 +511,97 @@ fn check_socket_mode_literal(text: &str) -> Result<(), String> {
         "status.socket-mode: {literal} is a decimal number; write the mode in octal, \
          0o{literal} or \"{literal}\""
     ))
+}
+
+/// `[fleet]` app and tier go into key names: one path segment each.
+fn check_fleet_names(cfg: &Config) -> Result<(), String> {
+    for (name, v) in [
+        ("fleet.app", &cfg.fleet.app),
+        ("fleet.tier", &cfg.fleet.tier),
+    ] {
+        if let Some(v) = v {
+            if v.is_empty() || v.contains('/') || !valid_key(v) {
+                return Err(format!("{name}: {v:?} must be [A-Za-z0-9._-], without '/'"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An absolute directory of its own: never a system directory.
+fn check_deploy_root(root: &Path) -> Result<(), String> {
+    if !root.is_absolute() {
+        return Err("deploy-root: must be an absolute path".into());
+    }
+    if let Some(why) = dangerous_root(root) {
+        return Err(format!(
+            "deploy-root: {} {why}; use a directory of its own, e.g. /srv/<app>",
+            root.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Exactly one source (a Consul key or a file), and every Consul key the
+/// config names is one the client accepts.
+fn check_keys(cfg: &Config) -> Result<(), String> {
+    match (&cfg.source.key, &cfg.source.file) {
+        (Some(_), Some(_)) => {
+            return Err("source: set either `key` or `file`, not both".into())
+        }
+        (None, None) => {
+            return Err(
+                "source: set `key` (a Consul KV key) or `file` (a local manifest), or [fleet] `app` and `tier`".into(),
+            )
+        }
+        (Some(k), None) if !valid_key(k) => {
+            return Err(format!(
+                "source.key: {k:?} must be [A-Za-z0-9._/-], no leading '/', no '..'"
+            ))
+        }
+        _ => {}
+    }
+    for (name, k) in [
+        ("fleet.report-prefix", &cfg.fleet.report_prefix),
+        ("fleet.freeze-key", &cfg.fleet.freeze_key),
+    ] {
+        if k.as_deref().is_some_and(|k| !valid_key(k)) {
+            return Err(format!("{name}: must be [A-Za-z0-9._/-]"));
+        }
+    }
+    Ok(())
+}
+
+/// Numbers with a bounded range (beyond the zeros of [`check_limits`]).
+fn check_ranges(cfg: &Config) -> Result<(), String> {
+    if cfg.consul.wait.is_zero() || cfg.consul.wait > Duration::from_secs(600) {
+        return Err("consul.wait: must be between 1s and 10m".into());
+    }
+    if !(1..=64).contains(&cfg.download.parallel_ranges) {
+        return Err("download.parallel-ranges: must be 1 to 64".into());
+    }
+    if cfg.download.cache_keep == 0 {
+        return Err("download.cache-keep: must be at least 1".into());
+    }
+    Ok(())
+}
+
+/// A hook or drain command, when set, names a program.
+fn check_commands(cfg: &Config) -> Result<(), String> {
+    for (name, argv) in [
+        ("hooks.pre-flip", &cfg.hooks.pre_flip),
+        ("hooks.post-flip", &cfg.hooks.post_flip),
+    ] {
+        if argv.as_ref().is_some_and(|a| a.is_empty()) {
+            return Err(format!("{name}: must name a command"));
+        }
+    }
+    if let HotDrain::Command { argv } = &cfg.drain.hot {
+        if argv.is_empty() {
+            return Err("drain.hot.argv: must name a command".into());
+        }
+    }
+    Ok(())
 }
 
 /// Zero values that cannot be meant: a zero timeout fails every request,

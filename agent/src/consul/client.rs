@@ -105,35 +105,7 @@ impl ConsulClient {
     pub fn new(settings: &ConsulSettings) -> Result<Self> {
         let mut settings = settings.clone();
         settings.wait = settings.wait.min(MAX_WAIT);
-        let cfg_err = |setting: &str, message: String| Error::ConsulConfig {
-            setting: setting.into(),
-            message,
-        };
-        let (scheme, hostport) = settings
-            .address
-            .trim_end_matches('/')
-            .split_once("://")
-            .map(|(s, h)| (s.to_ascii_lowercase(), h.to_string()))
-            .unwrap_or_else(|| ("http".into(), settings.address.clone()));
-        if scheme != "http" && scheme != "https" {
-            return Err(cfg_err(
-                "address",
-                format!(
-                    "{:?}: only http:// and https:// are supported",
-                    settings.address
-                ),
-            ));
-        }
-        if hostport.is_empty() || hostport.contains('/') {
-            return Err(cfg_err(
-                "address",
-                format!("{:?} is not scheme://host:port", settings.address),
-            ));
-        }
-        let default_port = if scheme == "https" { 8501 } else { 8500 };
-        let (host, port) = split_host_port(&hostport, default_port)
-            .ok_or_else(|| cfg_err("address", format!("bad port in {:?}", settings.address)))?;
-
+        let address = Address::parse(&settings.address)?;
         let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
             .http1_only()
@@ -143,61 +115,12 @@ impl ConsulClient {
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_keepalive(Duration::from_secs(30))
             .user_agent(concat!("deploy-agent/", env!("CARGO_PKG_VERSION")));
-
-        if let Some(path) = &settings.ca_cert {
-            let pem = std::fs::read(path)
-                .map_err(|e| cfg_err("ca_cert", format!("cannot read {}: {e}", path.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| cfg_err("ca_cert", format!("{}: {e}", path.display())))?;
-            for c in certs {
-                builder = builder.add_root_certificate(c);
-            }
-        }
-        match (&settings.client_cert, &settings.client_key) {
-            (Some(cert), Some(key)) => {
-                let mut pem = std::fs::read(cert).map_err(|e| {
-                    cfg_err(
-                        "client_cert",
-                        format!("cannot read {}: {e}", cert.display()),
-                    )
-                })?;
-                pem.push(b'\n');
-                pem.extend(std::fs::read(key).map_err(|e| {
-                    cfg_err("client_key", format!("cannot read {}: {e}", key.display()))
-                })?);
-                let id = reqwest::Identity::from_pem(&pem)
-                    .map_err(|e| cfg_err("client_cert", format!("{e}")))?;
-                builder = builder.identity(id);
-            }
-            (None, None) => {}
-            _ => {
-                return Err(cfg_err(
-                    "client_cert",
-                    "CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY go together".into(),
-                ))
-            }
-        }
+        builder = add_ca_cert(builder, &settings)?;
+        builder = add_client_identity(builder, &settings)?;
         if !settings.ssl_verify {
             builder = builder.danger_accept_invalid_certs(true);
         }
-        let mut base = format!("{scheme}://{hostport}");
-        if let (Some(name), true) = (&settings.tls_server_name, scheme == "https") {
-            // reqwest verifies against the URL's host, so talk to `name` and
-            // pin its resolution to the configured address.
-            let ip = match host
-                .trim_matches(|c| c == '[' || c == ']')
-                .parse::<IpAddr>()
-            {
-                Ok(ip) => SocketAddr::new(ip, port),
-                Err(_) => (host.as_str(), port)
-                    .to_socket_addrs()
-                    .ok()
-                    .and_then(|mut a| a.next())
-                    .ok_or_else(|| cfg_err("address", format!("cannot resolve {host}")))?,
-            };
-            builder = builder.resolve(name, ip);
-            base = format!("https://{name}:{port}");
-        }
+        let (builder, base) = pin_server_name(builder, &settings, &address)?;
         let http = builder
             .build()
             .map_err(|e| cfg_err("tls", format!("cannot build the HTTP client: {e}")))?;
@@ -492,6 +415,130 @@ impl ConsulClient {
             s => Err(status_error(&url, prefix, Needs::List, s, &body)),
         }
     }
+}
+
+/// A setting the client cannot be built with, and why.
+fn cfg_err(setting: &str, message: String) -> Error {
+    Error::ConsulConfig {
+        setting: setting.into(),
+        message,
+    }
+}
+
+/// `address` taken apart: `scheme://host:port`, the port defaulting to
+/// Consul's (8500, or 8501 for https).
+struct Address {
+    scheme: String,
+    /// As written, for the base URL.
+    hostport: String,
+    host: String,
+    port: u16,
+}
+
+impl Address {
+    fn parse(address: &str) -> Result<Address> {
+        let (scheme, hostport) = address
+            .trim_end_matches('/')
+            .split_once("://")
+            .map(|(s, h)| (s.to_ascii_lowercase(), h.to_string()))
+            .unwrap_or_else(|| ("http".into(), address.to_string()));
+        if scheme != "http" && scheme != "https" {
+            return Err(cfg_err(
+                "address",
+                format!("{address:?}: only http:// and https:// are supported"),
+            ));
+        }
+        if hostport.is_empty() || hostport.contains('/') {
+            return Err(cfg_err(
+                "address",
+                format!("{address:?} is not scheme://host:port"),
+            ));
+        }
+        let default_port = if scheme == "https" { 8501 } else { 8500 };
+        let (host, port) = split_host_port(&hostport, default_port)
+            .ok_or_else(|| cfg_err("address", format!("bad port in {address:?}")))?;
+        Ok(Address {
+            scheme,
+            hostport,
+            host,
+            port,
+        })
+    }
+}
+
+/// Trusts the certificates of `ca_cert` (a PEM bundle), if set.
+fn add_ca_cert(
+    mut builder: reqwest::ClientBuilder,
+    settings: &ConsulSettings,
+) -> Result<reqwest::ClientBuilder> {
+    if let Some(path) = &settings.ca_cert {
+        let pem = std::fs::read(path)
+            .map_err(|e| cfg_err("ca_cert", format!("cannot read {}: {e}", path.display())))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| cfg_err("ca_cert", format!("{}: {e}", path.display())))?;
+        for c in certs {
+            builder = builder.add_root_certificate(c);
+        }
+    }
+    Ok(builder)
+}
+
+/// Presents `client_cert` with `client_key` (both or neither) for mTLS.
+fn add_client_identity(
+    builder: reqwest::ClientBuilder,
+    settings: &ConsulSettings,
+) -> Result<reqwest::ClientBuilder> {
+    match (&settings.client_cert, &settings.client_key) {
+        (Some(cert), Some(key)) => {
+            let mut pem = std::fs::read(cert).map_err(|e| {
+                cfg_err(
+                    "client_cert",
+                    format!("cannot read {}: {e}", cert.display()),
+                )
+            })?;
+            pem.push(b'\n');
+            pem.extend(std::fs::read(key).map_err(|e| {
+                cfg_err("client_key", format!("cannot read {}: {e}", key.display()))
+            })?);
+            let id = reqwest::Identity::from_pem(&pem)
+                .map_err(|e| cfg_err("client_cert", format!("{e}")))?;
+            Ok(builder.identity(id))
+        }
+        (None, None) => Ok(builder),
+        _ => Err(cfg_err(
+            "client_cert",
+            "CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY go together".into(),
+        )),
+    }
+}
+
+/// The base URL, and with `tls_server_name` over https the builder pinned
+/// to it: reqwest verifies against the URL's host, so talk to `name` and
+/// pin its resolution to the configured address.
+fn pin_server_name(
+    builder: reqwest::ClientBuilder,
+    settings: &ConsulSettings,
+    address: &Address,
+) -> Result<(reqwest::ClientBuilder, String)> {
+    let (Some(name), true) = (&settings.tls_server_name, address.scheme == "https") else {
+        return Ok((
+            builder,
+            format!("{}://{}", address.scheme, address.hostport),
+        ));
+    };
+    let (host, port) = (&address.host, address.port);
+    let ip = match host
+        .trim_matches(|c| c == '[' || c == ']')
+        .parse::<IpAddr>()
+    {
+        Ok(ip) => SocketAddr::new(ip, port),
+        Err(_) => (host.as_str(), port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| cfg_err("address", format!("cannot resolve {host}")))?,
+    };
+    Ok((builder.resolve(name, ip), format!("https://{name}:{port}")))
 }
 
 fn split_host_port(hostport: &str, default_port: u16) -> Option<(String, u16)> {

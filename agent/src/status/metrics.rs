@@ -192,6 +192,7 @@ impl Metrics {
         out
     }
 
+    // Long on purpose: one block per metric, in /metrics order, so it reads as the exposition.
     fn render_into(&self, out: &mut String) {
         header(
             out,

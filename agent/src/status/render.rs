@@ -6,7 +6,10 @@
 use crate::clock::duration;
 use std::fmt::Write as _;
 
-use super::model::{HistoryEntry, HistoryKind, Outcome, Phase, StatusReport};
+use super::model::{
+    ConsulInfo, DesiredBuild, DrainHolder, FleetInfo, HistoryEntry, HistoryKind, HoldState,
+    LastError, Outcome, Phase, SlotInfo, StatusReport,
+};
 
 const RED: &str = "31";
 const GREEN: &str = "32";
@@ -41,147 +44,180 @@ pub fn render_status(r: &StatusReport, color: bool, now_unix: u64) -> String {
         duration(r.uptime_seconds)
     );
     for (label, slot) in [("hot", &r.hot), ("cold", &r.cold)] {
-        match slot {
-            Some(s) => {
-                let leftovers = s.unmarked_bytes.map(|n| {
-                    format!(
-                        "(no build: {} left by a failed deploy, cleared by the next)",
-                        bytes(n)
-                    )
-                });
-                let build = s
-                    .build
-                    .as_deref()
-                    .or(leftovers.as_deref())
-                    .unwrap_or("(empty)");
-                let mut line = format!("{label:<9} {}  {build}", s.name);
-                if let Some(sha) = &s.sha256 {
-                    let _ = write!(line, "  sha256 {}", short_sha(sha));
-                }
-                if let Some(t) = s.marked_unix {
-                    let _ = write!(line, "  marked {}", ago(now_unix, t));
-                }
-                let _ = writeln!(o, "{line}");
-            }
-            None => {
-                let _ = writeln!(o, "{label:<9} (unknown)");
-            }
-        }
+        let _ = writeln!(o, "{}", slot_line(label, slot.as_ref(), now_unix));
     }
     if let Some(d) = &r.desired {
-        let kind = match d.source.kind {
-            super::model::SourceKind::Consul => "consul",
-            super::model::SourceKind::File => "file",
-        };
-        let mut line = format!(
-            "{:<9} {}  from {kind} {}",
-            "desired", d.build, d.source.location
-        );
-        if let Some(i) = d.modify_index {
-            let _ = write!(line, " (index {i})");
-        }
-        let _ = writeln!(o, "{line}");
+        let _ = writeln!(o, "{}", desired_line(d));
     }
     let _ = writeln!(o, "{:<9} {}", "state", state_line(&r.state, now_unix, p));
+    let _ = writeln!(o, "{}", phase_line(r, now_unix, p));
+    if let Some(pr) = &r.progress {
+        let _ = writeln!(o, "{:<9} {}", "progress", progress_line(pr));
+    }
+    write_drain(&mut o, &r.drain_holders);
+    if let Some(c) = &r.consul {
+        let _ = writeln!(o, "{}", consul_line(c, p));
+    }
+    write_hold(&mut o, &r.hold, now_unix, p);
+    if let Some(f) = &r.fleet {
+        write_fleet(&mut o, f, p);
+    }
+    if let Some(e) = &r.last_error {
+        let _ = writeln!(o, "{}", last_error_line(e, now_unix, p));
+    }
+    o
+}
+
+/// One slot: its directory and build (or what a failed deploy left in it),
+/// with the build's sha256 and when it was marked ready.
+fn slot_line(label: &str, slot: Option<&SlotInfo>, now_unix: u64) -> String {
+    let Some(s) = slot else {
+        return format!("{label:<9} (unknown)");
+    };
+    let leftovers = s.unmarked_bytes.map(|n| {
+        format!(
+            "(no build: {} left by a failed deploy, cleared by the next)",
+            bytes(n)
+        )
+    });
+    let build = s
+        .build
+        .as_deref()
+        .or(leftovers.as_deref())
+        .unwrap_or("(empty)");
+    let mut line = format!("{label:<9} {}  {build}", s.name);
+    if let Some(sha) = &s.sha256 {
+        let _ = write!(line, "  sha256 {}", short_sha(sha));
+    }
+    if let Some(t) = s.marked_unix {
+        let _ = write!(line, "  marked {}", ago(now_unix, t));
+    }
+    line
+}
+
+/// The build the source names, and which source.
+fn desired_line(d: &DesiredBuild) -> String {
+    let kind = match d.source.kind {
+        super::model::SourceKind::Consul => "consul",
+        super::model::SourceKind::File => "file",
+    };
+    let mut line = format!(
+        "{:<9} {}  from {kind} {}",
+        "desired", d.build, d.source.location
+    );
+    if let Some(i) = d.modify_index {
+        let _ = write!(line, " (index {i})");
+    }
+    line
+}
+
+/// The deploy phase, coloured by outcome, and how long it has lasted.
+fn phase_line(r: &StatusReport, now_unix: u64, p: Paint) -> String {
     let phase = match r.phase {
         Phase::Failed => p.paint(RED, r.phase.as_str()),
         Phase::Done | Phase::Idle => p.paint(GREEN, r.phase.as_str()),
         _ => p.paint(BOLD, r.phase.as_str()),
     };
     match r.phase_since_unix {
-        Some(t) => {
-            let _ = writeln!(
-                o,
-                "{:<9} {phase} for {}",
-                "phase",
-                duration(now_unix.saturating_sub(t))
-            );
-        }
-        None => {
-            let _ = writeln!(o, "{:<9} {phase}", "phase");
-        }
+        Some(t) => format!(
+            "{:<9} {phase} for {}",
+            "phase",
+            duration(now_unix.saturating_sub(t))
+        ),
+        None => format!("{:<9} {phase}", "phase"),
     }
-    if let Some(pr) = &r.progress {
-        let _ = writeln!(o, "{:<9} {}", "progress", progress_line(pr));
+}
+
+/// The processes a drain waits on, one a line; nothing when none.
+fn write_drain(o: &mut String, holders: &[DrainHolder]) {
+    if holders.is_empty() {
+        return;
     }
-    if !r.drain_holders.is_empty() {
+    let _ = writeln!(
+        o,
+        "{:<9} waiting on {} process(es):",
+        "drain",
+        holders.len()
+    );
+    for h in holders {
         let _ = writeln!(
             o,
-            "{:<9} waiting on {} process(es):",
-            "drain",
-            r.drain_holders.len()
+            "{:<9}   pid {:<7} {:<16} {}",
+            "", h.pid, h.command, h.how
         );
-        for h in &r.drain_holders {
-            let _ = writeln!(
-                o,
-                "{:<9}   pid {:<7} {:<16} {}",
-                "", h.pid, h.command, h.how
-            );
+    }
+}
+
+/// The Consul watch: address, key, index, last contact, and its errors in
+/// red while they last.
+fn consul_line(c: &ConsulInfo, p: Paint) -> String {
+    let mut line = format!("{:<9} {} key {}", "consul", c.address, c.key);
+    if let Some(i) = c.last_index {
+        let _ = write!(line, "  index {i}");
+    }
+    if let Some(ms) = c.last_contact_ms {
+        let _ = write!(line, "  contact {ms}ms ago");
+    }
+    if c.consecutive_errors > 0 {
+        let errs = format!("  {} consecutive errors", c.consecutive_errors);
+        line.push_str(&p.paint(RED, &errs));
+        if let Some(e) = &c.last_error {
+            let _ = write!(line, "\n{:<9} {}", "", p.paint(RED, &e.message));
         }
     }
-    if let Some(c) = &r.consul {
-        let mut line = format!("{:<9} {} key {}", "consul", c.address, c.key);
-        if let Some(i) = c.last_index {
-            let _ = write!(line, "  index {i}");
-        }
-        if let Some(ms) = c.last_contact_ms {
-            let _ = write!(line, "  contact {ms}ms ago");
-        }
-        if c.consecutive_errors > 0 {
-            let errs = format!("  {} consecutive errors", c.consecutive_errors);
-            line.push_str(&p.paint(RED, &errs));
-            if let Some(e) = &c.last_error {
-                let _ = write!(line, "\n{:<9} {}", "", p.paint(RED, &e.message));
-            }
-        }
-        let _ = writeln!(o, "{line}");
-    }
-    if r.hold.held {
-        let mut line = String::from("HELD");
-        if let Some(t) = r.hold.since_unix {
-            let _ = write!(line, " since {}", ago(now_unix, t));
-        }
-        if let Some(uid) = r.hold.by_uid {
-            let _ = write!(line, " by uid {uid}");
-        }
-        if let Some(reason) = &r.hold.reason {
-            let _ = write!(line, ": {reason}");
-        }
-        let _ = writeln!(o, "{:<9} {}", "hold", p.paint(YELLOW, &line));
-        let _ = writeln!(
-            o,
-            "{:<9} {}",
-            "",
-            p.paint(DIM, "resume with: deploy-agent resume")
-        );
-    } else {
+    line
+}
+
+/// The operator hold: who, since when and why, and how to lift it.
+fn write_hold(o: &mut String, hold: &HoldState, now_unix: u64, p: Paint) {
+    if !hold.held {
         let _ = writeln!(o, "{:<9} not held", "hold");
+        return;
     }
-    if let Some(f) = &r.fleet {
-        let _ = writeln!(o, "{:<9} {}", "fleet", member_line(f));
-        if f.frozen {
-            let line = format!(
-                "FROZEN fleet-wide ({})",
-                f.freeze_key.as_deref().unwrap_or("-")
-            );
-            let _ = writeln!(o, "{:<9} {}", "", p.paint(YELLOW, &line));
-        }
+    let mut line = String::from("HELD");
+    if let Some(t) = hold.since_unix {
+        let _ = write!(line, " since {}", ago(now_unix, t));
     }
-    if let Some(e) = &r.last_error {
-        let line = format!("{} ({})", e.message, ago(now_unix, e.at_unix));
-        if e.current {
-            let _ = writeln!(o, "{:<9} {}", "error", p.paint(RED, &line));
-        } else {
-            // Resolved since: shown for the record, not as the state now.
-            let _ = writeln!(
-                o,
-                "{:<9} {}",
-                "last err",
-                p.paint(DIM, &format!("{line}, resolved since"))
-            );
-        }
+    if let Some(uid) = hold.by_uid {
+        let _ = write!(line, " by uid {uid}");
     }
-    o
+    if let Some(reason) = &hold.reason {
+        let _ = write!(line, ": {reason}");
+    }
+    let _ = writeln!(o, "{:<9} {}", "hold", p.paint(YELLOW, &line));
+    let _ = writeln!(
+        o,
+        "{:<9} {}",
+        "",
+        p.paint(DIM, "resume with: deploy-agent resume")
+    );
+}
+
+/// This host's rollout decision, and the fleet-wide freeze if set.
+fn write_fleet(o: &mut String, f: &FleetInfo, p: Paint) {
+    let _ = writeln!(o, "{:<9} {}", "fleet", member_line(f));
+    if f.frozen {
+        let line = format!(
+            "FROZEN fleet-wide ({})",
+            f.freeze_key.as_deref().unwrap_or("-")
+        );
+        let _ = writeln!(o, "{:<9} {}", "", p.paint(YELLOW, &line));
+    }
+}
+
+/// The last error: in red while it is the state now, dimmed once resolved.
+fn last_error_line(e: &LastError, now_unix: u64, p: Paint) -> String {
+    let line = format!("{} ({})", e.message, ago(now_unix, e.at_unix));
+    if e.current {
+        format!("{:<9} {}", "error", p.paint(RED, &line))
+    } else {
+        // Resolved since: shown for the record, not as the state now.
+        format!(
+            "{:<9} {}",
+            "last err",
+            p.paint(DIM, &format!("{line}, resolved since"))
+        )
+    }
 }
 
 /// The agent state in one line: what it does, or why it does not deploy.

@@ -367,61 +367,14 @@ enum Route {
 }
 
 async fn handle(req: Request<Incoming>, peer: Peer, shared: &ConnContext) -> Response<Full<Bytes>> {
-    // A declared body over the cap is refused before a byte of it is read:
-    // waiting for it would hold a client slot until the request timeout.
-    if let Some(len) = declared_length(&req) {
-        if len > shared.max_body_bytes as u64 {
-            debug!(
-                pid = peer.pid,
-                uid = peer.uid,
-                content_length = len,
-                "status request body too large; refused unread"
-            );
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "request body of {len} bytes is larger than {} bytes",
-                    shared.max_body_bytes
-                ),
-            );
-        }
+    if let Some(refused) = refuse_large_body(&req, peer, shared.max_body_bytes) {
+        return refused;
     }
-    let route = match req.uri().path() {
-        "/v1/status" => Route::Status,
-        "/v1/history" => Route::History,
-        "/metrics" => Route::Metrics,
-        "/v1/hold" => Route::Hold,
-        "/v1/resume" => Route::Resume,
-        "/v1/rollback" => Route::Rollback,
-        "/v1/redeploy" => Route::Redeploy,
-        other => {
-            return error(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "no endpoint {other}; try /v1/status, /v1/history, /metrics, \
-                     POST /v1/hold|resume|rollback|redeploy"
-                ),
-            )
-        }
+    let Some(route) = route_of(req.uri().path()) else {
+        return not_found(req.uri().path());
     };
-    let read_only = matches!(route, Route::Status | Route::History | Route::Metrics);
-    let (allowed, allow_header) = if read_only {
-        (Method::GET, "GET")
-    } else {
-        (Method::POST, "POST")
-    };
-    if req.method() != allowed {
-        let mut r = error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!(
-                "{} {} is not supported; use {allowed}",
-                req.method(),
-                req.uri().path()
-            ),
-        );
-        r.headers_mut()
-            .insert(ALLOW, HeaderValue::from_static(allow_header));
-        return r;
+    if let Some(refused) = refuse_method(&req, route) {
+        return refused;
     }
     match route {
         Route::Status => json(StatusCode::OK, &shared.source.status()),
@@ -439,26 +392,106 @@ async fn handle(req: Request<Incoming>, peer: Peer, shared: &ConnContext) -> Res
             r
         }
         Route::Hold | Route::Resume | Route::Rollback | Route::Redeploy => {
-            if let Err(why) = authorize(peer, shared).await {
-                warn!(
-                    pid = peer.pid,
-                    uid = peer.uid,
-                    gid = peer.gid,
-                    "operator command refused: not authorized"
-                );
-                return error(StatusCode::FORBIDDEN, why);
-            }
-            let body = match read_body(req.into_body(), shared.max_body_bytes).await {
-                Ok(b) => b,
-                Err(r) => return r,
-            };
-            let command = match parse_command(route, &body) {
-                Ok(c) => c,
-                Err(why) => return error(StatusCode::BAD_REQUEST, why),
-            };
-            send_command(command, peer, shared).await
+            operator_command(req, route, peer, shared).await
         }
     }
+}
+
+/// A 413 for a declared body over the cap, before a byte of it is read:
+/// waiting for it would hold a client slot until the request timeout.
+fn refuse_large_body(
+    req: &Request<Incoming>,
+    peer: Peer,
+    cap: usize,
+) -> Option<Response<Full<Bytes>>> {
+    let len = declared_length(req).filter(|len| *len > cap as u64)?;
+    debug!(
+        pid = peer.pid,
+        uid = peer.uid,
+        content_length = len,
+        "status request body too large; refused unread"
+    );
+    Some(error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body of {len} bytes is larger than {cap} bytes"),
+    ))
+}
+
+/// The endpoint of a path.
+fn route_of(path: &str) -> Option<Route> {
+    match path {
+        "/v1/status" => Some(Route::Status),
+        "/v1/history" => Some(Route::History),
+        "/metrics" => Some(Route::Metrics),
+        "/v1/hold" => Some(Route::Hold),
+        "/v1/resume" => Some(Route::Resume),
+        "/v1/rollback" => Some(Route::Rollback),
+        "/v1/redeploy" => Some(Route::Redeploy),
+        _ => None,
+    }
+}
+
+/// A 404 that lists the endpoints.
+fn not_found(path: &str) -> Response<Full<Bytes>> {
+    error(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no endpoint {path}; try /v1/status, /v1/history, /metrics, \
+             POST /v1/hold|resume|rollback|redeploy"
+        ),
+    )
+}
+
+/// A 405 (with `Allow`) unless reads are GET and commands POST.
+fn refuse_method(req: &Request<Incoming>, route: Route) -> Option<Response<Full<Bytes>>> {
+    let read_only = matches!(route, Route::Status | Route::History | Route::Metrics);
+    let (allowed, allow_header) = if read_only {
+        (Method::GET, "GET")
+    } else {
+        (Method::POST, "POST")
+    };
+    if req.method() == allowed {
+        return None;
+    }
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{} {} is not supported; use {allowed}",
+            req.method(),
+            req.uri().path()
+        ),
+    );
+    r.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow_header));
+    Some(r)
+}
+
+/// hold/resume/rollback/redeploy: only for operators; the body is read
+/// (capped) only once the peer is authorized.
+async fn operator_command(
+    req: Request<Incoming>,
+    route: Route,
+    peer: Peer,
+    shared: &ConnContext,
+) -> Response<Full<Bytes>> {
+    if let Err(why) = authorize(peer, shared).await {
+        warn!(
+            pid = peer.pid,
+            uid = peer.uid,
+            gid = peer.gid,
+            "operator command refused: not authorized"
+        );
+        return error(StatusCode::FORBIDDEN, why);
+    }
+    let body = match read_body(req.into_body(), shared.max_body_bytes).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let command = match parse_command(route, &body) {
+        Ok(c) => c,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+    };
+    send_command(command, peer, shared).await
 }
 
 async fn read_body(

@@ -262,39 +262,8 @@ pub fn run_release(cmd: ReleaseCommand) -> u8 {
                 format,
                 percent,
             } => {
-                let format = match format.as_str() {
-                    "tar" => Format::Tar,
-                    "tar.gz" | "tgz" => Format::TarGz,
-                    "tar.zst" | "tzst" => Format::TarZst,
-                    other => {
-                        return Err(Error::ReleaseInvalid {
-                            key: r.key.clone(),
-                            reason: format!("--format {other:?}: use tar, tar.gz or tar.zst"),
-                        })
-                    }
-                };
-                let spec = match (artifact, sha256, size) {
-                    (Some(path), None, None) => tokio::task::spawn_blocking(move || {
-                        release::spec_from_artifact(&build, &path, &url, format)
-                    })
-                    .await
-                    .map_err(|e| Error::Internal(e.to_string()))??,
-                    (None, Some(sha256), Some(size)) => {
-                        release::check_spec(crate::manifest::BuildSpec {
-                            build,
-                            urls: vec![url],
-                            sha256,
-                            size,
-                            format,
-                        })?
-                    }
-                    _ => {
-                        return Err(Error::ReleaseInvalid {
-                            key: r.key.clone(),
-                            reason: "give --artifact FILE, or both --sha256 and --size".into(),
-                        })
-                    }
-                };
+                let format = parse_format(&r, &format)?;
+                let spec = publish_spec(&r, build, artifact, url, sha256, size, format).await?;
                 let i = r.publish(&spec, percent).await?;
                 println!(
                     "published {} ({} bytes, sha256 {}) to {} at {}% (index {i})",
@@ -319,10 +288,7 @@ pub fn run_release(cmd: ReleaseCommand) -> u8 {
                 );
             }
             ReleaseAction::Freeze { reason } => {
-                let by = std::env::var("SUDO_USER")
-                    .or_else(|_| std::env::var("USER"))
-                    .unwrap_or_else(|_| format!("uid {}", nix::unistd::getuid()));
-                r.freeze(&reason, &by).await?;
+                r.freeze(&reason, &invoking_user()).await?;
                 println!(
                     "{} set: no host starts a new deploy until `release unfreeze`",
                     r.freeze_key
@@ -335,31 +301,84 @@ pub fn run_release(cmd: ReleaseCommand) -> u8 {
                     println!("{} was not set", r.freeze_key);
                 }
             }
-            ReleaseAction::Show { json } => {
-                let s = r.show().await?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
-                } else {
-                    println!(
-                        "key     {} (index {})",
-                        s.key,
-                        s.modify_index.map_or("-".into(), |i| i.to_string())
-                    );
-                    match &s.manifest {
-                        Some(m) => {
-                            println!("{}", serde_json::to_string_pretty(m).unwrap_or_default())
-                        }
-                        None => println!("(nothing published)"),
-                    }
-                    match &s.freeze {
-                        Some(f) => println!("FROZEN  {f}"),
-                        None => println!("freeze  not set"),
-                    }
-                }
-            }
+            ReleaseAction::Show { json } => print_shown(&r.show().await?, json),
         }
         Ok(())
     })
+}
+
+/// `--format`, with its short names.
+fn parse_format(r: &Release, format: &str) -> Result<Format> {
+    match format {
+        "tar" => Ok(Format::Tar),
+        "tar.gz" | "tgz" => Ok(Format::TarGz),
+        "tar.zst" | "tzst" => Ok(Format::TarZst),
+        other => Err(Error::ReleaseInvalid {
+            key: r.key.clone(),
+            reason: format!("--format {other:?}: use tar, tar.gz or tar.zst"),
+        }),
+    }
+}
+
+/// The build `publish` writes: hashed from a local `--artifact` (off the
+/// async threads: it reads the whole file), or as given by `--sha256` and
+/// `--size`.
+async fn publish_spec(
+    r: &Release,
+    build: String,
+    artifact: Option<PathBuf>,
+    url: String,
+    sha256: Option<crate::manifest::Sha256Sum>,
+    size: Option<u64>,
+    format: Format,
+) -> Result<crate::manifest::BuildSpec> {
+    match (artifact, sha256, size) {
+        (Some(path), None, None) => tokio::task::spawn_blocking(move || {
+            release::spec_from_artifact(&build, &path, &url, format)
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?,
+        (None, Some(sha256), Some(size)) => release::check_spec(crate::manifest::BuildSpec {
+            build,
+            urls: vec![url],
+            sha256,
+            size,
+            format,
+        }),
+        _ => Err(Error::ReleaseInvalid {
+            key: r.key.clone(),
+            reason: "give --artifact FILE, or both --sha256 and --size".into(),
+        }),
+    }
+}
+
+/// Who a freeze record names: the user behind sudo, else the login user,
+/// else the uid.
+fn invoking_user() -> String {
+    std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| format!("uid {}", nix::unistd::getuid()))
+}
+
+/// Prints what `release show` read, as JSON or as a few lines.
+fn print_shown(s: &release::Shown, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(s).unwrap_or_default());
+        return;
+    }
+    println!(
+        "key     {} (index {})",
+        s.key,
+        s.modify_index.map_or("-".into(), |i| i.to_string())
+    );
+    match &s.manifest {
+        Some(m) => println!("{}", serde_json::to_string_pretty(m).unwrap_or_default()),
+        None => println!("(nothing published)"),
+    }
+    match &s.freeze {
+        Some(f) => println!("FROZEN  {f}"),
+        None => println!("freeze  not set"),
+    }
 }
 
 /// Runs `deploy-agent fleet ...`; returns the exit code.

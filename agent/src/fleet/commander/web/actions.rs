@@ -109,99 +109,121 @@ async fn apply_inner(
     req: &ActionRequest,
     by: &str,
 ) -> Result<ActionOutcome> {
-    let cli = cli_prefix(consul, app, Some(&req.tier));
     match req.action {
         ActionKind::Promote | ActionKind::Rollback => {
-            let cur = release.read().await?.ok_or_else(|| Error::ReleaseMissing {
-                key: release.key.clone(),
-            })?;
-            // The page's index, not the one just read: a change since the
-            // commander confirmed is a conflict, not a silent rebase.
-            if cur.modify_index != req.expected_index {
-                return Err(conflict(&release.key, req.expected_index));
-            }
-            if req
-                .build
-                .as_ref()
-                .is_some_and(|b| *b != cur.manifest.spec.build)
-                && req.action == ActionKind::Promote
-            {
-                return Err(conflict(&release.key, req.expected_index));
-            }
-            let (value, cli, what) = if req.action == ActionKind::Promote {
-                let p = req.percent.filter(|p| STEPS.contains(p)).ok_or_else(|| {
-                    Error::ReleaseInvalid {
-                        key: release.key.clone(),
-                        reason: format!(
-                            "the page promotes through {STEPS:?} percent only; use `release promote --percent N` for other values"
-                        ),
-                    }
-                })?;
-                (
-                    release.promoted(&cur, p)?,
-                    format!("{cli} promote --percent {p}"),
-                    format!("promoted {} to {p}%", cur.manifest.spec.build),
-                )
-            } else {
-                let to = cur
-                    .manifest
-                    .previous
-                    .as_ref()
-                    .map(|p| p.build.clone())
-                    .unwrap_or_default();
-                (
-                    release.rolled_back(&cur)?,
-                    format!("{cli} rollback"),
-                    format!("rolled back from {} to {to}", cur.manifest.spec.build),
-                )
-            };
-            let i = release.write(&value, req.expected_index).await?;
-            Ok(ActionOutcome {
-                message: format!("{}: {what} (index {i})", release.key),
-                cli,
-                modify_index: Some(i),
-            })
+            rewrite_tier(release, &cli_prefix(consul, app, Some(&req.tier)), req).await
         }
-        ActionKind::Freeze => {
-            if req.expected_index != 0 {
-                // The page saw a freeze: nothing to create.
-                return Err(conflict(&release.freeze_key, req.expected_index));
-            }
-            let reason = req
-                .reason
-                .as_deref()
-                .map(str::trim)
-                .filter(|r| !r.is_empty())
-                .unwrap_or("frozen by the deploy commander from the fleet page");
-            // Create-only (cas=0), like the CLI: a freeze someone else set
-            // meanwhile is reported, not overwritten.
-            release.freeze(reason, by).await?;
-            Ok(ActionOutcome {
-                message: format!(
-                    "{} set: no host of {app} starts a new deploy until unfreeze",
-                    release.freeze_key
-                ),
-                cli: format!(
-                    "{} freeze --reason {}",
-                    cli_prefix(consul, app, None),
-                    quote(reason)
-                ),
-                modify_index: None,
-            })
-        }
-        ActionKind::Unfreeze => {
-            if req.expected_index == 0 {
-                return Err(Error::ReleaseInvalid {
-                    key: release.freeze_key.clone(),
-                    reason: "the page saw no freeze to lift; reload it".into(),
-                });
-            }
-            release.unfreeze_at(req.expected_index).await?;
-            Ok(ActionOutcome {
-                message: format!("{} removed: hosts resume", release.freeze_key),
-                cli: format!("{} unfreeze", cli_prefix(consul, app, None)),
-                modify_index: None,
-            })
-        }
+        ActionKind::Freeze => freeze(release, consul, app, req, by).await,
+        ActionKind::Unfreeze => unfreeze(release, consul, app, req).await,
     }
+}
+
+/// Promote or rollback: the CLI's rewrite of the tier key, written only if
+/// the key is still at the index the page showed.
+async fn rewrite_tier(release: &Release, cli: &str, req: &ActionRequest) -> Result<ActionOutcome> {
+    let cur = release.read().await?.ok_or_else(|| Error::ReleaseMissing {
+        key: release.key.clone(),
+    })?;
+    // The page's index, not the one just read: a change since the
+    // commander confirmed is a conflict, not a silent rebase.
+    if cur.modify_index != req.expected_index {
+        return Err(conflict(&release.key, req.expected_index));
+    }
+    if req
+        .build
+        .as_ref()
+        .is_some_and(|b| *b != cur.manifest.spec.build)
+        && req.action == ActionKind::Promote
+    {
+        return Err(conflict(&release.key, req.expected_index));
+    }
+    let (value, cli, what) = if req.action == ActionKind::Promote {
+        let p = req.percent.filter(|p| STEPS.contains(p)).ok_or_else(|| {
+            Error::ReleaseInvalid {
+                key: release.key.clone(),
+                reason: format!(
+                    "the page promotes through {STEPS:?} percent only; use `release promote --percent N` for other values"
+                ),
+            }
+        })?;
+        (
+            release.promoted(&cur, p)?,
+            format!("{cli} promote --percent {p}"),
+            format!("promoted {} to {p}%", cur.manifest.spec.build),
+        )
+    } else {
+        let to = cur
+            .manifest
+            .previous
+            .as_ref()
+            .map(|p| p.build.clone())
+            .unwrap_or_default();
+        (
+            release.rolled_back(&cur)?,
+            format!("{cli} rollback"),
+            format!("rolled back from {} to {to}", cur.manifest.spec.build),
+        )
+    };
+    let i = release.write(&value, req.expected_index).await?;
+    Ok(ActionOutcome {
+        message: format!("{}: {what} (index {i})", release.key),
+        cli,
+        modify_index: Some(i),
+    })
+}
+
+/// Creates the freeze key, if the page saw none.
+async fn freeze(
+    release: &Release,
+    consul: &str,
+    app: &str,
+    req: &ActionRequest,
+    by: &str,
+) -> Result<ActionOutcome> {
+    if req.expected_index != 0 {
+        // The page saw a freeze: nothing to create.
+        return Err(conflict(&release.freeze_key, req.expected_index));
+    }
+    let reason = req
+        .reason
+        .as_deref()
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .unwrap_or("frozen by the deploy commander from the fleet page");
+    // Create-only (cas=0), like the CLI: a freeze someone else set
+    // meanwhile is reported, not overwritten.
+    release.freeze(reason, by).await?;
+    Ok(ActionOutcome {
+        message: format!(
+            "{} set: no host of {app} starts a new deploy until unfreeze",
+            release.freeze_key
+        ),
+        cli: format!(
+            "{} freeze --reason {}",
+            cli_prefix(consul, app, None),
+            quote(reason)
+        ),
+        modify_index: None,
+    })
+}
+
+/// Deletes the freeze key, if it is still the one the page saw.
+async fn unfreeze(
+    release: &Release,
+    consul: &str,
+    app: &str,
+    req: &ActionRequest,
+) -> Result<ActionOutcome> {
+    if req.expected_index == 0 {
+        return Err(Error::ReleaseInvalid {
+            key: release.freeze_key.clone(),
+            reason: "the page saw no freeze to lift; reload it".into(),
+        });
+    }
+    release.unfreeze_at(req.expected_index).await?;
+    Ok(ActionOutcome {
+        message: format!("{} removed: hosts resume", release.freeze_key),
+        cli: format!("{} unfreeze", cli_prefix(consul, app, None)),
+        modify_index: None,
+    })
 }

@@ -510,88 +510,27 @@ pub fn snapshot(
     now: u64,
 ) -> Snapshot {
     let consul = release.client.address().to_string();
-    let control = settings.control_prefix();
-    let mut tiers: BTreeMap<String, &KvPair> = BTreeMap::new();
-    let mut freeze_pair = None;
-    let mut reports: Vec<HostRecord> = Vec::new();
-    let mut unreadable = 0;
-    for p in pairs {
-        if p.key.starts_with(&settings.report_prefix) {
-            match serde_json::from_slice::<HostRecord>(&p.value) {
-                Ok(r) => reports.push(r),
-                Err(_) => unreadable += 1,
-            }
-        } else if p.key == settings.freeze_key {
-            freeze_pair = Some(*p);
-        } else if let Some(tier) = p.key.strip_prefix(&control) {
-            if !tier.is_empty()
-                && !tier.contains('/')
-                && crate::fleet::tier_key(&settings.app, tier) == p.key
-                && settings.tier.as_deref().is_none_or(|t| t == tier)
-            {
-                tiers.insert(tier.to_string(), p);
-            }
-        }
-    }
-    if let Some(t) = &settings.tier {
-        reports.retain(|r| r.tier.as_deref() == Some(t.as_str()));
-    }
-    reports.sort_by(|a, b| a.host.cmp(&b.host));
-
-    let freeze = freeze_pair.map(|p| {
-        let raw = String::from_utf8_lossy(&p.value).into_owned();
-        let v: Option<Map<String, Value>> = serde_json::from_slice(&p.value).ok();
-        let field = |k: &str| v.as_ref().and_then(|m| m.get(k));
-        Freeze {
-            modify_index: p.modify_index,
-            reason: field("reason").and_then(Value::as_str).map(str::to_string),
-            by: field("by").and_then(Value::as_str).map(str::to_string),
-            at: field("at").and_then(Value::as_u64),
-            raw,
-            cli: format!(
-                "{} freeze --reason {}",
-                cli_prefix(&consul, &settings.app, None),
-                quote(
-                    field("reason")
-                        .and_then(Value::as_str)
-                        .unwrap_or("frozen by the deploy commander")
-                )
-            ),
-        }
-    });
+    let sorted = sort_pairs(settings, pairs);
+    let freeze = sorted
+        .freeze
+        .map(|p| freeze_view(p, &consul, &settings.app));
     let frozen = freeze.is_some();
-
-    // Tiers that hosts report but nobody published are shown too.
-    let mut names: Vec<String> = tiers.keys().cloned().collect();
-    for r in &reports {
-        if let Some(t) = &r.tier {
-            if !names.contains(t) {
-                names.push(t.clone());
-            }
-        }
-    }
-    names.sort();
 
     let mut states: BTreeMap<String, HostState> = BTreeMap::new();
     let mut views = Vec::new();
-    for name in names {
-        let key = crate::fleet::tier_key(&settings.app, &name);
-        let tier_release = Release {
-            client: release.client.clone(),
-            key: key.clone(),
-            freeze_key: settings.freeze_key.clone(),
-        };
-        let of_tier: Vec<HostRecord> = reports
+    for name in tier_names(&sorted) {
+        let of_tier: Vec<HostRecord> = sorted
+            .reports
             .iter()
             .filter(|r| r.tier.as_deref() == Some(name.as_str()))
             .cloned()
             .collect();
         let v = tier_view(
-            &tier_release,
+            &tier_release(release, settings, &name),
             settings,
             &consul,
             &name,
-            tiers.get(&name).copied(),
+            sorted.tiers.get(&name).copied(),
             freeze.as_ref(),
             &of_tier,
             now,
@@ -603,26 +542,10 @@ pub fn snapshot(
         views.push(v);
     }
 
-    let hosts = reports
+    let hosts = sorted
+        .reports
         .iter()
-        .map(|r| HostRow {
-            host: r.host.clone(),
-            tier: r.tier.clone(),
-            build: r.build.clone(),
-            desired: r.desired.clone(),
-            phase: r.phase.as_str(),
-            state: states
-                .get(r.host.as_str())
-                .copied()
-                .unwrap_or(if r.phase == Phase::Failed {
-                    HostState::Failed
-                } else {
-                    HostState::Waiting
-                }),
-            error: r.error.clone(),
-            updated_at: r.updated_at,
-            bucket: r.bucket,
-        })
+        .map(|r| host_row(r, states.get(r.host.as_str()).copied()))
         .collect();
 
     Snapshot {
@@ -634,9 +557,125 @@ pub fn snapshot(
         freeze,
         stale_after_secs: settings.stale_after.as_secs(),
         tiers: views,
-        unreadable_reports: unreadable,
+        unreadable_reports: sorted.unreadable,
         host_fields: HOST_FIELDS,
         hosts,
+    }
+}
+
+/// The watched pairs, sorted by what each key is.
+struct Sorted<'a> {
+    /// The tier keys the page shows, by tier name.
+    tiers: BTreeMap<String, &'a KvPair>,
+    freeze: Option<&'a KvPair>,
+    /// The reports of the shown tiers, by host name.
+    reports: Vec<HostRecord>,
+    /// Reports that do not parse as a host record.
+    unreadable: usize,
+}
+
+/// Sorts the pairs into tier keys, the freeze key and host reports; keeps
+/// only the `--tier` one when the page shows one tier.
+fn sort_pairs<'a>(settings: &FeedSettings, pairs: &[&'a KvPair]) -> Sorted<'a> {
+    let control = settings.control_prefix();
+    let mut sorted = Sorted {
+        tiers: BTreeMap::new(),
+        freeze: None,
+        reports: Vec::new(),
+        unreadable: 0,
+    };
+    for p in pairs.iter().copied() {
+        if p.key.starts_with(&settings.report_prefix) {
+            match serde_json::from_slice::<HostRecord>(&p.value) {
+                Ok(r) => sorted.reports.push(r),
+                Err(_) => sorted.unreadable += 1,
+            }
+        } else if p.key == settings.freeze_key {
+            sorted.freeze = Some(p);
+        } else if let Some(tier) = p.key.strip_prefix(&control) {
+            if !tier.is_empty()
+                && !tier.contains('/')
+                && crate::fleet::tier_key(&settings.app, tier) == p.key
+                && settings.tier.as_deref().is_none_or(|t| t == tier)
+            {
+                sorted.tiers.insert(tier.to_string(), p);
+            }
+        }
+    }
+    if let Some(t) = &settings.tier {
+        sorted
+            .reports
+            .retain(|r| r.tier.as_deref() == Some(t.as_str()));
+    }
+    sorted.reports.sort_by(|a, b| a.host.cmp(&b.host));
+    sorted
+}
+
+/// The freeze key's value as the page shows it: the fields `release
+/// freeze` writes when it is that JSON, the raw text in any case.
+fn freeze_view(p: &KvPair, consul: &str, app: &str) -> Freeze {
+    let raw = String::from_utf8_lossy(&p.value).into_owned();
+    let v: Option<Map<String, Value>> = serde_json::from_slice(&p.value).ok();
+    let field = |k: &str| v.as_ref().and_then(|m| m.get(k));
+    Freeze {
+        modify_index: p.modify_index,
+        reason: field("reason").and_then(Value::as_str).map(str::to_string),
+        by: field("by").and_then(Value::as_str).map(str::to_string),
+        at: field("at").and_then(Value::as_u64),
+        raw,
+        cli: format!(
+            "{} freeze --reason {}",
+            cli_prefix(consul, app, None),
+            quote(
+                field("reason")
+                    .and_then(Value::as_str)
+                    .unwrap_or("frozen by the deploy commander")
+            )
+        ),
+    }
+}
+
+/// The tiers to show, sorted: the published ones, and those that hosts
+/// report but nobody published.
+fn tier_names(sorted: &Sorted) -> Vec<String> {
+    let mut names: Vec<String> = sorted.tiers.keys().cloned().collect();
+    for r in &sorted.reports {
+        if let Some(t) = &r.tier {
+            if !names.contains(t) {
+                names.push(t.clone());
+            }
+        }
+    }
+    names.sort();
+    names
+}
+
+/// `release` pointed at one tier's key: same client, same freeze key.
+fn tier_release(release: &Release, settings: &FeedSettings, tier: &str) -> Release {
+    Release {
+        client: release.client.clone(),
+        key: crate::fleet::tier_key(&settings.app, tier),
+        freeze_key: settings.freeze_key.clone(),
+    }
+}
+
+/// One host's table row. `state` is `None` for a host of no shown tier;
+/// it counts as failed or waiting by its phase alone.
+fn host_row(r: &HostRecord, state: Option<HostState>) -> HostRow {
+    HostRow {
+        host: r.host.clone(),
+        tier: r.tier.clone(),
+        build: r.build.clone(),
+        desired: r.desired.clone(),
+        phase: r.phase.as_str(),
+        state: state.unwrap_or(if r.phase == Phase::Failed {
+            HostState::Failed
+        } else {
+            HostState::Waiting
+        }),
+        error: r.error.clone(),
+        updated_at: r.updated_at,
+        bucket: r.bucket,
     }
 }
 
@@ -673,6 +712,8 @@ fn host_state(
     }
 }
 
+/// One tier as the page shows it: the published release, how far its
+/// hosts are at each step, and the controls that apply now.
 #[allow(clippy::too_many_arguments)]
 fn tier_view(
     release: &Release,
@@ -684,184 +725,45 @@ fn tier_view(
     reports: &[HostRecord],
     now: u64,
 ) -> TierView {
-    let app = &settings.app;
-    let cli = cli_prefix(consul, app, Some(tier));
-    let mut problem = None;
-    let current =
-        pair.and_then(
-            |p| match Manifest::parse(&p.value, UrlPolicy { allow_file: true }) {
-                Ok(manifest) => {
-                    let raw = match serde_json::from_slice(&p.value) {
-                        Ok(Value::Object(m)) => m,
-                        _ => Map::new(),
-                    };
-                    Some(Current {
-                        raw,
-                        manifest,
-                        modify_index: p.modify_index,
-                    })
-                }
-                Err(e) => {
-                    problem = Some(format!(
-                    "the published manifest does not parse ({e}); fix it with `release publish`"
-                ));
-                    None
-                }
-            },
-        );
-    if pair.is_none() {
-        problem = Some("nothing is published for this tier".into());
-    }
-    let modify_index = pair.map_or(0, |p| p.modify_index);
+    let cli = cli_prefix(consul, &settings.app, Some(tier));
+    let (current, problem) = read_published(pair);
     let published_at = current
         .as_ref()
         .and_then(|c| c.raw.get("published_at"))
         .and_then(Value::as_u64);
-    let summary = view::summarise(
-        &release.key,
-        current.as_ref().map(|c| &c.manifest),
-        pair.map(|p| p.modify_index),
-        published_at,
-        freeze.is_some(),
-        reports,
-        settings.stale_after,
-        now,
-    );
-    let by_host: std::collections::HashMap<&str, &HostRecord> =
-        reports.iter().map(|r| (r.host.as_str(), r)).collect();
-    let stale = summary
-        .stale
-        .iter()
-        .filter_map(|h| by_host.get(h.as_str()).copied())
-        .map(|r| StaleHost {
-            host: r.host.clone(),
-            silent_secs: now.saturating_sub(r.updated_at),
-            build: r.build.clone(),
-            phase: r.phase.as_str(),
-        })
-        .collect();
+    // The whole tier and each step's hosts are counted alike.
+    let summarise = |hosts: &[HostRecord]| {
+        view::summarise(
+            &release.key,
+            current.as_ref().map(|c| &c.manifest),
+            pair.map(|p| p.modify_index),
+            published_at,
+            freeze.is_some(),
+            hosts,
+            settings.stale_after,
+            now,
+        )
+    };
+    let summary = summarise(reports);
+    let stale = stale_hosts(&summary, reports, now);
     let percent = current
         .as_ref()
         .and_then(|c| c.manifest.percent)
         .unwrap_or(100.0);
-
-    let mut produced_by = Vec::new();
-    let mut actions = Actions::default();
-    let mut steps = Vec::new();
-    if let Some(c) = &current {
-        let m = &c.manifest;
-        let rolled_back_from = c.raw.get("rolled_back_from").and_then(Value::as_str);
-        if rolled_back_from.is_some() {
-            produced_by.push(format!("{cli} rollback"));
-        } else {
-            let s = &m.spec;
-            produced_by.push(format!(
-                "{cli} publish --build {} --url {} --sha256 {} --size {} --format {}",
-                quote(&s.build),
-                quote(s.urls.first().map(String::as_str).unwrap_or("")),
-                s.sha256,
-                s.size,
-                s.format.as_str()
-            ));
-            if let Some(p) = m.percent {
-                produced_by.push(format!("{cli} promote --percent {}", fmt_percent(p)));
-            }
-        }
-        match next_step(percent) {
-            Some(next) => match release.promoted(c, next) {
-                Ok(_) => {
-                    actions.promote = Some(Planned {
-                        key: release.key.clone(),
-                        expected_index: c.modify_index,
-                        percent: Some(next),
-                        build: Some(m.spec.build.clone()),
-                        cli: format!("{cli} promote --percent {}", fmt_percent(next)),
-                    })
-                }
-                Err(e) => actions.unavailable.push(format!("promote: {e}")),
-            },
-            None => actions
-                .unavailable
-                .push("promote: the rollout is at 100%".into()),
-        }
-        match release.rolled_back(c) {
-            Ok(_) => {
-                actions.rollback = Some(Planned {
-                    key: release.key.clone(),
-                    expected_index: c.modify_index,
-                    percent: Some(100.0),
-                    build: m.previous.as_ref().map(|p| p.build.clone()),
-                    cli: format!("{cli} rollback"),
-                })
-            }
-            Err(e) => actions.unavailable.push(format!("rollback: {e}")),
-        }
-        // One bucket per host under this build's salt: the step sets.
-        let salt = crate::fleet::salt(m);
-        let buckets: Vec<(f64, &HostRecord)> = reports
-            .iter()
-            .map(|r| (crate::fleet::bucket(salt, &r.host), r))
-            .collect();
-        let mut marks: Vec<f64> = STEPS.to_vec();
-        if !marks.contains(&percent) {
-            marks.push(percent);
-            marks.sort_by(f64::total_cmp);
-        }
-        for s in marks {
-            let subset: Vec<HostRecord> = buckets
-                .iter()
-                .filter(|(b, _)| *b < s)
-                .map(|(_, r)| (*r).clone())
-                .collect();
-            let sum = view::summarise(
-                &release.key,
-                Some(m),
-                Some(c.modify_index),
-                published_at,
-                freeze.is_some(),
-                &subset,
-                settings.stale_after,
-                now,
-            );
-            let reached = s <= percent;
-            steps.push(StepView {
-                percent: s,
-                hosts: subset.len(),
-                converged: if reached {
-                    sum.converged
-                } else {
-                    sum.on_target
-                },
-                reached,
-            });
-        }
-    }
+    let (produced_by, mut actions, steps) = match &current {
+        Some(c) => (
+            produced_by(&cli, c),
+            release_actions(release, c, percent, &cli),
+            step_views(&c.manifest, percent, reports, summarise),
+        ),
+        None => (Vec::new(), Actions::default(), Vec::new()),
+    };
     let live = current.as_ref().map(|c| c.manifest.spec.build.clone());
-    let freeze_cli = cli_prefix(consul, app, None);
-    match freeze {
-        None => {
-            actions.freeze = Some(Planned {
-                key: settings.freeze_key.clone(),
-                expected_index: 0,
-                percent: Some(percent),
-                build: live,
-                cli: format!("{freeze_cli} freeze --reason REASON"),
-            })
-        }
-        Some(f) => {
-            actions.unfreeze = Some(Planned {
-                key: settings.freeze_key.clone(),
-                expected_index: f.modify_index,
-                percent: Some(percent),
-                build: live,
-                cli: format!("{freeze_cli} unfreeze"),
-            })
-        }
-    }
+    add_freeze_control(&mut actions, settings, consul, freeze, percent, live);
     TierView {
         tier: tier.to_string(),
         key: release.key.clone(),
-        modify_index,
+        modify_index: pair.map_or(0, |p| p.modify_index),
         build: current.as_ref().map(|c| c.manifest.spec.build.clone()),
         previous: current
             .as_ref()
@@ -879,6 +781,188 @@ fn tier_view(
         steps,
         stale,
         actions,
+    }
+}
+
+/// The tier key's value as a release, or why it cannot be used.
+fn read_published(pair: Option<&KvPair>) -> (Option<Current>, Option<String>) {
+    let Some(p) = pair else {
+        return (None, Some("nothing is published for this tier".into()));
+    };
+    match Manifest::parse(&p.value, UrlPolicy { allow_file: true }) {
+        Ok(manifest) => {
+            let raw = match serde_json::from_slice(&p.value) {
+                Ok(Value::Object(m)) => m,
+                _ => Map::new(),
+            };
+            let current = Current {
+                raw,
+                manifest,
+                modify_index: p.modify_index,
+            };
+            (Some(current), None)
+        }
+        Err(e) => (
+            None,
+            Some(format!(
+                "the published manifest does not parse ({e}); fix it with `release publish`"
+            )),
+        ),
+    }
+}
+
+/// The hosts `summary` counts as stale, with how long each has been silent.
+fn stale_hosts(summary: &FleetSummary, reports: &[HostRecord], now: u64) -> Vec<StaleHost> {
+    let by_host: std::collections::HashMap<&str, &HostRecord> =
+        reports.iter().map(|r| (r.host.as_str(), r)).collect();
+    summary
+        .stale
+        .iter()
+        .filter_map(|h| by_host.get(h.as_str()).copied())
+        .map(|r| StaleHost {
+            host: r.host.clone(),
+            silent_secs: now.saturating_sub(r.updated_at),
+            build: r.build.clone(),
+            phase: r.phase.as_str(),
+        })
+        .collect()
+}
+
+/// The release commands that wrote the tier's current value.
+fn produced_by(cli: &str, c: &Current) -> Vec<String> {
+    if c.raw
+        .get("rolled_back_from")
+        .and_then(Value::as_str)
+        .is_some()
+    {
+        return vec![format!("{cli} rollback")];
+    }
+    let m = &c.manifest;
+    let s = &m.spec;
+    let mut commands = vec![format!(
+        "{cli} publish --build {} --url {} --sha256 {} --size {} --format {}",
+        quote(&s.build),
+        quote(s.urls.first().map(String::as_str).unwrap_or("")),
+        s.sha256,
+        s.size,
+        s.format.as_str()
+    )];
+    if let Some(p) = m.percent {
+        commands.push(format!("{cli} promote --percent {}", fmt_percent(p)));
+    }
+    commands
+}
+
+/// Promote (to the next step) and rollback, each planned by the CLI's own
+/// `promoted` / `rolled_back`, or the reason it is not offered.
+fn release_actions(release: &Release, c: &Current, percent: f64, cli: &str) -> Actions {
+    let m = &c.manifest;
+    let mut actions = Actions::default();
+    match next_step(percent) {
+        Some(next) => match release.promoted(c, next) {
+            Ok(_) => {
+                actions.promote = Some(Planned {
+                    key: release.key.clone(),
+                    expected_index: c.modify_index,
+                    percent: Some(next),
+                    build: Some(m.spec.build.clone()),
+                    cli: format!("{cli} promote --percent {}", fmt_percent(next)),
+                })
+            }
+            Err(e) => actions.unavailable.push(format!("promote: {e}")),
+        },
+        None => actions
+            .unavailable
+            .push("promote: the rollout is at 100%".into()),
+    }
+    match release.rolled_back(c) {
+        Ok(_) => {
+            actions.rollback = Some(Planned {
+                key: release.key.clone(),
+                expected_index: c.modify_index,
+                percent: Some(100.0),
+                build: m.previous.as_ref().map(|p| p.build.clone()),
+                cli: format!("{cli} rollback"),
+            })
+        }
+        Err(e) => actions.unavailable.push(format!("rollback: {e}")),
+    }
+    actions
+}
+
+/// Every rollout step (and the current percentage, when it is between
+/// steps) with the hosts whose bucket under this build's salt falls below
+/// it, counted by `summarise`.
+fn step_views(
+    m: &Manifest,
+    percent: f64,
+    reports: &[HostRecord],
+    summarise: impl Fn(&[HostRecord]) -> FleetSummary,
+) -> Vec<StepView> {
+    let salt = crate::fleet::salt(m);
+    let buckets: Vec<(f64, &HostRecord)> = reports
+        .iter()
+        .map(|r| (crate::fleet::bucket(salt, &r.host), r))
+        .collect();
+    let mut marks: Vec<f64> = STEPS.to_vec();
+    if !marks.contains(&percent) {
+        marks.push(percent);
+        marks.sort_by(f64::total_cmp);
+    }
+    marks
+        .into_iter()
+        .map(|s| {
+            let subset: Vec<HostRecord> = buckets
+                .iter()
+                .filter(|(b, _)| *b < s)
+                .map(|(_, r)| (*r).clone())
+                .collect();
+            let sum = summarise(&subset);
+            let reached = s <= percent;
+            StepView {
+                percent: s,
+                hosts: subset.len(),
+                converged: if reached {
+                    sum.converged
+                } else {
+                    sum.on_target
+                },
+                reached,
+            }
+        })
+        .collect()
+}
+
+/// Freeze when the app is not frozen, unfreeze (at the freeze key's
+/// index) when it is.
+fn add_freeze_control(
+    actions: &mut Actions,
+    settings: &FeedSettings,
+    consul: &str,
+    freeze: Option<&Freeze>,
+    percent: f64,
+    live: Option<String>,
+) {
+    let cli = cli_prefix(consul, &settings.app, None);
+    match freeze {
+        None => {
+            actions.freeze = Some(Planned {
+                key: settings.freeze_key.clone(),
+                expected_index: 0,
+                percent: Some(percent),
+                build: live,
+                cli: format!("{cli} freeze --reason REASON"),
+            })
+        }
+        Some(f) => {
+            actions.unfreeze = Some(Planned {
+                key: settings.freeze_key.clone(),
+                expected_index: f.modify_index,
+                percent: Some(percent),
+                build: live,
+                cli: format!("{cli} unfreeze"),
+            })
+        }
     }
 }
 
