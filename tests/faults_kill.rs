@@ -11,12 +11,11 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use deploy_agent::manifest::Format;
 use deploy_agent_tests::agent_bin;
-use deploy_agent_tests::process::write_config;
+use deploy_agent_tests::process::{spawn_run, wait_served, write_config};
 use rand::{Rng, SeedableRng};
 use testkit::buildgen::{self, Artifact, BuildProfile};
 use testkit::testserver::artifact::{ArtifactServer, Fault, FaultRule};
@@ -24,24 +23,6 @@ use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
 
 const KEY: &str = "deploy/app/kill";
 const DEPLOYS: usize = 100;
-
-fn spawn(bin: &Path, config: &Path, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Command::new(bin)
-        .args(["--log-format", "text", "run", "--config"])
-        .arg(config)
-        .env("DEPLOY_AGENT_LOG", "info")
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
 
 /// Every regular file of the archive at `archive` has the same bytes in
 /// `slot`. Returns a description of the first difference.
@@ -115,30 +96,6 @@ fn check_after_kill(root: &Path, builds: &HashMap<String, Published>) -> Option<
     }
 }
 
-async fn wait_served(root: &Path, build: &str, limit: Duration, log: &Path) {
-    let start = Instant::now();
-    while std::fs::read_to_string(root.join("current/BUILD"))
-        .ok()
-        .as_deref()
-        != Some(build)
-    {
-        if start.elapsed() > limit {
-            let log = std::fs::read_to_string(log).unwrap_or_default();
-            let tail: String = log
-                .lines()
-                .rev()
-                .take(40)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n");
-            panic!("{build} not served after {limit:?}; agent log tail:\n{tail}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_points_across_100_deploys() {
     let bin = tokio::task::spawn_blocking(agent_bin).await.unwrap();
@@ -169,7 +126,7 @@ async fn sigkill_at_random_points_across_100_deploys() {
     println!("KILL_SEED={seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut builds: HashMap<String, Published> = HashMap::new();
-    let mut child = spawn(&bin, &config, &log);
+    let mut child = spawn_run(&bin, &config, &log);
     let (mut kills, mut mid_download, mut reused) = (0, 0, 0);
     let started = Instant::now();
     for i in 0..DEPLOYS {
@@ -213,7 +170,7 @@ async fn sigkill_at_random_points_across_100_deploys() {
                 assert!(served.is_some(), "after deploy #{i} something must serve");
             }
             let sent_before = artifacts.stats().bytes_sent;
-            child = spawn(&bin, &config, &log);
+            child = spawn_run(&bin, &config, &log);
             wait_served(&root, &id, Duration::from_secs(60), &log).await;
             if served.as_deref() != Some(id.as_str()) && had_partial {
                 mid_download += 1;

@@ -167,6 +167,16 @@ pub enum Error {
     #[error("invalid artifact spec: {reason}; fix the manifest")]
     InvalidArtifact { reason: String },
 
+    /// A delta artifact that does not fit: made for another base or target,
+    /// or malformed. The agent downloads the full artifact instead.
+    #[error("delta artifact refused: {reason}; using the full artifact")]
+    DeltaRefused { reason: String },
+
+    /// A file the delta would reuse from the base slot is not the base
+    /// build's any more (edited in place): the delta is not used.
+    #[error("base slot file {path} is not the base build's ({why}); using the full artifact instead of the delta")]
+    DeltaBaseChanged { path: PathBuf, why: String },
+
     /// The freeze could not be read right before a flip: the flip does not
     /// happen, and the deploy is retried.
     #[error("not flipping to {build}: cannot confirm the fleet freeze ({message}); the deploy is retried")]

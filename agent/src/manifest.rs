@@ -185,6 +185,66 @@ pub struct Manifest {
     /// The build hosts outside the percentage stay on, or return to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<BuildSpec>,
+    /// A delta from a base build to `spec`, used by hosts that hold the
+    /// base (see `unpack::delta`); the others download the full artifact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<DeltaSpec>,
+}
+
+/// Where the delta to a build is and what it must hash to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaSpec {
+    /// sha256 of the base build's full artifact: the delta applies only on
+    /// top of that build.
+    pub base: Sha256Sum,
+    /// The primary URL first, then mirrors.
+    pub urls: Vec<String>,
+    pub sha256: Sha256Sum,
+    pub size: u64,
+}
+
+impl DeltaSpec {
+    /// The delta as an artifact to download (a zstd-compressed tar).
+    pub fn artifact(&self, build: &str) -> BuildSpec {
+        BuildSpec {
+            build: format!("{build}.delta"),
+            urls: self.urls.clone(),
+            sha256: self.sha256.clone(),
+            size: self.size,
+            format: Format::TarZst,
+        }
+    }
+
+    /// The manifest's wire form: `base`, `url`, `mirrors`, `sha256`, `size`.
+    pub fn to_json(&self) -> serde_json::Map<String, Value> {
+        let mut m = self.artifact("x").to_json();
+        m.remove("build");
+        m.remove("format");
+        m.insert("base".into(), Value::from(self.base.as_str()));
+        m
+    }
+
+    fn from_object(
+        obj: &Map<String, Value>,
+        policy: UrlPolicy,
+    ) -> Result<DeltaSpec, ManifestError> {
+        let digest = |field: &str| match obj.get(field) {
+            Some(Value::String(s)) => {
+                Sha256Sum::parse(s).ok_or_else(|| err(field, "must be 64 hex digits"))
+            }
+            _ => Err(err(field, "must be a string of 64 hex digits")),
+        };
+        Ok(DeltaSpec {
+            base: digest("base")?,
+            urls: url_fields(obj, policy)?,
+            sha256: digest("sha256")?,
+            size: obj
+                .get("size")
+                .and_then(Value::as_u64)
+                .filter(|n| *n > 0 && *n <= 1 << 44)
+                .ok_or_else(|| err("size", "must be a whole number of bytes, 1 to 16 TiB"))?,
+        })
+    }
 }
 
 /// Why a manifest was rejected; always names the field.
@@ -254,6 +314,14 @@ impl Manifest {
                         .map_err(|e| err(&format!("previous.{}", e.field), e.reason))?,
                 ),
                 Some(_) => return Err(err("previous", "must be an object like the manifest")),
+            },
+            delta: match obj.get("delta") {
+                None | Some(Value::Null) => None,
+                Some(Value::Object(d)) => Some(
+                    DeltaSpec::from_object(d, policy)
+                        .map_err(|e| err(&format!("delta.{}", e.field), e.reason))?,
+                ),
+                Some(_) => return Err(err("delta", "must be an object")),
             },
         })
     }

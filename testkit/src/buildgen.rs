@@ -134,6 +134,21 @@ pub fn write_build(
     format: Format,
     out: &Path,
 ) -> Result<Artifact> {
+    write_build_changing(profile, seed, build_id, format, out, 0.1)
+}
+
+/// [`write_build`] where `changed` (0 to 1) of the source files differ
+/// between two build ids of the same seed (10% in `write_build`); assets
+/// and binaries are the same in every build. Two builds of one seed thus
+/// model consecutive deploys of a monolith (delta deploys).
+pub fn write_build_changing(
+    profile: BuildProfile,
+    seed: u64,
+    build_id: &str,
+    format: Format,
+    out: &Path,
+    changed: f64,
+) -> Result<Artifact> {
     let tmp = out.with_extension("partial-gen");
     let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let hashing = HashWriter {
@@ -144,17 +159,17 @@ pub fn write_build(
     let io = |e: std::io::Error| Error::io(&tmp, e);
     let (entries, unpacked_bytes, hw) = match format {
         Format::Tar => {
-            let (e, b, w) = fill(profile, seed, build_id, hashing).map_err(io)?;
+            let (e, b, w) = fill(profile, seed, build_id, changed, hashing).map_err(io)?;
             (e, b, w)
         }
         Format::TarGz => {
             let enc = flate2::write::GzEncoder::new(hashing, flate2::Compression::new(6));
-            let (e, b, enc) = fill(profile, seed, build_id, enc).map_err(io)?;
+            let (e, b, enc) = fill(profile, seed, build_id, changed, enc).map_err(io)?;
             (e, b, enc.finish().map_err(io)?)
         }
         Format::TarZst => {
             let enc = zstd::Encoder::new(hashing, 3).map_err(io)?;
-            let (e, b, enc) = fill(profile, seed, build_id, enc).map_err(io)?;
+            let (e, b, enc) = fill(profile, seed, build_id, changed, enc).map_err(io)?;
             (e, b, enc.finish().map_err(io)?)
         }
     };
@@ -178,6 +193,7 @@ fn fill<W: Write>(
     p: BuildProfile,
     seed: u64,
     build_id: &str,
+    changed_fraction: f64,
     w: W,
 ) -> std::io::Result<(u64, u64, W)> {
     let mut tar = tar::Builder::new(w);
@@ -228,9 +244,12 @@ fn fill<W: Write>(
         // source tree.
         let u: f64 = content_rng.gen();
         let len = 1024 + (u * u * u * (19.0 * 1024.0)) as usize;
-        let changed = change_rng.gen_bool(0.1);
+        let changed = change_rng.gen_bool(changed_fraction.clamp(0.0, 1.0));
         let tag = if changed { build_id } else { "base" };
-        text(&mut content_rng, len, tag, &mut buf);
+        // Each file's words come from its own generator, so a changed file
+        // (a longer or shorter header) does not shift every later file.
+        let mut file_rng = StdRng::seed_from_u64(content_rng.gen());
+        text(&mut file_rng, len, tag, &mut buf);
         add(&mut tar, &format!("{dir}/f{i:05}.php"), &buf, 0o644)?;
         entries += 1;
         bytes += len as u64;

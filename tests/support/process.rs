@@ -130,3 +130,42 @@ pub fn write_config(
     std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     path
 }
+
+/// `deploy-agent run --config <config>` with info logs appended to `log`
+/// (text format), no notify socket: the agent as the SIGKILL tests run it.
+pub fn spawn_run(bin: &Path, config: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(bin)
+        .args(["--log-format", "text", "run", "--config"])
+        .arg(config)
+        .env("DEPLOY_AGENT_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `root/current/BUILD` names `build`; on timeout panics with
+/// the tail of the agent's `log`.
+pub async fn wait_served(root: &Path, build: &str, limit: Duration, log: &Path) {
+    let start = Instant::now();
+    while std::fs::read_to_string(root.join("current/BUILD"))
+        .ok()
+        .as_deref()
+        != Some(build)
+    {
+        if start.elapsed() > limit {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            panic!("{build} not served after {limit:?}; agent log tail:\n{tail}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -23,6 +23,7 @@ pub use tokio_util::sync::CancellationToken;
 use crate::error::{Error, Result};
 
 use super::cache::ArtifactCache;
+use super::sha256::check;
 
 /// Largest chunk handed to one range request. Small enough that the
 /// in-order prefix (the watermark) advances at close to the full download
@@ -332,6 +333,22 @@ impl Partial {
     pub fn stop(&self) {
         self.chunks.abort();
         self.persist();
+    }
+
+    /// For a partial downloaded whole (nothing read it while it arrived):
+    /// hashes the file, then commits it like [`Partial::commit`], or
+    /// deletes it when size or digest do not match.
+    pub fn verify_and_commit(&self, cache: &ArtifactCache, spec: &BuildSpec) -> Result<PathBuf> {
+        let mut file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+        let size = std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io(&self.path, e))?;
+        let digest: [u8; 32] = sha2::Digest::finalize(hasher).into();
+        let source = spec.urls.join(", ");
+        if let Err(e) = check(&source, &spec.sha256.to_bytes(), spec.size, &digest, size) {
+            self.discard();
+            return Err(e);
+        }
+        self.commit(cache, &spec.sha256)
     }
 
     /// The digest matched: the partial becomes the cache entry `<sha256>`

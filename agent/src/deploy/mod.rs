@@ -264,6 +264,9 @@ pub struct DeployRecord {
     /// After a failed health check: the build the agent flipped back to.
     #[serde(default)]
     pub rolled_back_to: Option<String>,
+    /// The cold slot was built from a delta and the base slot's files.
+    #[serde(default)]
+    pub from_delta: bool,
 }
 
 impl DeployRecord {
@@ -283,6 +286,7 @@ impl DeployRecord {
             slot: None,
             error: None,
             rolled_back_to: None,
+            from_delta: false,
         }
     }
 }
@@ -592,6 +596,7 @@ impl Deployer {
         };
         let limits = self.limits(m);
         let cached = self.cache.lookup(&m.spec.sha256);
+        let delta_base = cached.is_none().then(|| self.delta_base(m)).flatten();
         {
             let (cache, root, cold) =
                 (self.cache.clone(), self.root_path.clone(), cold_dir.clone());
@@ -611,37 +616,145 @@ impl Deployer {
         drain::wait_cold_slot(&cold_dir, &self.config.drain, cancel, holders).await?;
         run.obs.holders(&[]);
         not_cancelled(m, cancel, "claiming the cold slot")?;
-        let (slot, dir) = self.with_root(|r| r.claim_cold()).await?;
-        run.rec.slot = Some(slot);
+        let claimed = self.with_root(|r| r.claim_cold()).await?;
+        run.rec.slot = Some(claimed.0);
         run.step(Event::ColdSlotFree)?;
 
-        // downloading: fetch, verify and unpack overlap.
-        let outcome = crate::deploy::pipeline::fetch_and_unpack(
-            &self.client,
-            &m.spec,
-            &self.cache,
-            cached,
-            &dir,
-            &self.fetch,
-            &limits,
-            self.progress.clone(),
-            cancel.clone(),
-        )
-        .await?;
-        run.rec.from_cache = outcome.from_cache;
+        let (slot, entries, bytes) = self
+            .download_and_unpack(m, claimed, delta_base, cached, &limits, cancel, run)
+            .await?;
         run.step(Event::Fetched)?;
 
         // unpacking: durable, then marked. Not cancelled: it is short and
         // leaves a reusable slot.
         let info = BuildInfo {
             build_id: m.spec.build.clone(),
-            sha256: Some(outcome.sha256.clone()),
-            entries: outcome.stats.entries,
-            bytes: outcome.stats.bytes_written,
+            sha256: Some(m.spec.sha256.to_string()),
+            entries,
+            bytes,
         };
         self.with_root(move |r| r.mark_ready(slot, info)).await?;
         run.step(Event::Marked)?;
         Ok(slot)
+    }
+
+    /// downloading: from a delta when this host has its base, else (or when
+    /// the delta does not fit) fetch, verify and unpack overlapped. Returns
+    /// the slot built (a failed delta re-claims it) with its entries and bytes.
+    #[allow(clippy::too_many_arguments)] // the steps of one phase, kept flat
+    async fn download_and_unpack(
+        &self,
+        m: &Manifest,
+        claimed: (Slot, PathBuf),
+        delta_base: Option<PathBuf>,
+        cached: Option<PathBuf>,
+        limits: &UnpackLimits,
+        cancel: &CancellationToken,
+        run: &mut Run<'_>,
+    ) -> Result<(Slot, u64, u64)> {
+        let (mut slot, mut dir) = claimed;
+        let mut built = None;
+        if let Some(base_dir) = delta_base {
+            match self.apply_delta(m, base_dir, &dir, limits, cancel).await {
+                Ok(done) => built = Some(done),
+                Err(e) if matches!(e, Error::Cancelled { .. }) || cancel.is_cancelled() => {
+                    return Err(e)
+                }
+                Err(e) => {
+                    warn!(error = %e, "delta not used; downloading the full artifact");
+                    run.rec.error = Some(ErrorRecord {
+                        message: crate::redact::message(&e.to_string()),
+                        at: now_secs(),
+                        build: Some(m.spec.build.clone()),
+                    });
+                    (slot, dir) = self.with_root(|r| r.claim_cold()).await?;
+                }
+            }
+        }
+        let (entries, bytes) = match built {
+            Some(done) => {
+                run.rec.from_delta = true;
+                done
+            }
+            None => {
+                let outcome = crate::deploy::pipeline::fetch_and_unpack(
+                    &self.client,
+                    &m.spec,
+                    &self.cache,
+                    cached,
+                    &dir,
+                    &self.fetch,
+                    limits,
+                    self.progress.clone(),
+                    cancel.clone(),
+                )
+                .await?;
+                run.rec.from_cache = outcome.from_cache;
+                (outcome.stats.entries, outcome.stats.bytes_written)
+            }
+        };
+        Ok((slot, entries, bytes))
+    }
+
+    /// The hot slot's directory when it holds the base of `m`'s delta. The
+    /// cold slot cannot serve as the base: it is the one being rebuilt.
+    fn delta_base(&self, m: &Manifest) -> Option<PathBuf> {
+        let delta = m.delta.as_ref()?;
+        let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
+        let hot = root.hot()?;
+        let base = root.marker(hot)?.build.sha256.clone()?;
+        (delta.base == *base).then(|| root.slot_path(hot))
+    }
+
+    /// Downloads (or takes from the cache) `m`'s delta and builds the target
+    /// in `dir` from it and the base slot. Returns (entries, bytes).
+    async fn apply_delta(
+        &self,
+        m: &Manifest,
+        base_dir: PathBuf,
+        dir: &std::path::Path,
+        limits: &UnpackLimits,
+        cancel: &CancellationToken,
+    ) -> Result<(u64, u64)> {
+        let Some(delta) = m.delta.clone() else {
+            return Err(Error::Internal("no delta in the manifest".into()));
+        };
+        let spec = delta.artifact(&m.spec.build);
+        let _pin = self.cache.pin(&spec.sha256);
+        info!(base = %delta.base, size = delta.size, "deploying from a delta");
+        let path = match self.cache.lookup(&spec.sha256) {
+            Some(p) => p,
+            None => {
+                crate::deploy::pipeline::fetch_to_cache(
+                    &self.client,
+                    &spec,
+                    &self.cache,
+                    &self.fetch,
+                    self.progress.clone(),
+                    cancel.clone(),
+                )
+                .await?
+            }
+        };
+        let (dir, limits, progress) = (dir.to_path_buf(), *limits, self.progress.clone());
+        let target = m.spec.sha256.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            crate::unpack::delta::apply(
+                &path,
+                &base_dir,
+                &dir,
+                (&delta.base, &target),
+                &limits,
+                &progress,
+            )
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+        let entries = applied.unpacked.entries + applied.linked + applied.copied;
+        Ok((
+            entries,
+            applied.unpacked.bytes_written + applied.linked_bytes,
+        ))
     }
 
     /// draining, flipping: the pre-flip hook, the hot slot's drain, the

@@ -134,6 +134,41 @@ pub async fn fetch_and_unpack(
     })
 }
 
+/// Downloads `spec` whole into the cache (resuming a partial), verifies
+/// its size and digest and returns the cache entry. For artifacts used
+/// only once complete, such as a delta.
+pub async fn fetch_to_cache(
+    client: &reqwest::Client,
+    spec: &BuildSpec,
+    cache: &ArtifactCache,
+    settings: &FetchSettings,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+) -> Result<PathBuf> {
+    progress.reset(spec.size);
+    let partial = open_partial(spec, cache, settings).await?;
+    let mut stop = StopOnDrop(Some(Arc::clone(&partial)));
+    let downloaded = download(
+        client,
+        spec,
+        Arc::clone(&partial),
+        settings,
+        progress,
+        cancel,
+    )
+    .await;
+    stop.0 = None;
+    if let Err(e) = downloaded {
+        partial.stop();
+        if matches!(e, Error::SizeMismatch { .. }) {
+            partial.discard();
+        }
+        return Err(e);
+    }
+    let (cache, spec) = (cache.clone(), spec.clone());
+    blocking(move || partial.verify_and_commit(&cache, &spec)).await
+}
+
 /// Opens (resuming) the partial download of `spec` in the cache.
 async fn open_partial(
     spec: &BuildSpec,

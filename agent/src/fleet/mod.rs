@@ -126,6 +126,8 @@ pub fn effective(m: &Manifest, host_id: &str) -> (Decision, Option<Manifest>) {
         percent: None,
         salt: None,
         previous: None,
+        // The delta leads to `spec`; a host going to `previous` has no use for it.
+        delta: m.delta.clone().filter(|_| *s == m.spec),
     });
     (d, chosen)
 }
@@ -154,6 +156,7 @@ mod tests {
             percent,
             salt: None,
             previous,
+            delta: None,
         }
     }
 

@@ -20,6 +20,8 @@
 //! and is cleared before the next use. Nothing is fsynced here; the caller
 //! runs one `syncfs` over the slot after a successful unpack.
 
+pub mod delta;
+
 use std::collections::HashMap;
 use std::fs::{File, FileTimes, OpenOptions, Permissions};
 use std::io::{self, Read, Write};

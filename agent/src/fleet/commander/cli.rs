@@ -77,6 +77,17 @@ pub enum ReleaseAction {
         /// Start at this percentage (0-100) instead of everyone at once.
         #[arg(long)]
         percent: Option<f64>,
+        /// Also publish a delta from this local artifact (the build hosts
+        /// run now) to --artifact: hosts running it download only what
+        /// changed. Written next to --artifact as `<artifact>.delta.tar.zst`.
+        #[arg(long, requires_all = ["artifact", "delta_url"])]
+        delta_from: Option<PathBuf>,
+        /// Where hosts download the delta.
+        #[arg(long, requires = "delta_from")]
+        delta_url: Option<String>,
+        /// The base artifact's format (default: --format).
+        #[arg(long)]
+        delta_from_format: Option<String>,
     },
     /// Raise (or lower) the rollout percentage.
     Promote {
@@ -246,6 +257,26 @@ fn block(fut: impl std::future::Future<Output = Result<()>>) -> u8 {
     }
 }
 
+/// Writes the delta from `base` to `target` as `<target>.delta.tar.zst`
+/// and describes it for the manifest.
+async fn write_delta(
+    base: (PathBuf, Format),
+    target: (PathBuf, Format),
+    url: String,
+) -> Result<crate::manifest::DeltaSpec> {
+    let out = PathBuf::from(format!("{}.delta.tar.zst", target.0.display()));
+    let (d, info) = tokio::task::spawn_blocking(move || {
+        release::delta_spec((&base.0, base.1), (&target.0, target.1), &out, &url)
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))??;
+    println!(
+        "delta: {} bytes, {} of {} entries reused from the base",
+        info.size, info.shared, info.entries
+    );
+    Ok(d)
+}
+
 /// Runs `deploy-agent release ...`; returns the exit code.
 pub fn run_release(cmd: ReleaseCommand) -> u8 {
     block(async move {
@@ -261,10 +292,23 @@ pub fn run_release(cmd: ReleaseCommand) -> u8 {
                 size,
                 format,
                 percent,
+                delta_from,
+                delta_url,
+                delta_from_format,
             } => {
                 let format = parse_format(&r, &format)?;
+                let base_format = match delta_from_format {
+                    Some(f) => parse_format(&r, &f)?,
+                    None => format,
+                };
+                let delta = match (delta_from, delta_url, artifact.clone()) {
+                    (Some(base), Some(url), Some(target)) => {
+                        Some(write_delta((base, base_format), (target, format), url).await?)
+                    }
+                    _ => None,
+                };
                 let spec = publish_spec(&r, build, artifact, url, sha256, size, format).await?;
-                let i = r.publish(&spec, percent).await?;
+                let i = r.publish_with_delta(&spec, percent, delta.as_ref()).await?;
                 println!(
                     "published {} ({} bytes, sha256 {}) to {} at {}% (index {i})",
                     spec.build,

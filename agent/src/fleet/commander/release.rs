@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::clock::now_secs;
 use crate::consul::{ConsulClient, QueryOptions};
 use crate::error::{Error, Result};
-use crate::manifest::{BuildSpec, Format, Manifest, UrlPolicy};
+use crate::manifest::{BuildSpec, DeltaSpec, Format, Manifest, UrlPolicy};
 
 /// The keys a commander works on.
 #[derive(Debug, Clone)]
@@ -43,6 +43,26 @@ pub struct Shown {
     pub manifest: Option<Value>,
     pub modify_index: Option<u64>,
     pub freeze: Option<Value>,
+}
+
+/// Writes the delta from the local `base` artifact to the local `target`
+/// artifact into `out` and describes it for the manifest: hosts running
+/// the base download it from `url` instead of the whole target.
+pub fn delta_spec(
+    base: (&Path, Format),
+    target: (&Path, Format),
+    out: &Path,
+    url: &str,
+) -> Result<(DeltaSpec, crate::unpack::delta::DeltaInfo)> {
+    let info = crate::unpack::delta::write(base, target, out)?;
+    let base_sha = spec_from_artifact("base", base.0, url, base.1)?.sha256;
+    let spec = DeltaSpec {
+        base: base_sha,
+        urls: vec![url.to_string()],
+        sha256: info.sha256.clone(),
+        size: info.size,
+    };
+    Ok((spec, info))
 }
 
 /// Builds a spec from a local artifact: its sha256 and size are computed
@@ -183,8 +203,21 @@ impl Release {
 
     /// `release publish`.
     pub async fn publish(&self, spec: &BuildSpec, percent: Option<f64>) -> Result<u64> {
+        self.publish_with_delta(spec, percent, None).await
+    }
+
+    /// `publish`, with the delta to `spec` for hosts that run its base.
+    pub async fn publish_with_delta(
+        &self,
+        spec: &BuildSpec,
+        percent: Option<f64>,
+        delta: Option<&DeltaSpec>,
+    ) -> Result<u64> {
         let cur = self.read().await?;
-        let m = self.published(cur.as_ref(), spec, percent)?;
+        let mut m = self.published(cur.as_ref(), spec, percent)?;
+        if let Some(d) = delta {
+            m.insert("delta".into(), Value::Object(d.to_json()));
+        }
         self.write(&m, cur.map_or(0, |c| c.modify_index)).await
     }
 

@@ -1,0 +1,488 @@
+//! Delta artifacts: what changed between two builds, and how a host that
+//! runs the base builds the target from it.
+//!
+//! A delta is a zstd-compressed tar. Its first entry, [`INDEX_NAME`], is a
+//! JSON [`DeltaIndex`]: the base and target artifacts' sha256, and every
+//! regular file the target shares with the base (same path, content, mode
+//! and mtime) with its size and sha256. The other entries are the target's
+//! own tar entries minus those shared files: directories, symlinks, hard
+//! links and every new or changed file, in the target's order. The manifest
+//! commits to the delta's sha256, so the index (and through it every shared
+//! file's digest) is covered by the manifest and its signature.
+//!
+//! Applying it (`apply`): every shared file in the base slot is hashed and
+//! compared with the index *before* anything is written (a file edited in
+//! place in the base fails the delta, and the caller downloads the full
+//! artifact); then the rest of the delta goes through the same defensive
+//! unpacker as a full artifact, and the shared files are hard-linked from
+//! the base slot. Linking is safe because a file is shared only when its
+//! mode and mtime match as well as its content, so the linked inode is
+//! bit-for-bit the file a full unpack would write; a link across
+//! filesystems falls back to a copy. Directory mtimes are set last, from
+//! the index, as a full unpack leaves them.
+//!
+//! Crash guarantees: as for a full unpack. `apply` writes only into the
+//! claimed cold slot and the base slot is only read (its files gain a link
+//! count); a crash leaves an unmarked cold slot, which is garbage.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tracing::info;
+
+use super::{dir_mode, file_mode, unpack, UnpackLimits, UnpackStats};
+use crate::error::{Error, Result};
+use crate::manifest::{Format, Sha256Sum};
+use crate::progress::Progress;
+
+/// The index's name inside the delta: not a path a build can use.
+pub const INDEX_NAME: &str = ".deploy-delta/index.json";
+/// Largest index accepted: about 2 M shared files.
+const MAX_INDEX_BYTES: u64 = 256 << 20;
+const VERSION: u32 = 1;
+
+/// The first entry of a delta.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaIndex {
+    pub version: u32,
+    /// sha256 of the base build's full artifact.
+    pub base: Sha256Sum,
+    /// sha256 of the target build's full artifact (the build's identity).
+    pub target: Sha256Sum,
+    /// Files taken from the base slot, in the target's order.
+    pub shared: Vec<SharedFile>,
+    /// Every directory of the target with its mtime, set after linking.
+    pub dirs: Vec<(String, u64)>,
+}
+
+/// A regular file the target shares with the base.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedFile {
+    pub path: String,
+    pub size: u64,
+    pub sha256: Sha256Sum,
+    pub mode: u32,
+    pub mtime: u64,
+}
+
+/// What [`write`] produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaInfo {
+    pub sha256: Sha256Sum,
+    pub size: u64,
+    /// Entries of the target (files, directories, links).
+    pub entries: u64,
+    /// Files the target shares with the base.
+    pub shared: u64,
+}
+
+/// What [`apply`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The unpack of the delta's own entries (written files among them).
+    pub unpacked: UnpackStats,
+    /// Files hard-linked from the base slot.
+    pub linked: u64,
+    /// Shared files copied instead (the base is on another filesystem).
+    pub copied: u64,
+    pub linked_bytes: u64,
+}
+
+// ---- publishing ----
+
+/// One regular file of an artifact, as the delta compares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileKey {
+    sha256: [u8; 32],
+    size: u64,
+    mode: u32,
+    mtime: u64,
+}
+
+/// Writes the delta from the base artifact to the target artifact into
+/// `out` (a temp name renamed into place).
+pub fn write(base: (&Path, Format), target: (&Path, Format), out: &Path) -> Result<DeltaInfo> {
+    let base_files = regular_files(base.0, base.1)?;
+    let (index, entries) = plan(&base_files, base.0, target)?;
+    let tmp = out.with_extension("partial-delta");
+    let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let io = |e: std::io::Error| Error::io(&tmp, e);
+    let encoder = zstd::Encoder::new(BufWriter::new(file), 3).map_err(io)?;
+    let mut tar = tar::Builder::new(encoder);
+    let json = serde_json::to_vec(&index).map_err(|e| Error::Internal(e.to_string()))?;
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(json.len() as u64);
+    tar.append_data(&mut h, INDEX_NAME, &json[..]).map_err(io)?;
+    let shared: HashSet<&str> = index.shared.iter().map(|f| f.path.as_str()).collect();
+    let mut archive = tar::Archive::new(decoder(target.0, target.1)?);
+    for entry in archive.entries().map_err(io)? {
+        let mut entry = entry.map_err(io)?;
+        let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        if shared.contains(path.as_str()) {
+            continue;
+        }
+        let mut header = entry.header().clone();
+        if let Some(long) = entry.link_name_bytes() {
+            let long = long.into_owned();
+            tar.append_link(&mut header, &path, bytes_path(&long))
+                .map_err(io)?;
+        } else {
+            tar.append_data(&mut header, &path, &mut entry)
+                .map_err(io)?;
+        }
+    }
+    let mut w = tar.into_inner().map_err(io)?.finish().map_err(io)?;
+    w.flush().map_err(io)?;
+    drop(w);
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    let (sha256, size) = hash_file(out)?;
+    Ok(DeltaInfo {
+        sha256,
+        size,
+        entries,
+        shared: index.shared.len() as u64,
+    })
+}
+
+/// The index of the delta from `base_files` to `target`, and the target's
+/// entry count. A file is shared when the base has it at the same path
+/// with the same content, mode and mtime, and no hard link in the target
+/// involves it (a link must point at a file the delta itself writes).
+fn plan(
+    base_files: &HashMap<String, FileKey>,
+    base: &Path,
+    target: (&Path, Format),
+) -> Result<(DeltaIndex, u64)> {
+    let io = |e: std::io::Error| Error::io(target.0, e);
+    let mut linked_paths = HashSet::new();
+    let mut candidates = Vec::new();
+    let mut dirs = Vec::new();
+    let mut entries = 0u64;
+    let mut archive = tar::Archive::new(decoder(target.0, target.1)?);
+    for entry in archive.entries().map_err(io)? {
+        let mut entry = entry.map_err(io)?;
+        entries += 1;
+        let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let header = entry.header();
+        let (mode, mtime) = (header.mode().unwrap_or(0), header.mtime().unwrap_or(0));
+        match header.entry_type() {
+            tar::EntryType::Directory if !normal(&path).is_empty() => {
+                dirs.push((normal(&path), mtime))
+            }
+            tar::EntryType::Link => {
+                linked_paths.insert(path);
+                if let Some(t) = entry.link_name_bytes() {
+                    linked_paths.insert(String::from_utf8_lossy(&t).into_owned());
+                }
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let key = file_key(&mut entry, mode, mtime).map_err(io)?;
+                if base_files.get(&path) == Some(&key) {
+                    candidates.push((path, key));
+                }
+            }
+            _ => {}
+        }
+    }
+    let shared = candidates
+        .into_iter()
+        .filter(|(p, _)| !linked_paths.contains(p))
+        .map(|(path, k)| SharedFile {
+            path,
+            size: k.size,
+            sha256: Sha256Sum::from_bytes(k.sha256),
+            mode: k.mode,
+            mtime: k.mtime,
+        })
+        .collect();
+    let index = DeltaIndex {
+        version: VERSION,
+        base: hash_file(base)?.0,
+        target: hash_file(target.0)?.0,
+        shared,
+        dirs,
+    };
+    Ok((index, entries))
+}
+
+/// Every regular file of an artifact by path.
+fn regular_files(path: &Path, format: Format) -> Result<HashMap<String, FileKey>> {
+    let io = |e: std::io::Error| Error::io(path, e);
+    let mut files = HashMap::new();
+    let mut archive = tar::Archive::new(decoder(path, format)?);
+    for entry in archive.entries().map_err(io)? {
+        let mut entry = entry.map_err(io)?;
+        let header = entry.header();
+        if !matches!(
+            header.entry_type(),
+            tar::EntryType::Regular | tar::EntryType::Continuous
+        ) {
+            continue;
+        }
+        let (mode, mtime) = (header.mode().unwrap_or(0), header.mtime().unwrap_or(0));
+        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        files.insert(name, file_key(&mut entry, mode, mtime).map_err(io)?);
+    }
+    Ok(files)
+}
+
+fn file_key(r: &mut impl Read, mode: u32, mtime: u64) -> std::io::Result<FileKey> {
+    let mut hasher = Sha256::new();
+    let size = std::io::copy(r, &mut hasher)?;
+    Ok(FileKey {
+        sha256: hasher.finalize().into(),
+        size,
+        mode,
+        mtime,
+    })
+}
+
+fn decoder(path: &Path, format: Format) -> Result<Box<dyn Read>> {
+    let f = BufReader::new(File::open(path).map_err(|e| Error::io(path, e))?);
+    Ok(match format {
+        Format::Tar => Box::new(f),
+        Format::TarGz => Box::new(flate2::read::MultiGzDecoder::new(f)),
+        Format::TarZst => {
+            Box::new(zstd::stream::read::Decoder::new(f).map_err(|e| Error::io(path, e))?)
+        }
+    })
+}
+
+fn hash_file(path: &Path) -> Result<(Sha256Sum, u64)> {
+    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let size = std::io::copy(&mut f, &mut hasher).map_err(|e| Error::io(path, e))?;
+    Ok((Sha256Sum::from_bytes(hasher.finalize().into()), size))
+}
+
+// ---- applying ----
+
+/// Builds the target in the empty, claimed `slot` from the verified delta
+/// file and the base build in `base_slot`. `base` and `target` are what
+/// the manifest says; a delta made for anything else is refused.
+pub fn apply(
+    delta: &Path,
+    base_slot: &Path,
+    slot: &Path,
+    expect: (&Sha256Sum, &Sha256Sum),
+    limits: &UnpackLimits,
+    progress: &Progress,
+) -> Result<Applied> {
+    let mut stream = zstd::stream::read::Decoder::new(BufReader::new(
+        File::open(delta).map_err(|e| Error::io(delta, e))?,
+    ))
+    .map_err(|e| Error::io(delta, e))?;
+    let index = read_index(&mut stream, delta)?;
+    if &index.base != expect.0 || &index.target != expect.1 {
+        return Err(refused(format!(
+            "it was made from base {} to {}, the manifest names base {} to {}",
+            short(&index.base),
+            short(&index.target),
+            short(expect.0),
+            short(expect.1)
+        )));
+    }
+    let shared = check_shared(&index.shared, base_slot)?;
+    let unpacked = unpack(stream, Format::Tar, slot, limits, progress)?;
+    let mut applied = Applied {
+        unpacked,
+        ..Applied::default()
+    };
+    for (file, rel) in index.shared.iter().zip(&shared) {
+        link_shared(&base_slot.join(rel), &slot.join(rel), file, &mut applied)?;
+        progress
+            .entries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    for (dir, mtime) in &index.dirs {
+        let full = slot.join(relative(dir)?);
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(*mtime);
+        if let Ok(f) = File::open(&full) {
+            let _ = f.set_modified(t);
+        }
+    }
+    info!(
+        linked = applied.linked,
+        copied = applied.copied,
+        written = applied.unpacked.files,
+        "delta applied"
+    );
+    Ok(applied)
+}
+
+/// Reads the index, the delta's first entry, without going past it: the
+/// rest of the stream is a tar of the delta's own entries.
+fn read_index(stream: &mut impl Read, delta: &Path) -> Result<DeltaIndex> {
+    let mut block = [0u8; 512];
+    stream
+        .read_exact(&mut block)
+        .map_err(|e| refused(format!("cannot read its index: {e}")))?;
+    let header = tar::Header::from_byte_slice(&block);
+    let name = header.path_bytes();
+    if name.as_ref() != INDEX_NAME.as_bytes() {
+        return Err(refused(format!(
+            "its first entry is {:?}, not {INDEX_NAME}",
+            String::from_utf8_lossy(&name)
+        )));
+    }
+    let size = header
+        .entry_size()
+        .ok()
+        .filter(|s| *s <= MAX_INDEX_BYTES)
+        .ok_or_else(|| refused("its index is too large".into()))?;
+    let mut json = vec![0u8; size as usize];
+    stream
+        .read_exact(&mut json)
+        .map_err(|e| Error::io(delta, e))?;
+    let pad = (512 - size % 512) % 512;
+    std::io::copy(&mut stream.take(pad), &mut std::io::sink()).map_err(|e| Error::io(delta, e))?;
+    let index: DeltaIndex =
+        serde_json::from_slice(&json).map_err(|e| refused(format!("its index: {e}")))?;
+    if index.version != VERSION {
+        return Err(refused(format!(
+            "index version {} is not {VERSION}",
+            index.version
+        )));
+    }
+    Ok(index)
+}
+
+/// Hashes every shared file in the base slot and compares it with the
+/// index, before anything is written: a base edited in place must not end
+/// up in the target. Returns the validated relative paths.
+fn check_shared(shared: &[SharedFile], base_slot: &Path) -> Result<Vec<PathBuf>> {
+    let rels = shared
+        .iter()
+        .map(|f| relative(&f.path))
+        .collect::<Result<Vec<_>>>()?;
+    // Two threads: hashing the shared files is most of a delta's CPU.
+    let half = shared.len() / 2;
+    let (a, b) = (&shared[..half], &shared[half..]);
+    let (ra, rb) = (&rels[..half], &rels[half..]);
+    let (first, second) = std::thread::scope(|s| {
+        let t = s.spawn(|| verify_all(a, ra, base_slot));
+        let second = verify_all(b, rb, base_slot);
+        (
+            t.join()
+                .unwrap_or_else(|_| Err(refused("a hashing thread panicked".into()))),
+            second,
+        )
+    });
+    first.and(second)?;
+    Ok(rels)
+}
+
+fn verify_all(files: &[SharedFile], rels: &[PathBuf], base_slot: &Path) -> Result<()> {
+    let mut buf = vec![0u8; 256 << 10];
+    for (f, rel) in files.iter().zip(rels) {
+        verify_one(f, &base_slot.join(rel), &mut buf)?;
+    }
+    Ok(())
+}
+
+fn verify_one(f: &SharedFile, full: &Path, buf: &mut [u8]) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let tampered = |why: String| Error::DeltaBaseChanged {
+        path: full.to_path_buf(),
+        why,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(full)
+        .map_err(|e| tampered(format!("cannot open it: {e}")))?;
+    let meta = file.metadata().map_err(|e| Error::io(full, e))?;
+    if !meta.is_file() || meta.len() != f.size {
+        return Err(tampered(format!(
+            "{} bytes, the index says {}",
+            meta.len(),
+            f.size
+        )));
+    }
+    if meta.mode() & 0o7777 != file_mode(f.mode) || meta.mtime() != f.mtime as i64 {
+        return Err(tampered("its mode or mtime changed".into()));
+    }
+    let mut hasher = Sha256::new();
+    loop {
+        let n = file.read(buf).map_err(|e| Error::io(full, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    if Sha256Sum::from_bytes(hasher.finalize().into()) != f.sha256 {
+        return Err(tampered("its content changed".into()));
+    }
+    Ok(())
+}
+
+/// Links (or, across filesystems, copies) one verified shared file.
+fn link_shared(from: &Path, to: &Path, f: &SharedFile, applied: &mut Applied) -> Result<()> {
+    if let Some(parent) = to.parent() {
+        // A directory the target tar only implies; the unpacker makes those
+        // 0755 too.
+        if !parent.is_dir() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(dir_mode(0o755))
+                .create(parent)
+                .map_err(|e| Error::io(parent, e))?;
+        }
+    }
+    match std::fs::hard_link(from, to) {
+        Ok(()) => applied.linked += 1,
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            std::fs::copy(from, to).map_err(|e| Error::io(to, e))?;
+            let t = SystemTime::UNIX_EPOCH + Duration::from_secs(f.mtime);
+            File::options()
+                .write(true)
+                .open(to)
+                .and_then(|file| file.set_modified(t))
+                .map_err(|e| Error::io(to, e))?;
+            applied.copied += 1;
+        }
+        Err(e) => return Err(Error::io(to, e)),
+    }
+    applied.linked_bytes += f.size;
+    Ok(())
+}
+
+/// A path the index names, relative and without `..`.
+fn relative(path: &str) -> Result<PathBuf> {
+    let p = Path::new(path);
+    let ok = !path.is_empty()
+        && p.components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    if ok {
+        Ok(p.components().collect())
+    } else {
+        Err(refused(format!("its index names the path {path:?}")))
+    }
+}
+
+fn normal(path: &str) -> String {
+    path.trim_end_matches('/')
+        .trim_start_matches("./")
+        .to_string()
+}
+
+fn bytes_path(bytes: &[u8]) -> &Path {
+    use std::os::unix::ffi::OsStrExt;
+    Path::new(std::ffi::OsStr::from_bytes(bytes))
+}
+
+fn short(d: &Sha256Sum) -> &str {
+    &d.as_str()[..12]
+}
+
+fn refused(reason: String) -> Error {
+    Error::DeltaRefused { reason }
+}

@@ -1,0 +1,289 @@
+//! Delta deploys: a host running the base build downloads only the delta,
+//! links the unchanged files from its hot slot and ends with a cold slot
+//! bit-identical (paths, types, modes, mtimes, contents, link targets) to a
+//! full unpack; a base edited in place, or a delta made for another base,
+//! makes it download the full artifact instead; a SIGKILL in the middle of a
+//! delta deploy recovers like one in a full deploy.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::Digest;
+
+use deploy_agent::config::UnpackLimits;
+use deploy_agent::fleet::commander::release::delta_spec;
+use deploy_agent::manifest::{DeltaSpec, Format};
+use deploy_agent::progress::Progress;
+use deploy_agent::unpack::unpack;
+use deploy_agent_tests::agent::Harness;
+use deploy_agent_tests::agent_bin;
+use deploy_agent_tests::process::{spawn_run, wait_served, write_config};
+use testkit::buildgen::{self, Artifact, BuildProfile};
+use testkit::testserver::artifact::{Fault, FaultRule};
+
+const FORMAT: Format = Format::TarGz;
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// One published build: its artifact on disk and what the server serves.
+struct Build {
+    id: String,
+    path: PathBuf,
+    artifact: Artifact,
+    url_path: String,
+}
+
+/// Generates build `id` (1% of its sources differ from every other build
+/// of the seed) and serves it.
+fn build(
+    dir: &Path,
+    server: &testkit::testserver::artifact::ArtifactServer,
+    id: &str,
+    profile: BuildProfile,
+) -> Build {
+    let path = dir.join(format!("{id}.tar.gz"));
+    let artifact = buildgen::write_build_changing(profile, 7, id, FORMAT, &path, 0.01).unwrap();
+    let url_path = format!("/b/{id}.tar.gz");
+    server.add(&url_path, std::fs::read(&path).unwrap());
+    Build {
+        id: id.into(),
+        path,
+        artifact,
+        url_path,
+    }
+}
+
+/// Writes and serves the delta from `base` to `target`.
+fn delta(
+    dir: &Path,
+    server: &testkit::testserver::artifact::ArtifactServer,
+    base: &Build,
+    target: &Build,
+) -> (DeltaSpec, String) {
+    let out = dir.join(format!("{}-from-{}.delta.tar.zst", target.id, base.id));
+    let url_path = format!("/d/{}-from-{}.tar.zst", target.id, base.id);
+    let (spec, _) = delta_spec(
+        (&base.path, FORMAT),
+        (&target.path, FORMAT),
+        &out,
+        &server.url(&url_path),
+    )
+    .unwrap();
+    server.add(&url_path, std::fs::read(&out).unwrap());
+    (spec, url_path)
+}
+
+fn manifest(
+    server: &testkit::testserver::artifact::ArtifactServer,
+    b: &Build,
+    delta: Option<&DeltaSpec>,
+) -> String {
+    let m = buildgen::manifest_json(&b.id, &server.url(&b.url_path), &b.artifact, FORMAT);
+    let mut v: serde_json::Value = serde_json::from_str(&m).unwrap();
+    if let Some(d) = delta {
+        v["delta"] = serde_json::Value::Object(d.to_json());
+    }
+    v.to_string()
+}
+
+/// Everything a full unpack determines about a tree, by relative path.
+fn tree(root: &Path) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_path_buf();
+            let what = if m.file_type().is_symlink() {
+                format!("link {:?}", std::fs::read_link(&p).unwrap())
+            } else if m.is_dir() {
+                stack.push(p.clone());
+                format!("dir {:o} {}", m.mode() & 0o7777, m.mtime())
+            } else {
+                let digest = hex::encode(sha2::Sha256::digest(std::fs::read(&p).unwrap()));
+                format!("file {:o} {} {digest}", m.mode() & 0o7777, m.mtime())
+            };
+            out.insert(rel, what);
+        }
+    }
+    out
+}
+
+/// A full unpack of `b` into a fresh directory, the reference a delta must match.
+fn full_unpack(dir: &Path, b: &Build) -> PathBuf {
+    let slot = dir.join(format!("reference-{}", b.id));
+    std::fs::create_dir(&slot).unwrap();
+    let f = std::fs::File::open(&b.path).unwrap();
+    unpack(
+        f,
+        FORMAT,
+        &slot,
+        &UnpackLimits::default(),
+        &Progress::default(),
+    )
+    .unwrap();
+    slot
+}
+
+/// The live slot's directory (`current` resolved).
+fn live_slot(root: &Path) -> PathBuf {
+    root.join(std::fs::read_link(root.join("current")).unwrap())
+}
+
+/// `(b1 live, b2 served with a delta from b1)`.
+async fn live_with_delta(profile: BuildProfile) -> (Harness, Build, Build, DeltaSpec, String) {
+    deploy_agent_tests::agent::capture_logs();
+    let mut h = Harness::new(|_| {}).await;
+    h.start_agent().await;
+    let dir = h.tmp.path().to_path_buf();
+    let b1 = build(&dir, &h.artifacts, "b1", profile);
+    let b2 = build(&dir, &h.artifacts, "b2", profile);
+    h.publish(&manifest(&h.artifacts, &b1, None));
+    h.wait_live("b1", LIMIT).await;
+    let (d, delta_path) = delta(&dir, &h.artifacts, &b1, &b2);
+    (h, b1, b2, d, delta_path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_deploy_downloads_what_changed_and_matches_a_full_unpack() {
+    let (h, _b1, b2, d, _) = live_with_delta(BuildProfile::DEMO).await;
+    h.artifacts.reset_stats();
+    h.publish(&manifest(&h.artifacts, &b2, Some(&d)));
+    let rec = h.wait_live("b2", LIMIT).await;
+    assert!(rec.from_delta, "{rec:?}");
+    let sent = h.artifacts.stats().bytes_sent;
+    assert_eq!(sent, d.size, "only the delta is downloaded");
+    assert!(
+        d.size * 20 < b2.artifact.size,
+        "delta {} bytes for a {} byte artifact",
+        d.size,
+        b2.artifact.size
+    );
+    let live = live_slot(&h.root);
+    let reference = full_unpack(h.tmp.path(), &b2);
+    assert_eq!(
+        tree(&live),
+        tree(&reference),
+        "the delta-built slot differs from a full unpack"
+    );
+    // Most files are the base slot's inodes, linked.
+    let linked = tree(&live)
+        .keys()
+        .filter(|p| {
+            let m = std::fs::symlink_metadata(live.join(p)).unwrap();
+            m.is_file() && m.nlink() >= 2
+        })
+        .count();
+    assert!(
+        linked * 10 > b2.artifact.entries as usize * 9,
+        "{linked} linked files"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_base_file_edited_in_place_makes_the_agent_write_the_full_build() {
+    let (h, _b1, b2, d, _) = live_with_delta(BuildProfile::TINY).await;
+    // Someone edits a file the delta would reuse, in the live slot.
+    let live = live_slot(&h.root);
+    let victim = live.join("app/assets/a0000.bin");
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&victim, &bytes).unwrap();
+    h.artifacts.reset_stats();
+    h.publish(&manifest(&h.artifacts, &b2, Some(&d)));
+    let rec = h.wait_live("b2", LIMIT).await;
+    assert!(
+        !rec.from_delta,
+        "the delta must not be used on a changed base"
+    );
+    assert!(
+        h.artifacts.stats().bytes_sent >= b2.artifact.size,
+        "the full artifact is downloaded"
+    );
+    let logs = deploy_agent_tests::agent::captured_logs();
+    assert!(logs.contains("is not the base build's"), "{logs}");
+    let reference = full_unpack(h.tmp.path(), &b2);
+    assert_eq!(tree(&live_slot(&h.root)), tree(&reference));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_made_for_another_base_is_refused_and_the_full_artifact_used() {
+    let (h, b1, b2, _, _) = live_with_delta(BuildProfile::TINY).await;
+    let dir = h.tmp.path().to_path_buf();
+    let b0 = build(&dir, &h.artifacts, "b0", BuildProfile::TINY);
+    // Made from b0, but the manifest claims it applies to b1 (which is live).
+    let (mut wrong, _) = delta(&dir, &h.artifacts, &b0, &b2);
+    wrong.base = b1.artifact.sha256.parse().unwrap();
+    h.publish(&manifest(&h.artifacts, &b2, Some(&wrong)));
+    let rec = h.wait_live("b2", LIMIT).await;
+    assert!(!rec.from_delta);
+    let logs = deploy_agent_tests::agent::captured_logs();
+    assert!(logs.contains("delta artifact refused"), "{logs}");
+    let reference = full_unpack(h.tmp.path(), &b2);
+    assert_eq!(tree(&live_slot(&h.root)), tree(&reference));
+}
+
+/// The real binary, killed with SIGKILL in the middle of delta deploys
+/// (the delta trickles, so the kill lands in its download or its apply):
+/// after every restart the interrupted deploy completes, and the live slot
+/// is exactly what a full unpack of the build gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_delta_deploys_recovers_like_a_full_deploy() {
+    let bin = tokio::task::spawn_blocking(agent_bin).await.unwrap();
+    let h = Harness::new(|_| {}).await;
+    let dir = h.tmp.path().to_path_buf();
+    let root = dir.join("root");
+    let config = write_config(
+        &dir,
+        &root,
+        &h.consul.url(),
+        "wait = \"5s\"\nfirst-request-splay = \"0s\"\nrate-burst = 50\nrate-interval = \"20ms\"",
+        "[source]\nkey = \"deploy/app/delta\"\n[download]\nread-timeout = \"3s\"\n",
+    );
+    let log = dir.join("agent.log");
+    let publish = |m: String| h.consul.put("deploy/app/delta", m.as_bytes());
+    let mut child = spawn_run(&bin, &config, &log);
+    let mut prev = build(&dir, &h.artifacts, "k0", BuildProfile::DEMO);
+    publish(manifest(&h.artifacts, &prev, None));
+    wait_served(&root, "k0", LIMIT, &log).await;
+    let mut by_delta = 0;
+    for i in 1..=4u64 {
+        let next = build(&dir, &h.artifacts, &format!("k{i}"), BuildProfile::DEMO);
+        let (d, delta_path) = delta(&dir, &h.artifacts, &prev, &next);
+        h.artifacts.set_fault(
+            FaultRule::always(Fault::Trickle {
+                bytes_per_sec: d.size * 3,
+            })
+            .on_path(delta_path),
+        );
+        publish(manifest(&h.artifacts, &next, Some(&d)));
+        tokio::time::sleep(Duration::from_millis(100 + 80 * i)).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        // Whatever was interrupted, a complete build serves.
+        let served = std::fs::read_to_string(root.join("current/BUILD")).unwrap();
+        assert!(served == prev.id || served == next.id, "serving {served:?}");
+        h.artifacts.clear_faults();
+        child = spawn_run(&bin, &config, &log);
+        wait_served(&root, &next.id, LIMIT, &log).await;
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(root.join(".deploy/deploy.json")).unwrap())
+                .unwrap();
+        if record["from_delta"] == true {
+            by_delta += 1;
+        }
+        let reference = full_unpack(&dir, &next);
+        assert_eq!(tree(&live_slot(&root)), tree(&reference), "k{i}");
+        prev = next;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        by_delta >= 3,
+        "only {by_delta} of 4 deploys used their delta"
+    );
+}
