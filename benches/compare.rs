@@ -45,7 +45,7 @@ fn parse_args() -> Args {
     let mut a = Args {
         small: false,
         dir: None,
-        runs: 3,
+        runs: 5,
         json: None,
         publishes: 50,
         idle_secs: 60,
@@ -166,6 +166,13 @@ fn main() {
             )
         })
         .collect();
+    // The next build: 1% of its files differ from main's, and the delta to it.
+    let main2_gz = cached_build(&art_dir, "main2.tar.gz", profile, 1, "bench2", Format::TarGz);
+    let (delta_size, delta_sha, delta_shared) = cached_delta(
+        &art_dir.join("main.tar.gz"),
+        &art_dir.join("main2.tar.gz"),
+        &art_dir.join("main2.delta.tar.zst"),
+    );
     if small_gz.is_some() {
         // Served from the same root as the main build.
         fs::copy(
@@ -194,8 +201,13 @@ fn main() {
     let mut deploy_no = 0usize;
     let mut deploy = |agent: &mut Agent, url: &str, a: &Artifact| {
         deploy_no += 1;
-        agent.deploy(&consul, &format!("m{deploy_no}"), url, a)
+        let id = format!("m{deploy_no}");
+        let m = buildgen::manifest_json(&id, url, a, Format::TarGz);
+        agent.deploy(&consul, &id, m)
     };
+    let url2 = server.url("/main2.tar.gz");
+    let delta_json = json!({"base": main_gz.sha256, "url": server.url("/main2.delta.tar.zst"),
+                            "sha256": delta_sha, "size": delta_size});
     // Warm-up: both slots hold a build afterwards, so every timed deploy
     // replaces an old slot as in production.
     deploy(&mut agent, &url, &main_gz);
@@ -213,14 +225,41 @@ fn main() {
         ("floor_sha256sum", vec![]),
         ("floor_gunzip", vec![]),
         ("floor_tar_xf_syncfs", vec![]),
+        ("agent_delta", vec![]),
     ];
     let mut agent_rss = vec![];
+    let (mut delta_rss, mut delta_written, mut delta_sent) = (vec![], vec![], vec![]);
+    // Every timed step starts alike: nothing dirty, the artifacts in the
+    // page cache (they are served from it in production too).
+    let prime = || {
+        run(&format!(
+            "sync && cat {} {} {} >/dev/null",
+            art_dir.join("main.tar.gz").display(),
+            art_dir.join("main.tar").display(),
+            art_dir.join("main2.delta.tar.zst").display()
+        ))
+    };
     // Round-robin, so that load from other processes hits every row alike.
     for r in 0..args.runs {
         eprintln!("run {}/{}", r + 1, args.runs);
+        prime();
         let (t, rss) = deploy(&mut agent, &url, &main_gz);
         rows[0].1.push(t.as_secs_f64());
         agent_rss.push(rss);
+        // The delta deploy: main is live, main2 is published with its delta.
+        prime();
+        let sent_before = server.bytes_sent();
+        let id = format!("d{r}");
+        let mut m2: Value =
+            serde_json::from_str(&buildgen::manifest_json(&id, &url2, &main2_gz, Format::TarGz))
+                .unwrap();
+        m2["delta"] = delta_json.clone();
+        let (t, rss) = agent.deploy(&consul, &id, m2.to_string());
+        rows[7].1.push(t.as_secs_f64());
+        delta_rss.push(rss);
+        delta_sent.push(server.bytes_sent().saturating_sub(sent_before));
+        delta_written.push(agent.log.last_field("written").unwrap_or(f64::NAN));
+        prime();
         let slot = fresh(&diy.join("slot"));
         let seq = format!(
             "curl -sf -o {d}/a.tgz {url} && echo '{sha}  {d}/a.tgz' | sha256sum -c --quiet \
@@ -231,6 +270,7 @@ fn main() {
         );
         rows[1].1.push(timed(&seq));
         settle(&[&slot, &diy.join("a.tgz")]);
+        prime();
         let slot = fresh(&diy.join("slot"));
         let pipe = format!(
             "set -o pipefail; curl -sf {url} | tee >(sha256sum > {d}/sum) | tar xz -C {slot} && wait $! && sync \
@@ -241,6 +281,7 @@ fn main() {
         );
         rows[2].1.push(timed(&pipe));
         settle(&[&slot]);
+        prime();
         rows[3]
             .1
             .push(timed(&format!("curl -sf -o /dev/null {url}")));
@@ -251,6 +292,7 @@ fn main() {
         rows[5]
             .1
             .push(timed(&format!("gzip -dc {} >/dev/null", gz_path.display())));
+        prime();
         let slot = fresh(&diy.join("slot"));
         rows[6].1.push(timed(&format!(
             "tar -xf {} -C {s} && sync -f {s}",
@@ -405,23 +447,65 @@ fn main() {
     let r_seq = ratio(get("diy_sequential"));
     let r_pipe = ratio(get("diy_pipelined"));
     let r_floor = ratio(floor);
+    let row = |name: &str| rows.iter().find(|(n, _)| *n == name).unwrap().1.clone();
+    // The floor of each run: its slowest tool, measured in the same round.
+    let floor_runs: Vec<f64> = (0..args.runs)
+        .map(|i| {
+            ["floor_curl", "floor_sha256sum", "floor_gunzip", "floor_tar_xf_syncfs"]
+                .iter()
+                .map(|n| row(n)[i])
+                .fold(0.0, f64::max)
+        })
+        .collect();
+    let agent_runs = row("agent");
     target(
         "agent / DIY sequential",
-        format!("{r_seq:.2}"),
-        "<= 0.50",
-        r_seq <= 0.50,
+        format!("{r_seq:.2} {}", spread(&agent_runs, &row("diy_sequential"))),
+        "<= 0.45",
+        r_seq <= 0.45,
     );
     target(
         "agent / DIY pipelined",
-        format!("{r_pipe:.2}"),
-        "<= 0.60",
-        r_pipe <= 0.60,
+        format!("{r_pipe:.2} {}", spread(&agent_runs, &row("diy_pipelined"))),
+        "<= 0.55",
+        r_pipe <= 0.55,
     );
     target(
         "agent / tool floor",
-        format!("{r_floor:.2}"),
+        format!("{r_floor:.2} {}", spread(&agent_runs, &floor_runs)),
         "<= 0.85",
         r_floor <= 0.85,
+    );
+    let delta_runs = row("agent_delta");
+    let r_delta = med(&delta_runs) / agent_t;
+    target(
+        "delta deploy (1% of files changed) / full deploy",
+        format!("{r_delta:.2} {}", spread(&delta_runs, &agent_runs)),
+        "<= 0.30",
+        r_delta <= 0.30,
+    );
+    let sent = med(&delta_sent.iter().map(|b| *b as f64).collect::<Vec<_>>());
+    let r_bytes = sent / main2_gz.size as f64;
+    target(
+        "delta: bytes downloaded / full artifact",
+        format!("{r_bytes:.3} ({:.1} of {:.1} MB)", sent / 1e6, main2_gz.size as f64 / 1e6),
+        "<= 0.05",
+        r_bytes <= 0.05,
+    );
+    let written = med(&delta_written);
+    let r_written = written / main2_gz.entries as f64;
+    target(
+        "delta: files written (not linked) / entries",
+        format!("{r_written:.3} ({written:.0} of {}; {delta_shared} linked)", main2_gz.entries),
+        "<= 0.03",
+        r_written <= 0.03,
+    );
+    let peak_delta = delta_rss.iter().copied().max().unwrap_or(0);
+    target(
+        "peak RSS during a delta deploy",
+        format!("{:.1} MiB", peak_delta as f64 / 1024.0),
+        "<= 64 MiB",
+        peak_delta <= 64 * 1024,
     );
     target(
         "peak RSS during a deploy",
@@ -538,7 +622,9 @@ fn main() {
         "runs": args.runs,
         "seconds": rows.iter().map(|(n, v)| (n.to_string(), json!({"median": med(v), "runs": v}))).collect::<serde_json::Map<_, _>>(),
         "tool_floor_s": floor,
-        "ratios": {"agent_over_diy_sequential": r_seq, "agent_over_diy_pipelined": r_pipe, "agent_over_tool_floor": r_floor},
+        "ratios": {"agent_over_diy_sequential": r_seq, "agent_over_diy_pipelined": r_pipe, "agent_over_tool_floor": r_floor,
+                   "delta_over_full": r_delta, "delta_bytes_over_full": r_bytes, "delta_written_over_entries": r_written},
+        "delta": {"size": delta_size, "shared": delta_shared, "bytes_sent": delta_sent, "written": delta_written, "peak_rss_kib": delta_rss},
         "agent_peak_rss_kib": agent_rss,
         "agent_peak_rss_small_kib": small_rss,
         "idle": {"seconds": args.idle_secs, "consul_requests": idle_requests, "cpu_ticks": idle_cpu_ticks, "rss_kib": idle_rss},
@@ -559,6 +645,15 @@ fn main() {
 }
 
 // ---- helpers ----
+
+/// The per-run ratios `num[i] / den[i]` (rows measured in the same round)
+/// as `(min-max)`, printed next to the ratio of medians.
+fn spread(num: &[f64], den: &[f64]) -> String {
+    let r: Vec<f64> = num.iter().zip(den).map(|(a, b)| a / b).collect();
+    let min = r.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = r.iter().copied().fold(0.0, f64::max);
+    format!("({min:.2}-{max:.2} over {} runs)", r.len())
+}
 
 fn median(v: &[f64]) -> f64 {
     percentile(v, 0.5)
@@ -677,6 +772,40 @@ fn artifacts_dir(profile: &str) -> PathBuf {
     d
 }
 
+/// Bumped when the build generator's output changes, so cached builds of
+/// an older generator are made again.
+const GENERATOR: u64 = 2;
+
+/// The delta from `base` to `target` (both tar.gz), made once.
+fn cached_delta(base: &Path, target: &Path, out: &Path) -> (u64, String, u64) {
+    let meta = out.with_extension("json");
+    if let (true, Ok(m)) = (out.exists(), fs::read(&meta)) {
+        let v: Value = serde_json::from_slice(&m).unwrap();
+        if v["generator"] == GENERATOR {
+            return (
+                v["size"].as_u64().unwrap(),
+                v["sha256"].as_str().unwrap().into(),
+                v["shared"].as_u64().unwrap(),
+            );
+        }
+    }
+    eprintln!("generating {}", out.display());
+    let info = deploy_agent::unpack::delta::write(
+        (base, Format::TarGz),
+        (target, Format::TarGz),
+        out,
+    )
+    .unwrap();
+    fs::write(
+        &meta,
+        json!({"size": info.size, "sha256": info.sha256.as_str(), "shared": info.shared,
+               "generator": GENERATOR})
+        .to_string(),
+    )
+    .unwrap();
+    (info.size, info.sha256.to_string(), info.shared)
+}
+
 /// Generates a build once; later runs read its description back.
 fn cached_build(
     dir: &Path,
@@ -690,7 +819,7 @@ fn cached_build(
     let meta = dir.join(format!("{name}.json"));
     if let (true, Ok(m)) = (path.exists(), fs::read(&meta)) {
         let v: Value = serde_json::from_slice(&m).unwrap();
-        if v["profile"] == format!("{profile:?}") {
+        if v["profile"] == format!("{profile:?}") && v["generator"] == GENERATOR {
             return Artifact {
                 sha256: v["sha256"].as_str().unwrap().into(),
                 size: v["size"].as_u64().unwrap(),
@@ -700,11 +829,13 @@ fn cached_build(
         }
     }
     eprintln!("generating {}", path.display());
-    let a = buildgen::write_build(profile, seed, id, format, &path).unwrap();
+    // Half a percent of the sources change per build id: two builds differ
+    // in about 1% of their files, as consecutive deploys of a monolith.
+    let a = buildgen::write_build_changing(profile, seed, id, format, &path, 0.005).unwrap();
     fs::write(
         &meta,
         json!({"profile": format!("{profile:?}"), "sha256": a.sha256, "size": a.size,
-               "entries": a.entries, "unpacked_bytes": a.unpacked_bytes})
+               "entries": a.entries, "unpacked_bytes": a.unpacked_bytes, "generator": GENERATOR})
         .to_string(),
     )
     .unwrap();
@@ -890,7 +1021,7 @@ error_log {d}/error.log;
 daemon off;
 events {{ worker_connections 256; }}
 http {{
-  log_format bench '$msec $request_time $status $request_uri';
+  log_format bench '$msec $request_time $status $request_uri $body_bytes_sent';
   access_log {log} bench;
   client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;
   uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
@@ -963,6 +1094,20 @@ http {{
     }
 
     /// Requests answered so far (nginx: access log lines).
+    /// Body bytes sent so far.
+    fn bytes_sent(&self) -> u64 {
+        match self {
+            Server::Nginx { log, .. } => fs::read_to_string(log)
+                .map(|s| {
+                    s.lines()
+                        .filter_map(|l| l.split_whitespace().nth(4)?.parse::<u64>().ok())
+                        .sum()
+                })
+                .unwrap_or(0),
+            Server::Own(s) => s.stats().bytes_sent,
+        }
+    }
+
     fn requests_seen(&self) -> usize {
         match self {
             Server::Nginx { log, .. } => fs::read_to_string(log)
@@ -1176,13 +1321,7 @@ parallel-ranges = {ranges}
     /// One timed deploy of a new build id: key write -> `current` flipped
     /// (the flip's directory fsync is inside swapper's flip, measured
     /// separately). Returns the time and the peak RSS (KiB) during it.
-    fn deploy(
-        &mut self,
-        consul: &ConsulServer,
-        id: &str,
-        url: &str,
-        a: &Artifact,
-    ) -> (Duration, u64) {
+    fn deploy(&mut self, consul: &ConsulServer, id: &str, manifest: String) -> (Duration, u64) {
         self.wait_idle();
         // Same bytes, new build id: drop the cached artifact so it downloads.
         if let Ok(d) = fs::read_dir(&self.cache) {
@@ -1197,7 +1336,7 @@ parallel-ranges = {ranges}
         let old = fs::read_link(self.root.join("current")).ok();
         let flips_before = self.log.flips().len();
         let t0 = Instant::now();
-        self.publish(consul, id, url, a);
+        consul.put(KEY, manifest);
         loop {
             let now = fs::read_link(self.root.join("current")).ok();
             if now.is_some() && now != old {
