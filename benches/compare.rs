@@ -167,7 +167,14 @@ fn main() {
         })
         .collect();
     // The next build: 1% of its files differ from main's, and the delta to it.
-    let main2_gz = cached_build(&art_dir, "main2.tar.gz", profile, 1, "bench2", Format::TarGz);
+    let main2_gz = cached_build(
+        &art_dir,
+        "main2.tar.gz",
+        profile,
+        1,
+        "bench2",
+        Format::TarGz,
+    );
     let (delta_size, delta_sha, delta_shared) = cached_delta(
         &art_dir.join("main.tar.gz"),
         &art_dir.join("main2.tar.gz"),
@@ -250,9 +257,13 @@ fn main() {
         prime();
         let sent_before = server.bytes_sent();
         let id = format!("d{r}");
-        let mut m2: Value =
-            serde_json::from_str(&buildgen::manifest_json(&id, &url2, &main2_gz, Format::TarGz))
-                .unwrap();
+        let mut m2: Value = serde_json::from_str(&buildgen::manifest_json(
+            &id,
+            &url2,
+            &main2_gz,
+            Format::TarGz,
+        ))
+        .unwrap();
         m2["delta"] = delta_json.clone();
         let (t, rss) = agent.deploy(&consul, &id, m2.to_string());
         rows[7].1.push(t.as_secs_f64());
@@ -451,10 +462,15 @@ fn main() {
     // The floor of each run: its slowest tool, measured in the same round.
     let floor_runs: Vec<f64> = (0..args.runs)
         .map(|i| {
-            ["floor_curl", "floor_sha256sum", "floor_gunzip", "floor_tar_xf_syncfs"]
-                .iter()
-                .map(|n| row(n)[i])
-                .fold(0.0, f64::max)
+            [
+                "floor_curl",
+                "floor_sha256sum",
+                "floor_gunzip",
+                "floor_tar_xf_syncfs",
+            ]
+            .iter()
+            .map(|n| row(n)[i])
+            .fold(0.0, f64::max)
         })
         .collect();
     let agent_runs = row("agent");
@@ -488,7 +504,11 @@ fn main() {
     let r_bytes = sent / main2_gz.size as f64;
     target(
         "delta: bytes downloaded / full artifact",
-        format!("{r_bytes:.3} ({:.1} of {:.1} MB)", sent / 1e6, main2_gz.size as f64 / 1e6),
+        format!(
+            "{r_bytes:.3} ({:.1} of {:.1} MB)",
+            sent / 1e6,
+            main2_gz.size as f64 / 1e6
+        ),
         "<= 0.05",
         r_bytes <= 0.05,
     );
@@ -496,7 +516,10 @@ fn main() {
     let r_written = written / main2_gz.entries as f64;
     target(
         "delta: files written (not linked) / entries",
-        format!("{r_written:.3} ({written:.0} of {}; {delta_shared} linked)", main2_gz.entries),
+        format!(
+            "{r_written:.3} ({written:.0} of {}; {delta_shared} linked)",
+            main2_gz.entries
+        ),
         "<= 0.03",
         r_written <= 0.03,
     );
@@ -790,12 +813,9 @@ fn cached_delta(base: &Path, target: &Path, out: &Path) -> (u64, String, u64) {
         }
     }
     eprintln!("generating {}", out.display());
-    let info = deploy_agent::unpack::delta::write(
-        (base, Format::TarGz),
-        (target, Format::TarGz),
-        out,
-    )
-    .unwrap();
+    let info =
+        deploy_agent::unpack::delta::write((base, Format::TarGz), (target, Format::TarGz), out)
+            .unwrap();
     fs::write(
         &meta,
         json!({"size": info.size, "sha256": info.sha256.as_str(), "shared": info.shared,

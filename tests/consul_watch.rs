@@ -187,6 +187,15 @@ async fn spurious_wakeups_on_a_missing_key_emit_missing_once() {
     w.stop().await;
 }
 
+/// Test settings with the shipped token bucket (burst 2, then one request
+/// per 15 s).
+fn shipped_rates(url: String) -> ConsulSettings {
+    ConsulSettings {
+        rate: RateLimit::default(),
+        ..fast(url)
+    }
+}
+
 /// With the shipped pacing (burst 2, then one request per 15 s), a stream
 /// of wake-ups caused by other keys' writes must not leave the watch asleep
 /// when its own key is finally written: the real change is seen within one
@@ -196,10 +205,7 @@ async fn wakeups_by_other_writes_do_not_starve_the_watch_with_shipped_rates() {
     let server = ConsulServer::start(ConsulServerConfig::default())
         .await
         .unwrap();
-    let settings = ConsulSettings {
-        rate: RateLimit::default(),
-        ..fast(server.url())
-    };
+    let settings = shipped_rates(server.url());
     let mut w = Watch::start(&settings, KEY);
     assert_eq!(w.next(Duration::from_secs(2)).await, WatchEvent::Missing);
     until_blocking(&server, KEY).await;
@@ -225,6 +231,35 @@ async fn wakeups_by_other_writes_do_not_starve_the_watch_with_shipped_rates() {
         took < Duration::from_secs(5),
         "the change took {took:?}: the bucket was drained by wake-ups"
     );
+    w.stop().await;
+}
+
+/// A real change is not a spurious wake-up: after one, the next query goes
+/// at once, so a second change right behind it (a rollback just after a
+/// publish) is seen at once, not a `WAKE_GAP` later. With the shipped rates.
+#[tokio::test]
+async fn a_change_right_after_a_change_is_seen_at_once() {
+    let server = ConsulServer::start(ConsulServerConfig::default())
+        .await
+        .unwrap();
+    let settings = shipped_rates(server.url());
+    server.put(KEY, b"v0".to_vec());
+    let mut w = Watch::start(&settings, KEY);
+    assert!(same_value(&w.next(Duration::from_secs(2)).await, b"v0"));
+    until_blocking(&server, KEY).await;
+    for v in [&b"v1"[..], b"v2", b"v3"] {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let t0 = Instant::now();
+        server.put(KEY, v.to_vec());
+        assert!(same_value(&w.next(Duration::from_secs(2)).await, v));
+        let took = t0.elapsed();
+        // Paced like a spurious wake-up it would take about 450 ms.
+        assert!(
+            took < Duration::from_millis(250),
+            "{:?} seen after {took:?}",
+            String::from_utf8_lossy(v)
+        );
+    }
     w.stop().await;
 }
 

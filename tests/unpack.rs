@@ -370,6 +370,7 @@ fn entry_count_bomb_stops_early() {
     let limits = UnpackLimits {
         max_bytes: 1 << 30,
         max_entries: 100,
+        ..UnpackLimits::default()
     };
     match sandbox.unpack_with(&archive, Format::Tar, &limits) {
         Err(Error::ArchiveTooLarge { limit: 100, .. }) => {}
@@ -399,6 +400,7 @@ fn byte_bomb_stops_early_and_fast() {
     let limits = UnpackLimits {
         max_bytes: 10 << 20,
         max_entries: 1000,
+        ..UnpackLimits::default()
     };
     let started = Instant::now();
     match sandbox.unpack_with(&archive, Format::TarGz, &limits) {
@@ -443,6 +445,7 @@ fn many_small_files_within_byte_limit_but_over_it_in_total() {
     let limits = UnpackLimits {
         max_bytes: 1_000_000,
         max_entries: 1000,
+        ..UnpackLimits::default()
     };
     match sandbox.unpack_with(&compress(&archive, Format::TarZst), Format::TarZst, &limits) {
         Err(Error::ArchiveTooLarge { what, .. }) => assert_eq!(what, "unpacked bytes"),

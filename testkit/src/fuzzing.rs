@@ -72,6 +72,7 @@ pub fn unpack(data: &[u8]) {
     let limits = UnpackLimits {
         max_bytes: 16 << 20,
         max_entries: 10_000,
+        ..UnpackLimits::default()
     };
     let _ = deploy_agent::unpack::unpack(archive, format, &slot, &limits, &Progress::default());
     let mut siblings: Vec<PathBuf> = std::fs::read_dir(tmp.path())

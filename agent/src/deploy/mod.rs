@@ -750,6 +750,7 @@ impl Deployer {
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
+        crate::deploy::pipeline::release_memory();
         let entries = applied.unpacked.entries + applied.linked + applied.copied;
         Ok((
             entries,
@@ -902,6 +903,7 @@ impl Deployer {
             max_entries: m
                 .max_entries
                 .map_or(c.max_entries, |n| n.min(c.max_entries)),
+            writer_threads: c.writer_threads,
         }
     }
 

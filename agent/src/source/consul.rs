@@ -134,16 +134,23 @@ impl Watch {
             let Some(result) = self.read(&query).await else {
                 return;
             };
-            not_before = self.pace(&query, &result, asked);
+            let woken = self.refund(&query, &result, asked);
             let Some(result) = self.confirm(result).await else {
                 return;
             };
-            let go_on = match result {
+            let delivered = match result {
                 Ok(answer) => self.deliver(answer).await,
-                Err(e) => self.back_off(e).await,
+                Err(e) => self.back_off(e).await.then_some(false),
             };
-            if !go_on {
+            let Some(delivered) = delivered else {
                 return;
+            };
+            // A quick wake-up that changed nothing is paced by `WAKE_GAP`;
+            // after a real change the next query goes at once (it blocks on
+            // the new index), so a second change soon after, such as a
+            // rollback right after a publish, is seen at once too.
+            if woken && !delivered {
+                not_before = Some(asked + WAKE_GAP);
             }
         }
     }
@@ -152,14 +159,10 @@ impl Watch {
         read(&self.client, &self.key, query, &self.stats, &self.shutdown).await
     }
 
-    /// Refunds the tokens of answers that prove the server blocks, and
-    /// returns when the next request may go out, if not at once.
-    fn pace(
-        &mut self,
-        query: &QueryOptions,
-        result: &Result<KvRead>,
-        asked: Instant,
-    ) -> Option<Instant> {
+    /// Refunds the tokens of answers that prove the server blocks. Returns
+    /// whether the answer was a quick wake-up (a higher index within
+    /// `BLOCKED_LONG_ENOUGH`).
+    fn refund(&mut self, query: &QueryOptions, result: &Result<KvRead>, asked: Instant) -> bool {
         // A query the server held for a while proves it is blocking, not
         // spinning: give its token back, so two real changes a few seconds
         // apart are both seen at once. Immediate answers (errors, a server
@@ -169,19 +172,19 @@ impl Watch {
             self.bucket.refund();
         }
         // A quick answer with a higher index is Consul waking us for a
-        // write near the key (a missing key wakes on its whole radix
-        // subtree, docs/consul-watch-rules.md rule 5 and WAKEUPS.md). Such
-        // wake-ups must not drain the bucket, or the watch would be asleep
-        // exactly when its key is finally written; they are paced by
-        // `WAKE_GAP` instead, which bounds them to one request per gap
-        // while a real change is still seen within one gap. Paced at the
-        // top of the next round, after this answer's event (if any) went out.
+        // write to the key or near it (a missing key wakes on its whole
+        // radix subtree, docs/consul-watch-rules.md rule 5 and WAKEUPS.md).
+        // Such wake-ups must not drain the bucket, or the watch would be
+        // asleep exactly when its key is finally written; the ones that
+        // change nothing are paced by `WAKE_GAP` instead, which bounds them
+        // to one request per gap while a real change is still seen within
+        // one gap.
         let woken = matches!(result, Ok(a) if query.index > 0 && a.index > query.index);
         if woken && held < BLOCKED_LONG_ENOUGH {
             self.bucket.refund();
-            return Some(asked + WAKE_GAP);
+            return true;
         }
-        None
+        false
     }
 
     /// Rules 11 and 12: an answer too stale, or older than what was acted
@@ -209,7 +212,8 @@ impl Watch {
     }
 
     /// Applies an answer to the index rules and hands a change on.
-    async fn deliver(&mut self, answer: KvRead) -> bool {
+    /// `Some(true)`: a change went out; `None`: stop.
+    async fn deliver(&mut self, answer: KvRead) -> Option<bool> {
         self.backoff.reset();
         let (received, last_contact, known_leader) =
             (answer.index, answer.last_contact, answer.known_leader);
@@ -224,7 +228,9 @@ impl Watch {
         }
         self.stats
             .success(self.state.index, last_contact, known_leader);
-        let Some(event) = event else { return true };
+        let Some(event) = event else {
+            return Some(false);
+        };
         match &event {
             WatchEvent::Value {
                 modify_index,
@@ -238,12 +244,12 @@ impl Watch {
         tokio::select! {
             r = self.tx.send(event) => if r.is_err() {
                 tracing::debug!("watch receiver gone; stopping");
-                return false;
+                return None;
             },
-            _ = self.shutdown.cancelled() => return false,
+            _ = self.shutdown.cancelled() => return None,
         }
         self.stats.event_sent();
-        true
+        Some(true)
     }
 
     /// Waits before the next request after an error, as its kind asks.

@@ -65,9 +65,6 @@ const IN_FLIGHT_BUDGET: u64 = 8 << 20;
 /// Largest zstd window accepted (16 MiB): enough for every level up to 19
 /// without `--long`; a bigger window is refused as a corrupt archive.
 const ZSTD_WINDOW_LOG_MAX: u32 = 24;
-/// Writer threads. Two measured best on the prototype (file creation is
-/// metadata-bound in the kernel; more threads contend on the directory lock).
-const WRITER_THREADS: usize = 2;
 /// Headers, padding and extension records allowed on top of `max_bytes` of
 /// contents before the decompressed stream counts as a bomb.
 const PER_ENTRY_OVERHEAD: u64 = 3 * 512;
@@ -249,7 +246,7 @@ impl<'a> Unpacker<'a> {
         let (sender, receiver) = sync_channel::<FileJob>(1024);
         let receiver = Arc::new(Mutex::new(receiver));
         let mut writers = Vec::new();
-        for i in 0..WRITER_THREADS {
+        for i in 0..limits.writer_threads.clamp(1, 16) {
             let receiver = Arc::clone(&receiver);
             let thread_shared = Arc::clone(&shared);
             let slot_for_thread = slot.to_path_buf();
