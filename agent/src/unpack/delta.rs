@@ -10,12 +10,12 @@
 //! commits to the delta's sha256, so the index (and through it every shared
 //! file's digest) is covered by the manifest and its signature.
 //!
-//! Applying it (`apply`): every shared file in the base slot is hashed and
-//! compared with the index *before* anything is written (a file edited in
-//! place in the base fails the delta, and the caller downloads the full
-//! artifact); then the rest of the delta goes through the same defensive
-//! unpacker as a full artifact, and the shared files are hard-linked from
-//! the base slot. Linking is safe because a file is shared only when its
+//! Applying it (`apply`): the delta's own entries go through the same
+//! defensive unpacker as a full artifact; then every shared file in the
+//! base slot is hashed, compared with the index and hard-linked into the
+//! new slot. A file edited in place in the base fails the delta (the new
+//! slot stays unmarked garbage, and the caller downloads the full
+//! artifact). Linking is safe because a file is shared only when its
 //! mode and mtime match as well as its content, so the linked inode is
 //! bit-for-bit the file a full unpack would write; a link across
 //! filesystems falls back to a copy. Directory mtimes are set last, from
@@ -289,18 +289,16 @@ pub fn apply(
             short(expect.1)
         )));
     }
-    let shared = check_shared(&index.shared, base_slot)?;
+    let rels = index
+        .shared
+        .iter()
+        .map(|f| relative(&f.path))
+        .collect::<Result<Vec<_>>>()?;
+    let started = std::time::Instant::now();
     let unpacked = unpack(stream, Format::Tar, slot, limits, progress)?;
-    let mut applied = Applied {
-        unpacked,
-        ..Applied::default()
-    };
-    for (file, rel) in index.shared.iter().zip(&shared) {
-        link_shared(&base_slot.join(rel), &slot.join(rel), file, &mut applied)?;
-        progress
-            .entries
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
+    let written = started.elapsed();
+    let mut applied = reuse_shared(&index.shared, &rels, base_slot, slot, progress)?;
+    applied.unpacked = unpacked;
     for (dir, mtime) in &index.dirs {
         let full = slot.join(relative(dir)?);
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(*mtime);
@@ -312,6 +310,8 @@ pub fn apply(
         linked = applied.linked,
         copied = applied.copied,
         written = applied.unpacked.files,
+        unpack_ms = written.as_millis() as u64,
+        verify_and_link_ms = (started.elapsed() - written).as_millis() as u64,
         "delta applied"
     );
     Ok(applied)
@@ -354,37 +354,46 @@ fn read_index(stream: &mut impl Read, delta: &Path) -> Result<DeltaIndex> {
     Ok(index)
 }
 
-/// Hashes every shared file in the base slot and compares it with the
-/// index, before anything is written: a base edited in place must not end
-/// up in the target. Returns the validated relative paths.
-fn check_shared(shared: &[SharedFile], base_slot: &Path) -> Result<Vec<PathBuf>> {
-    let rels = shared
-        .iter()
-        .map(|f| relative(&f.path))
-        .collect::<Result<Vec<_>>>()?;
-    // Two threads: hashing the shared files is most of a delta's CPU.
+/// Hashes every shared file in the base slot, compares it with the index
+/// and links it into `slot`, on two threads (hashing is most of a delta's
+/// CPU). A file edited in place in the base fails the whole delta: the slot
+/// is then unmarked garbage and the caller downloads the full artifact.
+fn reuse_shared(
+    shared: &[SharedFile],
+    rels: &[PathBuf],
+    base_slot: &Path,
+    slot: &Path,
+    progress: &Progress,
+) -> Result<Applied> {
     let half = shared.len() / 2;
-    let (a, b) = (&shared[..half], &shared[half..]);
-    let (ra, rb) = (&rels[..half], &rels[half..]);
+    let work = |files: &[SharedFile], rels: &[PathBuf]| -> Result<Applied> {
+        let mut buf = vec![0u8; 256 << 10];
+        let mut applied = Applied::default();
+        for (f, rel) in files.iter().zip(rels) {
+            let from = base_slot.join(rel);
+            verify_one(f, &from, &mut buf)?;
+            link_shared(&from, &slot.join(rel), f, &mut applied)?;
+            progress
+                .entries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(applied)
+    };
     let (first, second) = std::thread::scope(|s| {
-        let t = s.spawn(|| verify_all(a, ra, base_slot));
-        let second = verify_all(b, rb, base_slot);
-        (
-            t.join()
-                .unwrap_or_else(|_| Err(refused("a hashing thread panicked".into()))),
-            second,
-        )
+        let t = s.spawn(|| work(&shared[..half], &rels[..half]));
+        let second = work(&shared[half..], &rels[half..]);
+        let first = t
+            .join()
+            .unwrap_or_else(|_| Err(refused("a delta thread panicked".into())));
+        (first, second)
     });
-    first.and(second)?;
-    Ok(rels)
-}
-
-fn verify_all(files: &[SharedFile], rels: &[PathBuf], base_slot: &Path) -> Result<()> {
-    let mut buf = vec![0u8; 256 << 10];
-    for (f, rel) in files.iter().zip(rels) {
-        verify_one(f, &base_slot.join(rel), &mut buf)?;
-    }
-    Ok(())
+    let (a, b) = (first?, second?);
+    Ok(Applied {
+        unpacked: UnpackStats::default(),
+        linked: a.linked + b.linked,
+        copied: a.copied + b.copied,
+        linked_bytes: a.linked_bytes + b.linked_bytes,
+    })
 }
 
 fn verify_one(f: &SharedFile, full: &Path, buf: &mut [u8]) -> Result<()> {
