@@ -34,6 +34,9 @@ async fn demo_deploys_twice_and_rolls_back() {
         "{text}"
     );
     assert!(text.contains("demo complete"), "{text}");
+    // Build 2 went out as a delta from build 1.
+    assert!(records[1].from_delta, "{text}");
+    assert!(text.contains("from the delta"), "{text}");
     assert!(text.contains("deploy-agent status --socket"), "{text}");
     assert_eq!(
         std::fs::read_to_string(tmp.path().join("srv/app/current/BUILD")).unwrap(),

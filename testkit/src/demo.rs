@@ -106,10 +106,12 @@ async fn run_inner(
         let started = Instant::now();
         let prof = opts.profile;
         let (pp, idc, fmt) = (path.clone(), id.to_string(), opts.format);
-        let a =
-            tokio::task::spawn_blocking(move || buildgen::write_build(prof, 42, &idc, fmt, &pp))
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))??;
+        // Consecutive releases: about 1% of the files differ.
+        let a = tokio::task::spawn_blocking(move || {
+            buildgen::write_build_changing(prof, 42, &idc, fmt, &pp, 0.005)
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         let url_path = format!("/builds/app-{id}.{ext}");
         artifacts.add(&url_path, bytes);
@@ -126,6 +128,8 @@ async fn run_inner(
         let manifest = buildgen::manifest_json(id, &artifacts.url(&url_path), &a, opts.format);
         builds.push((id.to_string(), a, manifest));
     }
+
+    add_delta(&art_dir, &artifacts, &mut builds, opts.format, out).await?;
 
     let root = base.join("srv/app");
     let mut config = Config::for_consul_key(root.clone(), KEY, &consul.url());
@@ -175,7 +179,7 @@ async fn run_inner(
     let mut records = Vec::new();
     let steps = [
         (0, "publish build 1"),
-        (1, "publish build 2"),
+        (1, "publish build 2 (with a delta from build 1)"),
         (0, "roll back: set the key back to build 1"),
     ];
     for (i, (b, what)) in steps.iter().enumerate() {
@@ -201,11 +205,13 @@ async fn run_inner(
         p(
             out,
             format!(
-                "    downloaded {:.1} MB, {} entries written{}",
+                "    downloaded {:.2} MB, {} entries{}",
                 (artifacts.stats().bytes_sent - before) as f64 / 1e6,
                 rec.progress.entries,
                 if rec.from_cache {
                     " (artifact from cache)"
+                } else if rec.from_delta {
+                    " (from the delta; unchanged files hard-linked from the live slot)"
                 } else {
                     ""
                 }
@@ -280,6 +286,49 @@ async fn keep_up(
         m.spec.build,
         consul.url(),
         deploy_agent::fleet::commander::web::DEFAULT_LISTEN
+    );
+    Ok(())
+}
+
+/// Writes and serves the delta from build 1 to build 2 and puts it in
+/// build 2's manifest, as `release publish --delta-from` does.
+async fn add_delta(
+    art_dir: &std::path::Path,
+    artifacts: &ArtifactServer,
+    builds: &mut [(String, Artifact, String)],
+    format: Format,
+    out: &mut (dyn Write + Send),
+) -> Result<()> {
+    let ext = format.as_str();
+    let base = art_dir.join(format!("app-{}.{ext}", builds[0].0));
+    let target = art_dir.join(format!("app-{}.{ext}", builds[1].0));
+    let delta = art_dir.join(format!("app-{}.delta.tar.zst", builds[1].0));
+    let url = artifacts.url(&format!("/builds/app-{}.delta.tar.zst", builds[1].0));
+    let (spec, info) = tokio::task::spawn_blocking({
+        let (delta, url) = (delta.clone(), url.clone());
+        move || {
+            deploy_agent::fleet::commander::release::delta_spec(
+                (&base, format),
+                (&target, format),
+                &delta,
+                &url,
+            )
+        }
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))??;
+    let bytes = std::fs::read(&delta).map_err(|e| Error::io(&delta, e))?;
+    artifacts.add(&format!("/builds/app-{}.delta.tar.zst", builds[1].0), bytes);
+    let mut m: serde_json::Value = serde_json::from_str(&builds[1].2)
+        .map_err(|e| Error::Internal(format!("demo: build 2's manifest: {e}")))?;
+    m["delta"] = serde_json::Value::Object(spec.to_json());
+    builds[1].2 = m.to_string();
+    let _ = writeln!(
+        out,
+        "  delta from build 1 to build 2: {:.2} MB, {} of {} entries shared",
+        info.size as f64 / 1e6,
+        info.shared,
+        info.entries
     );
     Ok(())
 }
