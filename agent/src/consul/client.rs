@@ -311,19 +311,18 @@ impl ConsulClient {
             .collect();
         let url = self.url(key, &params);
         let req = self.inner.http.put(&url).body(value.to_vec());
+        self.write(req, &url, key).await
+    }
+
+    /// Sends one write (put or delete) and decodes Consul's `true`/`false`.
+    async fn write(&self, req: reqwest::RequestBuilder, url: &str, key: &str) -> Result<bool> {
         let (status, _, body) = self
-            .exchange(req, &url, self.settings().request_timeout(false), 1024)
+            .exchange(req, url, self.settings().request_timeout(false), 1024)
             .await?;
         if status.as_u16() != 200 {
-            return Err(status_error(
-                &url,
-                key,
-                Needs::Write,
-                status.as_u16(),
-                &body,
-            ));
+            return Err(status_error(url, key, Needs::Write, status.as_u16(), &body));
         }
-        decode_bool(&url, &body)
+        decode_bool(url, &body)
     }
 
     /// Deletes `key`; returns Consul's `true`/`false`.
@@ -346,24 +345,7 @@ impl ConsulClient {
             .into_iter()
             .collect();
         let url = self.url(key, &params);
-        let (status, _, body) = self
-            .exchange(
-                self.inner.http.delete(&url),
-                &url,
-                self.settings().request_timeout(false),
-                1024,
-            )
-            .await?;
-        if status.as_u16() != 200 {
-            return Err(status_error(
-                &url,
-                key,
-                Needs::Write,
-                status.as_u16(),
-                &body,
-            ));
-        }
-        decode_bool(&url, &body)
+        self.write(self.inner.http.delete(&url), &url, key).await
     }
 
     /// Every pair under `prefix` (`?recurse`); empty when there is none.
