@@ -121,6 +121,16 @@ struct Job {
 }
 
 impl Job {
+    /// Counts bytes as they arrive, not when their buffer is written: at a
+    /// trickle a 256 KiB buffer takes minutes to fill, and the operator
+    /// must see the download move. (A failed request still writes what it
+    /// buffered, so the count stays what the partial holds.)
+    fn received(&self, n: usize) {
+        self.progress
+            .bytes_downloaded
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
     fn cancelled(&self) -> Error {
         Error::Cancelled {
             what: format!("download of {}", self.spec.sha256),
@@ -517,6 +527,7 @@ async fn attempt_file(
                 if let Some(rate) = &job.rate {
                     rate.take(data.len()).await;
                 }
+                job.received(data.len());
                 *buf = data;
                 offset = flush(job, buf, offset).await?;
             }
@@ -567,7 +578,9 @@ async fn stream_body(
             rate.take(chunk.len()).await;
         }
         let room = (stop - offset - buf.len() as u64) as usize;
-        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let taken = chunk.len().min(room);
+        buf.extend_from_slice(&chunk[..taken]);
+        job.received(taken);
         if buf.len() >= WRITE_BUFFER || buf.len() as u64 + offset >= stop {
             offset = flush(job, buf, offset).await?;
         }
@@ -610,9 +623,6 @@ async fn flush(job: &Job, buf: &mut Vec<u8>, offset: u64) -> std::result::Result
     let len = data.len() as u64;
     data.clear();
     *buf = data;
-    job.progress
-        .bytes_downloaded
-        .fetch_add(len, Ordering::Relaxed);
     if job.partial.chunks.record(offset, len) {
         let partial = Arc::clone(&job.partial);
         // Small file write; off the async threads like every other write.
