@@ -66,6 +66,15 @@ struct World {
 
 impl World {
     fn fail(&self, what: String) -> ! {
+        for h in &self.hosts {
+            let log = h.proc.as_ref().map(|p| p.log()).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "---- {} log tail ----\n{}",
+                h.id,
+                lines[lines.len().saturating_sub(60)..].join("\n")
+            );
+        }
         let tail: Vec<&String> = self.log.iter().rev().take(12).collect();
         panic!(
             "seed {} (replay with INTENT_SEED={}): {what}\nlast steps (newest first): {tail:#?}",
@@ -142,7 +151,11 @@ impl World {
                 let knows = v["desired"]["build"].as_str().is_some_and(|d| d != served);
                 let state = v["state"]["state"].as_str().unwrap_or("");
                 let explained = state != "idle" || !v["last_error"].is_null();
-                if knows && !explained && start.elapsed() > Duration::from_secs(3) {
+                // A reloaded or restarted agent waits up to the shipped
+                // first-request splay before it reads the key again (rule 9:
+                // a fleet-wide restart must not hit Consul at once).
+                let splay = deploy_agent::consul::ConsulSettings::default().first_request_splay;
+                if knows && !explained && start.elapsed() > Duration::from_secs(3) + splay {
                     self.fail(format!(
                         "{}: not converged (serves {served}, wants {want:?}) and status says nothing: {v:#}",
                         h.id
