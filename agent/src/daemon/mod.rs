@@ -291,7 +291,15 @@ fn recover_status(
         error!(error = %e, "agent state file");
         shared.error(e.to_string());
     }
-    if let Some(rec) = crate::deploy::load_record(&deployer.root_path) {
+    if let Some(mut rec) = crate::deploy::load_record(&deployer.root_path) {
+        if rec.phase.is_active() {
+            // The process that ran it is gone. Until this agent starts a
+            // deploy again (it resumes the desired build unless held or
+            // frozen), the record is history, not a deploy in progress: a
+            // held agent must not show `downloading` forever.
+            rec.phase = crate::deploy::Phase::Failed;
+            rec.outcome.get_or_insert(crate::deploy::Outcome::Cancelled);
+        }
         shared.lock().deploy = Some(rec);
     }
     shared
