@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::info;
 
-use super::{dir_mode, file_mode, unpack, UnpackLimits, UnpackStats};
+use super::{bytes_path, dir_mode, file_mode, unpack, UnpackLimits, UnpackStats};
 use crate::error::{Error, Result};
 use crate::manifest::{Format, Sha256Sum};
 use crate::progress::Progress;
@@ -73,6 +73,8 @@ pub struct SharedFile {
 /// What [`write`] produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeltaInfo {
+    /// sha256 of the base artifact the delta applies to.
+    pub base: Sha256Sum,
     pub sha256: Sha256Sum,
     pub size: u64,
     /// Entries of the target (files, directories, links).
@@ -144,6 +146,7 @@ pub fn write(base: (&Path, Format), target: (&Path, Format), out: &Path) -> Resu
     std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
     let (sha256, size) = hash_file(out)?;
     Ok(DeltaInfo {
+        base: index.base.clone(),
         sha256,
         size,
         entries,
@@ -481,11 +484,6 @@ fn normal(path: &str) -> String {
     path.trim_end_matches('/')
         .trim_start_matches("./")
         .to_string()
-}
-
-fn bytes_path(bytes: &[u8]) -> &Path {
-    use std::os::unix::ffi::OsStrExt;
-    Path::new(std::ffi::OsStr::from_bytes(bytes))
 }
 
 fn short(d: &Sha256Sum) -> &str {

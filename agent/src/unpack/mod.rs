@@ -706,7 +706,7 @@ pub fn dir_mode(mode: u32) -> u32 {
     (mode & 0o755) | 0o700
 }
 
-fn bytes_path(bytes: &[u8]) -> &Path {
+pub(crate) fn bytes_path(bytes: &[u8]) -> &Path {
     use std::os::unix::ffi::OsStrExt;
     Path::new(std::ffi::OsStr::from_bytes(bytes))
 }

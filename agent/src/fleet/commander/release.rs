@@ -54,10 +54,10 @@ pub fn delta_spec(
     out: &Path,
     url: &str,
 ) -> Result<(DeltaSpec, crate::unpack::delta::DeltaInfo)> {
+    // `write` hashed the base already: its index names it.
     let info = crate::unpack::delta::write(base, target, out)?;
-    let base_sha = spec_from_artifact("base", base.0, url, base.1)?.sha256;
     let spec = DeltaSpec {
-        base: base_sha,
+        base: info.base.clone(),
         urls: vec![url.to_string()],
         sha256: info.sha256.clone(),
         size: info.size,
