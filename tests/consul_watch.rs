@@ -263,6 +263,40 @@ async fn a_change_right_after_a_change_is_seen_at_once() {
     w.stop().await;
 }
 
+/// After an outage has spent the bucket (shipped rates: burst 2, then one
+/// request per 15 s), the first read that succeeds waits for a token; the
+/// blocking query after it must not wait for another one. Before, a change
+/// written right after the outage's first successful read was seen about
+/// 15 s late (intent_random seed 3916252348112903514: a promote after a
+/// Consul outage reached a host 15 s after it was written).
+#[tokio::test]
+async fn a_change_right_after_an_outage_is_seen_at_once() {
+    let server = ConsulServer::start(ConsulServerConfig::default())
+        .await
+        .unwrap();
+    server.put(KEY, b"v0".to_vec());
+    server.set_fault(Fault::Status(500));
+    let mut w = Watch::start(&shipped_rates(server.url()), KEY);
+    // Two failed requests spend the burst.
+    for _ in 0..500 {
+        if server.requests_for(KEY).len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(server.requests_for(KEY).len() >= 2, "the watch never asked");
+    server.set_fault(Fault::None);
+    // The first good read waits for the refill.
+    assert!(same_value(&w.next(Duration::from_secs(20)).await, b"v0"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = Instant::now();
+    server.put(KEY, b"v1".to_vec());
+    assert!(same_value(&w.next(Duration::from_secs(20)).await, b"v1"));
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(3), "v1 seen after {took:?}");
+    w.stop().await;
+}
+
 #[tokio::test]
 async fn delete_emits_missing_once_and_keeps_blocking() {
     let server = ConsulServer::start(ConsulServerConfig::default())

@@ -10,9 +10,13 @@
 
 use std::time::{Duration, Instant};
 
+use deploy_agent::consul::{ConsulClient, ConsulSettings};
+use deploy_agent::fleet::commander::release::{check_spec, spec_from_artifact, Release};
+use deploy_agent::manifest::{BuildSpec, Format};
 use deploy_agent_tests::fast_tempdir;
-use deploy_agent_tests::host::{publish, release, Host, T};
+use deploy_agent_tests::host::{publish, release, Host, APP, T, TIER};
 use nix::sys::signal::Signal;
+use testkit::buildgen::{self, BuildProfile};
 use testkit::testserver::artifact::ArtifactServer;
 use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
 
@@ -218,4 +222,120 @@ async fn freeze_then_release_rollback_flips_nobody_until_unfreeze() {
         returned.as_millis(),
         (t0.elapsed() - returned).as_millis()
     );
+}
+
+/// A hold cancels the running deploy at its next safe point; a `resume`
+/// that arrives before the deploy got there must still deploy the desired
+/// build. The main loop used to keep the cancelled deploy as "the one
+/// running for this manifest", so its end left the agent idle, serving the
+/// old build with nothing in status (intent_random seed
+/// 14289203681835957410). The same holds for a freeze lifted while a
+/// deploy it cancelled is still finishing its pre-flip hook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_or_unfreeze_before_a_cancelled_deploy_ends_still_deploys() {
+    let tmp = fast_tempdir();
+    let consul = ConsulServer::start(ConsulServerConfig::default())
+        .await
+        .unwrap();
+    let art = ArtifactServer::start().await.unwrap();
+    // The pre-flip hook is not cancelled (a half-run hook is worse than a
+    // finished one), so a cancelled deploy takes 2 s to end.
+    let hook = "[hooks]\npre-flip = [\"/bin/sleep\", \"2\"]";
+    let mut h = Host::new(tmp.path(), "h1", &consul.url(), hook);
+    h.start();
+    publish(&consul, &art, tmp.path(), "b1");
+    h.wait_served("b1");
+    let in_hook = |h: &Host| {
+        let start = Instant::now();
+        while h.status()["phase"] != "draining" {
+            assert!(start.elapsed() < T, "never reached the pre-flip hook");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    publish(&consul, &art, tmp.path(), "b2");
+    in_hook(&h);
+    assert!(h.cli(&["hold", "--reason", "look"]).status.success());
+    assert!(h.cli(&["resume"]).status.success());
+    h.wait_served("b2");
+
+    publish(&consul, &art, tmp.path(), "b3");
+    in_hook(&h);
+    release(&consul.url(), &["freeze", "--reason", "look"]);
+    let start = Instant::now();
+    while h.status()["fleet"]["frozen"] != true {
+        assert!(start.elapsed() < T, "the freeze was never seen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    release(&consul.url(), &["unfreeze"]);
+    h.wait_served("b3");
+    let v = h.status();
+    assert_eq!(v["state"]["state"], "idle", "{v:#}");
+}
+
+/// The freeze has two readers on a host: its watch, and the consistent
+/// read before acting on a tier change. When only that read saw the
+/// freeze (the watch was pacing a wake-up that changed nothing), the watch
+/// went on believing "missing" and read the unfreeze as no change: the
+/// host stayed frozen for good (intent_random seed 10224047685890240801).
+/// In-process writes make the whole sequence fit in the watch's 500 ms
+/// pacing gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfreeze_reaches_a_host_whose_watch_never_saw_the_freeze() {
+    let tmp = fast_tempdir();
+    let consul = ConsulServer::start(ConsulServerConfig::default())
+        .await
+        .unwrap();
+    let art = ArtifactServer::start().await.unwrap();
+    let release = in_process_release(&consul);
+    let specs: Vec<_> = ["b1", "b2"]
+        .iter()
+        .map(|b| tiny_spec(tmp.path(), &art, b))
+        .collect();
+    let mut h = Host::new(tmp.path(), "h1", &consul.url(), "");
+    h.start();
+    release.publish(&specs[0], None).await.unwrap();
+    h.wait_served("b1");
+    // Past the first-request splay: the freeze watch has read "missing".
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    // Writes in the freeze key's radix subtree wake its watch with no
+    // change. The first ends a query held for seconds; the second wakes
+    // the next one at once, and a quick wake-up that changed nothing
+    // makes the watch wait WAKE_GAP (500 ms) before asking again.
+    consul.put("deploy/app/poke", "x");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    consul.put("deploy/app/poke", "y");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    release.freeze("incident", "test").await.unwrap();
+    release.publish(&specs[1], None).await.unwrap();
+    h.proc()
+        .wait_log("fleet freeze changed (confirmed before acting)", T);
+    release.unfreeze().await.unwrap();
+    h.wait_served("b2");
+    let v = h.status();
+    assert_eq!(v["fleet"]["frozen"], false, "{v:#}");
+    assert_eq!(v["state"]["state"], "idle", "{v:#}");
+}
+
+fn in_process_release(consul: &ConsulServer) -> Release {
+    let client = ConsulClient::new(&ConsulSettings {
+        address: consul.url(),
+        ..ConsulSettings::default()
+    })
+    .unwrap();
+    Release {
+        client,
+        key: deploy_agent::fleet::tier_key(APP, TIER),
+        freeze_key: deploy_agent::fleet::freeze_key(APP),
+    }
+}
+
+fn tiny_spec(dir: &std::path::Path, art: &ArtifactServer, b: &str) -> BuildSpec {
+    let path = dir.join(format!("{b}.tar.gz"));
+    buildgen::write_build(BuildProfile::TINY, 3, b, Format::TarGz, &path).unwrap();
+    let url = format!("/{b}.tar.gz");
+    art.add(&url, std::fs::read(&path).unwrap());
+    let spec = spec_from_artifact(b, &path, &art.url(&url), Format::TarGz).unwrap();
+    check_spec(spec).unwrap()
 }

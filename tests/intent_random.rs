@@ -126,9 +126,13 @@ impl World {
     async fn settle(&mut self) {
         let start = Instant::now();
         let m = self.manifest().await;
+        // Since when each host has been unexplained: status can say
+        // `idle` for the few milliseconds between recording a new desired
+        // build and starting its deploy, so only a lasting silence counts.
+        let mut silent: Vec<Option<Instant>> = vec![None; self.hosts.len()];
         loop {
             let mut all = true;
-            for i in 0..self.hosts.len() {
+            for (i, silent_since) in silent.iter_mut().enumerate() {
                 self.check_now(i);
                 let h = &self.hosts[i];
                 let want = m.as_ref().and_then(|m| self.decided(m, i));
@@ -148,6 +152,11 @@ impl World {
                         self.fail(format!("{}: current {again} but marker says {v:#}", h.id));
                     }
                 }
+                // `served` was read before `status`: a deploy that ended in
+                // between is converged, not unexplained.
+                if want.as_ref().is_some_and(|w| *w == h.served()) {
+                    continue;
+                }
                 let knows = v["desired"]["build"].as_str().is_some_and(|d| d != served);
                 let state = v["state"]["state"].as_str().unwrap_or("");
                 let explained = state != "idle" || !v["last_error"].is_null();
@@ -155,7 +164,14 @@ impl World {
                 // first-request splay before it reads the key again (rule 9:
                 // a fleet-wide restart must not hit Consul at once).
                 let splay = deploy_agent::consul::ConsulSettings::default().first_request_splay;
-                if knows && !explained && start.elapsed() > Duration::from_secs(3) + splay {
+                if !knows || explained {
+                    *silent_since = None;
+                    continue;
+                }
+                let since = *silent_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(1)
+                    && start.elapsed() > Duration::from_secs(3) + splay
+                {
                     self.fail(format!(
                         "{}: not converged (serves {served}, wants {want:?}) and status says nothing: {v:#}",
                         h.id

@@ -216,6 +216,11 @@ pub fn transition(c: &Control, event: &AgentEvent, now: u64) -> Result<(AgentSta
         },
         (S::Deploying { .. }, E::Resume | E::Redeploy) => c.state.clone(),
         (S::RetryWait { .. }, E::RetryDue | E::Redeploy) => S::Idle,
+        // A hold or freeze cancelled the running deploy and was lifted
+        // before the deploy reached its safe point (a pre-flip hook runs
+        // to its end): the deploy's last steps land in `idle`, and the
+        // main loop starts the desired build again.
+        (S::Idle, E::PhaseChanged(_) | E::DeployEnded { .. }) => S::Idle,
         (S::Idle, E::Redeploy) => S::Idle,
         (s, e) => return Err(refused(s, e)),
     };
@@ -418,6 +423,24 @@ mod tests {
             .is_err());
         apply(&mut c, AgentEvent::Resume);
         assert_eq!(c.state, AgentState::Idle);
+    }
+
+    #[test]
+    fn a_deploy_cancelled_by_a_lifted_hold_ends_in_idle() {
+        let mut c = Control::default();
+        apply(&mut c, AgentEvent::DeployStarted { build: "b".into() });
+        apply(&mut c, held());
+        apply(&mut c, AgentEvent::Resume);
+        apply(&mut c, AgentEvent::PhaseChanged(Phase::Draining));
+        apply(
+            &mut c,
+            AgentEvent::DeployEnded {
+                outcome: Some(Outcome::Cancelled),
+                retry: None,
+            },
+        );
+        assert_eq!(c.state, AgentState::Idle);
+        apply(&mut c, AgentEvent::DeployStarted { build: "b".into() });
     }
 
     #[test]

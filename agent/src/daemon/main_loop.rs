@@ -167,7 +167,11 @@ impl MainLoop {
             LoopEvent::Watch(Some(ev)) => self.on_watch(ev, l).await,
             LoopEvent::DeployEnded(res) => {
                 self.on_deploy_ended(res, l);
-                false
+                // A cancelled deploy that ends with nothing holding the
+                // agent (the hold or freeze that cancelled it was lifted
+                // meanwhile) leaves the desired build still to apply;
+                // `start_desired` decides from the state, so ask it.
+                true
             }
             LoopEvent::RetryDue => {
                 l.retry_at = None;
@@ -248,6 +252,9 @@ impl MainLoop {
             }
         };
         let Some(m) = self.member.choose(m, modify_index) else {
+            // The newest decision names nothing to deploy: an older
+            // desired state must not be started later on its behalf.
+            l.desired = None;
             return false;
         };
         info!(build = %m.spec.build, modify_index, "desired state received");
@@ -378,6 +385,9 @@ impl MainLoop {
     /// Starts (or keeps) the deploy of the desired state if the agent's
     /// state allows it.
     async fn start_desired(&self, l: &mut Loop, shutdown: &CancellationToken) {
+        if shutdown.is_cancelled() {
+            return;
+        }
         match self.shared.state() {
             AgentState::Idle => {}
             // A running deploy may be replaced by a newer desired state.
@@ -406,11 +416,15 @@ impl MainLoop {
             }
         }
         if let Some(r) = l.running.take() {
-            if r.identity == identity && !l.force_next {
+            // A deploy already told to stop (by a hold or a freeze lifted
+            // since) is not running for this manifest any more: it ends
+            // `cancelled` at its safe point, so wait for it and start
+            // again rather than keep it as the live attempt.
+            if r.identity == identity && !l.force_next && !r.cancel.is_cancelled() {
                 l.running = Some(r);
                 return;
             }
-            info!(old = %r.identity, new = %identity, "newer manifest: cancelling the running deploy");
+            info!(old = %r.identity, new = %identity, "replacing the running deploy: newer manifest, redeploy or cancelled");
             r.cancel.cancel();
             let res = self.join_pinging(r.handle, &mut l.watchdog).await;
             self.on_deploy_ended(res, l);

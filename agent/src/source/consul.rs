@@ -15,6 +15,7 @@
 //! consumer compares it with what is deployed, so nothing is applied twice
 //! or lost.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -167,9 +168,19 @@ impl Watch {
         // spinning: give its token back, so two real changes a few seconds
         // apart are both seen at once. Immediate answers (errors, a server
         // that ignores `index`) keep paying, which is what bounds a spin.
+        //
+        // A successful read without an index only follows a start (after
+        // the splay), an error or an index reset, and each of those paid
+        // its own token: it gets its token back too, so the blocking query
+        // that follows goes at once. Otherwise, after an outage had spent
+        // the burst, a change right after that first read waited for the
+        // next refill (up to 15 s with the shipped rates).
         let held = Instant::now().saturating_duration_since(asked);
-        if result.is_ok() && held >= BLOCKED_LONG_ENOUGH {
+        if result.is_ok() && (held >= BLOCKED_LONG_ENOUGH || query.index == 0) {
             self.bucket.refund();
+            if query.index == 0 {
+                return false;
+            }
         }
         // A quick answer with a higher index is Consul waking us for a
         // write to the key or near it (a missing key wakes on its whole
@@ -218,6 +229,9 @@ impl Watch {
         let (received, last_contact, known_leader) =
             (answer.index, answer.last_contact, answer.known_leader);
         let previous = self.state.index;
+        if self.stats.take_resync() {
+            self.state.sent = None;
+        }
         let event = self.state.on_answer(answer);
         if self.state.index == 0 {
             tracing::info!(
@@ -466,10 +480,12 @@ pub struct WatchStatsSnapshot {
 }
 
 /// Live stats of one watch, written by the loop and read by the status
-/// socket. In memory only.
+/// socket, and the one request a consumer can make of a running watch
+/// ([`WatchStats::resync`]). In memory only.
 #[derive(Debug, Default)]
 pub struct WatchStats {
     inner: Mutex<WatchStatsSnapshot>,
+    resync: AtomicBool,
 }
 
 impl WatchStats {
@@ -495,6 +511,20 @@ impl WatchStats {
 
     fn request(&self) {
         self.lock().requests_total += 1;
+    }
+
+    /// The consumer learned the key's state from a read of its own (the
+    /// freeze confirmed before acting): the watch's next answer is handed
+    /// on even if it repeats the last one the watch sent. Otherwise a
+    /// freeze seen only by that read and lifted before the watch looked
+    /// again reads as "missing, still missing" to the watch, and the lift
+    /// never reaches the consumer.
+    pub fn resync(&self) {
+        self.resync.store(true, Ordering::Release);
+    }
+
+    fn take_resync(&self) -> bool {
+        self.resync.swap(false, Ordering::AcqRel)
     }
 
     fn reread(&self) {

@@ -167,7 +167,7 @@ impl Member {
     /// returned before a tier change was written is always seen by a host
     /// that has seen that change. `false` without a freeze key.
     pub async fn confirm_freeze(&self) -> Result<bool> {
-        let Some((client, key, _)) = &self.freeze else {
+        let Some((client, key, stats)) = &self.freeze else {
             return Ok(false);
         };
         let read = client
@@ -182,6 +182,9 @@ impl Member {
         let frozen = read.pair.is_some();
         if *self.freeze_tx.borrow() != frozen {
             info!(key = %key, frozen, "fleet freeze changed (confirmed before acting)");
+            // The watch has not seen this state: make it hand on its next
+            // answer, so a lift it would read as "no change" still arrives.
+            stats.resync();
         }
         // Through the watch's channel, so the main loop's state machine
         // sees it whoever read it (a repeated state is a no-op there).
