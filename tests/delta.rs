@@ -3,7 +3,8 @@
 //! bit-identical (paths, types, modes, mtimes, contents, link targets) to a
 //! full unpack; a base edited in place, or a delta made for another base,
 //! makes it download the full artifact instead; a SIGKILL in the middle of a
-//! delta deploy recovers like one in a full deploy.
+//! delta deploy recovers like one in a full deploy; a base in the cold
+//! slot serves as well as one in the hot slot.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -182,6 +183,32 @@ async fn a_delta_deploy_downloads_what_changed_and_matches_a_full_unpack() {
         linked * 10 > b2.artifact.entries as usize * 9,
         "{linked} linked files"
     );
+}
+
+/// The base in the cold slot: b1 then b2 live (b1 now cold), and the next
+/// build is published as a delta from b1, as after a rollback and a fix
+/// made against the build before. The claim keeps b1's files aside, the
+/// delta links from them, and they go to the trash afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_base_in_the_cold_slot_is_used_too() {
+    let (h, b1, b2, _, _) = live_with_delta(BuildProfile::TINY).await;
+    h.publish(&manifest(&h.artifacts, &b2, None));
+    h.wait_live("b2", LIMIT).await;
+    let dir = h.tmp.path().to_path_buf();
+    let b3 = build(&dir, &h.artifacts, "b3", BuildProfile::TINY);
+    let (d, _) = delta(&dir, &h.artifacts, &b1, &b3);
+    h.artifacts.reset_stats();
+    h.publish(&manifest(&h.artifacts, &b3, Some(&d)));
+    let rec = h.wait_live("b3", LIMIT).await;
+    assert!(rec.from_delta, "{rec:?}");
+    assert_eq!(h.artifacts.stats().bytes_sent, d.size);
+    let reference = full_unpack(h.tmp.path(), &b3);
+    assert_eq!(tree(&live_slot(&h.root)), tree(&reference));
+    // Nothing is left in .deploy/kept once the deploy is over.
+    let kept: Vec<_> = std::fs::read_dir(h.root.join(".deploy/kept"))
+        .unwrap()
+        .collect();
+    assert!(kept.is_empty(), "{kept:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -150,6 +150,34 @@ fn claim_moves_old_contents_to_trash_and_purge_deletes_them() {
     assert_eq!(std::fs::read_dir(dr.trash_dir()).unwrap().count(), 0);
 }
 
+/// A keeping claim leaves the old build readable outside the trash (a
+/// purge running meanwhile cannot touch it) until it is discarded; a crash
+/// before that leaves it for `open` to move into the trash.
+#[test]
+fn a_keeping_claim_survives_a_purge_and_a_crash_leaves_it_to_the_trash() {
+    let tmp = fast_tempdir();
+    let (mut dr, _) = DeployRoot::open(tmp.path()).unwrap();
+    deploy(&mut dr, "one");
+    deploy(&mut dr, "two");
+    let (_, dir, kept) = dr.claim_cold_keeping().unwrap();
+    let kept = kept.expect("the cold slot held a build");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    assert_eq!(swapper::purge_trash(dr.path()).unwrap(), 0);
+    assert_eq!(check_build(&kept, 3, 100).unwrap(), "one");
+    dr.discard_kept(&kept).unwrap();
+    assert!(!kept.exists());
+    assert_eq!(swapper::purge_trash(dr.path()).unwrap(), 1);
+
+    deploy(&mut dr, "three");
+    let (_, _, kept) = dr.claim_cold_keeping().unwrap();
+    let kept = kept.unwrap();
+    drop(dr); // the process dies while reading it
+    let (dr, report) = DeployRoot::open(tmp.path()).unwrap();
+    assert!(!kept.exists());
+    assert_eq!(report.trash_entries, 1);
+    assert_eq!(served_build(dr.path()), "three");
+}
+
 #[test]
 fn adopts_plain_served_directory_in_place() {
     let tmp = fast_tempdir();

@@ -38,6 +38,8 @@ const META: &str = ".deploy";
 const STATE: &str = "state.json";
 const LOCK: &str = "lock";
 const TRASH: &str = "trash";
+/// Old cold-slot contents a caller is still reading (a delta's base).
+const KEPT: &str = "kept";
 
 /// An open, locked deploy root. Dropping it releases the lock.
 #[derive(Debug)]
@@ -88,6 +90,7 @@ impl DeployRoot {
         let root = fs::canonicalize(&root).at(&root)?;
         let meta = root.join(META);
         fs::create_dir_all(meta.join(TRASH)).at(&meta)?;
+        fs::create_dir_all(meta.join(KEPT)).at(&meta)?;
         let lock = lock(&meta.join(LOCK))?;
         let mut report = RecoveryReport::default();
         let mut dr = DeployRoot {
@@ -96,6 +99,10 @@ impl DeployRoot {
             _lock: lock,
         };
         dr.remove_temp_names(&mut report)?;
+        // Whoever read a kept slot died with this process: it is garbage.
+        for entry in fs::read_dir(meta.join(KEPT)).at(&meta)?.flatten() {
+            dr.discard_kept(&entry.path())?;
+        }
         let loaded = dr.load_state();
         dr.adopt_if_needed(&mut report)?;
         dr.recover(loaded, &mut report)?;
@@ -167,6 +174,27 @@ impl DeployRoot {
     /// tens of thousands of files takes seconds; a rename takes
     /// microseconds). Returns the empty slot's path.
     pub fn claim_cold(&mut self) -> Result<(Slot, PathBuf)> {
+        let (slot, dir, _) = self.claim(false)?;
+        Ok((slot, dir))
+    }
+
+    /// [`DeployRoot::claim_cold`], but the old contents go to
+    /// `.deploy/kept/` instead of the trash, so the caller can still read
+    /// them (the base of a delta, when the cold slot held it) while the
+    /// trash is emptied. Returns their path, if there were any; the caller
+    /// hands it back with [`DeployRoot::discard_kept`], and after a crash
+    /// [`DeployRoot::open`] moves it into the trash.
+    pub fn claim_cold_keeping(&mut self) -> Result<(Slot, PathBuf, Option<PathBuf>)> {
+        self.claim(true)
+    }
+
+    /// Moves a kept slot's old contents into the trash (a rename).
+    pub fn discard_kept(&self, kept: &Path) -> Result<()> {
+        let to = self.trash_dir().join(unique_tmp_name("kept"));
+        fs::rename(kept, &to).at(kept)
+    }
+
+    fn claim(&mut self, keep: bool) -> Result<(Slot, PathBuf, Option<PathBuf>)> {
         let slot = self.cold();
         if self.served()? == Some(slot) {
             return Err(Error::ClaimHot {
@@ -191,7 +219,11 @@ impl DeployRoot {
         };
         let mut aside = None;
         if non_empty {
-            let a = self.trash_dir().join(unique_tmp_name(slot.dir_name()));
+            let to = if keep { KEPT } else { TRASH };
+            let a = self
+                .meta_dir()
+                .join(to)
+                .join(unique_tmp_name(slot.dir_name()));
             fs::rename(&dir, &a).at(&dir)?;
             aside = Some(a);
         }
@@ -201,8 +233,8 @@ impl DeployRoot {
             // The old contents filled the disk: delete them now rather
             // than off the critical path, and try again.
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && aside.is_some() => {
-                if let Some(a) = &aside {
-                    fsutil::remove_tree(a)?;
+                if let Some(a) = aside.take() {
+                    fsutil::remove_tree(&a)?;
                 }
                 fs::create_dir(&dir).at(&dir)?;
             }
@@ -210,8 +242,8 @@ impl DeployRoot {
         }
         fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).at(&dir)?;
         fsutil::fsync_dir(&self.root)?;
-        info!(slot = %slot, root = %self.root.display(), "claimed cold slot");
-        Ok((slot, dir))
+        info!(slot = %slot, root = %self.root.display(), kept = aside.is_some() && keep, "claimed cold slot");
+        Ok((slot, dir, aside.filter(|_| keep)))
     }
 
     /// Marks `slot` ready: makes its contents durable with one syncfs(2),

@@ -245,6 +245,15 @@ pub struct ErrorRecord {
     pub build: Option<String>,
 }
 
+/// Where the base of a delta is.
+#[derive(Debug)]
+enum DeltaBase {
+    /// The live slot (read only, its files gain links).
+    Hot(PathBuf),
+    /// The cold slot: the claim keeps its old contents aside to read from.
+    Cold,
+}
+
 /// The persisted record of the current (or last) deploy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeployRecord {
@@ -596,7 +605,7 @@ impl Deployer {
         };
         let limits = self.limits(m);
         let cached = self.cache.lookup(&m.spec.sha256);
-        let delta_base = cached.is_none().then(|| self.delta_base(m)).flatten();
+        let base = cached.is_none().then(|| self.delta_base(m)).flatten();
         {
             let (cache, root, cold) =
                 (self.cache.clone(), self.root_path.clone(), cold_dir.clone());
@@ -616,12 +625,27 @@ impl Deployer {
         drain::wait_cold_slot(&cold_dir, &self.config.drain, cancel, holders).await?;
         run.obs.holders(&[]);
         not_cancelled(m, cancel, "claiming the cold slot")?;
-        let claimed = self.with_root(|r| r.claim_cold()).await?;
-        run.rec.slot = Some(claimed.0);
+        // A base in the cold slot is kept aside by the claim (not trashed)
+        // until the delta has been applied from it.
+        let (slot, dir, kept) = self.with_root(|r| r.claim_cold_keeping()).await?;
+        let delta_base = match base {
+            Some(DeltaBase::Hot(dir)) => Some(dir),
+            Some(DeltaBase::Cold) => kept.clone(),
+            None => None,
+        };
+        run.rec.slot = Some(slot);
         run.step(Event::ColdSlotFree)?;
 
         let (slot, entries, bytes) = self
-            .download_and_unpack(m, claimed, delta_base, cached, &limits, cancel, run)
+            .download_and_unpack(
+                m,
+                (slot, dir),
+                (delta_base, kept),
+                cached,
+                &limits,
+                cancel,
+                run,
+            )
             .await?;
         run.step(Event::Fetched)?;
 
@@ -641,21 +665,36 @@ impl Deployer {
     /// downloading: from a delta when this host has its base, else (or when
     /// the delta does not fit) fetch, verify and unpack overlapped. Returns
     /// the slot built (a failed delta re-claims it) with its entries and bytes.
+    /// `base` is the delta's base directory and the old cold-slot contents
+    /// the claim kept aside (the base, or nothing): these go to the trash
+    /// as soon as the delta is done with, before any full download needs
+    /// their space.
     #[allow(clippy::too_many_arguments)] // the steps of one phase, kept flat
     async fn download_and_unpack(
         &self,
         m: &Manifest,
         claimed: (Slot, PathBuf),
-        delta_base: Option<PathBuf>,
+        base: (Option<PathBuf>, Option<PathBuf>),
         cached: Option<PathBuf>,
         limits: &UnpackLimits,
         cancel: &CancellationToken,
         run: &mut Run<'_>,
     ) -> Result<(Slot, u64, u64)> {
         let (mut slot, mut dir) = claimed;
+        let (delta_base, kept) = base;
         let mut built = None;
-        if let Some(base_dir) = delta_base {
-            match self.apply_delta(m, base_dir, &dir, limits, cancel).await {
+        let delta = match delta_base {
+            Some(base_dir) => Some(self.apply_delta(m, base_dir, &dir, limits, cancel).await),
+            None => None,
+        };
+        if let Some(k) = kept {
+            // Emptied after the deploy with the trash, like any claim's.
+            if let Err(e) = self.with_root(move |r| r.discard_kept(&k)).await {
+                warn!(error = %e, "cannot move the old cold slot into the trash");
+            }
+        }
+        if let Some(delta) = delta {
+            match delta {
                 Ok(done) => built = Some(done),
                 Err(e) if matches!(e, Error::Cancelled { .. }) || cancel.is_cancelled() => {
                     return Err(e)
@@ -696,14 +735,22 @@ impl Deployer {
         Ok((slot, entries, bytes))
     }
 
-    /// The hot slot's directory when it holds the base of `m`'s delta. The
-    /// cold slot cannot serve as the base: it is the one being rebuilt.
-    fn delta_base(&self, m: &Manifest) -> Option<PathBuf> {
+    /// Which slot holds the base of `m`'s delta, if one does. The hot one
+    /// is preferred: the cold one must first be set aside by the claim.
+    fn delta_base(&self, m: &Manifest) -> Option<DeltaBase> {
         let delta = m.delta.as_ref()?;
         let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
-        let hot = root.hot()?;
-        let base = root.marker(hot)?.build.sha256.clone()?;
-        (delta.base == *base).then(|| root.slot_path(hot))
+        let holds = |slot: Slot| {
+            root.marker(slot)
+                .and_then(|mk| mk.build.sha256.as_deref())
+                .is_some_and(|sha| delta.base == *sha)
+        };
+        let hot = root.hot();
+        if let Some(h) = hot.filter(|h| holds(*h)) {
+            return Some(DeltaBase::Hot(root.slot_path(h)));
+        }
+        let cold = root.cold();
+        (hot != Some(cold) && holds(cold)).then_some(DeltaBase::Cold)
     }
 
     /// Downloads (or takes from the cache) `m`'s delta and builds the target
