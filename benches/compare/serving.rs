@@ -192,9 +192,15 @@ impl Serving {
             let per_round = |f: &dyn Fn(&Windows) -> (Instant, Instant)| -> Vec<f64> {
                 self.rounds.iter().map(|w| self.p99(f(w))).collect()
             };
+            // The settings trade deploy time for serving latency: show both.
+            let took: Vec<f64> = self
+                .rounds
+                .iter()
+                .map(|w| pick(w).1.duration_since(pick(w).0).as_secs_f64())
+                .collect();
             let measured = format!(
                 "{ratio:.2} {}: p99 {:.1} ms during / {:.1} ms idle, p50 {:.1} / {:.1} ms, \
-                 errors {} of {} / {} of {}",
+                 errors {} of {} / {} of {}; deploy {:.2} s (median)",
                 spread(&per_round(&pick), &per_round(&|w| w.idle)),
                 during.p99_ms,
                 idle.p99_ms,
@@ -203,7 +209,8 @@ impl Serving {
                 during.errors,
                 during.requests,
                 idle.errors,
-                idle.requests
+                idle.requests,
+                crate::median(&took)
             );
             if unit {
                 let name = "web p99 during deploy / idle (unit settings)";
@@ -213,7 +220,7 @@ impl Serving {
                     "| web p99 during deploy / idle (no settings) | {measured} | reference | - |"
                 );
             }
-            out[key] = json!({"during": during.json(), "ratio": ratio});
+            out[key] = json!({"during": during.json(), "ratio": ratio, "deploy_s": took});
         }
         out["rounds_p99_ms"] = self
             .rounds
