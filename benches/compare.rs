@@ -30,6 +30,9 @@ use testkit::buildgen::{self, Artifact, BuildProfile};
 use testkit::testserver::artifact::ArtifactServer;
 use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
 
+#[path = "compare/serving.rs"]
+mod serving;
+
 const KEY: &str = "deploy/bench/web";
 
 struct Args {
@@ -405,6 +408,22 @@ fn main() {
         v
     });
 
+    // ---- serving impact: nginx p99 during a deploy, with the unit's settings and without ----
+    let serving = serving::measure(
+        &serving::Ctx {
+            bin: &agent_bin,
+            work: &work,
+            consul: &consul,
+            builds: [
+                (url.clone(), &main_gz, "bench"),
+                (url2.clone(), &main2_gz, "bench2"),
+            ],
+            prime: &prime,
+        },
+        args.runs,
+        &mut deploy,
+    );
+
     // ---- report ----
     let med = |v: &[f64]| median(v);
     let m: Vec<(String, f64)> = rows.iter().map(|(n, v)| (n.to_string(), med(v))).collect();
@@ -637,6 +656,13 @@ fn main() {
     } else {
         println!("| download at 1 Gbit/s per connection | not measured (needs nginx limit_rate) | >= 2.5x | - |");
     }
+    let serving_json = match &serving {
+        Some(s) => s.report(&mut target),
+        None => {
+            println!("| web p99 during deploy / idle | not measured (nginx did not start) | <= 2.0 | - |");
+            Value::Null
+        }
+    };
     let out = json!({
         "build": {"entries": main_gz.entries, "tar_bytes": main_tar.size, "tar_gz_bytes": main_gz.size,
                   "profile": if args.small { "small" } else { "full" }},
@@ -657,6 +683,7 @@ fn main() {
         "flip_swapper_s": {"p50": percentile(&swapper_flips, 0.5), "p99": p99f},
         "flip_agent_s": {"p50": percentile(&agent_flips, 0.5), "p99": p99af, "n": agent_flips.len()},
         "limited_download": limited_json,
+        "serving": serving_json,
         "targets": targets,
     });
     if let Some(p) = &args.json {
@@ -923,12 +950,15 @@ struct Leftovers {
     pids: Vec<i32>,
     mount: Option<PathBuf>,
     remove: Vec<PathBuf>,
+    /// cgroup v1 directories made for the serving-impact row.
+    cgroups: Vec<PathBuf>,
 }
 
 static LEFTOVERS: Mutex<Leftovers> = Mutex::new(Leftovers {
     pids: Vec::new(),
     mount: None,
     remove: Vec::new(),
+    cgroups: Vec::new(),
 });
 
 fn leftovers() -> std::sync::MutexGuard<'static, Leftovers> {
@@ -936,12 +966,13 @@ fn leftovers() -> std::sync::MutexGuard<'static, Leftovers> {
 }
 
 fn clean_up_now() {
-    let (pids, mount, remove) = {
+    let (pids, mount, remove, cgroups) = {
         let mut l = leftovers();
         (
             std::mem::take(&mut l.pids),
             l.mount.take(),
             std::mem::take(&mut l.remove),
+            std::mem::take(&mut l.cgroups),
         )
     };
     for pid in &pids {
@@ -952,6 +983,9 @@ fn clean_up_now() {
     }
     if !pids.is_empty() {
         std::thread::sleep(Duration::from_millis(500));
+    }
+    for cg in cgroups {
+        serving::remove_cgroup(&cg);
     }
     if let Some(m) = mount {
         let ok = Command::new("umount")
@@ -1017,6 +1051,35 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Runs nginx with `conf` (written to `dir/nginx.conf`, prefix `dir`) and
+/// waits until it accepts on `port`; None when it does not start.
+fn spawn_nginx(dir: &Path, conf: &str, port: u16) -> Option<Proc> {
+    let conf_path = dir.join("nginx.conf");
+    fs::write(&conf_path, conf).unwrap();
+    let nginx = if Path::new("/usr/sbin/nginx").exists() {
+        "/usr/sbin/nginx"
+    } else {
+        "nginx"
+    };
+    let child = Command::new(nginx)
+        .arg("-c")
+        .arg(&conf_path)
+        .arg("-p")
+        .arg(dir)
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let proc = Proc::new(child);
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some(proc);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
 enum Server {
     Nginx {
         _proc: Proc,
@@ -1058,35 +1121,14 @@ http {{
                 log = log.display(),
                 art = art.display()
             );
-            let conf_path = dir.join("nginx.conf");
-            fs::write(&conf_path, conf).unwrap();
-            let nginx = if Path::new("/usr/sbin/nginx").exists() {
-                "/usr/sbin/nginx"
-            } else {
-                "nginx"
-            };
-            let child = Command::new(nginx)
-                .arg("-c")
-                .arg(&conf_path)
-                .arg("-p")
-                .arg(&dir)
-                .stderr(Stdio::null())
-                .spawn();
-            if let Ok(child) = child {
-                let proc = Proc::new(child);
-                let t = Instant::now();
-                while t.elapsed() < Duration::from_secs(10) {
-                    if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                        return Server::Nginx {
-                            _proc: proc,
-                            port,
-                            log,
-                        };
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                eprintln!("nginx did not start; using the project's artifact server");
+            if let Some(proc) = spawn_nginx(&dir, &conf, port) {
+                return Server::Nginx {
+                    _proc: proc,
+                    port,
+                    log,
+                };
             }
+            eprintln!("nginx did not start; using the project's artifact server");
         }
         let s = futures_block(ArtifactServer::start_with_dir(art.to_path_buf())).unwrap();
         Server::Own(s)
@@ -1234,13 +1276,44 @@ struct Agent {
     root: PathBuf,
     cache: PathBuf,
     log: AgentLog,
+    /// Key write and flip of the last [`Agent::deploy`].
+    last_deploy: Option<(Instant, Instant)>,
+}
+
+/// How an agent process is started: its config and log name, and the
+/// command it runs under (`nice`, a cgroup, ...; empty: as is).
+struct Launch {
+    name: String,
+    prefix: Vec<String>,
+    /// No first-request splay, for agents restarted many times in a row.
+    quick_start: bool,
 }
 
 impl Agent {
     fn start(bin: &Path, work: &Path, consul: &ConsulServer, ranges: usize) -> Agent {
+        let launch = Launch {
+            name: format!("agent-{ranges}"),
+            prefix: vec![],
+            quick_start: false,
+        };
+        Agent::start_with(bin, work, consul, ranges, &launch)
+    }
+
+    fn start_with(
+        bin: &Path,
+        work: &Path,
+        consul: &ConsulServer,
+        ranges: usize,
+        launch: &Launch,
+    ) -> Agent {
         let root = work.join("root");
         let cache = work.join("cache");
-        let cfg = work.join(format!("agent-{ranges}.toml"));
+        let cfg = work.join(format!("{}.toml", launch.name));
+        let splay = if launch.quick_start {
+            "first-request-splay = \"0s\"\n"
+        } else {
+            ""
+        };
         fs::write(
             &cfg,
             format!(
@@ -1255,7 +1328,7 @@ wait = "20s"
 max-stale = "10s"
 rate-burst = 2
 rate-interval = "100ms"
-[download]
+{splay}[download]
 parallel-ranges = {ranges}
 "#,
                 root = root.display(),
@@ -1264,10 +1337,18 @@ parallel-ranges = {ranges}
             ),
         )
         .unwrap();
-        let log_path = work.join(format!("agent-{ranges}.log"));
+        let log_path = work.join(format!("{}.log", launch.name));
         let log_file = fs::File::create(&log_path).unwrap();
         let requests_before = consul.requests_for(KEY).len();
-        let child = Command::new(bin)
+        let mut cmd = match launch.prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .args(["--log-format", "json", "run", "--config"])
             .arg(&cfg)
             .stdout(log_file.try_clone().unwrap())
@@ -1285,6 +1366,7 @@ parallel-ranges = {ranges}
                 offset: 0,
                 lines: vec![],
             },
+            last_deploy: None,
         };
         // The first watch request comes after a random splay (< 5 s).
         let t = Instant::now();
@@ -1370,6 +1452,7 @@ parallel-ranges = {ranges}
             std::thread::sleep(Duration::from_millis(1));
         }
         let took = t0.elapsed();
+        self.last_deploy = Some((t0, t0 + took));
         // The log line comes after the flip returned (durable).
         let t = Instant::now();
         while self.log.flips().len() == flips_before && t.elapsed() < Duration::from_secs(5) {

@@ -10,7 +10,7 @@
 //! tears all of it down on drop, panics included.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,9 @@ use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
 
 pub const APP: &str = "web";
 pub const TIER: &str = "production";
+/// The build generator's seed of every [`Fleet::build`]: a build made
+/// elsewhere with it and the same id has the same bytes.
+pub const BUILD_SEED: u64 = 11;
 
 /// Why the fleet cannot run here, if it cannot (not root, no `ip`).
 pub fn unsupported() -> Option<String> {
@@ -312,13 +315,35 @@ splay-max = "{splay}ms"
 
     /// Generates build `id`, serves it, returns (local artifact path, url, artifact).
     pub fn build(&mut self, id: &str) -> (PathBuf, String, Artifact) {
+        self.build_changing(id, 0.1)
+    }
+
+    /// [`Fleet::build`] where `changed` (0 to 1) of the sources differ
+    /// between two build ids (`buildgen::write_build_changing`; `build`
+    /// uses 0.1): with 0.005 two builds differ in about 1% of their files,
+    /// as for delta deploys.
+    pub fn build_changing(&mut self, id: &str, changed: f64) -> (PathBuf, String, Artifact) {
         let path = self.tmp.path().join(format!("{id}.tar.gz"));
-        let a = buildgen::write_build(self.profile, 11, id, Format::TarGz, &path).unwrap();
-        let url_path = format!("/b/{id}.tar.gz");
-        let bytes = std::fs::read(&path).unwrap();
-        self.artifacts().add(&url_path, bytes.clone());
-        self.files.push((url_path.clone(), bytes));
-        (path, self.artifacts().url(&url_path), a)
+        let a = buildgen::write_build_changing(
+            self.profile,
+            BUILD_SEED,
+            id,
+            Format::TarGz,
+            &path,
+            changed,
+        )
+        .unwrap();
+        let url = self.serve(&format!("/b/{id}.tar.gz"), &path);
+        (path, url, a)
+    }
+
+    /// Serves the file at `path` as `url_path` (again after an
+    /// artifact-server restart); returns its URL.
+    pub fn serve(&mut self, url_path: &str, path: &Path) -> String {
+        let bytes = std::fs::read(path).unwrap();
+        self.artifacts().add(url_path, bytes.clone());
+        self.files.push((url_path.to_string(), bytes));
+        self.artifacts().url(url_path)
     }
 
     pub fn artifacts(&self) -> &ArtifactServer {
