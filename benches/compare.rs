@@ -3,7 +3,8 @@
 //! against the floors of the tools themselves, in one run.
 //!
 //! Run it with `cargo bench --bench compare -- [--small] [--dir D]
-//! [--runs N] [--json out.json] [--publishes N] [--idle-secs S]`
+//! [--runs N] [--json out.json] [--publishes N] [--idle-secs S]
+//! [--agent-config TOML]`
 //! (docs/performance.md explains every row).
 //!
 //! Everything it creates lives under one work directory: a loop-mounted
@@ -42,6 +43,9 @@ struct Args {
     json: Option<PathBuf>,
     publishes: usize,
     idle_secs: u64,
+    /// TOML appended to every agent's config (`--agent-config`), to compare
+    /// settings such as `[unpack] writeback-every = 0` in the same harness.
+    agent_config: String,
 }
 
 fn parse_args() -> Args {
@@ -52,6 +56,7 @@ fn parse_args() -> Args {
         json: None,
         publishes: 50,
         idle_secs: 60,
+        agent_config: String::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -62,6 +67,7 @@ fn parse_args() -> Args {
             "--json" => a.json = Some(it.next().expect("--json needs a path").into()),
             "--publishes" => a.publishes = it.next().expect("N").parse().expect("N"),
             "--idle-secs" => a.idle_secs = it.next().expect("S").parse().expect("S"),
+            "--agent-config" => a.agent_config = it.next().expect("--agent-config TOML"),
             // cargo bench passes --bench to every harness = false target.
             "--bench" => {}
             other => panic!("unknown argument {other:?}; see docs/performance.md"),
@@ -71,8 +77,15 @@ fn parse_args() -> Args {
     a
 }
 
+/// `--agent-config`: appended to every agent config this run writes.
+static AGENT_CONFIG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn main() {
     let args = parse_args();
+    AGENT_CONFIG.set(args.agent_config.clone()).unwrap();
+    if !args.agent_config.is_empty() {
+        println!("agent config added: {:?}", args.agent_config);
+    }
     let is_root = nix::unistd::geteuid().is_root();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -1330,10 +1343,12 @@ rate-burst = 2
 rate-interval = "100ms"
 {splay}[download]
 parallel-ranges = {ranges}
+{extra}
 "#,
                 root = root.display(),
                 cache = cache.display(),
-                addr = consul.url()
+                addr = consul.url(),
+                extra = AGENT_CONFIG.get().map(String::as_str).unwrap_or(""),
             ),
         )
         .unwrap();

@@ -950,7 +950,7 @@ impl Deployer {
             max_entries: m
                 .max_entries
                 .map_or(c.max_entries, |n| n.min(c.max_entries)),
-            writer_threads: c.writer_threads,
+            ..*c
         }
     }
 

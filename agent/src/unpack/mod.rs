@@ -309,7 +309,7 @@ impl<'a> Unpacker<'a> {
             limits,
             progress,
             nodes,
-            writeback: writeback::Writeback::start(slot),
+            writeback: writeback::Writeback::start(slot, limits.writeback_every),
             dir_meta: Vec::new(),
             hardlinks: Vec::new(),
             stats: UnpackStats::default(),

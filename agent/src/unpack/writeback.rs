@@ -4,7 +4,7 @@
 //! that final `syncfs` (the default dirty thresholds are gigabytes on a
 //! large host), after the last file, with the disk idle until then.
 //!
-//! Every [`KICK_EVERY`] bytes the parser asks a background thread for one
+//! Every `[unpack] writeback-every` bytes (32 MiB) the parser asks a background thread for one
 //! `syncfs` of the slot's filesystem; a request made while one is running
 //! is dropped, so at most one runs at a time and the unpack never waits for
 //! the disk. It changes nothing about durability or crash behaviour: the
@@ -17,23 +17,28 @@ use std::thread::JoinHandle;
 
 use tracing::debug;
 
-/// Bytes unpacked between two writeback requests. 32, 64 and 128 MiB
-/// measured the same within noise on the 400 MB build (the final syncfs fell
-/// from 0.7-1.0 s to 40-80 ms); smaller means less left for the end.
-pub const KICK_EVERY: u64 = 32 << 20;
-
 /// The background flusher of one unpack.
 #[derive(Debug)]
 pub struct Writeback {
     kick: Option<SyncSender<()>>,
     thread: Option<JoinHandle<()>>,
+    every: u64,
     next_at: u64,
 }
 
 impl Writeback {
-    /// Starts the flusher for the filesystem holding `slot`. When the
-    /// thread cannot be started, the unpack goes on without it.
-    pub fn start(slot: &Path) -> Writeback {
+    /// Starts the flusher for the filesystem holding `slot`, asked every
+    /// `every` bytes (0: never, and no thread). When the thread cannot be
+    /// started, the unpack goes on without it.
+    pub fn start(slot: &Path, every: u64) -> Writeback {
+        if every == 0 {
+            return Writeback {
+                kick: None,
+                thread: None,
+                every,
+                next_at: u64::MAX,
+            };
+        }
         // A rendezvous channel: `try_send` only succeeds while the thread
         // waits, which is what drops requests made during a flush.
         let (tx, rx) = sync_channel::<()>(0);
@@ -53,7 +58,8 @@ impl Writeback {
         Writeback {
             kick: thread.as_ref().map(|_| tx),
             thread,
-            next_at: KICK_EVERY,
+            every,
+            next_at: every,
         }
     }
 
@@ -62,7 +68,7 @@ impl Writeback {
         if unpacked < self.next_at {
             return;
         }
-        self.next_at = unpacked + KICK_EVERY;
+        self.next_at = unpacked.saturating_add(self.every);
         if let Some(tx) = &self.kick {
             let _ = tx.try_send(());
         }
