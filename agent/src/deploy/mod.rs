@@ -627,7 +627,13 @@ impl Deployer {
         not_cancelled(m, cancel, "claiming the cold slot")?;
         // A base in the cold slot is kept aside by the claim (not trashed)
         // until the delta has been applied from it.
-        let (slot, dir, kept) = self.with_root(|r| r.claim_cold_keeping()).await?;
+        let keep = matches!(base, Some(DeltaBase::Cold));
+        let (slot, dir, kept) = self
+            .with_root(move |r| match keep {
+                true => r.claim_cold_keeping(),
+                false => r.claim_cold().map(|(slot, dir)| (slot, dir, None)),
+            })
+            .await?;
         let delta_base = match base {
             Some(DeltaBase::Hot(dir)) => Some(dir),
             Some(DeltaBase::Cold) => kept.clone(),

@@ -190,8 +190,10 @@ fn parse_dur(s: &str) -> std::result::Result<Duration, String> {
 impl Target {
     /// The commander's view of the keys, connected to Consul.
     pub fn release(&self) -> Result<Release> {
+        // No key yet: name the one the flags would make ("release : give
+        // ..." read like a bug).
         let usage = |reason: &str| Error::ReleaseInvalid {
-            key: String::new(),
+            key: "deploy/<app>/<tier>".into(),
             reason: reason.into(),
         };
         let key = match (&self.key, &self.app, &self.tier) {
