@@ -10,13 +10,9 @@
 
 use std::time::{Duration, Instant};
 
-use deploy_agent::consul::{ConsulClient, ConsulSettings};
-use deploy_agent::fleet::commander::release::{check_spec, spec_from_artifact, Release};
-use deploy_agent::manifest::{BuildSpec, Format};
 use deploy_agent_tests::fast_tempdir;
-use deploy_agent_tests::host::{publish, release, Host, APP, T, TIER};
+use deploy_agent_tests::host::{in_process_release, publish, release, tiny_spec, Host, T};
 use nix::sys::signal::Signal;
-use testkit::buildgen::{self, BuildProfile};
 use testkit::testserver::artifact::ArtifactServer;
 use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
 
@@ -290,7 +286,7 @@ async fn unfreeze_reaches_a_host_whose_watch_never_saw_the_freeze() {
     let release = in_process_release(&consul);
     let specs: Vec<_> = ["b1", "b2"]
         .iter()
-        .map(|b| tiny_spec(tmp.path(), &art, b))
+        .map(|b| tiny_spec(&art, tmp.path(), b))
         .collect();
     let mut h = Host::new(tmp.path(), "h1", &consul.url(), "");
     h.start();
@@ -316,26 +312,4 @@ async fn unfreeze_reaches_a_host_whose_watch_never_saw_the_freeze() {
     let v = h.status();
     assert_eq!(v["fleet"]["frozen"], false, "{v:#}");
     assert_eq!(v["state"]["state"], "idle", "{v:#}");
-}
-
-fn in_process_release(consul: &ConsulServer) -> Release {
-    let client = ConsulClient::new(&ConsulSettings {
-        address: consul.url(),
-        ..ConsulSettings::default()
-    })
-    .unwrap();
-    Release {
-        client,
-        key: deploy_agent::fleet::tier_key(APP, TIER),
-        freeze_key: deploy_agent::fleet::freeze_key(APP),
-    }
-}
-
-fn tiny_spec(dir: &std::path::Path, art: &ArtifactServer, b: &str) -> BuildSpec {
-    let path = dir.join(format!("{b}.tar.gz"));
-    buildgen::write_build(BuildProfile::TINY, 3, b, Format::TarGz, &path).unwrap();
-    let url = format!("/{b}.tar.gz");
-    art.add(&url, std::fs::read(&path).unwrap());
-    let spec = spec_from_artifact(b, &path, &art.url(&url), Format::TarGz).unwrap();
-    check_spec(spec).unwrap()
 }

@@ -22,15 +22,13 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use deploy_agent::consul::{ConsulClient, ConsulSettings};
-use deploy_agent::fleet::commander::release::{check_spec, Release};
-use deploy_agent::manifest::{BuildSpec, Format, Manifest, UrlPolicy};
+use deploy_agent::fleet::commander::release::Release;
+use deploy_agent::manifest::{BuildSpec, Manifest, UrlPolicy};
 use deploy_agent_tests::fast_tempdir;
-use deploy_agent_tests::host::{Host, APP, TIER};
+use deploy_agent_tests::host::{in_process_release, tiny_spec, Host};
 use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use testkit::buildgen::{self, BuildProfile};
 use testkit::testserver::artifact::ArtifactServer;
 use testkit::testserver::consul::{ConsulServer, ConsulServerConfig, Fault};
 
@@ -315,22 +313,10 @@ impl World {
 }
 
 fn build_artifacts(dir: &Path, art: &ArtifactServer) -> HashMap<&'static str, BuildSpec> {
-    let mut specs = HashMap::new();
-    for b in BUILDS {
-        let path = dir.join(format!("{b}.tar.gz"));
-        buildgen::write_build(BuildProfile::TINY, 3, b, Format::TarGz, &path).unwrap();
-        let url = format!("/{b}.tar.gz");
-        art.add(&url, std::fs::read(&path).unwrap());
-        let spec = deploy_agent::fleet::commander::release::spec_from_artifact(
-            b,
-            &path,
-            &art.url(&url),
-            Format::TarGz,
-        )
-        .unwrap();
-        specs.insert(b, check_spec(spec).unwrap());
-    }
-    specs
+    BUILDS
+        .iter()
+        .map(|b| (*b, tiny_spec(art, dir, b)))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -351,16 +337,7 @@ async fn random_intent_steps_keep_every_promise() {
         .unwrap();
     let art = ArtifactServer::start().await.unwrap();
     let specs = build_artifacts(tmp.path(), &art);
-    let client = ConsulClient::new(&ConsulSettings {
-        address: consul.url(),
-        ..ConsulSettings::default()
-    })
-    .unwrap();
-    let release = Release {
-        client,
-        key: deploy_agent::fleet::tier_key(APP, TIER),
-        freeze_key: deploy_agent::fleet::freeze_key(APP),
-    };
+    let release = in_process_release(&consul);
     let mut hosts: Vec<Host> = (0..HOSTS)
         .map(|i| Host::new(tmp.path(), &format!("h{i}"), &consul.url(), ""))
         .collect();

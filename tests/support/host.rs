@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use deploy_agent::manifest::Format;
+use deploy_agent::consul::{ConsulClient, ConsulSettings};
+use deploy_agent::fleet::commander::release::{check_spec, spec_from_artifact, Release};
+use deploy_agent::manifest::{BuildSpec, Format};
 use testkit::buildgen::{self, BuildProfile};
 use testkit::testserver::artifact::ArtifactServer;
 use testkit::testserver::consul::ConsulServer;
@@ -137,11 +139,7 @@ pub fn release(consul: &str, args: &[&str]) -> Output {
 /// Publishes build `id` with `release publish` (the current build becomes
 /// `previous`, as in a real rollout).
 pub fn publish(consul: &ConsulServer, art: &ArtifactServer, dir: &Path, id: &str) {
-    let path = dir.join(format!("{id}.tar.gz"));
-    buildgen::write_build(BuildProfile::TINY, 3, id, Format::TarGz, &path).unwrap();
-    let url = format!("/{id}.tar.gz");
-    art.add(&url, std::fs::read(&path).unwrap());
-    let full = art.url(&url);
+    let (path, full) = serve_build(art, dir, id);
     let out = Command::new(agent_bin())
         .args([
             "release",
@@ -167,4 +165,37 @@ pub fn publish(consul: &ConsulServer, art: &ArtifactServer, dir: &Path, id: &str
         "publish {id}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Generates build `id` (TINY, seed 3) in `dir`, serves it at
+/// `/<id>.tar.gz`; returns the artifact's path and its full URL.
+fn serve_build(art: &ArtifactServer, dir: &Path, id: &str) -> (PathBuf, String) {
+    let path = dir.join(format!("{id}.tar.gz"));
+    buildgen::write_build(BuildProfile::TINY, 3, id, Format::TarGz, &path).unwrap();
+    let url = format!("/{id}.tar.gz");
+    art.add(&url, std::fs::read(&path).unwrap());
+    (path, art.url(&url))
+}
+
+/// Build `id` served as by [`publish`], as the checked spec an in-process
+/// [`Release`] publishes.
+pub fn tiny_spec(art: &ArtifactServer, dir: &Path, id: &str) -> BuildSpec {
+    let (path, url) = serve_build(art, dir, id);
+    let spec = spec_from_artifact(id, &path, &url, Format::TarGz).unwrap();
+    check_spec(spec).unwrap()
+}
+
+/// The commander for [`APP`] and [`TIER`], in-process with the shipped
+/// `[consul]` settings: its writes take a millisecond, not a process start.
+pub fn in_process_release(consul: &ConsulServer) -> Release {
+    let client = ConsulClient::new(&ConsulSettings {
+        address: consul.url(),
+        ..ConsulSettings::default()
+    })
+    .unwrap();
+    Release {
+        client,
+        key: deploy_agent::fleet::tier_key(APP, TIER),
+        freeze_key: deploy_agent::fleet::freeze_key(APP),
+    }
 }

@@ -634,24 +634,16 @@ impl Deployer {
                 false => r.claim_cold().map(|(slot, dir)| (slot, dir, None)),
             })
             .await?;
-        let delta_base = match base {
-            Some(DeltaBase::Hot(dir)) => Some(dir),
-            Some(DeltaBase::Cold) => kept.clone(),
+        let base = match base {
+            Some(DeltaBase::Hot(dir)) => Some((dir, false)),
+            Some(DeltaBase::Cold) => kept.map(|k| (k, true)),
             None => None,
         };
         run.rec.slot = Some(slot);
         run.step(Event::ColdSlotFree)?;
 
         let (slot, entries, bytes) = self
-            .download_and_unpack(
-                m,
-                (slot, dir),
-                (delta_base, kept),
-                cached,
-                &limits,
-                cancel,
-                run,
-            )
+            .download_and_unpack(m, (slot, dir), base, cached, &limits, cancel, run)
             .await?;
         run.step(Event::Fetched)?;
 
@@ -671,50 +663,52 @@ impl Deployer {
     /// downloading: from a delta when this host has its base, else (or when
     /// the delta does not fit) fetch, verify and unpack overlapped. Returns
     /// the slot built (a failed delta re-claims it) with its entries and bytes.
-    /// `base` is the delta's base directory and the old cold-slot contents
-    /// the claim kept aside (the base, or nothing): these go to the trash
-    /// as soon as the delta is done with, before any full download needs
-    /// their space.
+    /// `base` is the delta's base directory, and whether the claim kept it
+    /// aside (the old cold slot): that one goes to the trash as soon as the
+    /// delta is done with it, before any full download needs its space.
     #[allow(clippy::too_many_arguments)] // the steps of one phase, kept flat
     async fn download_and_unpack(
         &self,
         m: &Manifest,
         claimed: (Slot, PathBuf),
-        base: (Option<PathBuf>, Option<PathBuf>),
+        base: Option<(PathBuf, bool)>,
         cached: Option<PathBuf>,
         limits: &UnpackLimits,
         cancel: &CancellationToken,
         run: &mut Run<'_>,
     ) -> Result<(Slot, u64, u64)> {
         let (mut slot, mut dir) = claimed;
-        let (delta_base, kept) = base;
         let mut built = None;
-        let delta = match delta_base {
-            Some(base_dir) => Some(self.apply_delta(m, base_dir, &dir, limits, cancel).await),
+        let delta = match base {
+            Some((base_dir, kept)) => {
+                let applied = self
+                    .apply_delta(m, base_dir.clone(), &dir, limits, cancel)
+                    .await;
+                if kept {
+                    // Emptied after the deploy with the trash, like any claim's.
+                    if let Err(e) = self.with_root(move |r| r.discard_kept(&base_dir)).await {
+                        warn!(error = %e, "cannot move the old cold slot into the trash");
+                    }
+                }
+                Some(applied)
+            }
             None => None,
         };
-        if let Some(k) = kept {
-            // Emptied after the deploy with the trash, like any claim's.
-            if let Err(e) = self.with_root(move |r| r.discard_kept(&k)).await {
-                warn!(error = %e, "cannot move the old cold slot into the trash");
+        match delta {
+            Some(Ok(done)) => built = Some(done),
+            Some(Err(e)) if matches!(e, Error::Cancelled { .. }) || cancel.is_cancelled() => {
+                return Err(e)
             }
-        }
-        if let Some(delta) = delta {
-            match delta {
-                Ok(done) => built = Some(done),
-                Err(e) if matches!(e, Error::Cancelled { .. }) || cancel.is_cancelled() => {
-                    return Err(e)
-                }
-                Err(e) => {
-                    warn!(error = %e, "delta not used; downloading the full artifact");
-                    run.rec.error = Some(ErrorRecord {
-                        message: crate::redact::message(&e.to_string()),
-                        at: now_secs(),
-                        build: Some(m.spec.build.clone()),
-                    });
-                    (slot, dir) = self.with_root(|r| r.claim_cold()).await?;
-                }
+            Some(Err(e)) => {
+                warn!(error = %e, "delta not used; downloading the full artifact");
+                run.rec.error = Some(ErrorRecord {
+                    message: crate::redact::message(&e.to_string()),
+                    at: now_secs(),
+                    build: Some(m.spec.build.clone()),
+                });
+                (slot, dir) = self.with_root(|r| r.claim_cold()).await?;
             }
+            None => {}
         }
         let (entries, bytes) = match built {
             Some(done) => {

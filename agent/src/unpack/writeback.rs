@@ -4,10 +4,10 @@
 //! that final `syncfs` (the default dirty thresholds are gigabytes on a
 //! large host), after the last file, with the disk idle until then.
 //!
-//! Every `[unpack] writeback-every` bytes (32 MiB) the parser asks a background thread for one
-//! `syncfs` of the slot's filesystem; a request made while one is running
-//! is dropped, so at most one runs at a time and the unpack never waits for
-//! the disk. It changes nothing about durability or crash behaviour: the
+//! Every `[unpack] writeback-every` bytes (32 MiB) the parser asks a
+//! background thread for one `syncfs` of the slot's filesystem; a request
+//! made while one is running is dropped, so at most one runs at a time and
+//! the unpack never waits for the disk. It changes nothing about durability or crash behaviour: the
 //! final `syncfs` and the marker after it are the caller's, as before, and
 //! a crash leaves an unmarked slot whatever was flushed.
 
