@@ -116,10 +116,13 @@ async fn socket_abuse_while_deploying() {
         drop(loris);
         answers
     });
-    // The unprivileged client, as uid 65534, tries to roll back.
+    // The unprivileged client, as uid 65534, tries to roll back. It runs
+    // during the abuse, so it may be turned away as "busy" (503) before
+    // its credentials are looked at; it tries again until the server
+    // reads its request, which must then be refused (403).
     let unpriv = tokio::task::spawn_blocking({
         let sock = sock.clone();
-        move || {
+        move || loop {
             let out = std::process::Command::new("curl")
                 .args([
                     "-s",
@@ -137,7 +140,11 @@ async fn socket_abuse_while_deploying() {
                 .gid(65534)
                 .output()
                 .unwrap();
-            String::from_utf8_lossy(&out.stdout).into_owned()
+            let code = String::from_utf8_lossy(&out.stdout).into_owned();
+            if code != "503" {
+                break code;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     });
     let answers = abuse.await.unwrap();
