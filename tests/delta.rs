@@ -4,7 +4,8 @@
 //! full unpack; a base edited in place, or a delta made for another base,
 //! makes it download the full artifact instead; a SIGKILL in the middle of a
 //! delta deploy recovers like one in a full deploy; a base in the cold
-//! slot serves as well as one in the hot slot.
+//! slot serves as well as one in the hot slot, and one found only in the
+//! artifact cache saves the download.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -209,6 +210,82 @@ async fn a_base_in_the_cold_slot_is_used_too() {
         .unwrap()
         .collect();
     assert!(kept.is_empty(), "{kept:?}");
+}
+
+/// `b`'s artifact with the first byte of every non-empty file flipped,
+/// re-compressed: a valid archive that is no longer the build.
+fn tampered_copy(b: &Build) -> Vec<u8> {
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(
+        std::fs::File::open(&b.path).unwrap(),
+    ));
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut out = tar::Builder::new(gz);
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let mut header = entry.header().clone();
+        let path = entry.path().unwrap().into_owned();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+        if header.entry_type().is_file() && !data.is_empty() {
+            data[0] ^= 0xff;
+        }
+        if let Some(target) = entry.link_name().unwrap() {
+            out.append_link(&mut header, &path, target).unwrap();
+        } else {
+            out.append_data(&mut header, &path, &data[..]).unwrap();
+        }
+    }
+    out.into_inner().unwrap().finish().unwrap()
+}
+
+/// The base is in neither slot, only in the artifact cache (cache-keep 10,
+/// b1..b3 deployed in turn, so the slots hold b3 and b2): the agent still
+/// downloads only the delta and writes the shared files from the cached
+/// base artifact, each checked against the index. A cached base that is not
+/// the build any more makes it use the full artifact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_base_only_in_the_artifact_cache_is_used_too() {
+    deploy_agent_tests::agent::capture_logs();
+    let mut h = Harness::new(|c| c.download.cache_keep = 10).await;
+    h.start_agent().await;
+    let dir = h.tmp.path().to_path_buf();
+    let b: Vec<Build> = ["c1", "c2", "c3", "c4", "c5"]
+        .iter()
+        .map(|id| build(&dir, &h.artifacts, id, BuildProfile::TINY))
+        .collect();
+    for x in &b[..3] {
+        h.publish(&manifest(&h.artifacts, x, None));
+        h.wait_live(&x.id, LIMIT).await;
+    }
+    let cached = |x: &Build| h.root.join(".deploy/cache").join(&x.artifact.sha256);
+    assert!(cached(&b[0]).is_file() && cached(&b[1]).is_file());
+
+    // c1's cached artifact no longer holds c1: the delta is refused.
+    std::fs::write(cached(&b[0]), tampered_copy(&b[0])).unwrap();
+    let (d, _) = delta(&dir, &h.artifacts, &b[0], &b[3]);
+    h.publish(&manifest(&h.artifacts, &b[3], Some(&d)));
+    let rec = h.wait_live("c4", LIMIT).await;
+    assert!(!rec.from_delta, "a tampered cached base must not be used");
+    let logs = deploy_agent_tests::agent::captured_logs();
+    let refusal = logs.lines().find(|l| {
+        l.contains("is not the base build's") && l.contains(&format!("{}/", b[0].artifact.sha256))
+    });
+    assert!(refusal.is_some(), "{logs}");
+    assert_eq!(tree(&live_slot(&h.root)), tree(&full_unpack(&dir, &b[3])));
+
+    // The slots hold c4 and c3; c2 is only in the cache.
+    let (d, _) = delta(&dir, &h.artifacts, &b[1], &b[4]);
+    h.artifacts.reset_stats();
+    h.publish(&manifest(&h.artifacts, &b[4], Some(&d)));
+    let rec = h.wait_live("c5", LIMIT).await;
+    assert!(rec.from_delta, "{rec:?}");
+    assert_eq!(h.artifacts.stats().bytes_sent, d.size);
+    let logs = deploy_agent_tests::agent::captured_logs();
+    assert!(
+        logs.contains("shared files written from the cached base artifact"),
+        "{logs}"
+    );
+    assert_eq!(tree(&live_slot(&h.root)), tree(&full_unpack(&dir, &b[4])));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

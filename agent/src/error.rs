@@ -172,9 +172,10 @@ pub enum Error {
     #[error("delta artifact refused: {reason}; using the full artifact")]
     DeltaRefused { reason: String },
 
-    /// A file the delta would reuse from the base slot is not the base
-    /// build's any more (edited in place): the delta is not used.
-    #[error("base slot file {path} is not the base build's ({why}); using the full artifact instead of the delta")]
+    /// A file the delta would reuse from its base (a slot, or the base's
+    /// cached artifact) is not the base build's any more (edited in place):
+    /// the delta is not used.
+    #[error("delta base file {path} is not the base build's ({why}); using the full artifact instead of the delta")]
     DeltaBaseChanged { path: PathBuf, why: String },
 
     /// The freeze could not be read right before a flip: the flip does not

@@ -51,6 +51,20 @@ impl Format {
         }
     }
 
+    /// The format of an archive from its first bytes (gzip and zstd have
+    /// magic numbers; anything else is read as a plain tar, whose parser
+    /// then refuses what is not one). For files the agent stored without
+    /// their manifest, such as a delta's base in the artifact cache.
+    pub fn sniff(head: &[u8]) -> Format {
+        if head.starts_with(&[0x1f, 0x8b]) {
+            Format::TarGz
+        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Format::TarZst
+        } else {
+            Format::Tar
+        }
+    }
+
     /// The manifest spelling.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -245,13 +245,22 @@ pub struct ErrorRecord {
     pub build: Option<String>,
 }
 
-/// Where the base of a delta is.
+/// Where the base of a delta is, in order of preference.
 #[derive(Debug)]
 enum DeltaBase {
     /// The live slot (read only, its files gain links).
     Hot(PathBuf),
     /// The cold slot: the claim keeps its old contents aside to read from.
     Cold,
+    /// The old cold slot's contents, kept aside by the claim (the `Cold`
+    /// base once claimed); they go to the trash once the delta has run.
+    Kept(PathBuf),
+    /// Only the base's full artifact, in the artifact cache, pinned for
+    /// the deploy: the shared files are written from it, not linked.
+    Cached {
+        artifact: PathBuf,
+        _pin: crate::artifact::cache::CachePin,
+    },
 }
 
 /// The persisted record of the current (or last) deploy.
@@ -635,9 +644,8 @@ impl Deployer {
             })
             .await?;
         let base = match base {
-            Some(DeltaBase::Hot(dir)) => Some((dir, false)),
-            Some(DeltaBase::Cold) => kept.map(|k| (k, true)),
-            None => None,
+            Some(DeltaBase::Cold) => kept.map(DeltaBase::Kept),
+            other => other,
         };
         run.rec.slot = Some(slot);
         run.step(Event::ColdSlotFree)?;
@@ -663,15 +671,15 @@ impl Deployer {
     /// downloading: from a delta when this host has its base, else (or when
     /// the delta does not fit) fetch, verify and unpack overlapped. Returns
     /// the slot built (a failed delta re-claims it) with its entries and bytes.
-    /// `base` is the delta's base directory, and whether the claim kept it
-    /// aside (the old cold slot): that one goes to the trash as soon as the
-    /// delta is done with it, before any full download needs its space.
+    /// `base` is the delta's base, claimed: a kept-aside old cold slot goes
+    /// to the trash as soon as the delta is done with it, before any full
+    /// download needs its space.
     #[allow(clippy::too_many_arguments)] // the steps of one phase, kept flat
     async fn download_and_unpack(
         &self,
         m: &Manifest,
         claimed: (Slot, PathBuf),
-        base: Option<(PathBuf, bool)>,
+        base: Option<DeltaBase>,
         cached: Option<PathBuf>,
         limits: &UnpackLimits,
         cancel: &CancellationToken,
@@ -680,13 +688,11 @@ impl Deployer {
         let (mut slot, mut dir) = claimed;
         let mut built = None;
         let delta = match base {
-            Some((base_dir, kept)) => {
-                let applied = self
-                    .apply_delta(m, base_dir.clone(), &dir, limits, cancel)
-                    .await;
-                if kept {
+            Some(base) => {
+                let applied = self.apply_delta(m, &base, &dir, limits, cancel).await;
+                if let DeltaBase::Kept(kept) = base {
                     // Emptied after the deploy with the trash, like any claim's.
-                    if let Err(e) = self.with_root(move |r| r.discard_kept(&base_dir)).await {
+                    if let Err(e) = self.with_root(move |r| r.discard_kept(&kept)).await {
                         warn!(error = %e, "cannot move the old cold slot into the trash");
                     }
                 }
@@ -735,8 +741,10 @@ impl Deployer {
         Ok((slot, entries, bytes))
     }
 
-    /// Which slot holds the base of `m`'s delta, if one does. The hot one
-    /// is preferred: the cold one must first be set aside by the claim.
+    /// Where this host has the base of `m`'s delta, if anywhere. The hot
+    /// slot is preferred (the cold one must first be set aside by the
+    /// claim); the artifact cache comes last, since its files are written,
+    /// not linked.
     fn delta_base(&self, m: &Manifest) -> Option<DeltaBase> {
         let delta = m.delta.as_ref()?;
         let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
@@ -750,15 +758,21 @@ impl Deployer {
             return Some(DeltaBase::Hot(root.slot_path(h)));
         }
         let cold = root.cold();
-        (hot != Some(cold) && holds(cold)).then_some(DeltaBase::Cold)
+        if hot != Some(cold) && holds(cold) {
+            return Some(DeltaBase::Cold);
+        }
+        // Pinned before the lookup, so a prune cannot race it.
+        let _pin = self.cache.pin(&delta.base);
+        let artifact = self.cache.lookup(&delta.base)?;
+        Some(DeltaBase::Cached { artifact, _pin })
     }
 
     /// Downloads (or takes from the cache) `m`'s delta and builds the target
-    /// in `dir` from it and the base slot. Returns (entries, bytes).
+    /// in `dir` from it and its base. Returns (entries, bytes).
     async fn apply_delta(
         &self,
         m: &Manifest,
-        base_dir: PathBuf,
+        base: &DeltaBase,
         dir: &std::path::Path,
         limits: &UnpackLimits,
         cancel: &CancellationToken,
@@ -785,10 +799,18 @@ impl Deployer {
         };
         let (dir, limits, progress) = (dir.to_path_buf(), *limits, self.progress.clone());
         let target = m.spec.sha256.clone();
+        use crate::unpack::delta::{apply, Base};
+        let base = match base {
+            DeltaBase::Hot(d) | DeltaBase::Kept(d) => Base::Slot(d.clone()),
+            DeltaBase::Cached { artifact, .. } => Base::Artifact(artifact.clone()),
+            DeltaBase::Cold => {
+                return Err(Error::Internal("the cold base was not set aside".into()))
+            }
+        };
         let applied = tokio::task::spawn_blocking(move || {
-            crate::unpack::delta::apply(
+            apply(
                 &path,
-                &base_dir,
+                &base,
                 &dir,
                 (&delta.base, &target),
                 &limits,

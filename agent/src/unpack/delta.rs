@@ -21,9 +21,16 @@
 //! filesystems falls back to a copy. Directory mtimes are set last, from
 //! the index, as a full unpack leaves them.
 //!
-//! Crash guarantees: as for a full unpack. `apply` writes only into the
-//! claimed cold slot and the base slot is only read (its files gain a link
-//! count); a crash leaves an unmarked cold slot, which is garbage.
+//! A host that has the base only as its full artifact in the artifact
+//! cache (`Base::Artifact`) streams the delta's entries and then the
+//! base artifact's copies of the shared files, hashed against the index on
+//! the way, through the same unpacker as one tar: it saves the download,
+//! not the writes.
+//!
+//! Crash guarantees: as for a full unpack. Both ways write only into the
+//! claimed cold slot; the base slot or artifact is only read (a slot's
+//! files gain a link count); a crash leaves an unmarked cold slot, which is
+//! garbage.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -124,22 +131,8 @@ pub fn write(base: (&Path, Format), target: (&Path, Format), out: &Path) -> Resu
     tar.append_data(&mut h, INDEX_NAME, &json[..]).map_err(io)?;
     let shared: HashSet<&str> = index.shared.iter().map(|f| f.path.as_str()).collect();
     let mut archive = tar::Archive::new(decoder(target.0, target.1)?);
-    for entry in archive.entries().map_err(io)? {
-        let mut entry = entry.map_err(io)?;
-        let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        if shared.contains(path.as_str()) {
-            continue;
-        }
-        let mut header = entry.header().clone();
-        if let Some(long) = entry.link_name_bytes() {
-            let long = long.into_owned();
-            tar.append_link(&mut header, &path, bytes_path(&long))
-                .map_err(io)?;
-        } else {
-            tar.append_data(&mut header, &path, &mut entry)
-                .map_err(io)?;
-        }
-    }
+    copy_entries(&mut archive, &mut tar, |path| !shared.contains(path))
+        .map_err(|e| Error::io(target.0, e))?;
     let mut w = tar.into_inner().map_err(io)?.finish().map_err(io)?;
     w.flush().map_err(io)?;
     drop(w);
@@ -247,15 +240,35 @@ fn file_key(r: &mut impl Read, mode: u32, mtime: u64) -> std::io::Result<FileKey
     })
 }
 
+/// Appends the entries of `archive` whose path `keep` accepts to `tar`,
+/// each with its header: links with their target, the rest with their data.
+/// An error says which side failed only through the io error itself, so
+/// callers name the file.
+fn copy_entries<R: Read, W: Write>(
+    archive: &mut tar::Archive<R>,
+    tar: &mut tar::Builder<W>,
+    mut keep: impl FnMut(&str) -> bool,
+) -> std::io::Result<()> {
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        if !keep(&path) {
+            continue;
+        }
+        let mut header = entry.header().clone();
+        if let Some(long) = entry.link_name_bytes() {
+            let long = long.into_owned();
+            tar.append_link(&mut header, &path, bytes_path(&long))?;
+        } else {
+            tar.append_data(&mut header, &path, &mut entry)?;
+        }
+    }
+    Ok(())
+}
+
 fn decoder(path: &Path, format: Format) -> Result<Box<dyn Read>> {
     let f = BufReader::new(File::open(path).map_err(|e| Error::io(path, e))?);
-    Ok(match format {
-        Format::Tar => Box::new(f),
-        Format::TarGz => Box::new(flate2::read::MultiGzDecoder::new(f)),
-        Format::TarZst => {
-            Box::new(zstd::stream::read::Decoder::new(f).map_err(|e| Error::io(path, e))?)
-        }
-    })
+    super::decoded(f, format, path)
 }
 
 fn hash_file(path: &Path) -> Result<(Sha256Sum, u64)> {
@@ -267,21 +280,15 @@ fn hash_file(path: &Path) -> Result<(Sha256Sum, u64)> {
 
 // ---- applying ----
 
-/// Builds the target in the empty, claimed `slot` from the verified delta
-/// file and the base build in `base_slot`. `base` and `target` are what
-/// the manifest says; a delta made for anything else is refused.
-pub fn apply(
+/// Opens the verified delta file: its tar stream past the index, and the
+/// index, checked against what the manifest says (`base`, `target`); a
+/// delta made for anything else is refused.
+fn open_delta(
     delta: &Path,
-    base_slot: &Path,
-    slot: &Path,
     expect: (&Sha256Sum, &Sha256Sum),
-    limits: &UnpackLimits,
-    progress: &Progress,
-) -> Result<Applied> {
-    let mut stream = zstd::stream::read::Decoder::new(BufReader::new(
-        File::open(delta).map_err(|e| Error::io(delta, e))?,
-    ))
-    .map_err(|e| Error::io(delta, e))?;
+) -> Result<(Box<dyn Read>, DeltaIndex)> {
+    let file = BufReader::new(File::open(delta).map_err(|e| Error::io(delta, e))?);
+    let mut stream = super::decoded(file, Format::TarZst, delta)?;
     let index = read_index(&mut stream, delta)?;
     if &index.base != expect.0 || &index.target != expect.1 {
         return Err(refused(format!(
@@ -292,6 +299,59 @@ pub fn apply(
             short(expect.1)
         )));
     }
+    Ok((stream, index))
+}
+
+/// Where a delta's base is read from.
+#[derive(Debug, Clone)]
+pub enum Base {
+    /// A slot holding the base build: shared files are verified and linked.
+    Slot(PathBuf),
+    /// The base build's full artifact (from the artifact cache): shared
+    /// files are verified and written.
+    Artifact(PathBuf),
+}
+
+/// Builds the target in the empty, claimed `slot` from the verified delta
+/// file and its `base`. `expect` is the base and target sha256 the manifest
+/// names; a delta made for anything else is refused.
+pub fn apply(
+    delta: &Path,
+    base: &Base,
+    slot: &Path,
+    expect: (&Sha256Sum, &Sha256Sum),
+    limits: &UnpackLimits,
+    progress: &Progress,
+) -> Result<Applied> {
+    let (stream, index) = open_delta(delta, expect)?;
+    let started = std::time::Instant::now();
+    let applied = match base {
+        Base::Slot(base_slot) => from_slot(stream, &index, base_slot, slot, limits, progress)?,
+        Base::Artifact(artifact) => {
+            from_artifact(stream, &index, artifact, slot, limits, progress)?
+        }
+    };
+    set_dir_mtimes(&index, slot)?;
+    info!(
+        linked = applied.linked,
+        copied = applied.copied,
+        written = applied.unpacked.files,
+        ms = started.elapsed().as_millis() as u64,
+        "delta applied"
+    );
+    Ok(applied)
+}
+
+/// The delta's entries through the unpacker, then every shared file of the
+/// base slot verified and linked.
+fn from_slot(
+    stream: impl Read,
+    index: &DeltaIndex,
+    base_slot: &Path,
+    slot: &Path,
+    limits: &UnpackLimits,
+    progress: &Progress,
+) -> Result<Applied> {
     let rels = index
         .shared
         .iter()
@@ -302,6 +362,148 @@ pub fn apply(
     let written = started.elapsed();
     let mut applied = reuse_shared(&index.shared, &rels, base_slot, slot, progress)?;
     applied.unpacked = unpacked;
+    info!(
+        unpack_ms = written.as_millis() as u64,
+        verify_and_link_ms = (started.elapsed() - written).as_millis() as u64,
+        "delta: base slot files verified and linked"
+    );
+    Ok(applied)
+}
+
+/// The delta's own entries, then the base artifact's copies of the shared
+/// files, through the unpacker as one tar stream (no slot holds the base
+/// any more), so they get every check a full unpack gets. Each shared
+/// file's content is compared with the index on its way through and a
+/// mismatch fails the delta (the caller then downloads the full artifact).
+/// Every file is written, none linked: what this saves is the download.
+fn from_artifact(
+    stream: impl Read,
+    index: &DeltaIndex,
+    base_artifact: &Path,
+    slot: &Path,
+    limits: &UnpackLimits,
+    progress: &Progress,
+) -> Result<Applied> {
+    let (reader, writer) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::io(slot, e.into()))?;
+    let (mut reader, writer) = (File::from(reader), File::from(writer));
+    let (unpacked, merged) = std::thread::scope(|s| {
+        let unpacker = s.spawn(move || {
+            let unpacked = unpack(&mut reader, Format::Tar, slot, limits, progress);
+            if unpacked.is_ok() {
+                // Past the end-of-archive block the unpacker stops at, so
+                // the merger's last write does not fail.
+                let _ = std::io::copy(&mut reader, &mut std::io::sink());
+            }
+            // The reader drops here: after a failed unpack the merger's
+            // next write fails instead of blocking on a full pipe.
+            unpacked
+        });
+        let merged = merge(stream, index, base_artifact, writer);
+        let unpacked = unpacker
+            .join()
+            .unwrap_or_else(|_| Err(refused("a delta thread panicked".into())));
+        (unpacked, merged)
+    });
+    // The merger's own error (a base file that differs, a missing one)
+    // explains a cut-short stream better than the unpacker's.
+    let (from_base, n) = match (unpacked, merged) {
+        (Ok(u), Ok(n)) => (
+            Applied {
+                unpacked: u,
+                ..Applied::default()
+            },
+            n,
+        ),
+        (_, Err(e)) if !is_broken_pipe(&e) => return Err(e),
+        (Err(e), _) | (Ok(_), Err(e)) => return Err(e),
+    };
+    info!(
+        from_base_artifact = n,
+        "delta: shared files written from the cached base artifact"
+    );
+    Ok(from_base)
+}
+
+/// Writes one tar stream into `out`: the delta's own entries, then every
+/// shared file as the base artifact holds it, with the mode and mtime the
+/// index gives and its content checked against the index's sha256.
+/// Returns how many shared files it wrote.
+fn merge(delta: impl Read, index: &DeltaIndex, base_artifact: &Path, out: File) -> Result<u64> {
+    let to_pipe = |e: std::io::Error| Error::io(base_artifact, e);
+    let mut tar = tar::Builder::new(BufWriter::with_capacity(256 << 10, out));
+    copy_entries(&mut tar::Archive::new(delta), &mut tar, |_| true).map_err(to_pipe)?;
+    let mut wanted: HashMap<&str, &SharedFile> =
+        index.shared.iter().map(|f| (f.path.as_str(), f)).collect();
+    let mut head = [0u8; 4];
+    let mut f = File::open(base_artifact).map_err(to_pipe)?;
+    let n = f.read(&mut head).map_err(to_pipe)?;
+    let format = Format::sniff(&head[..n]);
+    let file = BufReader::new(File::open(base_artifact).map_err(to_pipe)?);
+    let mut archive = tar::Archive::new(super::decoded(file, format, base_artifact)?);
+    for entry in archive.entries().map_err(to_pipe)? {
+        let mut entry = entry.map_err(to_pipe)?;
+        let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let Some(f) = wanted.remove(path.as_str()) else {
+            continue;
+        };
+        let changed = |why: String| Error::DeltaBaseChanged {
+            path: base_artifact.join(&f.path),
+            why,
+        };
+        if !matches!(
+            entry.header().entry_type(),
+            tar::EntryType::Regular | tar::EntryType::Continuous
+        ) || entry.size() != f.size
+        {
+            return Err(changed("not a regular file of the indexed size".into()));
+        }
+        let mut header = entry.header().clone();
+        header.set_mode(f.mode);
+        header.set_mtime(f.mtime);
+        let mut hashing = HashingReader {
+            inner: &mut entry,
+            hasher: Sha256::new(),
+        };
+        tar.append_data(&mut header, &f.path, &mut hashing)
+            .map_err(to_pipe)?;
+        if Sha256Sum::from_bytes(hashing.hasher.finalize().into()) != f.sha256 {
+            return Err(changed("its content is not the indexed one".into()));
+        }
+    }
+    if let Some(missing) = wanted.keys().next() {
+        return Err(refused(format!(
+            "the base artifact lacks {} shared files, {missing:?} among them",
+            wanted.len()
+        )));
+    }
+    tar.into_inner()
+        .and_then(|mut w| w.flush())
+        .map_err(to_pipe)?;
+    Ok(index.shared.len() as u64)
+}
+
+/// Hashes what is read through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+fn is_broken_pipe(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+/// Directory mtimes as a full unpack leaves them: set last, since adding
+/// entries to a directory changes its mtime.
+fn set_dir_mtimes(index: &DeltaIndex, slot: &Path) -> Result<()> {
     for (dir, mtime) in &index.dirs {
         let full = slot.join(relative(dir)?);
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(*mtime);
@@ -309,15 +511,7 @@ pub fn apply(
             let _ = f.set_modified(t);
         }
     }
-    info!(
-        linked = applied.linked,
-        copied = applied.copied,
-        written = applied.unpacked.files,
-        unpack_ms = written.as_millis() as u64,
-        verify_and_link_ms = (started.elapsed() - written).as_millis() as u64,
-        "delta applied"
-    );
-    Ok(applied)
+    Ok(())
 }
 
 /// Reads the index, the delta's first entry, without going past it: the

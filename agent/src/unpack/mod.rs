@@ -70,6 +70,29 @@ const ZSTD_WINDOW_LOG_MAX: u32 = 24;
 /// contents before the decompressed stream counts as a bomb.
 const PER_ENTRY_OVERHEAD: u64 = 3 * 512;
 
+/// The tar stream inside `reader`, an archive in `format`. Every reader of
+/// an archive goes through here, so all get the same limits: a zstd
+/// window over 16 MiB is refused as a corrupt archive. `context` names the
+/// file or slot in errors.
+pub(crate) fn decoded<'a, R: Read + 'a>(
+    reader: R,
+    format: Format,
+    context: &Path,
+) -> Result<Box<dyn Read + 'a>> {
+    Ok(match format {
+        Format::Tar => Box::new(reader),
+        Format::TarGz => Box::new(flate2::read::MultiGzDecoder::new(reader)),
+        Format::TarZst => {
+            let mut decoder =
+                zstd::stream::read::Decoder::new(reader).map_err(|e| Error::io(context, e))?;
+            decoder
+                .window_log_max(ZSTD_WINDOW_LOG_MAX)
+                .map_err(|e| Error::io(context, e))?;
+            Box::new(decoder)
+        }
+    })
+}
+
 /// Unpacks `reader` (an archive in `format`) into `slot_dir`, which must be
 /// an empty directory the caller owns. Blocking: call it from a dedicated
 /// thread or `spawn_blocking`.
@@ -107,18 +130,7 @@ pub fn unpack<R: Read>(
                 .saturating_mul(PER_ENTRY_OVERHEAD),
         )
         .saturating_add(1 << 20);
-    let decoded: Box<dyn Read + '_> = match format {
-        Format::Tar => Box::new(reader),
-        Format::TarGz => Box::new(flate2::read::MultiGzDecoder::new(reader)),
-        Format::TarZst => {
-            let mut decoder =
-                zstd::stream::read::Decoder::new(reader).map_err(|e| Error::io(slot_dir, e))?;
-            decoder
-                .window_log_max(ZSTD_WINDOW_LOG_MAX)
-                .map_err(|e| Error::io(slot_dir, e))?;
-            Box::new(decoder)
-        }
-    };
+    let decoded = decoded(reader, format, slot_dir)?;
     let mut unpacker = Unpacker::new(slot_dir, limits, progress);
     let result = unpacker.run(
         LimitedReader {
