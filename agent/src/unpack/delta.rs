@@ -36,6 +36,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -552,9 +553,10 @@ fn read_index(stream: &mut impl Read, delta: &Path) -> Result<DeltaIndex> {
 }
 
 /// Hashes every shared file in the base slot, compares it with the index
-/// and links it into `slot`, on two threads (hashing is most of a delta's
-/// CPU). A file edited in place in the base fails the whole delta: the slot
-/// is then unmarked garbage and the caller downloads the full artifact.
+/// and links it into `slot`, on two threads (hashing and linking are all of
+/// a delta's CPU; the profile is in docs/performance.md). A file edited in
+/// place in the base fails the whole delta: the slot is then unmarked
+/// garbage and the caller downloads the full artifact.
 fn reuse_shared(
     shared: &[SharedFile],
     rels: &[PathBuf],
@@ -563,16 +565,17 @@ fn reuse_shared(
     progress: &Progress,
 ) -> Result<Applied> {
     let half = shared.len() / 2;
+    // Cleared the first time linking an open file is refused (no
+    // CAP_DAC_READ_SEARCH): every later link goes by path.
+    let by_fd = AtomicBool::new(true);
     let work = |files: &[SharedFile], rels: &[PathBuf]| -> Result<Applied> {
         let mut buf = vec![0u8; 256 << 10];
         let mut applied = Applied::default();
         for (f, rel) in files.iter().zip(rels) {
             let from = base_slot.join(rel);
-            verify_one(f, &from, &mut buf)?;
-            link_shared(&from, &slot.join(rel), f, &mut applied)?;
-            progress
-                .entries
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let file = verify_one(f, &from, &mut buf)?;
+            link_shared((&file, &from), &slot.join(rel), f, &by_fd, &mut applied)?;
+            progress.entries.fetch_add(1, Ordering::Relaxed);
         }
         Ok(applied)
     };
@@ -593,13 +596,16 @@ fn reuse_shared(
     })
 }
 
-fn verify_one(f: &SharedFile, full: &Path, buf: &mut [u8]) -> Result<()> {
+/// Opens one shared file of the base slot and checks it against the index:
+/// type, size, mode, mtime and the sha256 of exactly the size fstat gave.
+/// Returns the open file, so the inode that is linked is the one verified.
+fn verify_one(f: &SharedFile, full: &Path, buf: &mut [u8]) -> Result<File> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let tampered = |why: String| Error::DeltaBaseChanged {
         path: full.to_path_buf(),
         why,
     };
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(full)
@@ -616,36 +622,64 @@ fn verify_one(f: &SharedFile, full: &Path, buf: &mut [u8]) -> Result<()> {
         return Err(tampered("its mode or mtime changed".into()));
     }
     let mut hasher = Sha256::new();
+    let mut reader = (&file).take(f.size);
+    let mut read = 0;
     loop {
-        let n = file.read(buf).map_err(|e| Error::io(full, e))?;
+        let n = reader.read(buf).map_err(|e| Error::io(full, e))?;
         if n == 0 {
             break;
         }
+        read += n as u64;
         hasher.update(&buf[..n]);
     }
-    if Sha256Sum::from_bytes(hasher.finalize().into()) != f.sha256 {
+    if read != f.size || Sha256Sum::from_bytes(hasher.finalize().into()) != f.sha256 {
         return Err(tampered("its content changed".into()));
     }
-    Ok(())
+    Ok(file)
 }
 
-/// Links (or, across filesystems, copies) one verified shared file.
-fn link_shared(from: &Path, to: &Path, f: &SharedFile, applied: &mut Applied) -> Result<()> {
-    if let Some(parent) = to.parent() {
-        // A directory the target tar only implies; the unpacker makes those
-        // 0755 too.
-        if !parent.is_dir() {
+/// Links (or, across filesystems, copies) one verified shared file: by its
+/// open descriptor (`AT_EMPTY_PATH`), so a file swapped in by path after
+/// the check cannot be linked instead, and no second path walk is paid;
+/// by path when the kernel refuses that (it needs CAP_DAC_READ_SEARCH).
+fn link_shared(
+    (file, from): (&File, &Path),
+    to: &Path,
+    f: &SharedFile,
+    by_fd: &AtomicBool,
+    applied: &mut Applied,
+) -> Result<()> {
+    use nix::errno::Errno;
+    use std::os::fd::AsRawFd;
+    let link = || -> std::result::Result<(), Errno> {
+        if by_fd.load(Ordering::Relaxed) {
+            let at = nix::fcntl::AtFlags::AT_EMPTY_PATH;
+            match nix::unistd::linkat(Some(file.as_raw_fd()), Path::new(""), None, to, at) {
+                Err(Errno::ENOENT | Errno::EPERM) if to.parent().is_some_and(Path::is_dir) => {
+                    by_fd.store(false, Ordering::Relaxed)
+                }
+                done => return done,
+            }
+        }
+        nix::unistd::linkat(None, from, None, to, nix::fcntl::AtFlags::empty())
+    };
+    let mut done = link();
+    if done == Err(Errno::ENOENT) {
+        if let Some(parent) = to.parent().filter(|p| !p.is_dir()) {
+            // A directory the target tar only implies; the unpacker makes
+            // those 0755 too.
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(dir_mode(0o755))
                 .create(parent)
                 .map_err(|e| Error::io(parent, e))?;
+            done = link();
         }
     }
-    match std::fs::hard_link(from, to) {
+    match done {
         Ok(()) => applied.linked += 1,
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+        Err(Errno::EXDEV) => {
             std::fs::copy(from, to).map_err(|e| Error::io(to, e))?;
             let t = SystemTime::UNIX_EPOCH + Duration::from_secs(f.mtime);
             File::options()
@@ -655,7 +689,7 @@ fn link_shared(from: &Path, to: &Path, f: &SharedFile, applied: &mut Applied) ->
                 .map_err(|e| Error::io(to, e))?;
             applied.copied += 1;
         }
-        Err(e) => return Err(Error::io(to, e)),
+        Err(e) => return Err(Error::io(to, e.into())),
     }
     applied.linked_bytes += f.size;
     Ok(())
@@ -686,4 +720,60 @@ fn short(d: &Sha256Sum) -> &str {
 
 fn refused(reason: String) -> Error {
     Error::DeltaRefused { reason }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn shared(path: &str, content: &[u8], file: &Path) -> SharedFile {
+        let meta = std::fs::metadata(file).unwrap();
+        SharedFile {
+            path: path.into(),
+            size: content.len() as u64,
+            sha256: Sha256Sum::from_bytes(Sha256::digest(content).into()),
+            mode: meta.mode() & 0o7777,
+            mtime: meta.mtime() as u64,
+        }
+    }
+
+    /// Both ways of linking (by descriptor, and by path when the kernel
+    /// refuses that) link the verified inode, creating a missing parent.
+    #[test]
+    fn a_verified_file_is_linked_by_descriptor_or_by_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (base, slot) = (tmp.path().join("base"), tmp.path().join("slot"));
+        std::fs::create_dir_all(base.join("d")).unwrap();
+        std::fs::create_dir(&slot).unwrap();
+        for (name, by_fd) in [("a", true), ("b", false)] {
+            let from = base.join("d").join(name);
+            std::fs::write(&from, name).unwrap();
+            let f = shared(name, name.as_bytes(), &from);
+            let file = verify_one(&f, &from, &mut [0u8; 16]).unwrap();
+            let to = slot.join("d").join(name);
+            let mut applied = Applied::default();
+            let flag = AtomicBool::new(by_fd);
+            link_shared((&file, &from), &to, &f, &flag, &mut applied).unwrap();
+            assert_eq!(applied.linked, 1);
+            let (a, b) = (
+                std::fs::metadata(&from).unwrap(),
+                std::fs::metadata(&to).unwrap(),
+            );
+            assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
+        }
+    }
+
+    /// A file whose content no longer matches the index is refused, even
+    /// with its size, mode and mtime unchanged.
+    #[test]
+    fn a_changed_content_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let from = tmp.path().join("f");
+        std::fs::write(&from, b"abc").unwrap();
+        let f = shared("f", b"abd", &from);
+        let e = verify_one(&f, &from, &mut [0u8; 2]).unwrap_err();
+        assert!(e.to_string().contains("its content changed"), "{e}");
+    }
 }
