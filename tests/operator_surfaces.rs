@@ -324,6 +324,28 @@ fn base_config(dir: &Path, extra: &str) -> String {
     )
 }
 
+/// A command whose reader went away (`deploy-agent ... | head -1`) ends
+/// quietly with 0: the command's work is done, only its report is unread.
+/// Rust ignores SIGPIPE, so a plain `println!` would panic (exit 101).
+#[test]
+fn a_closed_stdout_ends_a_command_quietly() {
+    let dir = fast_tempdir();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, base_config(dir.path(), "")).unwrap();
+    // A pipe whose read end is already closed: every write fails with EPIPE.
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    let out = Proc::new(agent_bin())
+        .args(["check-config", "--config", path.to_str().unwrap()])
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 #[test]
 fn check_config_refuses_what_run_refuses_and_what_is_dangerous() {
     let dir = fast_tempdir();

@@ -3,7 +3,10 @@
 //! `release`/`fleet` commands all use it, so a code means the same thing
 //! whichever command returned it (docs/operating.md, Exit codes).
 //!
-//! Constants only: nothing to lose in a crash.
+//! Also the one way commands print their report ([`say!`](crate::say)), so
+//! that a reader that went away ends the command quietly.
+//!
+//! Constants and stdout writes only: nothing to lose in a crash.
 
 /// Success.
 pub const OK: u8 = 0;
@@ -38,3 +41,29 @@ pub const ALL: [u8; 9] = [
     FROZEN,
     NOT_CONSUL,
 ];
+
+/// Writes a command's report to stdout, like `print!`. A reader that went
+/// away (`deploy-agent fleet status --watch | head -3`) ends the command
+/// with [`OK`], quietly: what the command did is done, only the rest of its
+/// report has nobody to read it. (Rust ignores SIGPIPE, so without this the
+/// write fails with EPIPE and `println!` panics.) Any other stdout error
+/// ends it with [`FAILURE`].
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(args).and_then(|()| out.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(OK.into()),
+        Err(e) => {
+            eprintln!("deploy-agent: cannot write to stdout: {e}");
+            std::process::exit(FAILURE.into())
+        }
+    }
+}
+
+/// `println!` for a command's report, through [`write_stdout`](crate::exit::write_stdout).
+#[macro_export]
+macro_rules! say {
+    () => { $crate::exit::write_stdout(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::exit::write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use deploy_agent::config::{Config, DEFAULT_PATH};
 use deploy_agent::logging::LogFormat;
+use deploy_agent::say;
 use deploy_agent::status::OperatorCommand;
 use tokio_util::sync::CancellationToken;
 
@@ -109,10 +110,10 @@ fn main() -> ExitCode {
 fn keygen(out: &Path) -> ExitCode {
     match deploy_agent::sign::keygen(out) {
         Ok((public, id)) => {
-            println!("private key: {} (mode 0600; keep it secret)", out.display());
-            println!("public key:  {}.pub", out.display());
-            println!("key id:      {id}");
-            println!("\nadd to the agents' config:\n[signing]\npublic-keys = [\"{public}\"]");
+            say!("private key: {} (mode 0600; keep it secret)", out.display());
+            say!("public key:  {}.pub", out.display());
+            say!("key id:      {id}");
+            say!("\nadd to the agents' config:\n[signing]\npublic-keys = [\"{public}\"]");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -139,7 +140,7 @@ fn sign(key: &Path, manifest: &Path) -> ExitCode {
         });
     match signed {
         Ok(text) => {
-            println!("{text}");
+            say!("{text}");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -178,15 +179,15 @@ fn check_config(config: &Path) -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
-    println!("{}: ok", config.display());
-    println!("  deploy root: {}", c.deploy_root.display());
+    say!("{}: ok", config.display());
+    say!("  deploy root: {}", c.deploy_root.display());
     if let Some(line) = source_line(&c) {
-        println!("  source: {line}");
+        say!("  source: {line}");
     }
-    println!("  status socket: {}", socket_line(&c));
-    println!("  cache: {}", c.cache_dir().display());
-    println!("  health gate: {}", health_line(&c));
-    println!(
+    say!("  status socket: {}", socket_line(&c));
+    say!("  cache: {}", c.cache_dir().display());
+    say!("  health gate: {}", health_line(&c));
+    say!(
         "  signed manifests: {}",
         match c.signing.public_keys.len() {
             0 => "not required".to_string(),

@@ -5,6 +5,7 @@
 //! 0 ok, 1 failure, 2 usage, 6 check-and-set lost, 7 already frozen, 8 the
 //! address is not a Consul). Holds no state.
 
+use crate::say;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -272,9 +273,11 @@ async fn write_delta(
     })
     .await
     .map_err(|e| Error::Internal(e.to_string()))??;
-    println!(
+    say!(
         "delta: {} bytes, {} of {} entries reused from the base",
-        info.size, info.shared, info.entries
+        info.size,
+        info.shared,
+        info.entries
     );
     Ok(d)
 }
@@ -311,7 +314,7 @@ pub fn run_release(cmd: ReleaseCommand) -> u8 {
                 };
                 let spec = publish_spec(&r, build, artifact, url, sha256, size, format).await?;
                 let i = r.publish_with_delta(&spec, percent, delta.as_ref()).await?;
-                println!(
+                say!(
                     "published {} ({} bytes, sha256 {}) to {} at {}% (index {i})",
                     spec.build,
                     spec.size,
@@ -322,12 +325,12 @@ pub fn run_release(cmd: ReleaseCommand) -> u8 {
             }
             ReleaseAction::Promote { percent } => {
                 let i = r.promote(percent).await?;
-                println!("{} promoted to {percent}% (index {i})", r.key);
+                say!("{} promoted to {percent}% (index {i})", r.key);
             }
             ReleaseAction::Rollback => {
                 let i = r.rollback().await?;
                 let now = r.read().await?.map(|c| c.manifest.spec.build);
-                println!(
+                say!(
                     "{} rolled back to {} (index {i}); hosts flip from their cold slot",
                     r.key,
                     now.unwrap_or_default()
@@ -335,16 +338,16 @@ pub fn run_release(cmd: ReleaseCommand) -> u8 {
             }
             ReleaseAction::Freeze { reason } => {
                 r.freeze(&reason, &invoking_user()).await?;
-                println!(
+                say!(
                     "{} set: no host starts a new deploy until `release unfreeze`",
                     r.freeze_key
                 );
             }
             ReleaseAction::Unfreeze => {
                 if r.unfreeze().await? {
-                    println!("{} removed: hosts resume", r.freeze_key);
+                    say!("{} removed: hosts resume", r.freeze_key);
                 } else {
-                    println!("{} was not set", r.freeze_key);
+                    say!("{} was not set", r.freeze_key);
                 }
             }
             ReleaseAction::Show { json } => print_shown(&r.show().await?, json),
@@ -409,21 +412,21 @@ fn invoking_user() -> String {
 /// Prints what `release show` read, as JSON or as a few lines.
 fn print_shown(s: &release::Shown, json: bool) {
     if json {
-        println!("{}", serde_json::to_string_pretty(s).unwrap_or_default());
+        say!("{}", serde_json::to_string_pretty(s).unwrap_or_default());
         return;
     }
-    println!(
+    say!(
         "key     {} (index {})",
         s.key,
         s.modify_index.map_or("-".into(), |i| i.to_string())
     );
     match &s.manifest {
-        Some(m) => println!("{}", serde_json::to_string_pretty(m).unwrap_or_default()),
-        None => println!("(nothing published)"),
+        Some(m) => say!("{}", serde_json::to_string_pretty(m).unwrap_or_default()),
+        None => say!("(nothing published)"),
     }
     match &s.freeze {
-        Some(f) => println!("FROZEN  {f}"),
-        None => println!("freeze  not set"),
+        Some(f) => say!("FROZEN  {f}"),
+        None => say!("freeze  not set"),
     }
 }
 
@@ -467,15 +470,21 @@ pub fn run_fleet(cmd: FleetCommand) -> u8 {
             )
             .await?;
             if json {
-                println!("{}", serde_json::to_string(&s).unwrap_or_default());
+                say!("{}", serde_json::to_string(&s).unwrap_or_default());
             } else if watch && terminal {
                 // Clear the screen and home the cursor: only on a terminal,
                 // a pipe or a file gets one summary after another.
-                print!("\x1b[2J\x1b[H{}", crate::fleet::commander::view::render(&s));
+                crate::exit::write_stdout(format_args!(
+                    "\x1b[2J\x1b[H{}",
+                    crate::fleet::commander::view::render(&s)
+                ));
             } else if watch {
-                println!("{}", crate::fleet::commander::view::render(&s));
+                say!("{}", crate::fleet::commander::view::render(&s));
             } else {
-                print!("{}", crate::fleet::commander::view::render(&s));
+                crate::exit::write_stdout(format_args!(
+                    "{}",
+                    crate::fleet::commander::view::render(&s)
+                ));
             }
             if !watch {
                 return Ok(());
@@ -541,7 +550,7 @@ async fn serve(target: Target, args: ServeArgs) -> Result<()> {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let page =
         crate::fleet::commander::web::FleetPage::start(release, opts, shutdown.clone()).await?;
-    println!(
+    say!(
         "fleet page on {} (Ctrl-C stops it){}",
         page.url(),
         if args.read_only { ", read-only" } else { "" }
