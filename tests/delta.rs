@@ -184,6 +184,16 @@ async fn a_delta_deploy_downloads_what_changed_and_matches_a_full_unpack() {
         linked * 10 > b2.artifact.entries as usize * 9,
         "{linked} linked files"
     );
+    // The history says which deploys came from a delta.
+    let out = std::process::Command::new(agent_bin())
+        .args(["history", "--json", "--socket"])
+        .arg(h.tmp.path().join("agent.sock"))
+        .output()
+        .unwrap();
+    let hist: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(hist[0]["build"], "b2");
+    assert_eq!(hist[0]["from_delta"], true, "{hist}");
+    assert_eq!(hist[1]["from_delta"], false, "{hist}");
 }
 
 /// The base in the cold slot: b1 then b2 live (b1 now cold), and the next

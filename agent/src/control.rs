@@ -385,6 +385,8 @@ pub struct HistoryEntry {
     /// Duration of each phase that ran, in milliseconds, keyed by
     /// [`Phase::as_str`].
     pub phase_ms: BTreeMap<Phase, u64>,
+    /// A deploy built from a delta and its base, not the full artifact.
+    pub from_delta: bool,
 }
 
 #[cfg(test)]

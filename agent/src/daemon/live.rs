@@ -167,6 +167,7 @@ pub fn deploy_entry(r: &DeployRecord) -> HistoryEntry {
         outcome: r.outcome,
         error: r.error.as_ref().map(|e| e.message.clone()),
         phase_ms: r.phase_ms.clone(),
+        from_delta: r.from_delta,
         ..HistoryEntry::default()
     }
 }

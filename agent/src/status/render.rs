@@ -349,12 +349,15 @@ pub fn render_history(h: &[HistoryEntry], color: bool, now_unix: u64) -> String 
             .finished_unix
             .map(|f| duration(f.saturating_sub(e.started_unix)))
             .unwrap_or_else(|| "-".into());
-        let phases = e
+        let mut phases = e
             .phase_ms
             .iter()
             .map(|(k, ms)| format!("{} {}", k.as_str(), millis(*ms)))
             .collect::<Vec<_>>()
             .join(", ");
+        if e.from_delta {
+            phases.insert_str(0, "(delta) ");
+        }
         let _ = writeln!(
             o,
             "{:<14} {:<28} {outcome}{} {took:>9}  {phases}",
