@@ -113,6 +113,7 @@ impl StatusSource for FixedSource {
                 by_uid: None,
                 reason: None,
                 phase_ms: BTreeMap::from([(Phase::Downloading, 1500), (Phase::Flipping, 3)]),
+                from_delta: i == 1,
             })
             .collect()
     }
@@ -332,6 +333,8 @@ async fn every_endpoint_through_the_cli_functions() {
         "{out}"
     );
     assert!(out.contains("downloading 1.5s, flipping 3ms"), "{out}");
+    let delta_line = out.lines().find(|l| l.contains("web-1 ")).unwrap_or("");
+    assert!(delta_line.contains("(delta) downloading"), "{out}");
 
     let metrics = tokio::task::spawn_blocking({
         let p = p.clone();
