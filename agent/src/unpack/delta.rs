@@ -117,8 +117,8 @@ struct FileKey {
 /// Writes the delta from the base artifact to the target artifact into
 /// `out` (a temp name renamed into place).
 pub fn write(base: (&Path, Format), target: (&Path, Format), out: &Path) -> Result<DeltaInfo> {
-    let base_files = regular_files(base.0, base.1)?;
-    let (index, entries) = plan(&base_files, base.0, target)?;
+    let (base_files, base_sha256) = regular_files(base.0, base.1)?;
+    let (index, entries) = plan(&base_files, base_sha256, target)?;
     let tmp = out.with_extension("partial-delta");
     let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let io = |e: std::io::Error| Error::io(&tmp, e);
@@ -154,17 +154,14 @@ pub fn write(base: (&Path, Format), target: (&Path, Format), out: &Path) -> Resu
 /// involves it (a link must point at a file the delta itself writes).
 fn plan(
     base_files: &HashMap<String, FileKey>,
-    base: &Path,
+    base: Sha256Sum,
     target: (&Path, Format),
 ) -> Result<(DeltaIndex, u64)> {
-    let io = |e: std::io::Error| Error::io(target.0, e);
     let mut linked_paths = HashSet::new();
     let mut candidates = Vec::new();
     let mut dirs = Vec::new();
     let mut entries = 0u64;
-    let mut archive = tar::Archive::new(decoder(target.0, target.1)?);
-    for entry in archive.entries().map_err(io)? {
-        let mut entry = entry.map_err(io)?;
+    let target_sha256 = read_artifact(target.0, target.1, |entry| {
         entries += 1;
         let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let header = entry.header();
@@ -180,14 +177,15 @@ fn plan(
                 }
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let key = file_key(&mut entry, mode, mtime).map_err(io)?;
+                let key = file_key(entry, mode, mtime)?;
                 if base_files.get(&path) == Some(&key) {
                     candidates.push((path, key));
                 }
             }
             _ => {}
         }
-    }
+        Ok(())
+    })?;
     let shared = candidates
         .into_iter()
         .filter(|(p, _)| !linked_paths.contains(p))
@@ -201,33 +199,56 @@ fn plan(
         .collect();
     let index = DeltaIndex {
         version: VERSION,
-        base: hash_file(base)?.0,
-        target: hash_file(target.0)?.0,
+        base,
+        target: target_sha256,
         shared,
         dirs,
     };
     Ok((index, entries))
 }
 
-/// Every regular file of an artifact by path.
-fn regular_files(path: &Path, format: Format) -> Result<HashMap<String, FileKey>> {
-    let io = |e: std::io::Error| Error::io(path, e);
+/// Every regular file of an artifact by path, and the artifact's sha256.
+fn regular_files(path: &Path, format: Format) -> Result<(HashMap<String, FileKey>, Sha256Sum)> {
     let mut files = HashMap::new();
-    let mut archive = tar::Archive::new(decoder(path, format)?);
-    for entry in archive.entries().map_err(io)? {
-        let mut entry = entry.map_err(io)?;
+    let sha256 = read_artifact(path, format, |entry| {
         let header = entry.header();
-        if !matches!(
+        if matches!(
             header.entry_type(),
             tar::EntryType::Regular | tar::EntryType::Continuous
         ) {
-            continue;
+            let (mode, mtime) = (header.mode().unwrap_or(0), header.mtime().unwrap_or(0));
+            let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            files.insert(name, file_key(entry, mode, mtime)?);
         }
-        let (mode, mtime) = (header.mode().unwrap_or(0), header.mtime().unwrap_or(0));
-        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        files.insert(name, file_key(&mut entry, mode, mtime).map_err(io)?);
+        Ok(())
+    })?;
+    Ok((files, sha256))
+}
+
+/// Hands every entry of an artifact to `each`, and returns the sha256 of
+/// the artifact's bytes, hashed on the same single read of the file.
+fn read_artifact(
+    path: &Path,
+    format: Format,
+    mut each: impl FnMut(&mut tar::Entry<'_, Box<dyn Read + '_>>) -> std::io::Result<()>,
+) -> Result<Sha256Sum> {
+    let io = |e: std::io::Error| Error::io(path, e);
+    let mut raw = HashingReader {
+        inner: File::open(path).map_err(io)?,
+        hasher: Sha256::new(),
+    };
+    {
+        let decoded = super::decoded(BufReader::new(&mut raw), format, path)?;
+        let mut archive = tar::Archive::new(decoded);
+        for entry in archive.entries().map_err(io)? {
+            each(&mut entry.map_err(io)?).map_err(io)?;
+        }
+        // Past the end-of-archive blocks, so the decoder reads all its input.
+        std::io::copy(&mut archive.into_inner(), &mut std::io::sink()).map_err(io)?;
     }
-    Ok(files)
+    // Whatever the decoder left unread (nothing for a well-formed file).
+    std::io::copy(&mut raw, &mut std::io::sink()).map_err(io)?;
+    Ok(Sha256Sum::from_bytes(raw.hasher.finalize().into()))
 }
 
 fn file_key(r: &mut impl Read, mode: u32, mtime: u64) -> std::io::Result<FileKey> {
