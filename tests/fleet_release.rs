@@ -132,6 +132,42 @@ async fn release_commands_write_with_cas_and_the_second_commander_loses() {
     assert!(!b.unfreeze().await.unwrap(), "nothing left to lift");
 }
 
+/// The freeze is the app's: `release freeze --app web` and `release
+/// unfreeze --app web` need no tier (an on-call engineer types the least in
+/// an incident), while the tier commands still ask for one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeze_and_unfreeze_need_only_the_app() {
+    let consul = ConsulServer::start(ConsulServerConfig::default())
+        .await
+        .unwrap();
+    let url = consul.url();
+    let run = move |args: &[&str]| {
+        std::process::Command::new(deploy_agent_tests::agent_bin())
+            .arg("release")
+            .args(args)
+            .args(["--app", "web", "--consul", &url])
+            .env_remove("DEPLOY_TIER")
+            .env_remove("DEPLOY_APP")
+            .env_remove("CONSUL_HTTP_ADDR")
+            .output()
+            .unwrap()
+    };
+    let text = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let out = tokio::task::block_in_place(|| run(&["freeze", "--reason", "incident"]));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(consul.get("deploy/web/freeze").is_some());
+    let out = tokio::task::block_in_place(|| run(&["unfreeze"]));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(consul.get("deploy/web/freeze").is_none());
+    let out = tokio::task::block_in_place(|| run(&["rollback"]));
+    assert_eq!(out.status.code(), Some(deploy_agent::exit::USAGE as i32));
+    assert!(
+        text(&out).contains("give --app and --tier"),
+        "{}",
+        text(&out)
+    );
+}
+
 fn report(h: &Harness, host: &str) -> Option<HostRecord> {
     let e = h.consul.get(&format!("deploy-hosts/app/{host}"))?;
     Some(serde_json::from_slice(&e.value).unwrap())

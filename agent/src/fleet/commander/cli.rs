@@ -189,8 +189,12 @@ fn parse_dur(s: &str) -> std::result::Result<Duration, String> {
 }
 
 impl Target {
-    /// The commander's view of the keys, connected to Consul.
-    pub fn release(&self) -> Result<Release> {
+    /// The commander's view of the keys, connected to Consul. The freeze
+    /// is the app's, not a tier's: with `app_only` (freeze, unfreeze) no
+    /// tier is needed, so an on-call engineer can stop every flip with
+    /// `release freeze --app web` alone; the tier key is then the app's
+    /// control subtree, which those commands never write.
+    pub fn release(&self, app_only: bool) -> Result<Release> {
         // No key yet: name the one the flags would make ("release : give
         // ..." read like a bug).
         let usage = |reason: &str| Error::ReleaseInvalid {
@@ -200,6 +204,7 @@ impl Target {
         let key = match (&self.key, &self.app, &self.tier) {
             (Some(k), _, _) => k.clone(),
             (None, Some(a), Some(t)) => crate::fleet::tier_key(a, t),
+            (None, Some(a), None) if app_only => crate::fleet::tier_key(a, ""),
             _ => return Err(usage("give --app and --tier (or --key)")),
         };
         let freeze_key = match (&self.freeze_key, &self.app) {
@@ -287,7 +292,11 @@ pub fn run_release(cmd: ReleaseCommand) -> u8 {
     block(async move {
         // Every read of the Consul client refuses an answer that is not
         // Consul's (`Error::NotConsul`, exit 8).
-        let r = cmd.target.release()?;
+        let app_only = matches!(
+            cmd.action,
+            ReleaseAction::Freeze { .. } | ReleaseAction::Unfreeze
+        );
+        let r = cmd.target.release(app_only)?;
         match cmd.action {
             ReleaseAction::Publish {
                 build,
@@ -438,7 +447,7 @@ pub fn run_fleet(cmd: FleetCommand) -> u8 {
     block(async move {
         // Every read of the Consul client refuses an answer that is not
         // Consul's (`Error::NotConsul`, exit 8).
-        let r = cmd.target.release()?;
+        let r = cmd.target.release(false)?;
         let FleetAction::Status {
             json,
             watch,
