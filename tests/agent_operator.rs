@@ -235,3 +235,35 @@ async fn cold_slot_kill_action_signals_stragglers() {
     );
     h.stop_agent().await;
 }
+
+/// While the deploy root is busy (a deploy's claim or `syncfs` holds its
+/// lock), `status` does not wait: it shows the slots as of the root's last
+/// change. An operator rollback is such a change, so status never shows the
+/// build it just rolled away from as hot (it did, until the next status
+/// read that found the root free: intent_random seed 5603045536865752186).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_while_the_root_is_busy_shows_the_slots_after_the_last_flip() {
+    let mut h = Harness::new(|_| {}).await;
+    h.start_agent().await;
+    let (m1, _) = h.build("one");
+    let (m2, _) = h.build("two");
+    h.publish(&m1);
+    h.wait_live("one", T).await;
+    h.publish(&m2);
+    h.wait_live("two", T).await;
+    assert_eq!(status_json(&h)["hot"]["build"], "two");
+    let out = cli(&h, &["rollback"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(h.served(), "one");
+    let root = h.agent.as_ref().unwrap().deployer.root.clone();
+    let busy = root.lock().unwrap();
+    let v = status_json(&h);
+    drop(busy);
+    assert_eq!(v["hot"]["build"], "one", "{v:#}");
+    assert_eq!(v["cold"]["build"], "two", "{v:#}");
+    h.stop_agent().await;
+}

@@ -617,9 +617,12 @@ impl MainLoop {
                 false,
             );
         }
-        let root = self.deployer.root.clone();
+        let (root, seen) = (self.deployer.root.clone(), self.deployer.slots_seen.clone());
         let r = tokio::task::spawn_blocking(move || {
-            root.lock().unwrap_or_else(|p| p.into_inner()).rollback()
+            let mut g = root.lock().unwrap_or_else(|p| p.into_inner());
+            let r = g.rollback();
+            crate::deploy::SlotsSeen::record(&seen, &g);
+            r
         })
         .await;
         let rep = match r {

@@ -217,6 +217,7 @@ fn build_deployer(
         }
     })?;
     let deployer = Arc::new(Deployer {
+        slots_seen: Arc::new(Mutex::new(crate::deploy::SlotsSeen::of(&root))),
         root: Arc::new(Mutex::new(root)),
         guard: Arc::new(crate::deploy::guard::Guard::open(&root_path)),
         root_path,

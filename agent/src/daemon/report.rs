@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::control::AgentState;
 use crate::daemon::live::{LiveStatus, StatusInner};
-use crate::deploy::{self, DeployRecord, Deployer, Phase};
+use crate::deploy::{self, DeployRecord, Deployer, Phase, SlotsSeen};
 use crate::source::consul::WatchStats;
 use crate::status::metrics::ConsulErrorKind;
 use crate::status::model::{
@@ -26,10 +26,6 @@ pub struct AgentView {
     pub started: Instant,
     /// (time, bytes) of the previous status call, for the download rate.
     rate: Mutex<Option<(Instant, u64, u64)>>,
-    /// The slots as last read. The deploy root's lock is held across a
-    /// whole `syncfs` while a slot is marked ready; status never waits for
-    /// that and shows the slots as they were just before.
-    slots: Mutex<(Option<SlotInfo>, Option<SlotInfo>)>,
     /// (when, slot dir, bytes) of the last disk-usage walk of an unmarked
     /// cold slot: walked at most every `LEFTOVERS_TTL`, not per request.
     leftovers: Mutex<Option<(Instant, std::path::PathBuf, u64)>>,
@@ -52,34 +48,36 @@ impl AgentView {
             metrics,
             started: Instant::now(),
             rate: Mutex::new(None),
-            slots: Mutex::new((None, None)),
             leftovers: Mutex::new(None),
         }
     }
 }
 
 impl AgentView {
-    /// The hot and cold slots; the last ones read when the deploy root is
-    /// busy (see the `slots` field).
+    /// The hot and cold slots. While the deploy root is busy (a `syncfs`
+    /// can hold it for seconds) status does not wait: it shows the slots
+    /// as of the root's last change, which every change records under the
+    /// lock, so never older than the last flip.
     fn slots(&self) -> (Option<SlotInfo>, Option<SlotInfo>) {
-        let mut cache = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let root = match self.deployer.root.try_lock() {
-            Ok(g) => Some(g),
+        let seen = match self.deployer.root.try_lock() {
+            Ok(g) => SlotsSeen::of(&g),
             // Plain data: a panic elsewhere cannot leave it inconsistent.
-            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => None,
+            Err(std::sync::TryLockError::Poisoned(p)) => SlotsSeen::of(&p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => self
+                .deployer
+                .slots_seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         };
-        if let Some(root) = root {
-            let info = |slot: swapper::Slot| SlotInfo {
-                name: slot.dir_name().trim_start_matches("slot-").to_string(),
-                build: root.marker(slot).map(|m| m.build.build_id.clone()),
-                sha256: root.marker(slot).and_then(|m| m.build.sha256.clone()),
-                marked_unix: root.marker(slot).map(|m| m.marked_at),
-                unmarked_bytes: None,
-            };
-            *cache = (root.hot().map(info), Some(info(root.cold())));
-        }
-        cache.clone()
+        let info = |(slot, marker): (swapper::Slot, Option<swapper::Marker>)| SlotInfo {
+            name: slot.dir_name().trim_start_matches("slot-").to_string(),
+            build: marker.as_ref().map(|m| m.build.build_id.clone()),
+            sha256: marker.as_ref().and_then(|m| m.build.sha256.clone()),
+            marked_unix: marker.as_ref().map(|m| m.marked_at),
+            unmarked_bytes: None,
+        };
+        (seen.hot.map(info), seen.cold.map(info))
     }
 
     /// Bytes an unmarked slot directory still holds (cached, see

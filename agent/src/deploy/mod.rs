@@ -321,6 +321,8 @@ pub trait Observer: Send + Sync {
 #[derive(Debug)]
 pub struct Deployer {
     pub root: Arc<Mutex<DeployRoot>>,
+    /// The slots as of the root's last change (see [`SlotsSeen`]).
+    pub slots_seen: Arc<Mutex<SlotsSeen>>,
     pub root_path: PathBuf,
     pub config: Config,
     pub client: reqwest::Client,
@@ -331,6 +333,31 @@ pub struct Deployer {
     pub guard: Arc<crate::deploy::guard::Guard>,
     /// Asked right before every flip (set once the fleet member exists).
     pub flip_gate: std::sync::OnceLock<Arc<dyn FlipGate>>,
+}
+
+/// What the deploy root's slots hold, as of its last change: for readers
+/// that must not wait for the root's lock (`status`, while a `syncfs` holds
+/// it for seconds). Every change takes it under the lock, so it is never
+/// older than the last flip or rollback. Memory only.
+#[derive(Debug, Clone, Default)]
+pub struct SlotsSeen {
+    pub hot: Option<(Slot, Option<swapper::Marker>)>,
+    pub cold: Option<(Slot, Option<swapper::Marker>)>,
+}
+
+impl SlotsSeen {
+    pub fn of(root: &DeployRoot) -> SlotsSeen {
+        let seen = |slot: Slot| (slot, root.marker(slot).cloned());
+        SlotsSeen {
+            hot: root.hot().map(seen),
+            cold: Some(seen(root.cold())),
+        }
+    }
+
+    /// Takes the snapshot of `root` into `into`.
+    pub fn record(into: &Mutex<SlotsSeen>, root: &DeployRoot) {
+        *into.lock().unwrap_or_else(|p| p.into_inner()) = SlotsSeen::of(root);
+    }
 }
 
 /// Whether a flip may happen now. The fleet member answers with the
@@ -467,12 +494,14 @@ impl Deployer {
         &self,
         f: impl FnOnce(&mut DeployRoot) -> swapper::Result<T> + Send + 'static,
     ) -> Result<T> {
-        let root = self.root.clone();
+        let (root, seen) = (self.root.clone(), self.slots_seen.clone());
         tokio::task::spawn_blocking(move || {
             // A panic while holding the lock cannot leave the root in a
             // state the on-disk protocol does not cover, so take the guard.
             let mut g = root.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut g)
+            let r = f(&mut g);
+            SlotsSeen::record(&seen, &g);
+            r
         })
         .await
         .map_err(|e| Error::Internal(format!("deploy-root task panicked: {e}")))?
