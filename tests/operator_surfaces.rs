@@ -324,26 +324,47 @@ fn base_config(dir: &Path, extra: &str) -> String {
     )
 }
 
-/// A command whose reader went away (`deploy-agent ... | head -1`) ends
-/// quietly with 0: the command's work is done, only its report is unread.
-/// Rust ignores SIGPIPE, so a plain `println!` would panic (exit 101).
-#[test]
-fn a_closed_stdout_ends_a_command_quietly() {
-    let dir = fast_tempdir();
-    let path = dir.path().join("config.toml");
-    std::fs::write(&path, base_config(dir.path(), "")).unwrap();
-    // A pipe whose read end is already closed: every write fails with EPIPE.
+/// Runs the binary with `args` and a stdout whose reader is already gone:
+/// every write to it fails with EPIPE.
+fn run_with_closed_stdout(args: &[&str]) -> Output {
     let (reader, writer) = nix::unistd::pipe().unwrap();
     drop(reader);
-    let out = Proc::new(agent_bin())
-        .args(["check-config", "--config", path.to_str().unwrap()])
+    Proc::new(agent_bin())
+        .args(args)
         .stdout(Stdio::from(writer))
         .stderr(Stdio::piped())
         .output()
-        .unwrap();
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
+        .unwrap()
+}
+
+/// A command whose reader went away (`deploy-agent ... | head -1`) ends
+/// quietly with 0: the command's work is done, only its report is unread.
+/// Rust ignores SIGPIPE, so a plain `println!` would panic (exit 101), and
+/// the host commands said "I/O error on <socket>" with exit 1. Both kinds:
+/// `check-config` (like `release`, printed with `say!`) and `status` (the
+/// host commands' client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_ends_a_command_quietly() {
+    let dir = fast_tempdir();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, base_config(dir.path(), "")).unwrap();
+    let server = Server::start(|_| {}).await;
+    let socket = server.path.to_str().unwrap().to_string();
+    let config = path.to_str().unwrap().to_string();
+    let outs = tokio::task::spawn_blocking(move || {
+        [
+            run_with_closed_stdout(&["check-config", "--config", &config]),
+            run_with_closed_stdout(&["status", "--socket", &socket]),
+        ]
+    })
+    .await
+    .unwrap();
+    for out in outs {
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        assert!(err.is_empty(), "{err}");
+    }
+    server.stop().await;
 }
 
 #[test]

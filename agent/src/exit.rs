@@ -42,23 +42,29 @@ pub const ALL: [u8; 9] = [
     NOT_CONSUL,
 ];
 
-/// Writes a command's report to stdout, like `print!`. A reader that went
-/// away (`deploy-agent fleet status --watch | head -3`) ends the command
-/// with [`OK`], quietly: what the command did is done, only the rest of its
-/// report has nobody to read it. (Rust ignores SIGPIPE, so without this the
-/// write fails with EPIPE and `println!` panics.) Any other stdout error
-/// ends it with [`FAILURE`].
+/// Writes a command's report to stdout, like `print!`; a failed write ends
+/// the command ([`output_failed`]).
 pub fn write_stdout(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    match out.write_fmt(args).and_then(|()| out.flush()) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(OK.into()),
-        Err(e) => {
-            eprintln!("deploy-agent: cannot write to stdout: {e}");
-            std::process::exit(FAILURE.into())
-        }
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        output_failed(e)
     }
+}
+
+/// Ends a command whose report could not be written. A reader that went
+/// away (`deploy-agent fleet status --watch | head -3`) ends it with
+/// [`OK`], quietly: what the command did is done, only the rest of its
+/// report has nobody to read it. (Rust ignores SIGPIPE, so the write fails
+/// with EPIPE, and `println!` would panic.) Any other error ends it with
+/// [`FAILURE`]. Every command's output goes through here: the commander's
+/// (`say!`) and the host commands' (`status::client`).
+pub fn output_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(OK.into())
+    }
+    eprintln!("deploy-agent: cannot write to stdout: {e}");
+    std::process::exit(FAILURE.into())
 }
 
 /// `println!` for a command's report, through [`write_stdout`](crate::exit::write_stdout).

@@ -187,14 +187,12 @@ pub fn exit_code(e: &Error) -> i32 {
 fn status(socket: &Path, out: &mut dyn Write, json: bool, color: bool) -> Result<(), Error> {
     let resp = request(socket, "GET", "/v1/status", None)?.ok("status")?;
     if json {
-        return write_out(socket, out, &resp.body);
+        write_out(out, &resp.body);
+        return Ok(());
     }
     let report: StatusReport = resp.json(socket)?;
-    write_out(
-        socket,
-        out,
-        render_status(&report, color, now_secs()).as_bytes(),
-    )
+    write_out(out, render_status(&report, color, now_secs()).as_bytes());
+    Ok(())
 }
 
 /// How `status --watch` draws.
@@ -267,7 +265,7 @@ pub fn watch_status_on(
         } else {
             format!("{screen}\n")
         };
-        write_out(socket, out, frame.as_bytes())?;
+        write_out(out, frame.as_bytes());
         n += 1;
         if iterations.is_some_and(|max| n >= max) {
             return Ok(());
@@ -279,14 +277,12 @@ pub fn watch_status_on(
 fn history(socket: &Path, out: &mut dyn Write, json: bool, color: bool) -> Result<(), Error> {
     let resp = request(socket, "GET", "/v1/history", None)?.ok("history")?;
     if json {
-        return write_out(socket, out, &resp.body);
+        write_out(out, &resp.body);
+        return Ok(());
     }
     let entries: Vec<HistoryEntry> = resp.json(socket)?;
-    write_out(
-        socket,
-        out,
-        render_history(&entries, color, now_secs()).as_bytes(),
-    )
+    write_out(out, render_history(&entries, color, now_secs()).as_bytes());
+    Ok(())
 }
 
 fn command(
@@ -304,13 +300,17 @@ fn command(
         Some(other) => line = format!("{line}: {other}"),
     }
     line.push('\n');
-    write_out(socket, out, line.as_bytes())
+    write_out(out, line.as_bytes());
+    Ok(())
 }
 
-fn write_out(socket: &Path, out: &mut dyn Write, bytes: &[u8]) -> Result<(), Error> {
-    out.write_all(bytes)
-        .and_then(|()| out.flush())
-        .map_err(|e| Error::io(socket, e))
+/// Writes a command's report; a failed write ends the command
+/// ([`crate::exit::output_failed`]): a reader that went away is not an
+/// error of the agent or its socket.
+fn write_out(out: &mut dyn Write, bytes: &[u8]) {
+    if let Err(e) = out.write_all(bytes).and_then(|()| out.flush()) {
+        crate::exit::output_failed(e)
+    }
 }
 
 /// An HTTP answer: status code and body.
