@@ -619,10 +619,7 @@ impl MainLoop {
         }
         let (root, seen) = (self.deployer.root.clone(), self.deployer.slots_seen.clone());
         let r = tokio::task::spawn_blocking(move || {
-            let mut g = root.lock().unwrap_or_else(|p| p.into_inner());
-            let r = g.rollback();
-            crate::deploy::SlotsSeen::record(&seen, &g);
-            r
+            crate::deploy::SlotsSeen::change(&root, &seen, |r| r.rollback())
         })
         .await;
         let rep = match r {

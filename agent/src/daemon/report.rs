@@ -77,7 +77,7 @@ impl AgentView {
             marked_unix: marker.as_ref().map(|m| m.marked_at),
             unmarked_bytes: None,
         };
-        (seen.hot.map(info), seen.cold.map(info))
+        (seen.hot.map(info), Some(info(seen.cold)))
     }
 
     /// Bytes an unmarked slot directory still holds (cached, see

@@ -339,10 +339,10 @@ pub struct Deployer {
 /// that must not wait for the root's lock (`status`, while a `syncfs` holds
 /// it for seconds). Every change takes it under the lock, so it is never
 /// older than the last flip or rollback. Memory only.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SlotsSeen {
     pub hot: Option<(Slot, Option<swapper::Marker>)>,
-    pub cold: Option<(Slot, Option<swapper::Marker>)>,
+    pub cold: (Slot, Option<swapper::Marker>),
 }
 
 impl SlotsSeen {
@@ -350,13 +350,24 @@ impl SlotsSeen {
         let seen = |slot: Slot| (slot, root.marker(slot).cloned());
         SlotsSeen {
             hot: root.hot().map(seen),
-            cold: Some(seen(root.cold())),
+            cold: seen(root.cold()),
         }
     }
 
-    /// Takes the snapshot of `root` into `into`.
-    pub fn record(into: &Mutex<SlotsSeen>, root: &DeployRoot) {
-        *into.lock().unwrap_or_else(|p| p.into_inner()) = SlotsSeen::of(root);
+    /// Runs `change` on the locked `root` and records the slots it leaves
+    /// into `seen`, under the same lock. Every change to the deploy root
+    /// goes through here (`Deployer::with_root`, the operator rollback).
+    pub fn change<T>(
+        root: &Mutex<DeployRoot>,
+        seen: &Mutex<SlotsSeen>,
+        change: impl FnOnce(&mut DeployRoot) -> T,
+    ) -> T {
+        // A panic while holding the lock cannot leave the root in a state
+        // the on-disk protocol does not cover, so take the guard.
+        let mut g = root.lock().unwrap_or_else(|p| p.into_inner());
+        let r = change(&mut g);
+        *seen.lock().unwrap_or_else(|p| p.into_inner()) = SlotsSeen::of(&g);
+        r
     }
 }
 
@@ -495,17 +506,10 @@ impl Deployer {
         f: impl FnOnce(&mut DeployRoot) -> swapper::Result<T> + Send + 'static,
     ) -> Result<T> {
         let (root, seen) = (self.root.clone(), self.slots_seen.clone());
-        tokio::task::spawn_blocking(move || {
-            // A panic while holding the lock cannot leave the root in a
-            // state the on-disk protocol does not cover, so take the guard.
-            let mut g = root.lock().unwrap_or_else(|p| p.into_inner());
-            let r = f(&mut g);
-            SlotsSeen::record(&seen, &g);
-            r
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("deploy-root task panicked: {e}")))?
-        .map_err(Error::from)
+        tokio::task::spawn_blocking(move || SlotsSeen::change(&root, &seen, f))
+            .await
+            .map_err(|e| Error::Internal(format!("deploy-root task panicked: {e}")))?
+            .map_err(Error::from)
     }
 
     /// Which slot holds `m`'s artifact with a valid marker, if any; the hot
