@@ -9,11 +9,13 @@
 //! the next attempt hashes again from the first byte.
 
 use std::io::{self, Read};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::manifest::Sha256Sum;
 use crate::progress::Progress;
 
 /// A reader that hashes and counts everything read through it, and reports
@@ -54,6 +56,17 @@ impl<'p, R: Read> HashingReader<'p, R> {
     pub fn finish(self) -> ([u8; 32], u64) {
         (self.hasher.finalize().into(), self.bytes)
     }
+}
+
+/// The sha256 and size of the file at `path`, in one read.
+pub fn hash_file(path: &Path) -> Result<(Sha256Sum, u64)> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // Nothing watches this read.
+    let progress = Progress::default();
+    let mut reader = HashingReader::new(file, &progress);
+    reader.drain().map_err(|e| Error::io(path, e))?;
+    let (digest, size) = reader.finish();
+    Ok((Sha256Sum::from_bytes(digest), size))
 }
 
 impl<R: Read> Read for HashingReader<'_, R> {

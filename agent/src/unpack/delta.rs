@@ -44,6 +44,7 @@ use sha2::{Digest, Sha256};
 use tracing::info;
 
 use super::{bytes_path, dir_mode, file_mode, unpack, UnpackLimits, UnpackStats};
+use crate::artifact::sha256::{hash_file, HashingReader};
 use crate::error::{Error, Result};
 use crate::manifest::{Format, Sha256Sum};
 use crate::progress::Progress;
@@ -233,10 +234,9 @@ fn read_artifact(
     mut each: impl FnMut(&mut tar::Entry<'_, Box<dyn Read + '_>>) -> std::io::Result<()>,
 ) -> Result<Sha256Sum> {
     let io = |e: std::io::Error| Error::io(path, e);
-    let mut raw = HashingReader {
-        inner: File::open(path).map_err(io)?,
-        hasher: Sha256::new(),
-    };
+    // Nothing watches a publish's reads.
+    let unwatched = Progress::default();
+    let mut raw = HashingReader::new(File::open(path).map_err(io)?, &unwatched);
     {
         let decoded = super::decoded(BufReader::new(&mut raw), format, path)?;
         let mut archive = tar::Archive::new(decoded);
@@ -247,8 +247,8 @@ fn read_artifact(
         std::io::copy(&mut archive.into_inner(), &mut std::io::sink()).map_err(io)?;
     }
     // Whatever the decoder left unread (nothing for a well-formed file).
-    std::io::copy(&mut raw, &mut std::io::sink()).map_err(io)?;
-    Ok(Sha256Sum::from_bytes(raw.hasher.finalize().into()))
+    raw.drain().map_err(io)?;
+    Ok(Sha256Sum::from_bytes(raw.finish().0))
 }
 
 fn file_key(r: &mut impl Read, mode: u32, mtime: u64) -> std::io::Result<FileKey> {
@@ -291,13 +291,6 @@ fn copy_entries<R: Read, W: Write>(
 fn decoder(path: &Path, format: Format) -> Result<Box<dyn Read>> {
     let f = BufReader::new(File::open(path).map_err(|e| Error::io(path, e))?);
     super::decoded(f, format, path)
-}
-
-fn hash_file(path: &Path) -> Result<(Sha256Sum, u64)> {
-    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut hasher = Sha256::new();
-    let size = std::io::copy(&mut f, &mut hasher).map_err(|e| Error::io(path, e))?;
-    Ok((Sha256Sum::from_bytes(hasher.finalize().into()), size))
 }
 
 // ---- applying ----
@@ -457,6 +450,8 @@ fn merge(delta: impl Read, index: &DeltaIndex, base_artifact: &Path, out: File) 
     copy_entries(&mut tar::Archive::new(delta), &mut tar, |_| true).map_err(to_pipe)?;
     let mut wanted: HashMap<&str, &SharedFile> =
         index.shared.iter().map(|f| (f.path.as_str(), f)).collect();
+    // The deploy's progress counts the delta's bytes, not the base's.
+    let unwatched = Progress::default();
     let mut head = [0u8; 4];
     let mut f = File::open(base_artifact).map_err(to_pipe)?;
     let n = f.read(&mut head).map_err(to_pipe)?;
@@ -483,13 +478,10 @@ fn merge(delta: impl Read, index: &DeltaIndex, base_artifact: &Path, out: File) 
         let mut header = entry.header().clone();
         header.set_mode(f.mode);
         header.set_mtime(f.mtime);
-        let mut hashing = HashingReader {
-            inner: &mut entry,
-            hasher: Sha256::new(),
-        };
+        let mut hashing = HashingReader::new(&mut entry, &unwatched);
         tar.append_data(&mut header, &f.path, &mut hashing)
             .map_err(to_pipe)?;
-        if Sha256Sum::from_bytes(hashing.hasher.finalize().into()) != f.sha256 {
+        if Sha256Sum::from_bytes(hashing.finish().0) != f.sha256 {
             return Err(changed("its content is not the indexed one".into()));
         }
     }
@@ -503,20 +495,6 @@ fn merge(delta: impl Read, index: &DeltaIndex, base_artifact: &Path, out: File) 
         .and_then(|mut w| w.flush())
         .map_err(to_pipe)?;
     Ok(index.shared.len() as u64)
-}
-
-/// Hashes what is read through it.
-struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
 }
 
 fn is_broken_pipe(e: &Error) -> bool {

@@ -10,7 +10,6 @@
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
-use sha2::{Digest, Sha256};
 
 use crate::clock::now_secs;
 use crate::consul::{ConsulClient, QueryOptions};
@@ -73,23 +72,11 @@ pub fn spec_from_artifact(
     url: &str,
     format: Format,
 ) -> Result<BuildSpec> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        size += n as u64;
-    }
+    let (sha256, size) = crate::artifact::sha256::hash_file(path)?;
     check_spec(BuildSpec {
         build: build.to_string(),
         urls: vec![url.to_string()],
-        sha256: crate::manifest::Sha256Sum::from_bytes(h.finalize().into()),
+        sha256,
         size,
         format,
     })
