@@ -452,11 +452,9 @@ fn merge(delta: impl Read, index: &DeltaIndex, base_artifact: &Path, out: File) 
         index.shared.iter().map(|f| (f.path.as_str(), f)).collect();
     // The deploy's progress counts the delta's bytes, not the base's.
     let unwatched = Progress::default();
-    let mut head = [0u8; 4];
-    let mut f = File::open(base_artifact).map_err(to_pipe)?;
-    let n = f.read(&mut head).map_err(to_pipe)?;
-    let format = Format::sniff(&head[..n]);
-    let file = BufReader::new(File::open(base_artifact).map_err(to_pipe)?);
+    let mut file = BufReader::new(File::open(base_artifact).map_err(to_pipe)?);
+    // The first bytes, peeked in the buffer, name the format.
+    let format = Format::sniff(std::io::BufRead::fill_buf(&mut file).map_err(to_pipe)?);
     let mut archive = tar::Archive::new(super::decoded(file, format, base_artifact)?);
     for entry in archive.entries().map_err(to_pipe)? {
         let mut entry = entry.map_err(to_pipe)?;
