@@ -38,13 +38,8 @@ fn status_json(h: &Harness) -> serde_json::Value {
 async fn status_history_hold_resume_rollback_redeploy_and_metrics() {
     let mut h = Harness::new(|_| {}).await;
     h.start_agent().await;
-    let (m1, a1) = h.build("one");
-    let (m2, _) = h.build("two");
+    let a1 = h.deploy_in_turn(&["one", "two"], T).await.remove(0);
     let (m3, _) = h.build("three");
-    h.publish(&m1);
-    h.wait_live("one", T).await;
-    h.publish(&m2);
-    h.wait_live("two", T).await;
 
     let v = status_json(&h);
     assert_eq!(v["hot"]["build"], "two");
@@ -245,12 +240,7 @@ async fn cold_slot_kill_action_signals_stragglers() {
 async fn status_while_the_root_is_busy_shows_the_slots_after_the_last_flip() {
     let mut h = Harness::new(|_| {}).await;
     h.start_agent().await;
-    let (m1, _) = h.build("one");
-    let (m2, _) = h.build("two");
-    h.publish(&m1);
-    h.wait_live("one", T).await;
-    h.publish(&m2);
-    h.wait_live("two", T).await;
+    h.deploy_in_turn(&["one", "two"], T).await;
     assert_eq!(status_json(&h)["hot"]["build"], "two");
     let out = cli(&h, &["rollback"]);
     assert!(

@@ -300,12 +300,7 @@ async fn a_new_deploy_id_deploys_the_live_build_again() {
 async fn resume_after_an_operator_rollback_redeploys_the_desired_build() {
     let mut h = Harness::new(|_| {}).await;
     h.start_agent().await;
-    let (m1, _) = h.build("one");
-    let (m2, _) = h.build("two");
-    h.publish(&m1);
-    h.wait_live("one", T).await;
-    h.publish(&m2);
-    h.wait_live("two", T).await;
+    h.deploy_in_turn(&["one", "two"], T).await;
     let sock = h.tmp.path().join("agent.sock");
     let cli = |args: &[&str]| {
         let out = Command::new(agent_bin())

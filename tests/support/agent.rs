@@ -124,6 +124,20 @@ impl Harness {
         (m, a)
     }
 
+    /// Builds, publishes and waits for each of `ids` in turn (tiny
+    /// profile): the hot slot then holds the last, the cold one the one
+    /// before. Returns their artifacts.
+    pub async fn deploy_in_turn(&self, ids: &[&str], limit: Duration) -> Vec<Artifact> {
+        let mut artifacts = Vec::new();
+        for id in ids {
+            let (m, a) = self.build(id);
+            self.publish(&m);
+            self.wait_live(id, limit).await;
+            artifacts.push(a);
+        }
+        artifacts
+    }
+
     pub fn url_path(id: &str) -> String {
         format!("/b/{id}.tar.gz")
     }
