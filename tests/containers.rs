@@ -44,8 +44,8 @@ use std::time::{Duration, Instant};
 
 use deploy_agent::manifest::{Format, Manifest, UrlPolicy};
 use deploy_agent_tests::containers::{
-    image, package, required, stop_all, unsupported, wait_for, Container, Net, PersistentRoot,
-    RootFs,
+    image, output_within, package, required, stop_all, unsupported, wait_for, Container, Net,
+    PersistentRoot, RootFs,
 };
 use serde_json::Value;
 use testkit::buildgen::{self, Artifact, BuildProfile};
@@ -207,13 +207,12 @@ impl Ctx {
 
     /// `deploy-agent release <args> --app web --tier <tier>` from the host.
     fn release(&self, tier: &str, args: &[&str]) -> String {
-        let out = Command::new(&self.bin)
-            .arg("release")
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("release")
             .args(args)
             .args(["--app", APP, "--tier", tier, "--consul", &self.consul.url()])
-            .env_remove("CONSUL_HTTP_ADDR")
-            .output()
-            .unwrap();
+            .env_remove("CONSUL_HTTP_ADDR");
+        let out = output_within(cmd, T).unwrap_or_else(|e| panic!("release {args:?}: {e}"));
         assert!(
             out.status.success(),
             "release {args:?}: {}{}",
@@ -376,8 +375,38 @@ struct Outcome {
     result: Result<String, String>,
 }
 
+/// Writes a progress line to the real stderr, past libtest's capture: a
+/// CI log then shows how far the suite got even if it is killed.
+fn progress(line: &str) {
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{line}\n").as_bytes());
+}
+
+/// The scenarios running now, for the suite watchdog's last words.
+static RUNNING: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+
+/// The whole suite takes 3-6 minutes here (setup included). Past this, a
+/// step is stuck: the watchdog names the running scenarios and aborts the
+/// process (nspawn's PDEATHSIG then shuts the containers down), so CI
+/// reports a failure instead of hanging until its own limit.
+const SUITE_LIMIT: Duration = Duration::from_secs(25 * 60);
+
+fn start_watchdog() {
+    std::thread::spawn(|| {
+        std::thread::sleep(SUITE_LIMIT);
+        let running = RUNNING.lock().map(|r| r.join(", ")).unwrap_or_default();
+        progress(&format!(
+            "[containers] WATCHDOG: still running after {SUITE_LIMIT:?} \
+             (scenarios: [{running}]); aborting"
+        ));
+        std::process::abort();
+    });
+}
+
 fn scenario(name: &'static str, f: impl FnOnce() -> String) -> Outcome {
-    eprintln!("[containers] scenario: {name}");
+    progress(&format!("[containers] scenario: {name}"));
+    if let Ok(mut r) = RUNNING.lock() {
+        r.push(name);
+    }
     let start = Instant::now();
     let result = std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
         p.downcast_ref::<String>()
@@ -386,9 +415,12 @@ fn scenario(name: &'static str, f: impl FnOnce() -> String) -> Outcome {
             .unwrap_or_else(|| "panicked".into())
     });
     let secs = start.elapsed().as_secs_f64();
+    if let Ok(mut r) = RUNNING.lock() {
+        r.retain(|n| *n != name);
+    }
     match &result {
-        Ok(note) => eprintln!("[containers] PASS {name} ({secs:.1} s) {note}"),
-        Err(e) => eprintln!("[containers] FAIL {name} ({secs:.1} s): {e}"),
+        Ok(note) => progress(&format!("[containers] PASS {name} ({secs:.1} s) {note}")),
+        Err(e) => progress(&format!("[containers] FAIL {name} ({secs:.1} s): {e}")),
     }
     Outcome { name, secs, result }
 }
@@ -396,6 +428,7 @@ fn scenario(name: &'static str, f: impl FnOnce() -> String) -> Outcome {
 #[test]
 fn hosts_as_real_containers() {
     let started = Instant::now();
+    start_watchdog();
     if let Some(why) = unsupported() {
         assert!(
             !required(),
@@ -1031,10 +1064,14 @@ fn reboot(ctx: &Ctx) -> String {
         // Inside the container, a loop polls the status socket with curl
         // and powers off once a third of the entries are written; it
         // prints the status it saw.
+        // It gives up after two minutes (the trickle takes ~20 s) and
+        // prints what it saw last instead of powering off.
         let watcher = format!(
-            "while :; do s=$(curl -s --unix-socket /run/deploy-agent/agent.sock http://agent/v1/status); \
+            "end=$(($(date +%s) + 120)); \
+             while :; do s=$(curl -s --max-time 2 --unix-socket /run/deploy-agent/agent.sock http://agent/v1/status); \
              n=$(echo \"$s\" | sed -n 's/.*\"entries\":\\([0-9]*\\).*/\\1/p'); \
              case \"$s\" in *'\"build\":\"{build}\"'*) [ \"${{n:-0}}\" -gt {third} ] && break;; esac; \
+             [ \"$(date +%s)\" -gt \"$end\" ] && {{ echo \"gave up; last status: $s\"; exit 3; }}; \
              sleep 0.05; done; echo \"$s\"; {how}",
             third = total / 3,
         );
@@ -1043,7 +1080,7 @@ fn reboot(ctx: &Ctx) -> String {
                 let c = ctx.c(i);
                 c.exec(&["/bin/sh", "-c", &watcher])
                     .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                    .unwrap_or_default()
+                    .unwrap_or_else(|e| e.to_string())
             });
             std::thread::sleep(Duration::from_millis(300));
             ctx.publish("reboot", build, None);

@@ -27,6 +27,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// The longest any one command inside a container may take (`dpkg -i`,
+/// `systemctl restart` waiting out a stop timeout, a polling loop).
+pub const EXEC_LIMIT: Duration = Duration::from_secs(240);
+
 /// `DEPLOY_AGENT_CONTAINERS`: `require` (CI) turns every reason to skip
 /// into a failure; `skip` skips; unset runs when possible.
 pub const MODE_ENV: &str = "DEPLOY_AGENT_CONTAINERS";
@@ -537,9 +541,18 @@ impl Container {
         c
     }
 
-    /// Runs a command inside (all the container's namespaces).
+    /// Runs a command inside (all the container's namespaces), for at most
+    /// [`EXEC_LIMIT`].
     pub fn exec(&self, args: &[&str]) -> std::io::Result<Output> {
-        self.nsenter().args(args).stdin(Stdio::null()).output()
+        self.exec_for(args, EXEC_LIMIT)
+    }
+
+    /// Runs a command inside for at most `limit` (see [`output_within`]).
+    pub fn exec_for(&self, args: &[&str], limit: Duration) -> std::io::Result<Output> {
+        let mut cmd = self.nsenter();
+        cmd.args(args);
+        output_within(cmd, limit)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", self.name)))
     }
 
     /// Runs a shell script inside; returns stdout+stderr, whatever the exit.
@@ -554,7 +567,8 @@ impl Container {
         }
     }
 
-    /// Runs a shell script inside and panics unless it exits 0; returns stdout.
+    /// Runs a shell script inside and panics unless it exits 0 within
+    /// [`EXEC_LIMIT`]; returns stdout.
     pub fn sh_ok(&self, script: &str) -> String {
         let o = self
             .exec(&["/bin/sh", "-c", script])
@@ -720,6 +734,57 @@ pub fn stop_all(containers: &mut Vec<Container>) {
     containers.clear();
 }
 
+/// `cmd.output()` for at most `limit`: then the command and everything it
+/// started (its own process group, which spans PID namespaces, so this
+/// covers what `nsenter` runs inside a container) is killed and the result
+/// is a `TimedOut` error naming it. A command that hangs must fail its
+/// scenario, not hold the whole suite until CI gives up on it.
+pub fn output_within(mut cmd: Command, limit: Duration) -> std::io::Result<Output> {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // Drained on threads so that a chatty command cannot fill a pipe and
+    // stall before it exits.
+    fn drain(r: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if start.elapsed() > limit {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = child.wait();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{what} still running after {limit:?}, killed"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
 /// Polls `f` every 100 ms until it returns `Some`, or panics after `limit`
 /// with `what` and the last description `f` gave.
 pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
@@ -734,5 +799,48 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Result<T,
             }
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A command that outlives its limit is killed with everything it
+    /// started, and says so; one that finishes in time keeps its output.
+    #[test]
+    fn output_within_kills_the_whole_group_at_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("grandchild");
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(format!("sleep 60 & echo $! > {}; wait", pidfile.display()));
+        let start = Instant::now();
+        let err = output_within(cmd, Duration::from_millis(300)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+        assert!(err.to_string().contains("sleep 60"), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(10));
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The grandchild is gone too (a zombie until init reaps it at most).
+        let gone = (0..100).any(|_| {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let alive = !state.is_empty() && !state.contains(") Z ");
+            if alive {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            !alive
+        });
+        assert!(gone, "sleep {pid} survived the kill");
+
+        let mut ok = Command::new("/bin/sh");
+        ok.args(["-c", "echo out; echo err >&2; exit 3"]);
+        let o = output_within(ok, Duration::from_secs(30)).unwrap();
+        assert_eq!(o.status.code(), Some(3));
+        assert_eq!(o.stdout, b"out\n");
+        assert_eq!(o.stderr, b"err\n");
     }
 }
