@@ -447,11 +447,12 @@ fn hosts_as_real_containers() {
         }
     };
     let deb_bytes = std::fs::metadata(&deb).unwrap().len();
-    eprintln!(
-        "[containers] package {} ({:.1} MB)",
+    progress(&format!(
+        "[containers] package {} ({:.1} MB), at {:.1} s",
         deb.display(),
-        deb_bytes as f64 / 1e6
-    );
+        deb_bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    ));
     let Some(ctx) = setup(&image, &deb) else {
         return;
     };
@@ -602,10 +603,10 @@ fn setup(image: &Path, deb: &Path) -> Option<Ctx> {
         eprintln!("skipping the container tests: nspawn cannot boot here: {why}");
         return None;
     }
-    eprintln!(
+    progress(&format!(
         "[containers] {HOSTS} containers booted concurrently in {:.1} s",
         boot_start.elapsed().as_secs_f64()
-    );
+    ));
     Some(ctx)
 }
 
