@@ -19,7 +19,6 @@
 //! mount would then stay behind, all named after the dead test's pid
 //! (`dac*`), never reused.
 
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -584,33 +583,16 @@ impl Container {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
-    /// Writes `content` to `path` inside the container (mode 0644).
+    /// Writes `content` to `path` inside the container (mode 0644), by
+    /// rename, within [`EXEC_LIMIT`]. The content travels in the script,
+    /// single-quoted, so the write is one bounded command like any other.
     pub fn write(&self, path: &str, content: &str) {
+        let quoted = format!("'{}'", content.replace('\'', r"'\''"));
         let script = format!(
-            "mkdir -p \"$(dirname '{path}')\" && cat > '{path}.tmp' && mv '{path}.tmp' '{path}'"
+            "mkdir -p \"$(dirname '{path}')\" && printf '%s' {quoted} > '{path}.tmp' \
+             && mv '{path}.tmp' '{path}'"
         );
-        let mut child = self
-            .nsenter()
-            .args(["/bin/sh", "-c", &script])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{}: nsenter: {e}", self.name));
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(content.as_bytes())
-                .unwrap_or_else(|e| panic!("{}: write {path}: {e}", self.name));
-        }
-        let o = child
-            .wait_with_output()
-            .unwrap_or_else(|e| panic!("{}: {e}", self.name));
-        assert!(
-            o.status.success(),
-            "{}: writing {path}: {}",
-            self.name,
-            String::from_utf8_lossy(&o.stderr)
-        );
+        self.sh_ok(&script);
     }
 
     /// Where the container's `/` is visible from the host, for reading

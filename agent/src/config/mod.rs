@@ -161,18 +161,21 @@ pub struct ConsulConfig {
 
 impl Default for ConsulConfig {
     fn default() -> Self {
+        // The client's defaults are the section's: they are written once,
+        // in `ConsulSettings::default`, so the two cannot drift apart.
+        let s = ConsulSettings::default();
         ConsulConfig {
-            address: "http://127.0.0.1:8500".into(),
+            address: s.address,
             token: None,
             token_file: None,
             ca_cert: None,
             client_cert: None,
             client_key: None,
             tls_server_name: None,
-            ssl_verify: true,
+            ssl_verify: s.ssl_verify,
             datacenter: None,
-            wait: Duration::from_secs(300),
-            max_stale: Duration::from_secs(10),
+            wait: s.wait,
+            max_stale: s.max_stale,
             first_request_splay: None,
             rate_burst: None,
             rate_interval: None,

@@ -82,7 +82,8 @@ impl Default for ConsulSettings {
             namespace: None,
             partition: None,
             wait: Duration::from_secs(300),
-            max_stale: Duration::from_secs(5),
+            // The `[consul] max-stale` default (docs/configuration.md).
+            max_stale: Duration::from_secs(10),
             rate: RateLimit::default(),
             backoff: Backoff::default(),
             timeout_margin: Duration::from_secs(7),
