@@ -363,3 +363,64 @@ async fn a_build_in_the_cache_or_the_cold_slot_skips_the_splay() {
     assert_eq!(h.artifacts.stats().requests, reqs, "nothing downloaded");
     h.stop_agent().await;
 }
+
+/// A fleet member's download waits out its splay in phase `splay`, which
+/// status explains and history counts apart from the wait for the cold
+/// slot (it used to be counted as `waiting-for-cold-slot`, with no holder
+/// named, which reads like a stuck drain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_splay_is_its_own_phase_in_status_and_history() {
+    let mut h = Harness::new(|c| {
+        c.fleet.app = Some("app".into());
+        c.fleet.tier = Some("production".into());
+        c.fleet.host_id = Some("web-1".into());
+        c.fleet.splay_max = Some(Duration::from_secs(24 * 3600));
+    })
+    .await;
+    h.start_agent().await;
+    let (m1, _) = h.build("b1");
+    h.publish(&m1);
+    let start = Instant::now();
+    let rec = loop {
+        if let Some(d) = h.status().deploy.filter(|d| d.phase == Phase::Splay) {
+            break d;
+        }
+        assert!(
+            start.elapsed() < T,
+            "no splay phase: {:#?}",
+            h.status().deploy
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(rec.build, "b1");
+    assert_eq!(
+        h.artifacts.stats().requests,
+        0,
+        "nothing fetched during the splay"
+    );
+    let mut report = deploy_agent::status::model::StatusReport::new(1);
+    report.phase = rec.phase;
+    let text = deploy_agent::status::render::render_status(&report, false, 0);
+    assert!(
+        text.contains("phase     splay (a random wait before the download"),
+        "{text}"
+    );
+
+    // A short splay: the deploy goes through it and history counts it.
+    h.stop_agent().await;
+    h.config.fleet.splay_max = Some(Duration::from_millis(300));
+    h.start_agent().await;
+    let r = h.wait_live("b1", T).await;
+    let splay = r.phase_ms.get(&Phase::Splay).copied();
+    assert!(
+        splay.is_some_and(|ms| ms <= 1_000),
+        "splay in history: {:?}",
+        r.phase_ms
+    );
+    assert!(
+        r.phase_ms.contains_key(&Phase::WaitingForColdSlot),
+        "{:?}",
+        r.phase_ms
+    );
+    h.stop_agent().await;
+}

@@ -61,6 +61,11 @@ pub enum Phase {
     /// Nothing to do: the hot build is the desired one (or nothing is published).
     #[default]
     Idle,
+    /// The fleet splay: a random wait (below `[fleet] splay-max`, 20 s by
+    /// default) before a download, so a tier that sees a new key in the
+    /// same second does not hit the artifact server in that second. Its
+    /// own phase so that status and history say why nothing moves yet.
+    Splay,
     /// Waiting for processes from an earlier deploy to leave the cold slot
     /// (bounded by `drain.cold-deadline`).
     WaitingForColdSlot,
@@ -87,8 +92,9 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, in pipeline order (metrics).
-    pub const ALL: [Phase; 9] = [
+    pub const ALL: [Phase; 10] = [
         Phase::Idle,
+        Phase::Splay,
         Phase::WaitingForColdSlot,
         Phase::Downloading,
         Phase::Unpacking,
@@ -100,7 +106,8 @@ impl Phase {
     ];
 
     /// The working phases in the order a deploy goes through them.
-    pub const PIPELINE: [Phase; 6] = [
+    pub const PIPELINE: [Phase; 7] = [
+        Phase::Splay,
         Phase::WaitingForColdSlot,
         Phase::Downloading,
         Phase::Unpacking,
@@ -113,6 +120,7 @@ impl Phase {
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Idle => "idle",
+            Phase::Splay => "splay",
             Phase::WaitingForColdSlot => "waiting-for-cold-slot",
             Phase::Downloading => "downloading",
             Phase::Unpacking => "unpacking",
@@ -148,6 +156,10 @@ pub enum Event {
     Start {
         in_cold_slot: bool,
     },
+    /// A download is needed and the fleet splay drew a delay.
+    Splay,
+    /// The splay is over.
+    Splayed,
     ColdSlotFree,
     Fetched,
     Marked,
@@ -175,6 +187,10 @@ pub fn transition(phase: Phase, event: Event) -> Result<Phase> {
         ) if p.is_terminal() => P::WaitingForColdSlot,
         (p, E::Start { in_cold_slot: true }) if p.is_terminal() => P::Draining,
         (p, E::Reverify) if p.is_terminal() => P::Verifying,
+        // The free-space check runs before the splay, the wait for the
+        // cold slot after it.
+        (P::WaitingForColdSlot, E::Splay) => P::Splay,
+        (P::Splay, E::Splayed) => P::WaitingForColdSlot,
         (P::WaitingForColdSlot, E::ColdSlotFree) => P::Downloading,
         (P::Downloading, E::Fetched) => P::Unpacking,
         (P::Unpacking, E::Marked) => P::Draining,
@@ -632,7 +648,25 @@ impl Deployer {
         self.judge(m, &env, run).await
     }
 
-    /// waiting-for-cold-slot, downloading, unpacking: the one cache lookup
+    /// The fleet splay, in phase `splay` when it draws a delay (a member of
+    /// no fleet, or `splay-max = "0s"`, never enters it).
+    async fn splay(
+        &self,
+        m: &Manifest,
+        cancel: &CancellationToken,
+        run: &mut Run<'_>,
+    ) -> Result<()> {
+        let delay = splay::delay(self.config.fleet.splay());
+        if delay.is_zero() {
+            return Ok(());
+        }
+        run.step(Event::Splay)?;
+        splay::wait(delay, &m.spec.build, cancel).await;
+        not_cancelled(m, cancel, "the download")?;
+        run.step(Event::Splayed)
+    }
+
+    /// waiting-for-cold-slot, splay, downloading, unpacking: the one cache lookup
     /// (the entry is pinned for the whole deploy) and the one free-space
     /// check, the splay, the claim, fetch+verify+unpack, and the marker.
     async fn fill_cold_slot(
@@ -660,8 +694,7 @@ impl Deployer {
         }
         if cached.is_none() {
             // A download is needed: spread the fleet's requests out.
-            crate::deploy::splay::wait(self.config.fleet.splay(), &m.spec.build, cancel).await;
-            not_cancelled(m, cancel, "the download")?;
+            self.splay(m, cancel, run).await?;
         }
         let holders = holder_reporter(run.obs.clone());
         drain::wait_cold_slot(&cold_dir, &self.config.drain, cancel, holders).await?;
@@ -1055,6 +1088,32 @@ mod tests {
     }
 
     #[test]
+    fn the_splay_sits_between_the_space_check_and_the_cold_slot_wait() {
+        let start = Event::Start {
+            in_cold_slot: false,
+        };
+        let mut p = transition(Phase::Idle, start).unwrap();
+        for (e, want) in [
+            (Event::Splay, Phase::Splay),
+            (Event::Splayed, Phase::WaitingForColdSlot),
+            (Event::ColdSlotFree, Phase::Downloading),
+        ] {
+            p = transition(p, e).unwrap();
+            assert_eq!(p, want);
+        }
+        // A new key during the splay cancels it; nothing was claimed.
+        assert_eq!(
+            transition(Phase::Splay, Event::Cancel).unwrap(),
+            Phase::Idle
+        );
+        assert!(transition(Phase::Splay, Event::ColdSlotFree).is_err());
+        assert!(transition(Phase::Downloading, Event::Splay).is_err());
+        // History lists it first among the working phases.
+        assert_eq!(Phase::PIPELINE[0], Phase::Splay);
+        assert!(Phase::Splay < Phase::WaitingForColdSlot);
+    }
+
+    #[test]
     fn unlisted_pairs_are_errors() {
         assert!(transition(Phase::Idle, Event::Flipped).is_err());
         assert!(transition(Phase::Downloading, Event::Marked).is_err());
@@ -1070,13 +1129,16 @@ mod tests {
 
     #[test]
     fn no_event_sequence_reaches_done_without_marked_or_cold_slot_build() {
-        // Exhaustive over sequences of length <= 8: Done needs either
+        // Exhaustive over sequences of length <= 10 (the longest deploy,
+        // with a splay, is 9 events): Done needs either
         // Marked (a verified, durable build) or a Start from the cold slot.
         let events = [
             Event::Start {
                 in_cold_slot: false,
             },
             Event::Start { in_cold_slot: true },
+            Event::Splay,
+            Event::Splayed,
             Event::ColdSlotFree,
             Event::Fetched,
             Event::Marked,
@@ -1111,6 +1173,6 @@ mod tests {
                 }
             }
         }
-        walk(Phase::Idle, false, 8, &events);
+        walk(Phase::Idle, false, 10, &events);
     }
 }

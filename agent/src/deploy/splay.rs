@@ -1,7 +1,7 @@
 //! The splay: a random wait before a download so a fleet that sees a new
 //! key in the same second does not hit the artifact server in that second.
 //!
-//! The wait is uniform in `[0, max)` and cancellable; a build already in the
+//! The wait is uniform in `[1 ms, max]` and cancellable; a build already in the
 //! cold slot or the cache needs no download and skips it (a rollback is
 //! instant). Nothing is persisted: a restart simply draws a new delay.
 
@@ -11,18 +11,19 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-/// A uniformly random delay below `max` (zero when `max` is zero).
+/// A uniformly random delay of 1 ms to `max` (zero when `max` is zero):
+/// never zero otherwise, so that a fleet member's download deploys always
+/// pass through phase `splay` and status and history show it.
 pub fn delay(max: Duration) -> Duration {
     if max.is_zero() {
         return Duration::ZERO;
     }
     let ms = max.as_millis().min(u128::from(u64::MAX)) as u64;
-    Duration::from_millis(rand::thread_rng().gen_range(0..ms.max(1)))
+    Duration::from_millis(rand::thread_rng().gen_range(1..=ms.max(1)))
 }
 
-/// Waits a random delay below `max`; returns `false` when cancelled first.
-pub async fn wait(max: Duration, build: &str, cancel: &CancellationToken) -> bool {
-    let d = delay(max);
+/// Waits `d` (a [`delay`]); returns `false` when cancelled first.
+pub async fn wait(d: Duration, build: &str, cancel: &CancellationToken) -> bool {
     if d.is_zero() {
         return true;
     }
@@ -46,7 +47,8 @@ mod tests {
         assert_eq!(delay(Duration::ZERO), Duration::ZERO);
         let max = Duration::from_secs(10);
         let ds: Vec<Duration> = (0..1000).map(|_| delay(max)).collect();
-        assert!(ds.iter().all(|d| *d < max));
+        assert!(ds.iter().all(|d| !d.is_zero() && *d <= max));
+        assert_eq!(delay(Duration::from_millis(1)), Duration::from_millis(1));
         let early = ds.iter().filter(|d| **d < max / 2).count();
         assert!(
             (350..650).contains(&early),
@@ -58,7 +60,6 @@ mod tests {
     async fn cancel_ends_the_wait() {
         let c = CancellationToken::new();
         c.cancel();
-        // A zero draw out of 3,600,000 ms would return at once; negligible.
-        assert!(!wait(Duration::from_secs(3600), "b", &c).await);
+        assert!(!wait(delay(Duration::from_secs(3600)), "b", &c).await);
     }
 }

@@ -118,14 +118,19 @@ fn phase_line(r: &StatusReport, now_unix: u64, p: Paint) -> String {
         Phase::Done | Phase::Idle => p.paint(GREEN, r.phase.as_str()),
         _ => p.paint(BOLD, r.phase.as_str()),
     };
-    match r.phase_since_unix {
+    let line = match r.phase_since_unix {
         Some(t) => format!(
             "{:<9} {phase} for {}",
             "phase",
             duration(now_unix.saturating_sub(t))
         ),
         None => format!("{:<9} {phase}", "phase"),
+    };
+    // The one phase in which nothing visibly happens on purpose.
+    if r.phase == Phase::Splay {
+        return format!("{line} (a random wait before the download, so the tier's hosts do not all fetch at once; [fleet] splay-max)");
     }
+    line
 }
 
 /// The processes a drain waits on, one a line; nothing when none.
