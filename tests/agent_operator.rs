@@ -49,8 +49,11 @@ async fn status_history_hold_resume_rollback_redeploy_and_metrics() {
     assert_eq!(v["desired"]["build"], "two");
     assert_eq!(v["consul"]["key"], "deploy/app/production");
     assert_eq!(v["hold"]["held"], false);
+    assert!(v["phase_since_unix"].as_u64().is_some_and(|t| t > 0), "{v}");
     let human = String::from_utf8(cli(&h, &["status"]).stdout).unwrap();
     assert!(human.contains("two") && human.contains("hot"), "{human}");
+    // How long the phase has lasted (the field was never filled before).
+    assert!(human.contains("phase     done for "), "{human}");
 
     let hist = String::from_utf8(cli(&h, &["history", "--json"]).stdout).unwrap();
     let hist: serde_json::Value = serde_json::from_str(&hist).unwrap();

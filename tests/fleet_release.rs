@@ -393,6 +393,11 @@ async fn the_splay_is_its_own_phase_in_status_and_history() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     assert_eq!(rec.build, "b1");
+    // When the phase began, for status's "phase splay for 3s".
+    assert!(
+        rec.phase_since >= rec.started_at && rec.phase_since > 0,
+        "{rec:?}"
+    );
     assert_eq!(
         h.artifacts.stats().requests,
         0,

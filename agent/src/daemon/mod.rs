@@ -299,6 +299,7 @@ fn recover_status(
             // frozen), the record is history, not a deploy in progress: a
             // held agent must not show `downloading` forever.
             rec.phase = crate::deploy::Phase::Failed;
+            rec.phase_since = crate::clock::now_secs();
             rec.outcome.get_or_insert(crate::deploy::Outcome::Cancelled);
         }
         shared.lock().deploy = Some(rec);

@@ -113,6 +113,7 @@ impl StatusSource for AgentView {
         (rep.hot, rep.cold) = self.slots();
         let rec = s.deploy.as_ref();
         rep.phase = rec.map(|r| r.phase).unwrap_or_default();
+        rep.phase_since_unix = rec.map(|r| r.phase_since).filter(|t| *t > 0);
         if !rep.phase.is_active() {
             if let Some(cold) = rep.cold.as_mut().filter(|c| c.build.is_none()) {
                 let dir = self.deployer.root_path.join(format!("slot-{}", cold.name));

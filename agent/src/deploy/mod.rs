@@ -301,6 +301,10 @@ pub struct DeployRecord {
     /// The cold slot was built from a delta and the base slot's files.
     #[serde(default)]
     pub from_delta: bool,
+    /// When `phase` was entered (unix seconds; 0 in records written before
+    /// this field), for status's "phase downloading for 12s".
+    #[serde(default)]
+    pub phase_since: u64,
 }
 
 impl DeployRecord {
@@ -321,6 +325,7 @@ impl DeployRecord {
             error: None,
             rolled_back_to: None,
             from_delta: false,
+            phase_since: now_secs(),
         }
     }
 }
@@ -418,6 +423,7 @@ impl Run<'_> {
         }
         info!(build = %self.rec.build, from = self.rec.phase.as_str(), to = next.as_str(), spent_ms = spent, "deploy phase");
         self.rec.phase = next;
+        self.rec.phase_since = now_secs();
         self.phase_start = Instant::now();
         self.rec.progress = self.d.progress.snapshot();
         self.persist();
