@@ -384,7 +384,7 @@ fn progress(line: &str) {
 /// The scenarios running now, for the suite watchdog's last words.
 static RUNNING: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
 
-/// The whole suite takes 3-6 minutes here (setup included). Past this, a
+/// The whole suite takes 1-5 minutes here (setup included). Past this, a
 /// step is stuck: the watchdog names the running scenarios and aborts the
 /// process (nspawn's PDEATHSIG then shuts the containers down), so CI
 /// reports a failure instead of hanging until its own limit.
@@ -513,7 +513,7 @@ fn hosts_as_real_containers() {
             Err(e) => format!("  FAIL {:>5.1} s  {}: {e}\n", o.secs, o.name),
         };
     }
-    let _ = std::io::Write::write_all(&mut std::io::stderr(), summary.as_bytes());
+    progress(summary.trim_end());
     let failed: Vec<&str> = outcomes
         .iter()
         .filter(|o| o.result.is_err())

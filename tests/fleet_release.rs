@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use deploy_agent::config::Config;
 use deploy_agent::consul::ConsulClient;
 use deploy_agent::deploy::{Outcome, Phase};
 use deploy_agent::error::Error;
@@ -17,6 +18,15 @@ use deploy_agent_tests::agent::{fast_consul, Harness, KEY};
 use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
 
 const T: Duration = Duration::from_secs(30);
+
+/// Makes the harness's agent host `host` of `app`'s production tier (the
+/// key the harness publishes to) with `splay` as its `splay-max`.
+fn fleet_member(c: &mut Config, host: &str, splay: Duration) {
+    c.fleet.app = Some("app".into());
+    c.fleet.tier = Some("production".into());
+    c.fleet.host_id = Some(host.into());
+    c.fleet.splay_max = Some(splay);
+}
 
 fn spec(build: &str) -> BuildSpec {
     BuildSpec {
@@ -196,13 +206,7 @@ async fn wait_report(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_agent_follows_percent_freeze_and_rollback_and_reports_each_change() {
     const HOST: &str = "web-0042";
-    let mut h = Harness::new(|c| {
-        c.fleet.app = Some("app".into());
-        c.fleet.tier = Some("production".into());
-        c.fleet.host_id = Some(HOST.into());
-        c.fleet.splay_max = Some(Duration::ZERO);
-    })
-    .await;
+    let mut h = Harness::new(|c| fleet_member(c, HOST, Duration::ZERO)).await;
     h.start_agent().await;
     let r = Release {
         client: ConsulClient::new(&fast_consul(&h.consul.url())).unwrap(),
@@ -333,10 +337,7 @@ async fn one_agent_follows_percent_freeze_and_rollback_and_reports_each_change()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_in_the_cache_or_the_cold_slot_skips_the_splay() {
     let mut h = Harness::new(|c| {
-        c.fleet.app = Some("app".into());
-        c.fleet.tier = Some("production".into());
-        c.fleet.host_id = Some("web-1".into());
-        c.fleet.splay_max = Some(Duration::ZERO);
+        fleet_member(c, "web-1", Duration::ZERO);
         c.download.cache_keep = 3;
     })
     .await;
@@ -370,13 +371,7 @@ async fn a_build_in_the_cache_or_the_cold_slot_skips_the_splay() {
 /// named, which reads like a stuck drain).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_splay_is_its_own_phase_in_status_and_history() {
-    let mut h = Harness::new(|c| {
-        c.fleet.app = Some("app".into());
-        c.fleet.tier = Some("production".into());
-        c.fleet.host_id = Some("web-1".into());
-        c.fleet.splay_max = Some(Duration::from_secs(24 * 3600));
-    })
-    .await;
+    let mut h = Harness::new(|c| fleet_member(c, "web-1", Duration::from_secs(24 * 3600))).await;
     h.start_agent().await;
     let (m1, _) = h.build("b1");
     h.publish(&m1);

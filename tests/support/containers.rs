@@ -541,16 +541,11 @@ impl Container {
     }
 
     /// Runs a command inside (all the container's namespaces), for at most
-    /// [`EXEC_LIMIT`].
+    /// [`EXEC_LIMIT`] (see [`output_within`]).
     pub fn exec(&self, args: &[&str]) -> std::io::Result<Output> {
-        self.exec_for(args, EXEC_LIMIT)
-    }
-
-    /// Runs a command inside for at most `limit` (see [`output_within`]).
-    pub fn exec_for(&self, args: &[&str], limit: Duration) -> std::io::Result<Output> {
         let mut cmd = self.nsenter();
         cmd.args(args);
-        output_within(cmd, limit)
+        output_within(cmd, EXEC_LIMIT)
             .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", self.name)))
     }
 
