@@ -1,7 +1,7 @@
 //! The bodies of the cargo-fuzz targets in `fuzz/`: one function per
 //! target, taking the fuzzer's bytes and panicking only when an invariant
 //! breaks. They live in the library so a stable `#[test]`
-//! (`tests/fuzz_smoke.rs`) runs them over seeds and random inputs and
+//! (`tests/operator/fuzz_smoke.rs`) runs them over seeds and random inputs and
 //! keeps them compiling without nightly.
 //!
 //! Each call works in its own temp directory (tmpfs when there is one) and

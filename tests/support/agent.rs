@@ -152,7 +152,7 @@ impl Harness {
 
     /// The build id `current` serves (its BUILD file), or "" if none.
     pub fn served(&self) -> String {
-        std::fs::read_to_string(self.root.join("current/BUILD")).unwrap_or_default()
+        crate::process::served(&self.root)
     }
 
     /// Waits for the `nth` finished deploy (1-based) and returns it.

@@ -1,6 +1,6 @@
-//! Hosts as real containers for `tests/containers.rs`: a Debian bookworm
-//! root filesystem (built once by `tests/containers/build-image.sh`, cached
-//! under `target/containers/`) booted N times with `systemd-nspawn --boot`,
+//! Hosts as real containers for `tests/system/containers.rs`: a Debian bookworm
+//! root filesystem (built once by `tests/system/build-image.sh`, cached
+//! under `/var/cache/deploy-agent-tests`) booted N times with `systemd-nspawn --boot`,
 //! each with a real systemd as PID 1, its own journald, and its own network
 //! namespace on a bridge in the root namespace (the fleet tests' plan, in
 //! 198.19.<subnet>.0/24: half of 198.18.0.0/15, so the two suites never
@@ -19,7 +19,6 @@
 //! mount would then stay behind, all named after the dead test's pid
 //! (`dac*`), never reused.
 
-use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -110,118 +109,58 @@ fn run_script(script: &Path, what: &str) -> Result<PathBuf, String> {
 pub fn image() -> Result<PathBuf, String> {
     static IMAGE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     IMAGE
-        .get_or_init(|| {
-            run_script(
-                &repo().join("tests/containers/build-image.sh"),
-                "base image",
-            )
-        })
+        .get_or_init(|| run_script(&repo().join("tests/system/build-image.sh"), "base image"))
         .clone()
 }
 
 /// The package under test: `$DEPLOY_AGENT_DEB`, else built now.
+///
+/// `.ci/run` builds the package in the background while the other tests
+/// run, and names it here before it exists: the suite waits for the file,
+/// or for `<deb>.failed`, which the build writes when it fails (with its
+/// log beside it as `<deb>.log`).
 pub fn package() -> Result<PathBuf, String> {
     static DEB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     DEB.get_or_init(|| match std::env::var_os(DEB_ENV) {
-        Some(p) => {
-            let p = PathBuf::from(p);
-            if p.is_file() {
-                Ok(p)
-            } else {
-                Err(format!("{DEB_ENV}={} does not exist", p.display()))
-            }
-        }
+        Some(p) => wait_for_package(PathBuf::from(p)),
         None => run_script(&repo().join("debian/build-deb.sh"), "package"),
     })
     .clone()
 }
 
-pub fn run(args: &[&str]) -> Result<Output, String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{}: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(out)
-}
-
-fn must(args: &[&str]) {
-    if let Err(e) = run(args) {
-        panic!("{e}");
-    }
-}
-
-/// The bridge and one network namespace + veth per container.
-#[derive(Debug)]
-pub struct Net {
-    pub bridge: String,
-    pub subnet: u8,
-    pub namespaces: Vec<String>,
-    pub veths: Vec<String>,
-}
-
-impl Net {
-    /// The bridge's address: where the test's servers listen.
-    pub fn gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::new(198, 19, self.subnet, 1)
-    }
-
-    /// Container `i`'s address.
-    pub fn address(&self, i: usize) -> Ipv4Addr {
-        Ipv4Addr::new(198, 19, self.subnet, i as u8 + 2)
-    }
-
-    pub fn create(n: usize) -> Net {
-        assert!(n < 250, "one /24 per run");
-        let pid = std::process::id();
-        let mut net = Net {
-            bridge: format!("dacbr{}", pid % 100_000),
-            subnet: (pid % 250) as u8 + 1,
-            namespaces: Vec::new(),
-            veths: Vec::new(),
-        };
-        let gw = format!("{}/24", net.gateway());
-        must(&["ip", "link", "add", &net.bridge, "type", "bridge"]);
-        must(&["ip", "addr", "add", &gw, "dev", &net.bridge]);
-        must(&["ip", "link", "set", &net.bridge, "up"]);
-        for i in 0..n {
-            let ns = format!("dac-{pid}-{i}");
-            let vh = format!("dac{}h{i}", pid % 10_000);
-            must(&["ip", "netns", "add", &ns]);
-            net.namespaces.push(ns.clone());
-            must(&[
-                "ip", "link", "add", &vh, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-            ]);
-            net.veths.push(vh.clone());
-            must(&["ip", "link", "set", &vh, "master", &net.bridge, "up"]);
-            let addr = format!("{}/24", net.address(i));
-            must(&["ip", "-n", &ns, "addr", "add", &addr, "dev", "eth0"]);
-            must(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
-            must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+fn wait_for_package(deb: PathBuf) -> Result<PathBuf, String> {
+    let failed = PathBuf::from(format!("{}.failed", deb.display()));
+    let start = Instant::now();
+    // A cold optimized build of the package takes minutes on 2 cores.
+    let limit = Duration::from_secs(30 * 60);
+    loop {
+        if deb.is_file() {
+            eprintln!(
+                "[containers] package {} ready after waiting {:.0} s",
+                deb.display(),
+                start.elapsed().as_secs_f64()
+            );
+            return Ok(deb);
         }
-        net
+        if failed.exists() {
+            return Err(format!(
+                "building {DEB_ENV}={} failed: see {}.log",
+                deb.display(),
+                deb.display()
+            ));
+        }
+        if start.elapsed() > limit {
+            return Err(format!(
+                "{DEB_ENV}={} did not appear within {limit:?}",
+                deb.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
-impl Drop for Net {
-    fn drop(&mut self) {
-        for v in &self.veths {
-            let _ = run(&["ip", "link", "del", v]);
-        }
-        for ns in &self.namespaces {
-            let _ = run(&["ip", "netns", "del", ns]);
-        }
-        let _ = run(&["ip", "link", "del", &self.bridge]);
-    }
-}
+use crate::netns::must;
+pub use crate::netns::{run, Net};
 
 /// A read-write overlay of the image that outlives container boots (for
 /// the reboot scenario): upper and work dirs under `dir`, mounted at

@@ -9,7 +9,7 @@
 //! (198.18.0.0/15, the range reserved for benchmarking networks); [`Fleet`]
 //! tears all of it down on drop, panics included.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -38,81 +38,7 @@ pub fn unsupported() -> Option<String> {
     None
 }
 
-fn run(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
-}
-
-fn must(args: &[&str]) {
-    run(args).unwrap_or_else(|e| panic!("{e}"));
-}
-
-/// The network: a bridge and one namespace + veth per host.
-#[derive(Debug)]
-pub struct Net {
-    pub bridge: String,
-    pub subnet: u8,
-    pub namespaces: Vec<String>,
-    pub veths: Vec<String>,
-}
-
-impl Net {
-    pub fn gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::new(198, 18, self.subnet, 1)
-    }
-
-    fn create(n: usize) -> Net {
-        let pid = std::process::id();
-        let mut net = Net {
-            bridge: format!("dafbr{}", pid % 100_000),
-            subnet: (pid % 250) as u8 + 1,
-            namespaces: Vec::new(),
-            veths: Vec::new(),
-        };
-        let gw = format!("{}/24", net.gateway());
-        must(&["ip", "link", "add", &net.bridge, "type", "bridge"]);
-        must(&["ip", "addr", "add", &gw, "dev", &net.bridge]);
-        must(&["ip", "link", "set", &net.bridge, "up"]);
-        for i in 0..n {
-            let ns = format!("daf-{pid}-{i}");
-            let vh = format!("daf{}h{i}", pid % 10_000);
-            must(&["ip", "netns", "add", &ns]);
-            net.namespaces.push(ns.clone());
-            must(&[
-                "ip", "link", "add", &vh, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-            ]);
-            net.veths.push(vh.clone());
-            must(&["ip", "link", "set", &vh, "master", &net.bridge, "up"]);
-            let addr = format!("198.18.{}.{}/24", net.subnet, i + 2);
-            must(&["ip", "-n", &ns, "addr", "add", &addr, "dev", "eth0"]);
-            must(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
-            must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-        }
-        net
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for v in &self.veths {
-            let _ = run(&["ip", "link", "del", v]);
-        }
-        for ns in &self.namespaces {
-            let _ = run(&["ip", "netns", "del", ns]);
-        }
-        let _ = run(&["ip", "link", "del", &self.bridge]);
-    }
-}
+use crate::netns::{must, run, Net};
 
 /// One host: its namespace, deploy root and agent process.
 #[derive(Debug)]
@@ -130,7 +56,7 @@ pub struct Host {
 impl Host {
     /// The build `current` serves ("" when none).
     pub fn served(&self) -> String {
-        std::fs::read_to_string(self.root.join("current/BUILD")).unwrap_or_default()
+        crate::process::served(&self.root)
     }
 
     /// Cuts the host's link (the veth's bridge side goes down).
@@ -203,7 +129,7 @@ impl Fleet {
     /// Creates the network, the servers and starts every agent.
     pub async fn start(opts: FleetOptions) -> Fleet {
         let bin = tokio::task::spawn_blocking(crate::agent_bin).await.unwrap();
-        let net = Net::create(opts.hosts);
+        let net = Net::create("daf", 18, opts.hosts);
         let gw = net.gateway();
         let consul = ConsulServer::start(ConsulServerConfig {
             addr: Some(SocketAddr::from((gw, 0))),

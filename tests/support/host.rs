@@ -12,12 +12,11 @@ use testkit::buildgen::{self, BuildProfile};
 use testkit::testserver::artifact::ArtifactServer;
 use testkit::testserver::consul::ConsulServer;
 
-use crate::agent_bin;
-use crate::process::{write_config, Proc};
+use crate::process::{served, wait_served_sync, write_config, Proc};
+use crate::{agent_bin, DEADLINE};
 
 pub const APP: &str = "app";
 pub const TIER: &str = "production";
-pub const T: Duration = Duration::from_secs(60);
 
 /// One host: its directory, config and (when running) process.
 #[derive(Debug)]
@@ -67,20 +66,13 @@ impl Host {
     }
 
     pub fn served(&self) -> String {
-        std::fs::read_to_string(self.dir.join("root/current/BUILD")).unwrap_or_default()
+        served(&self.dir.join("root"))
     }
 
     pub fn wait_served(&self, id: &str) {
-        let start = Instant::now();
-        while self.served() != id {
-            assert!(
-                start.elapsed() < T,
-                "{id} not served within {T:?} (serving {:?})\n{}",
-                self.served(),
-                self.proc.as_ref().map(Proc::log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_served_sync(&self.dir.join("root"), id, DEADLINE, || {
+            self.proc.as_ref().map(Proc::log).unwrap_or_default()
+        });
     }
 
     /// An operator command. A reload rebuilds the agent's parts, the
@@ -113,7 +105,7 @@ impl Host {
                 return serde_json::from_slice(&out.stdout).unwrap();
             }
             assert!(
-                start.elapsed() < T,
+                start.elapsed() < DEADLINE,
                 "status: {}",
                 String::from_utf8_lossy(&out.stderr)
             );

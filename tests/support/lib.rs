@@ -62,8 +62,10 @@ pub fn self_exe() -> PathBuf {
 
 pub mod agent;
 pub mod archive;
+pub mod children;
 pub mod disk;
 pub mod host;
+pub mod netns;
 pub mod process;
 
 /// The repository's root directory (tests and benches are targets of the
@@ -77,7 +79,7 @@ pub fn repo_root() -> &'static Path {
 /// The tests and benchmarks are targets of the agent package, so Cargo
 /// builds its binary before them and puts it in the profile directory, one
 /// level above the test executable (target/<profile>/deps/<test>).
-/// `tests/registered.rs` checks this path against the one Cargo gives the
+/// `tests/operator/registered.rs` checks this path against the one Cargo gives the
 /// test itself (`CARGO_BIN_EXE_deploy-agent`), so a change in Cargo's layout
 /// fails there instead of running a stale binary.
 pub fn agent_bin() -> PathBuf {
@@ -96,3 +98,83 @@ pub fn agent_bin() -> PathBuf {
 }
 pub mod containers;
 pub mod fleet;
+
+/// How long a test waits for one step it expects (a deploy to go live, a
+/// process to answer, a file to appear) before it fails naming the step.
+/// Generous on purpose: a loaded 2-core machine must not fail a test, and
+/// a test that waits this long has failed anyway. Timing is measured in
+/// `benches/`, never asserted here.
+pub const DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Polls `f` every 20 ms until it returns `Ok`, or panics after `limit`
+/// naming `what` and the last thing `f` said. The one deadline loop of
+/// the synchronous tests.
+pub fn wait_until<T>(
+    what: &str,
+    limit: std::time::Duration,
+    mut f: impl FnMut() -> Result<T, String>,
+) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(last) if start.elapsed() > limit => {
+                panic!("{what}: not after {limit:?}; last: {last}")
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+}
+
+/// [`wait_until`] for async tests: polls `f` every 20 ms without blocking
+/// the runtime.
+pub async fn wait_until_async<T, F>(
+    what: &str,
+    limit: std::time::Duration,
+    mut f: impl FnMut() -> F,
+) -> T
+where
+    F: std::future::Future<Output = Result<T, String>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(last) if start.elapsed() > limit => {
+                panic!("{what}: not after {limit:?}; last: {last}")
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// Whether a test may run. `missing` names a precondition that is not
+/// there (root, a package). Then, under CI (`CI=true`, where `.ci/run`
+/// installs everything and runs as root), the test fails saying what is
+/// missing; elsewhere it writes `SKIPPED: <test>: <why>` to the real
+/// stderr (past the test harness's capture) and the caller returns.
+pub fn precondition(missing: Option<String>) -> bool {
+    let Some(why) = missing else {
+        return true;
+    };
+    let current = std::thread::current();
+    let test = current.name().unwrap_or("this test");
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: cannot run under CI: {why} (.ci/run runs as root and installs what the tests need)");
+    }
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {test}: {why}");
+    false
+}
+
+/// `Some(why)` when not running as root: for [`precondition`].
+pub fn needs_root(why: &str) -> Option<String> {
+    (!disk::is_root()).then(|| format!("needs root ({why})"))
+}
+
+/// `Some(why)` when `program` is not on PATH: for [`precondition`].
+pub fn needs_program(program: &str, package: &str) -> Option<String> {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(program).is_file()));
+    (!found).then(|| format!("`{program}` is not installed (Debian package {package})"))
+}

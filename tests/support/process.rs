@@ -51,15 +51,29 @@ impl Proc {
     }
 
     pub fn wait_log(&self, needle: &str, limit: Duration) {
-        let start = Instant::now();
-        while !self.log.lock().unwrap().contains(needle) {
-            assert!(
-                start.elapsed() < limit,
-                "log never contained {needle:?}:\n{}",
-                self.log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        crate::wait_until(&format!("{needle:?} in the log"), limit, || {
+            let log = self.log.lock().unwrap();
+            if log.contains(needle) {
+                Ok(())
+            } else {
+                Err(log.clone())
+            }
+        });
+    }
+
+    /// Waits until `needle` is in the log after the last `marker`.
+    pub fn wait_log_after(&self, marker: &str, needle: &str, limit: Duration) {
+        crate::wait_until(
+            &format!("{needle:?} after {marker:?} in the log"),
+            limit,
+            || {
+                let log = self.log.lock().unwrap();
+                match log.rfind(marker) {
+                    Some(at) if log[at..].contains(needle) => Ok(()),
+                    _ => Err(log.clone()),
+                }
+            },
+        );
     }
 
     pub fn signal(&self, sig: Signal) {
@@ -151,21 +165,36 @@ pub fn spawn_run(bin: &Path, config: &Path, log: &Path) -> Child {
         .unwrap()
 }
 
+/// The build `<root>/current` serves (its BUILD file), or "" if none.
+pub fn served(root: &Path) -> String {
+    std::fs::read_to_string(root.join("current/BUILD")).unwrap_or_default()
+}
+
 /// Waits until `root/current/BUILD` names `build`; on timeout panics with
-/// the tail of the agent's `log`.
-pub async fn wait_served(root: &Path, build: &str, limit: Duration, log: &Path) {
-    let start = Instant::now();
-    while std::fs::read_to_string(root.join("current/BUILD"))
-        .ok()
-        .as_deref()
-        != Some(build)
-    {
-        if start.elapsed() > limit {
-            let log = std::fs::read_to_string(log).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
-            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
-            panic!("{build} not served after {limit:?}; agent log tail:\n{tail}");
+/// what `context` says (the agent's log).
+pub fn wait_served_sync(root: &Path, build: &str, limit: Duration, context: impl Fn() -> String) {
+    crate::wait_until(&format!("{build} served"), limit, || {
+        let now = served(root);
+        if now == build {
+            Ok(())
+        } else {
+            Err(format!("serving {now:?}\n{}", context()))
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    });
+}
+
+/// [`wait_served_sync`] for async tests; on timeout panics with the tail of
+/// the agent's `log`.
+pub async fn wait_served(root: &Path, build: &str, limit: Duration, log: &Path) {
+    crate::wait_until_async(&format!("{build} served"), limit, || async {
+        let now = served(root);
+        if now == build {
+            return Ok(());
+        }
+        let log = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        Err(format!("serving {now:?}; agent log tail:\n{tail}"))
+    })
+    .await;
 }

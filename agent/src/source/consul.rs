@@ -122,12 +122,15 @@ impl Watch {
         loop {
             if let Some(t) = not_before.take() {
                 let wait = t.saturating_duration_since(Instant::now());
+                if !wait.is_zero() {
+                    self.stats.gap_wait();
+                }
                 if !sleep_or_cancel(wait, &self.shutdown).await {
                     return;
                 }
             }
             // Rule 8: every request, re-reads included, takes a token.
-            if !self.bucket.acquire(&self.shutdown).await {
+            if !self.take_token().await {
                 return;
             }
             let query = self.state.query(self.s.wait);
@@ -154,6 +157,15 @@ impl Watch {
                 not_before = Some(asked + WAKE_GAP);
             }
         }
+    }
+
+    /// Takes a token, counting a wait for the refill. `false`: stop.
+    async fn take_token(&mut self) -> bool {
+        if self.bucket.try_take(Instant::now()).is_ok() {
+            return true;
+        }
+        self.stats.token_wait();
+        self.bucket.acquire(&self.shutdown).await
     }
 
     async fn read(&self, query: &QueryOptions) -> Option<Result<KvRead>> {
@@ -215,7 +227,7 @@ impl Watch {
             applied_modify_index = self.state.applied_modify_index,
             "re-reading in default consistency mode"
         );
-        if !self.bucket.acquire(&self.shutdown).await {
+        if !self.take_token().await {
             return None;
         }
         self.stats.reread();
@@ -472,6 +484,12 @@ pub struct WatchStatsSnapshot {
     pub requests_total: u64,
     /// Default-mode re-reads (stale bound exceeded, or rule 12).
     pub rereads: u64,
+    /// Requests that waited for the token bucket to refill first (rule 8).
+    pub token_waits: u64,
+    /// Requests that waited `WAKE_GAP` first, after a quick wake-up that
+    /// changed nothing. With `token_waits`, these say why a change was
+    /// seen late, so tests assert on them instead of on elapsed time.
+    pub gap_waits: u64,
     pub events_sent: u64,
     pub errors: ErrorCounts,
     pub last_error: Option<String>,
@@ -529,6 +547,14 @@ impl WatchStats {
 
     fn reread(&self) {
         self.lock().rereads += 1;
+    }
+
+    fn token_wait(&self) {
+        self.lock().token_waits += 1;
+    }
+
+    fn gap_wait(&self) {
+        self.lock().gap_waits += 1;
     }
 
     fn event_sent(&self) {

@@ -3,12 +3,12 @@
 //! It serves `/v1/kv/<key>` on a real loopback socket and answers the way
 //! Consul 1.9.0 does in the recorded exchanges under
 //! `tests/data/consul-reference/` (status, headers, JSON shape, blocking-query
-//! semantics, ACL errors). `tests/consul_reference.rs` replays every recorded
+//! semantics, ACL errors). `tests/agent/consul_reference.rs` replays every recorded
 //! exchange against it, so where this file and the recordings disagree, the
 //! test fails. The behaviours measured by hand (`WAKEUPS.md` there: which
 //! writes wake a blocking query on a missing key, deletes waking listings,
 //! ACL-filtered listings, parameter parsing) are checked by
-//! `tests/consul_wakeups.rs`.
+//! `tests/agent/consul_wakeups.rs`.
 //!
 //! On top of Consul it can misbehave on demand ([`Fault`]): answer an error
 //! status, drop connections, stall, move its index backwards (a snapshot
