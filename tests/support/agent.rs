@@ -157,61 +157,49 @@ impl Harness {
 
     /// Waits for the `nth` finished deploy (1-based) and returns it.
     pub async fn wait_history(&self, nth: usize, limit: Duration) -> DeployRecord {
-        let start = Instant::now();
-        loop {
+        crate::wait_until_async(&format!("deploy #{nth}"), limit, || async {
             let s = self.status();
-            if s.history.len() >= nth {
-                return s.history[nth - 1].clone();
+            match s.history.get(nth - 1) {
+                Some(r) => Ok(r.clone()),
+                None => Err(format!("status: {s:#?}")),
             }
-            assert!(
-                start.elapsed() < limit,
-                "no deploy #{nth} after {limit:?}; status: {s:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        })
+        .await
     }
 
     /// Waits until `build` is served, with a deploy record of success.
     pub async fn wait_live(&self, build: &str, limit: Duration) -> DeployRecord {
-        let start = Instant::now();
-        loop {
+        crate::wait_until_async(&format!("{build} live"), limit, || async {
             let s = self.status();
             // The last finished deploy must be this build's: an older
             // record of the same build (deployed before, now being rolled
             // back to) must not count while the new deploy is still running.
-            if self.served() == build {
-                if let Some(r) = s.history.back().filter(|r| {
-                    r.build == build
-                        && matches!(r.outcome, Some(Outcome::Success | Outcome::RolledBack))
-                }) {
-                    return r.clone();
-                }
+            let done = s.history.back().filter(|r| {
+                r.build == build
+                    && matches!(r.outcome, Some(Outcome::Success | Outcome::RolledBack))
+            });
+            match done {
+                Some(r) if self.served() == build => Ok(r.clone()),
+                _ => Err(format!("serving {:?}; status: {s:#?}", self.served())),
             }
-            assert!(
-                start.elapsed() < limit,
-                "{build} not live after {limit:?} (serving {:?}); status: {s:#?}",
-                self.served()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        })
+        .await
     }
 
     /// Waits until the agent reports an error containing `needle`.
     pub async fn wait_error(&self, needle: &str, limit: Duration) -> String {
-        let start = Instant::now();
-        loop {
-            let s = self.status();
-            if let Some(e) = &s.last_error {
-                if e.message.contains(needle) {
-                    return e.message.clone();
+        crate::wait_until_async(
+            &format!("an error containing {needle:?}"),
+            limit,
+            || async {
+                let s = self.status();
+                match &s.last_error {
+                    Some(e) if e.message.contains(needle) => Ok(e.message.clone()),
+                    _ => Err(format!("status: {s:#?}")),
                 }
-            }
-            assert!(
-                start.elapsed() < limit,
-                "no error containing {needle:?} after {limit:?}; status: {s:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+            },
+        )
+        .await
     }
 
     /// Entries left in the cache directory that are not complete artifacts.
