@@ -1,5 +1,6 @@
 //! Delta deploys: a host running the base build downloads only the delta,
-//! links the unchanged files from its hot slot and ends with a cold slot
+//! reuses the unchanged files of its hot slot (reflink or copy, never a
+//! shared inode) and ends with a cold slot
 //! bit-identical (paths, types, modes, mtimes, contents, link targets) to a
 //! full unpack; a base edited in place, or a delta made for another base,
 //! makes it download the full artifact instead; a SIGKILL in the middle of a
@@ -172,18 +173,28 @@ async fn a_delta_deploy_downloads_what_changed_and_matches_a_full_unpack() {
         tree(&reference),
         "the delta-built slot differs from a full unpack"
     );
-    // Most files are the base slot's inodes, linked.
-    let linked = tree(&live)
+    // No file is the base slot's inode (issue 20: a write to one slot
+    // must never change the other); the unchanged files were reused by
+    // reflink or copy, not written from the delta.
+    let base = h.root.join(if live.ends_with("slot-a") {
+        "slot-b"
+    } else {
+        "slot-a"
+    });
+    let shared_inodes = tree(&live)
         .keys()
         .filter(|p| {
             let m = std::fs::symlink_metadata(live.join(p)).unwrap();
-            m.is_file() && m.nlink() >= 2
+            let b = std::fs::symlink_metadata(base.join(p));
+            m.is_file() && b.is_ok_and(|b| b.ino() == m.ino())
         })
         .count();
-    assert!(
-        linked * 10 > b2.artifact.entries as usize * 9,
-        "{linked} linked files"
+    assert_eq!(
+        shared_inodes, 0,
+        "files sharing an inode with the base slot"
     );
+    let logs = deploy_agent_tests::agent::captured_logs();
+    assert!(logs.contains("delta applied"), "{logs}");
     // The history says which deploys came from a delta.
     let out = std::process::Command::new(agent_bin())
         .args(["history", "--json", "--socket"])

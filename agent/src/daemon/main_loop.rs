@@ -617,6 +617,18 @@ impl MainLoop {
                 false,
             );
         }
+        // Never flip to a slot that is not exactly its build (issue 20):
+        // the operator is told what differs and how to rebuild it.
+        let cold = self
+            .deployer
+            .root
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cold();
+        if let Err(e) = self.deployer.check_before_flip(cold).await {
+            self.shared.error(e.to_string());
+            return (Err(e.to_string()), false);
+        }
         let (root, seen) = (self.deployer.root.clone(), self.deployer.slots_seen.clone());
         let r = tokio::task::spawn_blocking(move || {
             crate::deploy::SlotsSeen::change(&root, &seen, |r| r.rollback())

@@ -227,6 +227,7 @@ fn build_deployer(
         progress: Arc::new(Progress::default()),
         fetch,
         flip_gate: std::sync::OnceLock::new(),
+        reuse: std::sync::OnceLock::new(),
     });
     Ok((deployer, trust))
 }

@@ -1,0 +1,165 @@
+//! The deploy's side of issue 20: every slot gets its record before its
+//! ready-marker, and no flip goes to an existing slot (a rollback by the
+//! key, the health gate's flip back) without checking the slot against
+//! its record first. A slot that no longer matches is rebuilt from its
+//! artifact (the deploy falls back to a normal deploy into it) or, where
+//! nothing can be rebuilt, the flip is refused; both are logged and shown.
+//!
+//! Crash guarantees: the record is durable before the marker (see
+//! `integrity::slot`); a check only reads. A crash during a rebuild leaves
+//! an unmarked cold slot, as any deploy does: the next start deploys again.
+
+use std::path::PathBuf;
+
+use swapper::Slot;
+use tracing::{info, warn};
+
+use super::{Deployer, Event, Run};
+use crate::error::{Error, Result};
+use crate::integrity::{Entry, Mechanism, SlotRecord, SlotVerdict};
+use crate::manifest::{Manifest, Sha256Sum};
+
+/// The record of a delta's base slot, if it has a usable one for the base
+/// artifact `base`; read on a blocking thread (about 4 MB for 40,000 files).
+pub(super) async fn base_record(path: PathBuf, base: Sha256Sum) -> Option<Box<SlotRecord>> {
+    let loaded = tokio::task::spawn_blocking(move || SlotRecord::load(&path)).await;
+    match loaded {
+        Ok(Ok(Some(r))) if r.header.sha256 == base => Some(Box::new(r)),
+        Ok(Err(e)) => {
+            warn!(error = %e, "delta base record unusable; its files are hashed");
+            None
+        }
+        _ => None,
+    }
+}
+
+impl Deployer {
+    /// How deltas reuse files on this root's filesystem (probed once).
+    pub(super) async fn reuse_mechanism(&self) -> Mechanism {
+        if let Some(how) = self.reuse.get() {
+            return *how;
+        }
+        let meta = self.root_path.join(".deploy");
+        let how = tokio::task::spawn_blocking(move || crate::unpack::reuse::probe(&meta))
+            .await
+            .unwrap_or(Mechanism::Copy);
+        *self.reuse.get_or_init(|| how)
+    }
+
+    /// Writes the record of `slot`, just built for `m`, before its marker.
+    pub(super) async fn write_record(
+        &self,
+        m: &Manifest,
+        slot: Slot,
+        (how, entries): (Mechanism, Vec<Entry>),
+    ) -> Result<()> {
+        let path = self.record_path(slot);
+        let (build, sha) = (m.spec.build.clone(), m.spec.sha256.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::integrity::write_record(&path, (&build, &sha), how, entries)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("record task: {e}")))?
+    }
+
+    fn record_path(&self, slot: Slot) -> PathBuf {
+        let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
+        root.record_path(slot)
+    }
+
+    /// Checks `slot` against its record (stat, hashing only what the stat
+    /// cannot prove; everything with `full`). `None` when the slot holds no
+    /// marked build.
+    pub async fn check_slot(
+        &self,
+        slot: Slot,
+        full: bool,
+    ) -> Result<Option<(String, SlotVerdict)>> {
+        let (dir, record, marker) = {
+            let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                root.slot_path(slot),
+                root.record_path(slot),
+                root.marker(slot).cloned(),
+            )
+        };
+        let Some(marker) = marker else {
+            return Ok(None);
+        };
+        let build = marker.build.build_id.clone();
+        let verdict = tokio::task::spawn_blocking(move || {
+            let b = &marker.build;
+            crate::integrity::check(&dir, &record, (&b.build_id, b.sha256.as_deref()), full)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("slot check task: {e}")))??;
+        Ok(Some((build, verdict)))
+    }
+
+    /// The check before a flip to `slot` as it is: `Ok` when it may flip,
+    /// else the error naming what differs (logged here).
+    pub async fn check_before_flip(&self, slot: Slot) -> Result<()> {
+        let Some((build, verdict)) = self.check_slot(slot, false).await? else {
+            // No marker: swapper refuses the flip with its own error.
+            return Ok(());
+        };
+        if verdict.flippable() {
+            return Ok(());
+        }
+        warn!(slot = %slot, build = %build, changed = verdict.changed(), differences = %verdict.summary(), "not flipping to a slot that is not its build");
+        Err(Error::SlotDrift {
+            slot: slot.dir_name().to_string(),
+            build,
+            summary: verdict.summary(),
+        })
+    }
+
+    /// The health gate's flip back goes to the previous (cold) slot only if
+    /// it is still exactly its build.
+    pub(super) async fn check_previous_slot(&self) -> Result<()> {
+        let cold = {
+            let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
+            root.cold()
+        };
+        self.check_before_flip(cold).await
+    }
+
+    /// A rollback by the key (the cold slot holds `m`): the cold slot, when
+    /// it still is exactly its build (then the deploy starts in
+    /// `draining`); `None` when it is not, after recording what differed,
+    /// so the caller rebuilds it with a normal deploy.
+    pub(super) async fn cold_slot_as_it_is(
+        &self,
+        m: &Manifest,
+        run: &mut Run<'_>,
+    ) -> Result<Option<Slot>> {
+        let cold = {
+            let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
+            root.hot().map(Slot::other).unwrap_or(Slot::A)
+        };
+        let verdict = match self.check_slot(cold, false).await? {
+            Some((_, v)) => v,
+            None => SlotVerdict::Unrecorded,
+        };
+        if verdict.flippable() {
+            run.step(Event::Start { in_cold_slot: true })?;
+            return Ok(Some(cold));
+        }
+        warn!(
+            build = %m.spec.build,
+            slot = %cold,
+            changed = verdict.changed(),
+            differences = %verdict.summary(),
+            "the slot holding this build is not its build any more; rebuilding it from the artifact"
+        );
+        info!(build = %m.spec.build, slot = %cold, "repairing the slot with a full deploy");
+        run.rec.repaired = Some(match verdict {
+            SlotVerdict::Drifted { mechanism, drift } => SlotVerdict::Drifted {
+                mechanism,
+                drift: drift.capped(),
+            },
+            other => other,
+        });
+        Ok(None)
+    }
+}
