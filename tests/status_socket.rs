@@ -45,6 +45,7 @@ fn fixed_report() -> StatusReport {
         sha256: Some("cd".repeat(32)),
         marked_unix: Some(now_secs() - 7200),
         unmarked_bytes: None,
+        integrity: None,
     });
     r.cold = Some(SlotInfo {
         name: "b".into(),

@@ -151,6 +151,10 @@ impl Agent {
             notifier: notifier.clone(),
             member,
         };
+        tracker.spawn(crate::deploy::watch_slots(
+            deployer.clone(),
+            shutdown.clone(),
+        ));
         let task = tokio::spawn(main.run(rx, cmd_rx, shutdown));
         if let Some(n) = &notifier {
             let _ = n.ready("idle: recovered, watching for builds");
@@ -228,6 +232,8 @@ fn build_deployer(
         fetch,
         flip_gate: std::sync::OnceLock::new(),
         reuse: std::sync::OnceLock::new(),
+        checks: Mutex::default(),
+        check_now: tokio::sync::Notify::new(),
     });
     Ok((deployer, trust))
 }

@@ -33,6 +33,8 @@ pub mod pipeline;
 mod slots;
 pub mod splay;
 
+pub use slots::watch as watch_slots;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -314,6 +316,30 @@ pub struct DeployRecord {
     /// first: what differed (at most a few paths per kind).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repaired: Option<crate::integrity::SlotVerdict>,
+    /// The live slot this deploy flipped away from had changed since its
+    /// deploy (a hot-patch): what stopped being served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left_behind: Option<crate::integrity::SlotCheck>,
+}
+
+impl DeployRecord {
+    /// The history's note on slot integrity, if this deploy met a slot
+    /// that was not exactly its build.
+    pub fn integrity_note(&self) -> Option<String> {
+        let mut notes = Vec::new();
+        if let Some(v) = &self.repaired {
+            let slot = self.slot.map(|s| s.dir_name()).unwrap_or("the slot");
+            notes.push(format!(
+                "{slot} rebuilt from the artifact, repaired {} changed path(s): {}",
+                v.changed(),
+                v.summary()
+            ));
+        }
+        if let Some(c) = &self.left_behind {
+            notes.push(c.left_behind_note());
+        }
+        (!notes.is_empty()).then(|| notes.join("; "))
+    }
 }
 
 impl DeployRecord {
@@ -336,6 +362,7 @@ impl DeployRecord {
             from_delta: false,
             phase_since: now_secs(),
             repaired: None,
+            left_behind: None,
         }
     }
 }
@@ -367,6 +394,10 @@ pub struct Deployer {
     /// How a delta reuses the base slot's unchanged files on this deploy
     /// root's filesystem: probed at the first delta (`unpack::reuse`).
     pub reuse: std::sync::OnceLock<Mechanism>,
+    /// The last check of each slot against its record (A, B).
+    pub checks: Mutex<[Option<crate::integrity::SlotCheck>; 2]>,
+    /// Wakes the periodic slot check (after a deploy or a rollback).
+    pub check_now: tokio::sync::Notify,
 }
 
 /// What the deploy root's slots hold, as of its last change: for readers
@@ -602,6 +633,8 @@ impl Deployer {
             (true, Some(slot)) => self.reverify(m, slot, &mut run).await,
             _ => self.drive(m, in_cold_slot, &cancel, &mut run).await,
         };
+        // What is live or cold may have changed: check the slots again.
+        self.check_now.notify_one();
         match result {
             Ok(()) => {
                 let outcome = if in_cold_slot && run.rec.repaired.is_none() {
@@ -971,6 +1004,7 @@ impl Deployer {
         not_cancelled(m, cancel, "the flip")?;
         run.step(Event::Drained)?;
 
+        run.rec.left_behind = self.live_drift();
         let report = self.with_root(move |r| r.flip_to(target)).await?;
         info!(build = %report.build_id, to = %report.to, took_us = report.took.as_micros() as u64, "flip complete");
         run.step(Event::Flipped)

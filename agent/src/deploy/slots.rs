@@ -15,8 +15,9 @@ use swapper::Slot;
 use tracing::{info, warn};
 
 use super::{Deployer, Event, Run};
+use crate::clock::now_secs;
 use crate::error::{Error, Result};
-use crate::integrity::{Entry, Mechanism, SlotRecord, SlotVerdict};
+use crate::integrity::{Entry, Mechanism, SlotCheck, SlotRecord, SlotVerdict};
 use crate::manifest::{Manifest, Sha256Sum};
 
 /// The record of a delta's base slot, if it has a usable one for the base
@@ -68,13 +69,9 @@ impl Deployer {
     }
 
     /// Checks `slot` against its record (stat, hashing only what the stat
-    /// cannot prove; everything with `full`). `None` when the slot holds no
-    /// marked build.
-    pub async fn check_slot(
-        &self,
-        slot: Slot,
-        full: bool,
-    ) -> Result<Option<(String, SlotVerdict)>> {
+    /// cannot prove; everything with `full`) and keeps the result for
+    /// status. `None` when the slot holds no marked build.
+    pub async fn check_slot(&self, slot: Slot, full: bool) -> Result<Option<SlotCheck>> {
         let (dir, record, marker) = {
             let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
             (
@@ -86,20 +83,52 @@ impl Deployer {
         let Some(marker) = marker else {
             return Ok(None);
         };
-        let build = marker.build.build_id.clone();
+        let (build, marked_at) = (marker.build.build_id.clone(), marker.marked_at);
         let verdict = tokio::task::spawn_blocking(move || {
             let b = &marker.build;
             crate::integrity::check(&dir, &record, (&b.build_id, b.sha256.as_deref()), full)
         })
         .await
         .map_err(|e| Error::Internal(format!("slot check task: {e}")))??;
-        Ok(Some((build, verdict)))
+        let check = SlotCheck {
+            build,
+            marked_at,
+            checked_unix: now_secs(),
+            verdict,
+        };
+        let mut kept = check.clone();
+        if let SlotVerdict::Drifted { drift, .. } = &mut kept.verdict {
+            *drift = drift.capped();
+        }
+        self.checks.lock().unwrap_or_else(|p| p.into_inner())[index(slot)] = Some(kept);
+        Ok(Some(check))
+    }
+
+    /// The last check of `slot`, if it speaks for the build marked there now.
+    pub fn last_check(&self, slot: Slot, marker: Option<&swapper::Marker>) -> Option<SlotCheck> {
+        let marker = marker?;
+        let checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+        checks[index(slot)]
+            .clone()
+            .filter(|c| c.build == marker.build.build_id && c.marked_at == marker.marked_at)
+    }
+
+    /// The live slot's last check, when it found the slot changed since
+    /// its deploy (a hot-patch, or any write into it).
+    pub fn live_drift(&self) -> Option<SlotCheck> {
+        let (hot, marker) = {
+            let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
+            let hot = root.hot()?;
+            (hot, root.marker(hot).cloned())
+        };
+        self.last_check(hot, marker.as_ref())
+            .filter(|c| !c.verdict.flippable())
     }
 
     /// The check before a flip to `slot` as it is: `Ok` when it may flip,
     /// else the error naming what differs (logged here).
     pub async fn check_before_flip(&self, slot: Slot) -> Result<()> {
-        let Some((build, verdict)) = self.check_slot(slot, false).await? else {
+        let Some(SlotCheck { build, verdict, .. }) = self.check_slot(slot, false).await? else {
             // No marker: swapper refuses the flip with its own error.
             return Ok(());
         };
@@ -138,7 +167,7 @@ impl Deployer {
             root.hot().map(Slot::other).unwrap_or(Slot::A)
         };
         let verdict = match self.check_slot(cold, false).await? {
-            Some((_, v)) => v,
+            Some(c) => c.verdict,
             None => SlotVerdict::Unrecorded,
         };
         if verdict.flippable() {
@@ -161,5 +190,43 @@ impl Deployer {
             other => other,
         });
         Ok(None)
+    }
+}
+
+fn index(slot: Slot) -> usize {
+    match slot {
+        Slot::A => 0,
+        Slot::B => 1,
+    }
+}
+
+/// Checks the live slot, then the cold one, every `[integrity]
+/// check-interval` and whenever `check_now` is notified (after a deploy or
+/// a rollback), until `stop`. Only reads; results go to status, the
+/// metrics and the host report through [`Deployer::last_check`].
+pub async fn watch(d: std::sync::Arc<Deployer>, stop: tokio_util::sync::CancellationToken) {
+    let every = d.config.integrity.check_interval;
+    loop {
+        let (hot, cold) = {
+            let root = d.root.lock().unwrap_or_else(|p| p.into_inner());
+            (root.hot(), root.cold())
+        };
+        for slot in hot.into_iter().chain([cold]) {
+            if let Err(e) = d.check_slot(slot, false).await {
+                warn!(slot = %slot, error = %e, "cannot check the slot against its record");
+            }
+        }
+        let wait = async {
+            if every.is_zero() {
+                std::future::pending::<()>().await
+            } else {
+                tokio::time::sleep(every).await
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = d.check_now.notified() => {}
+            _ = wait => {}
+        }
     }
 }

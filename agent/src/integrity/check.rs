@@ -35,6 +35,9 @@ pub struct Drift {
     pub checked: u64,
     /// Files whose content had to be read.
     pub hashed: u64,
+    /// Paths that differ, all kinds, also once the lists are capped.
+    #[serde(default)]
+    pub total: u64,
 }
 
 impl Drift {
@@ -42,9 +45,10 @@ impl Drift {
         self.modified.is_empty() && self.added.is_empty() && self.missing.is_empty()
     }
 
-    /// Paths that differ, all kinds.
+    /// Paths that differ, all kinds (the lists may be capped).
     pub fn count(&self) -> usize {
-        self.modified.len() + self.added.len() + self.missing.len()
+        let listed = self.modified.len() + self.added.len() + self.missing.len();
+        listed.max(self.total as usize)
     }
 
     /// `modified app/f3.php; added x` with at most a few paths per kind,
@@ -80,6 +84,7 @@ impl Drift {
             modified: cap(&self.modified),
             added: cap(&self.added),
             missing: cap(&self.missing),
+            total: self.count() as u64,
             ..*self
         }
     }
@@ -208,12 +213,14 @@ fn finish(slot: &Path, record: &SlotRecord, w: Walk) -> Result<Drift> {
     modified.sort();
     added.sort();
     missing.sort();
+    let total = (modified.len() + added.len() + missing.len()) as u64;
     Ok(Drift {
         modified,
         added,
         missing,
         checked: w.seen.len() as u64,
         hashed: w.hash.len() as u64,
+        total,
     })
 }
 

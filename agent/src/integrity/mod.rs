@@ -21,4 +21,4 @@ pub mod slot;
 
 pub use check::{verify, Drift};
 pub use record::{Entry, Kind, Mechanism, Observed, SlotRecord, Verdict};
-pub use slot::{check, write_record, SlotVerdict};
+pub use slot::{check, write_record, SlotCheck, SlotVerdict};

@@ -63,6 +63,69 @@ impl SlotVerdict {
     }
 }
 
+/// The last check of one slot, for status, metrics and host reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotCheck {
+    pub build: String,
+    /// The slot's marker time: the check speaks only for the build marked
+    /// then (a later claim or deploy makes it stale, and it is not shown).
+    pub marked_at: u64,
+    pub checked_unix: u64,
+    #[serde(flatten)]
+    pub verdict: SlotVerdict,
+}
+
+impl SlotCheck {
+    /// For history, when a flip leaves this (changed) live slot behind.
+    pub fn left_behind_note(&self) -> String {
+        format!(
+            "no longer serving the changes made to {} since its deploy ({} path(s)): {}",
+            self.build,
+            self.verdict.changed(),
+            self.verdict.summary()
+        )
+    }
+}
+
+/// `deploy-agent verify`'s answer about `slot`: `Ok` when it is exactly
+/// its build (or has no record), else an error listing every path.
+pub fn verify_answer(slot: &str, c: &SlotCheck) -> std::result::Result<String, String> {
+    let build = &c.build;
+    match &c.verdict {
+        SlotVerdict::Intact {
+            mechanism,
+            checked,
+            hashed,
+        } => Ok(format!(
+            "{slot} holds exactly build {build}: {checked} entries checked, {hashed} hashed (files {})",
+            mechanism.as_str()
+        )),
+        SlotVerdict::Unrecorded => Ok(format!(
+            "{slot} (build {build}) has no record (deployed before records existed); nothing to compare"
+        )),
+        SlotVerdict::Unprovable { reason } => Err(format!(
+            "{slot} (build {build}) cannot be proven intact: {reason}"
+        )),
+        SlotVerdict::Drifted { drift, .. } => {
+            let mut lines = vec![format!(
+                "{slot} no longer holds exactly build {build}: {} path(s) differ from its record",
+                drift.count()
+            )];
+            for (what, list) in [
+                ("modified", &drift.modified),
+                ("added", &drift.added),
+                ("missing", &drift.missing),
+            ] {
+                lines.extend(list.iter().map(|p| format!("  {what} {p}")));
+            }
+            lines.push(format!(
+                "publish {build} again or run `deploy-agent redeploy` to rebuild it"
+            ));
+            Err(lines.join("\n"))
+        }
+    }
+}
+
 /// Writes the record of the slot at `slot_dir`, just built: `entries` as
 /// the unpack (and the delta) reported them. Blocking.
 pub fn write_record(
