@@ -65,6 +65,7 @@ pub mod archive;
 pub mod disk;
 pub mod host;
 pub mod process;
+pub mod slots;
 
 /// The repository's root directory (tests and benches are targets of the
 /// agent package, so their own `CARGO_MANIFEST_DIR` is `agent/`).
