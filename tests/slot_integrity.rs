@@ -359,3 +359,70 @@ async fn an_operator_rollback_to_a_changed_slot_is_refused() {
     })
     .await;
 }
+
+/// On a deploy root of filesystem `fs`: b2 from its delta reuses b1's files
+/// the way `how` says (status shows it), no file shares an inode across the
+/// slots, and a hot-patch of the live slot is not served after a rollback.
+async fn on_filesystem(fs: &str, size_mb: u64, how: &str) {
+    let name = format!("slot_integrity::on_{fs}");
+    let mut mounted = None;
+    let mut why = None;
+    let (h, b1, _b2, _) = b2_from_a_delta(BuildProfile::TINY, |t| {
+        match LoopFs::mount(t, fs, size_mb, &t.join("fs")) {
+            Ok(m) => mounted = Some(m),
+            Err(e) => why = Some(e),
+        }
+        t.join("fs/app")
+    })
+    .await;
+    if let Some(why) = why {
+        // The agent ran on the test's own filesystem instead: nothing to
+        // conclude about `fs`.
+        eprintln!("SKIPPED: {name}: {why}");
+        return;
+    }
+    assert!(mounted.is_some());
+    let v = wait_status(&h, "the live slot checked", |v| {
+        v["hot"]["integrity"]["state"] == "intact"
+    })
+    .await;
+    assert_eq!(v["hot"]["integrity"]["mechanism"], how, "{name}: {v}");
+    let live = live_slot(&h.root);
+    let cold = other_slot(&h.root, &live);
+    let (a, b) = (inodes(&live), inodes(&cold));
+    assert!(
+        a.iter().all(|(p, i)| b.get(p) != Some(i)),
+        "{name}: shared inodes"
+    );
+    let victim = shared_file(&cold, &live);
+    hot_patch(&live.join(&victim));
+    let out = cli(&h, &["rollback"]).await;
+    assert!(
+        out.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reference = full_unpack(h.tmp.path(), &b1);
+    assert_eq!(
+        tree(&live_slot(&h.root)),
+        tree(&reference),
+        "{name}: b1 byte for byte"
+    );
+    drop(h);
+    drop(mounted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_ext4_with_a_journal_unchanged_files_are_copied() {
+    on_filesystem("ext4", 64, "copy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_xfs_unchanged_files_are_reflinked() {
+    on_filesystem("xfs", 320, "reflink").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_btrfs_unchanged_files_are_reflinked() {
+    on_filesystem("btrfs", 256, "reflink").await;
+}
