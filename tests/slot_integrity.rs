@@ -240,7 +240,7 @@ async fn rollback_by_key_repairs(change: impl FnOnce(&Path) -> (String, &'static
         serde_json::from_value(repaired["drift"][kind].clone()).unwrap_or_default();
     assert_eq!(
         listed,
-        [path.clone()],
+        std::slice::from_ref(&path),
         "the repair must name the {kind} path: {rec:?}"
     );
     let reference = full_unpack(h.tmp.path(), &b1);
@@ -425,4 +425,81 @@ async fn on_xfs_unchanged_files_are_reflinked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_btrfs_unchanged_files_are_reflinked() {
     on_filesystem("btrfs", 256, "reflink").await;
+}
+
+/// The real binary, SIGKILLed in the middle of rebuilding a changed cold
+/// slot (its artifact trickles, so the kill lands in the download or the
+/// unpack): the old build keeps serving, and after the restart the
+/// rebuild completes and the build serves exactly as its artifact says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_in_the_middle_of_a_repair_heals_after_a_restart() {
+    let bin = tokio::task::spawn_blocking(agent_bin).await.unwrap();
+    let h = Harness::new(|_| {}).await;
+    let dir = h.tmp.path().to_path_buf();
+    let root = dir.join("root");
+    let key = "deploy/app/repair";
+    let config = write_config(
+        &dir,
+        &root,
+        &h.consul.url(),
+        "wait = \"5s\"\nfirst-request-splay = \"0s\"\nrate-burst = 50\nrate-interval = \"20ms\"",
+        &format!("[source]\nkey = \"{key}\"\n[download]\nread-timeout = \"3s\"\n"),
+    );
+    let log = dir.join("agent.log");
+    let publish = |b: &Build| {
+        h.consul
+            .put(key, manifest(&h.artifacts, b, None).as_bytes())
+    };
+    let mut child = spawn_run(&bin, &config, &log);
+    let k0 = build(&dir, &h.artifacts, "k0", BuildProfile::TINY);
+    let k1 = build(&dir, &h.artifacts, "k1", BuildProfile::TINY);
+    publish(&k0);
+    wait_served(&root, "k0", LIMIT, &log).await;
+    publish(&k1);
+    wait_served(&root, "k1", LIMIT, &log).await;
+    let cold = other_slot(&root, &live_slot(&root));
+    hot_patch(&cold.join(some_file(&cold)));
+    // The rebuild must download (slowly), so there is a middle to kill in.
+    std::fs::remove_file(root.join(".deploy/cache").join(&k0.artifact.sha256)).unwrap();
+    h.artifacts.set_fault(
+        FaultRule::always(Fault::Trickle {
+            bytes_per_sec: k0.artifact.size * 2,
+        })
+        .on_path(k0.url_path.clone()),
+    );
+    publish(&k0);
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("repairing the slot with a full deploy")
+    {
+        assert!(start.elapsed() < LIMIT, "the repair never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(root.join("current/BUILD")).unwrap(),
+        "k1",
+        "nothing may flip to the changed slot"
+    );
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join(".deploy/deploy.json")).unwrap()).unwrap();
+    assert_eq!(record["build"], "k0", "{record}");
+    assert!(
+        record["outcome"].is_null(),
+        "the kill must land mid-repair: {record}"
+    );
+    h.artifacts.clear_faults();
+    let mut child = spawn_run(&bin, &config, &log);
+    wait_served(&root, "k0", LIMIT, &log).await;
+    let reference = full_unpack(&dir, &k0);
+    assert_eq!(
+        tree(&live_slot(&root)),
+        tree(&reference),
+        "k0 byte for byte"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
