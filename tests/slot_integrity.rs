@@ -503,3 +503,37 @@ async fn sigkill_in_the_middle_of_a_repair_heals_after_a_restart() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// The fleet sees it too: the host report names the changed paths of the
+/// live slot once a check finds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_report_names_what_changed_in_the_live_slot() {
+    // A report prefix and host id of the test's own (no app, so no splay
+    // or freeze key: the defaults a member of no fleet runs with).
+    let mut h = Harness::new(|c| {
+        c.fleet.report_prefix = Some("deploy-hosts/app/".into());
+        c.fleet.host_id = Some("h1".into());
+    })
+    .await;
+    h.start_agent().await;
+    let dir = h.tmp.path().to_path_buf();
+    let b1 = build(&dir, &h.artifacts, "b1", BuildProfile::TINY);
+    h.publish(&manifest(&h.artifacts, &b1, None));
+    h.wait_live("b1", LIMIT).await;
+    let live = live_slot(&h.root);
+    let f = some_file(&live);
+    hot_patch(&live.join(&f));
+    assert_eq!(cli(&h, &["verify"]).await.status.code(), Some(5));
+    let want = format!("modified {}", f.display());
+    let report = || -> serde_json::Value {
+        h.consul
+            .get("deploy-hosts/app/h1")
+            .map(|e| serde_json::from_slice(&e.value).unwrap())
+            .unwrap_or_default()
+    };
+    let start = Instant::now();
+    while report()["changed"] != serde_json::json!([want]) {
+        assert!(start.elapsed() < LIMIT, "host report: {}", report());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -233,6 +233,7 @@ fn build_deployer(
         flip_gate: std::sync::OnceLock::new(),
         reuse: std::sync::OnceLock::new(),
         checks: Mutex::default(),
+        live_sink: std::sync::OnceLock::new(),
         check_now: tokio::sync::Notify::new(),
     });
     Ok((deployer, trust))
@@ -261,6 +262,9 @@ fn start_member(
         tracker,
         shutdown.clone(),
     )?;
+    let sink: Arc<dyn crate::deploy::LiveCheckSink> = member.clone();
+    // The only `set` of a fresh OnceLock: it cannot fail.
+    let _ = deployer.live_sink.set(sink);
     if member.watches_freeze() {
         let gate: Arc<dyn crate::deploy::FlipGate> = member.clone();
         // The only `set` of a fresh OnceLock: it cannot fail.

@@ -398,6 +398,16 @@ pub struct Deployer {
     pub checks: Mutex<[Option<crate::integrity::SlotCheck>; 2]>,
     /// Wakes the periodic slot check (after a deploy or a rollback).
     pub check_now: tokio::sync::Notify,
+    /// Told the result of every check of the live slot (the fleet
+    /// member's host report; set once the member exists).
+    pub live_sink: std::sync::OnceLock<Arc<dyn LiveCheckSink>>,
+}
+
+/// Where the result of each check of the live slot goes besides status.
+pub trait LiveCheckSink: Send + Sync + std::fmt::Debug {
+    /// `changed`: `modified <path>` / `added <path>` / `missing <path>`,
+    /// at most 20 per kind; empty when the live slot is exactly its build.
+    fn live_checked(&self, changed: Vec<String>);
 }
 
 /// What the deploy root's slots hold, as of its last change: for readers

@@ -101,6 +101,10 @@ impl Deployer {
             *drift = drift.capped();
         }
         self.checks.lock().unwrap_or_else(|p| p.into_inner())[index(slot)] = Some(kept);
+        let live = self.root.lock().unwrap_or_else(|p| p.into_inner()).hot() == Some(slot);
+        if let Some(sink) = self.live_sink.get().filter(|_| live) {
+            sink.live_checked(check.verdict.listed());
+        }
         Ok(Some(check))
     }
 

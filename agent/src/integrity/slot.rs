@@ -54,6 +54,27 @@ impl SlotVerdict {
         }
     }
 
+    /// `modified <path>`, `added <path>`, `missing <path>` (at most 20
+    /// per kind); for an unprovable slot, why.
+    pub fn listed(&self) -> Vec<String> {
+        match self {
+            SlotVerdict::Drifted { drift, .. } => {
+                let d = drift.capped();
+                let kinds = [
+                    ("modified", d.modified),
+                    ("added", d.added),
+                    ("missing", d.missing),
+                ];
+                kinds
+                    .into_iter()
+                    .flat_map(|(k, v)| v.into_iter().map(move |p| format!("{k} {p}")))
+                    .collect()
+            }
+            SlotVerdict::Unprovable { reason } => vec![format!("unprovable: {reason}")],
+            _ => Vec::new(),
+        }
+    }
+
     /// Paths that differ (0 unless drifted).
     pub fn changed(&self) -> usize {
         match self {
