@@ -537,3 +537,55 @@ async fn the_host_report_names_what_changed_in_the_live_slot() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The health gate's flip back goes only to a slot that is still its
+/// build: with the previous slot changed, the unhealthy build keeps
+/// serving (quarantined) and the error names the changed path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_gate_does_not_flip_back_to_a_changed_slot() {
+    // A health gate (not in the shipped config) that fails build b2 only.
+    let script = "test \"$(cat \"$DEPLOY_ROOT/current/BUILD\")\" != b2";
+    let mut h = Harness::new(|c| {
+        c.health = deploy_agent::config::HealthConfig {
+            command: Some(vec!["sh".into(), "-c".into(), script.into()]),
+            timeout: Duration::from_millis(500),
+            window: Duration::from_millis(1500),
+            interval: Duration::from_millis(100),
+            ..Default::default()
+        }
+    })
+    .await;
+    h.start_agent().await;
+    let dir = h.tmp.path().to_path_buf();
+    let b1 = build(&dir, &h.artifacts, "b1", BuildProfile::TINY);
+    let b2 = build(&dir, &h.artifacts, "b2", BuildProfile::TINY);
+    h.publish(&manifest(&h.artifacts, &b1, None));
+    h.wait_live("b1", LIMIT).await;
+    let f = some_file(&live_slot(&h.root));
+    // b1's slot becomes the cold one; change it before b2's verdict.
+    hot_patch(&live_slot(&h.root).join(&f));
+    h.publish(&manifest(&h.artifacts, &b2, None));
+    let start = Instant::now();
+    let rec = loop {
+        let s = h.status();
+        if let Some(r) = s
+            .history
+            .iter()
+            .rev()
+            .find(|r| r.build == "b2" && r.outcome.is_some())
+        {
+            break r.clone();
+        }
+        assert!(start.elapsed() < LIMIT, "b2 never got its verdict: {s:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let msg = rec
+        .error
+        .as_ref()
+        .map(|e| e.message.clone())
+        .unwrap_or_default();
+    assert!(msg.contains("cannot be rolled back"), "{msg}");
+    assert!(msg.contains(&f.to_string_lossy().into_owned()), "{msg}");
+    assert_eq!(h.served(), "b2");
+    assert!(rec.rolled_back_to.is_none(), "{rec:?}");
+}
