@@ -131,6 +131,16 @@ fn slot_check(c: &mut Criterion) {
             assert!(v.flippable());
         })
     });
+    // Its two parts: reading the record, and the walk with its stats.
+    g.bench_function("40k_record_load", |b| {
+        b.iter(|| deploy_agent::integrity::SlotRecord::load(&record).unwrap())
+    });
+    let loaded = deploy_agent::integrity::SlotRecord::load(&record)
+        .unwrap()
+        .unwrap();
+    g.bench_function("40k_walk_and_stat", |b| {
+        b.iter(|| deploy_agent::integrity::verify(&slot, &loaded, false).unwrap())
+    });
     g.finish();
 }
 

@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -103,11 +104,13 @@ struct Walk {
 /// stat says (`deploy-agent verify --full`). Blocking: call it off the
 /// async threads.
 pub fn verify(slot: &Path, record: &SlotRecord, full: bool) -> Result<Drift> {
-    let index: HashMap<&Path, usize> = record
+    // Keyed by the path's bytes: hashing a `Path` walks its components,
+    // which cost a third of the whole check on 40,000 files.
+    let index: HashMap<&[u8], usize> = record
         .entries
         .iter()
         .enumerate()
-        .map(|(i, e)| (&*e.path, i))
+        .map(|(i, e)| (e.path.as_os_str().as_bytes(), i))
         .collect();
     let top: Vec<PathBuf> = std::fs::read_dir(slot)
         .map_err(|e| Error::io(slot, e))?
@@ -139,7 +142,7 @@ pub fn verify(slot: &Path, record: &SlotRecord, full: bool) -> Result<Drift> {
     finish(slot, record, a)
 }
 
-type Ctx<'a> = (&'a HashMap<&'a Path, usize>, &'a SlotRecord, i64, bool);
+type Ctx<'a> = (&'a HashMap<&'a [u8], usize>, &'a SlotRecord, i64, bool);
 
 /// Judges one entry (and, for a directory, everything under it).
 fn visit(
@@ -151,7 +154,7 @@ fn visit(
 ) -> Result<()> {
     let (index, record, at, full) = ctx;
     let now = Observed::of(meta);
-    match index.get(rel.as_path()) {
+    match index.get(rel.as_os_str().as_bytes()) {
         None => w.added.push(rel.clone()),
         Some(&i) => {
             w.seen.push(i);
