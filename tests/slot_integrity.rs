@@ -181,6 +181,28 @@ async fn a_hot_patch_of_the_live_slot_never_reaches_the_rollback() {
     // Proven by stat alone: the record was written after every file.
     assert_eq!(v["hot"]["integrity"]["hashed"], 0, "{v}");
     assert!(v["hot"]["integrity"]["checked"].as_u64() > Some(10), "{v}");
+    // After the deploy the record's digests are filled in (off the
+    // deploy's path): then `verify --full` hashes every file of b1.
+    let start = Instant::now();
+    loop {
+        let out = cli(&h, &["verify", "--full"]).await;
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{said} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let hashed = said
+            .split(" hashed")
+            .next()
+            .and_then(|s| s.rsplit(' ').next())
+            .and_then(|n| n.parse::<u64>().ok());
+        if hashed.is_some_and(|n| n > 10) {
+            break;
+        }
+        assert!(start.elapsed() < LIMIT, "digests never filled in: {said}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let hist = cli(&h, &["history", "--json"]).await;
     let hist: serde_json::Value = serde_json::from_slice(&hist.stdout).unwrap();
     let note = hist[0]["integrity"].as_str().unwrap_or_default();

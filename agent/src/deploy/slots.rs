@@ -108,6 +108,45 @@ impl Deployer {
         Ok(Some(check))
     }
 
+    /// Fills in the digests `slot`'s record lacks (a full unpack records
+    /// stats only), off the deploy's path, and writes the record again,
+    /// under the root's lock and only while the slot still holds the build
+    /// it describes (a claim in between removes the record; this must not
+    /// bring it back).
+    pub async fn complete_digests(&self, slot: Slot) -> Result<()> {
+        let (dir, path, marker) = {
+            let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                root.slot_path(slot),
+                root.record_path(slot),
+                root.marker(slot).cloned(),
+            )
+        };
+        let Some(marker) = marker else {
+            return Ok(());
+        };
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || {
+            let Some(mut record) = SlotRecord::load(&path)? else {
+                return Ok(());
+            };
+            if record.entries.iter().all(|e| e.known) {
+                return Ok(());
+            }
+            let started = std::time::Instant::now();
+            let filled = crate::integrity::slot::complete(&dir, &mut record);
+            let root = root.lock().unwrap_or_else(|p| p.into_inner());
+            if root.marker(slot) != Some(&marker) {
+                return Ok(());
+            }
+            record.write(&path)?;
+            info!(slot = %slot, build = %record.header.build, filled, ms = started.elapsed().as_millis() as u64, "slot record digests filled in");
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("record digests task: {e}")))?
+    }
+
     /// The last check of `slot`, if it speaks for the build marked there now.
     pub fn last_check(&self, slot: Slot, marker: Option<&swapper::Marker>) -> Option<SlotCheck> {
         let marker = marker?;
@@ -216,6 +255,9 @@ pub async fn watch(d: std::sync::Arc<Deployer>, stop: tokio_util::sync::Cancella
             (root.hot(), root.cold())
         };
         for slot in hot.into_iter().chain([cold]) {
+            if let Err(e) = d.complete_digests(slot).await {
+                warn!(slot = %slot, error = %e, "cannot fill in the slot record's digests");
+            }
             if let Err(e) = d.check_slot(slot, false).await {
                 warn!(slot = %slot, error = %e, "cannot check the slot against its record");
             }

@@ -323,6 +323,29 @@ mod tests {
         assert_eq!(d.summary(), "modified a; added d/new; missing d/b");
     }
 
+    /// The digests a full unpack leaves out are filled in from files whose
+    /// stat proves them untouched; a file changed before that stays
+    /// without one, and counts as modified.
+    #[test]
+    fn digests_are_filled_in_only_from_untouched_files() {
+        let (tmp, mut rec) = slot();
+        let dir = tmp.path().join("slot");
+        for e in rec.entries.iter_mut().filter(|e| e.stat.kind == Kind::File) {
+            (e.known, e.digest) = (false, [0; 32]);
+        }
+        std::fs::write(dir.join("d/c"), "THREE").unwrap();
+        assert_eq!(crate::integrity::slot::complete(&dir, &mut rec), 2);
+        let c = rec
+            .entries
+            .iter()
+            .find(|e| &*e.path == Path::new("d/c"))
+            .unwrap();
+        assert!(!c.known);
+        let d = verify(&dir, &rec, true).unwrap();
+        assert_eq!(d.modified, ["d/c"], "{d:?}");
+        assert_eq!(d.hashed, 2);
+    }
+
     /// The racy case: a record whose stat of `a` was taken after an edit
     /// in the same clock tick as the record (its ctime is not older than
     /// the record) holds the stat of the edited file: stat alone would call

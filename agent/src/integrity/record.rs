@@ -26,6 +26,8 @@ use crate::error::{Error, Result};
 use crate::manifest::Sha256Sum;
 
 const MAGIC: &[u8; 8] = b"DAGTREC1";
+/// Set in an entry's kind byte when its digest is not known yet.
+const UNHASHED: u8 = 0x80;
 /// Fixed part of an encoded entry after its path.
 const ENTRY_FIXED: usize = 1 + 8 + 4 + 8 + 8 + 8 + 32;
 
@@ -135,6 +137,12 @@ pub struct Entry {
     /// bytes, not a [`Sha256Sum`] (64 hex digits on the heap), to keep the
     /// record at a path and a few words per file.
     pub digest: [u8; 32],
+    /// Whether `digest` is known. A full unpack records stats only (hashing
+    /// every file there would cost a full deploy 5-50%, benches/hot_paths.rs
+    /// `unpack/*`); the digests are filled in after the deploy, off its
+    /// path, from files whose stat still proves them untouched
+    /// ([`super::slot::complete`]).
+    pub known: bool,
 }
 
 impl Entry {
@@ -144,6 +152,15 @@ impl Entry {
             path: path.into(),
             stat: Observed::of(meta),
             digest,
+            known: true,
+        }
+    }
+
+    /// The entry of a file whose digest is filled in later.
+    pub fn unhashed(path: &Path, meta: &Metadata) -> Entry {
+        Entry {
+            known: false,
+            ..Entry::new(path, meta, [0; 32])
         }
     }
 
@@ -215,10 +232,13 @@ pub fn classify(rec: &Entry, now: &Observed, written_at_ns: i64, full: bool) -> 
         Kind::File | Kind::Symlink => {}
     }
     let racy = now.ctime_ns >= written_at_ns || now.mtime_ns >= written_at_ns;
-    if full || racy || r.ino != now.ino || r.ctime_ns != now.ctime_ns {
-        Verdict::Hash
-    } else {
-        Verdict::Same
+    let stat_proves = !racy && r.ino == now.ino && r.ctime_ns == now.ctime_ns;
+    match (rec.known, stat_proves) {
+        // Nothing to hash against: only the stat can speak.
+        (false, true) => Verdict::Same,
+        (false, false) => Verdict::Changed,
+        (true, true) if !full => Verdict::Same,
+        (true, _) => Verdict::Hash,
     }
 }
 
@@ -250,7 +270,7 @@ impl SlotRecord {
             let p = e.path.as_os_str().as_bytes();
             out.extend_from_slice(&(p.len() as u32).to_le_bytes());
             out.extend_from_slice(p);
-            out.push(e.stat.kind.code());
+            out.push(e.stat.kind.code() | if e.known { 0 } else { UNHASHED });
             out.extend_from_slice(&e.stat.size.to_le_bytes());
             out.extend_from_slice(&e.stat.mode.to_le_bytes());
             out.extend_from_slice(&e.stat.mtime_ns.to_le_bytes());
@@ -337,7 +357,8 @@ impl<'a> Cursor<'a> {
     fn entry(&mut self) -> Option<Entry> {
         let plen = self.u32()? as usize;
         let path = PathBuf::from(OsStr::from_bytes(self.take(plen)?));
-        let kind = Kind::from_code(self.take(1)?[0])?;
+        let code = self.take(1)?[0];
+        let kind = Kind::from_code(code & !UNHASHED)?;
         let stat = Observed {
             kind,
             size: self.u64()?,
@@ -350,6 +371,7 @@ impl<'a> Cursor<'a> {
             path: path.into_boxed_path(),
             stat,
             digest: self.arr()?,
+            known: code & UNHASHED == 0,
         })
     }
 }
@@ -396,7 +418,39 @@ mod tests {
             path: Path::new("app/f3.php").into(),
             stat,
             digest: [7; 32],
+            known: true,
         }
+    }
+
+    /// A digest not filled in yet: the stat alone decides, and anything
+    /// it cannot prove counts as changed.
+    #[test]
+    fn without_a_digest_only_the_stat_can_prove_a_file_unchanged() {
+        let mut rec = entry(file(5, 2_000));
+        rec.known = false;
+        assert_eq!(classify(&rec, &file(5, 2_000), 3_000, true), Verdict::Same);
+        assert_eq!(
+            classify(&rec, &file(6, 2_000), 3_000, false),
+            Verdict::Changed
+        );
+        assert_eq!(
+            classify(&rec, &file(5, 3_000), 3_000, false),
+            Verdict::Changed
+        );
+        let bytes = SlotRecord::new(
+            Header {
+                build: "b".into(),
+                sha256: Sha256Sum::from_bytes([0; 32]),
+                mechanism: Mechanism::Written,
+                written_at_ns: 1,
+            },
+            vec![rec.clone()],
+        )
+        .encode();
+        assert_eq!(
+            SlotRecord::decode(&bytes, Path::new("r")).unwrap().entries,
+            [rec]
+        );
     }
 
     #[test]

@@ -147,6 +147,42 @@ pub fn verify_answer(slot: &str, c: &SlotCheck) -> std::result::Result<String, S
     }
 }
 
+/// Fills in the digests the unpack left out: each file whose stat still
+/// proves it untouched since the record (same inode and ctime, not racy)
+/// is read and hashed; a file whose stat does not is left without a digest
+/// (it already counts as changed). Returns how many were filled in.
+/// Blocking, and reads every such file: run it after the deploy, off its
+/// path.
+pub fn complete(slot_dir: &Path, record: &mut SlotRecord) -> usize {
+    use std::os::unix::fs::OpenOptionsExt;
+    let at = record.header.written_at_ns;
+    let mut buf = vec![0u8; 256 << 10];
+    let mut filled = 0;
+    for e in record.entries.iter_mut().filter(|e| !e.known) {
+        let full = slot_dir.join(&e.path);
+        let opened = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&full);
+        let Ok(mut f) = opened else { continue };
+        let Ok(meta) = f.metadata() else { continue };
+        let now = super::record::Observed::of(&meta);
+        if super::record::classify(e, &now, at, false) != super::record::Verdict::Same {
+            continue;
+        }
+        if let Ok((digest, n)) = super::check::hash_open(&mut f, &mut buf) {
+            // The stat again: a write while it was read makes the digest moot.
+            let after = f.metadata().map(|m| super::record::Observed::of(&m));
+            if n == e.stat.size && after.is_ok_and(|a| a == now) {
+                e.digest = digest;
+                e.known = true;
+                filled += 1;
+            }
+        }
+    }
+    filled
+}
+
 /// Writes the record of the slot at `slot_dir`, just built: `entries` as
 /// the unpack (and the delta) reported them. Blocking.
 pub fn write_record(

@@ -680,7 +680,8 @@ fn verify_one(
         return Err(tampered("its mode or mtime changed".into()));
     }
     let proven = known.0.is_some_and(|e| {
-        e.digest == f.sha256.to_bytes()
+        e.known
+            && e.digest == f.sha256.to_bytes()
             && classify(e, &Observed::of(&meta), known.1, false) == Verdict::Same
     });
     if proven {

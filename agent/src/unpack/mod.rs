@@ -34,7 +34,6 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
-use sha2::{Digest, Sha256};
 use tar::EntryType;
 use tracing::{debug, instrument};
 
@@ -116,8 +115,10 @@ pub fn unpack<R: Read>(
 }
 
 /// [`unpack`], and the record entry of everything it wrote: each file's
-/// sha256 computed by the writer thread from the bytes it writes (no second
-/// read), and its stat taken with `fstat` on the descriptor it wrote with.
+/// stat taken with `fstat` on the descriptor it wrote with (after its mode
+/// and mtime). File digests are left to be filled in after the deploy
+/// (`integrity::slot::complete`): hashing here cost the unpack 48% on the
+/// DEMO build (benches/hot_paths.rs), a full deploy more than 3%.
 pub fn unpack_recorded<R: Read>(
     reader: R,
     format: Format,
@@ -629,16 +630,12 @@ impl<'a> Unpacker<'a> {
         let full = self.slot.join(&rel);
         let mut file = create_file(&full, mode)?;
         let mut buf = vec![0u8; 1 << 20];
-        let mut hasher = self.record.as_ref().map(|_| Sha256::new());
         loop {
             let n = entry.read(&mut buf).map_err(|e| corrupt(self.slot, e))?;
             if n == 0 {
                 break;
             }
             file.write_all(&buf[..n]).map_err(|e| Error::io(&full, e))?;
-            if let Some(h) = hasher.as_mut() {
-                h.update(&buf[..n]);
-            }
             self.shared
                 .bytes_written
                 .fetch_add(n as u64, Ordering::Relaxed);
@@ -647,9 +644,9 @@ impl<'a> Unpacker<'a> {
                 .fetch_add(n as u64, Ordering::Relaxed);
         }
         finish_file(&file, &full, mode, mtime)?;
-        if let (Some(h), Some(rec)) = (hasher, self.record.as_mut()) {
+        if let Some(rec) = self.record.as_mut() {
             let meta = file.metadata().map_err(|e| Error::io(&full, e))?;
-            rec.push(Entry::new(&rel, &meta, h.finalize().into()));
+            rec.push(Entry::unhashed(&rel, &meta));
         }
         self.progress.entries.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -742,11 +739,10 @@ impl Unpacker<'_> {
                 .collect();
             for (link, target) in &self.hardlinks {
                 let Some(&t) = at.get(target) else { continue };
-                let digest = entries[t].digest;
                 let meta = stat(target)?;
-                entries[t] = Entry::new(target, &meta, digest);
+                entries[t] = Entry::unhashed(target, &meta);
                 at.insert(link.clone(), entries.len());
-                entries.push(Entry::new(link, &meta, digest));
+                entries.push(Entry::unhashed(link, &meta));
             }
             // Every name of one inode carries its last ctime.
             for (link, target) in &self.hardlinks {
@@ -780,9 +776,8 @@ impl Drop for Unpacker<'_> {
 }
 
 /// Writes the files the parser hands over; when `record` is set, returns
-/// the record entry of each (its sha256 from the bytes in memory, its stat
-/// from `fstat` after the mode and mtime are set: the last change the
-/// unpack makes to it).
+/// the record entry of each (its stat from `fstat` after the mode and
+/// mtime are set: the last change the unpack makes to it).
 fn writer_loop(
     slot: &Path,
     receiver: &Mutex<Receiver<FileJob>>,
@@ -808,8 +803,7 @@ fn writer_loop(
                 finish_file(&file, &full, job.mode, job.mtime)?;
                 if record {
                     let meta = file.metadata().map_err(|e| Error::io(&full, e))?;
-                    let digest = Sha256::digest(&job.data).into();
-                    entries.push(Entry::new(&job.path, &meta, digest));
+                    entries.push(Entry::unhashed(&job.path, &meta));
                 }
                 Ok(())
             });
