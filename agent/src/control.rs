@@ -387,6 +387,11 @@ pub struct HistoryEntry {
     pub phase_ms: BTreeMap<Phase, u64>,
     /// A deploy built from a delta and its base, not the full artifact.
     pub from_delta: bool,
+    /// Changes to a slot's files since its deploy that this deploy or
+    /// rollback replaced or stopped serving (issue 20): `slot-b rebuilt
+    /// (1 path differed from its record): modified app/f3.php`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integrity: Option<String>,
 }
 
 #[cfg(test)]

@@ -178,6 +178,26 @@ pub enum Error {
     #[error("delta base file {path} is not the base build's ({why}); using the full artifact instead of the delta")]
     DeltaBaseChanged { path: PathBuf, why: String },
 
+    /// A slot's record (`.deploy/slot-?.record`) cannot be read or written.
+    #[error(
+        "slot record {path}: {reason}; the slot's build can no longer be proven intact, so it \
+         is rebuilt from its artifact before it serves again (or run `deploy-agent redeploy`)"
+    )]
+    SlotRecord { path: PathBuf, reason: String },
+
+    /// A slot no longer holds exactly the build its record describes (a
+    /// file written, replaced, added or removed since it was deployed).
+    #[error(
+        "{slot} no longer holds exactly build {build}: {summary}; not flipping to it as it is: \
+         publish {build} again (or `deploy-agent redeploy`) to rebuild it from its artifact, \
+         `deploy-agent verify` lists every difference"
+    )]
+    SlotDrift {
+        slot: String,
+        build: String,
+        summary: String,
+    },
+
     /// The freeze could not be read right before a flip: the flip does not
     /// happen, and the deploy is retried.
     #[error("not flipping to {build}: cannot confirm the fleet freeze ({message}); the deploy is retried")]

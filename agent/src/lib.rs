@@ -31,6 +31,7 @@ pub mod deploy;
 pub mod error;
 pub mod exit;
 pub mod fleet;
+pub mod integrity;
 pub mod logging;
 pub mod manifest;
 pub mod pacing;

@@ -79,6 +79,23 @@ pub fn replace_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
+/// Makes `dst` share `src`'s extents (the FICLONE ioctl: a reflink). Only
+/// filesystems that copy shared extents on write support it (XFS with
+/// reflink, btrfs): a later write to either file changes that file only.
+/// Fails with EOPNOTSUPP, EINVAL or EXDEV where that is not possible (ext4,
+/// tmpfs, another filesystem); the caller then copies.
+pub fn reflink(src: &File, dst: &File) -> std::io::Result<()> {
+    // SAFETY: FICLONE takes the source descriptor as its integer argument
+    // and reads no memory of ours; both descriptors are open for the whole
+    // call since we borrow their `File`s.
+    let r = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// fsyncs a directory so that renames and unlinks inside it are durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).at(dir)

@@ -135,6 +135,14 @@ impl DeployRoot {
         self.meta_dir().join(TRASH)
     }
 
+    /// Where the caller keeps its record of what `slot` holds (one file
+    /// per slot beside the marker; the agent writes it before marking the
+    /// slot ready). A claim removes it after the marker, so a record never
+    /// outlives the build it describes.
+    pub fn record_path(&self, slot: Slot) -> PathBuf {
+        self.meta_dir().join(slot.record_name())
+    }
+
     fn marker_path(&self, slot: Slot) -> PathBuf {
         self.meta_dir().join(slot.marker_name())
     }
@@ -211,6 +219,14 @@ impl DeployRoot {
         }
         // (An unmarked slot needs no state write: this keeps a claim
         // possible on a disk a failed unpack filled to the last block.)
+        // The record of the build leaves with its marker: an unmarked slot
+        // has no record, so a crash here leaves nothing that describes it.
+        let record = self.record_path(slot);
+        match fs::remove_file(&record) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).at(&record),
+        }
         let dir = self.slot_path(slot);
         let non_empty = match fs::read_dir(&dir) {
             Ok(mut d) => d.next().is_some(),

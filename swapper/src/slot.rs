@@ -52,6 +52,13 @@ impl Slot {
         }
     }
 
+    pub(crate) fn record_name(self) -> &'static str {
+        match self {
+            Slot::A => "slot-a.record",
+            Slot::B => "slot-b.record",
+        }
+    }
+
     pub(crate) fn marker_name(self) -> &'static str {
         match self {
             Slot::A => "slot-a.ready",

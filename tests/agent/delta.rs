@@ -1,5 +1,6 @@
 //! Delta deploys: a host running the base build downloads only the delta,
-//! links the unchanged files from its hot slot and ends with a cold slot
+//! reuses the unchanged files of its hot slot (reflink or copy, never a
+//! shared inode) and ends with a cold slot
 //! bit-identical (paths, types, modes, mtimes, contents, link targets) to a
 //! full unpack; a base edited in place, or a delta made for another base,
 //! makes it download the full artifact instead; a SIGKILL in the middle of a
@@ -9,132 +10,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sha2::Digest;
-
-use deploy_agent::config::UnpackLimits;
-use deploy_agent::fleet::commander::release::delta_spec;
-use deploy_agent::manifest::{DeltaSpec, Format};
-use deploy_agent::progress::Progress;
-use deploy_agent::unpack::unpack;
+use deploy_agent::manifest::DeltaSpec;
 use deploy_agent_tests::agent::Harness;
 use deploy_agent_tests::agent_bin;
 use deploy_agent_tests::process::{spawn_run, wait_served, write_config};
-use testkit::buildgen::{self, Artifact, BuildProfile};
+use deploy_agent_tests::slots::{build, delta, full_unpack, live_slot, manifest, tree, Build};
+use testkit::buildgen::BuildProfile;
 use testkit::testserver::artifact::{Fault, FaultRule};
 
-const FORMAT: Format = Format::TarGz;
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// One published build: its artifact on disk and what the server serves.
-struct Build {
-    id: String,
-    path: PathBuf,
-    artifact: Artifact,
-    url_path: String,
-}
-
-/// Generates build `id` (1% of its sources differ from every other build
-/// of the seed) and serves it.
-fn build(
-    dir: &Path,
-    server: &testkit::testserver::artifact::ArtifactServer,
-    id: &str,
-    profile: BuildProfile,
-) -> Build {
-    let path = dir.join(format!("{id}.tar.gz"));
-    let artifact = buildgen::write_build_changing(profile, 7, id, FORMAT, &path, 0.01).unwrap();
-    let url_path = format!("/b/{id}.tar.gz");
-    server.add(&url_path, std::fs::read(&path).unwrap());
-    Build {
-        id: id.into(),
-        path,
-        artifact,
-        url_path,
-    }
-}
-
-/// Writes and serves the delta from `base` to `target`.
-fn delta(
-    dir: &Path,
-    server: &testkit::testserver::artifact::ArtifactServer,
-    base: &Build,
-    target: &Build,
-) -> (DeltaSpec, String) {
-    let out = dir.join(format!("{}-from-{}.delta.tar.zst", target.id, base.id));
-    let url_path = format!("/d/{}-from-{}.tar.zst", target.id, base.id);
-    let (spec, _) = delta_spec(
-        (&base.path, FORMAT),
-        (&target.path, FORMAT),
-        &out,
-        &server.url(&url_path),
-    )
-    .unwrap();
-    server.add(&url_path, std::fs::read(&out).unwrap());
-    (spec, url_path)
-}
-
-fn manifest(
-    server: &testkit::testserver::artifact::ArtifactServer,
-    b: &Build,
-    delta: Option<&DeltaSpec>,
-) -> String {
-    let m = buildgen::manifest_json(&b.id, &server.url(&b.url_path), &b.artifact, FORMAT);
-    let mut v: serde_json::Value = serde_json::from_str(&m).unwrap();
-    if let Some(d) = delta {
-        v["delta"] = serde_json::Value::Object(d.to_json());
-    }
-    v.to_string()
-}
-
-/// Everything a full unpack determines about a tree, by relative path.
-fn tree(root: &Path) -> BTreeMap<PathBuf, String> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            let m = std::fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(root).unwrap().to_path_buf();
-            let what = if m.file_type().is_symlink() {
-                format!("link {:?}", std::fs::read_link(&p).unwrap())
-            } else if m.is_dir() {
-                stack.push(p.clone());
-                format!("dir {:o} {}", m.mode() & 0o7777, m.mtime())
-            } else {
-                let digest = hex::encode(sha2::Sha256::digest(std::fs::read(&p).unwrap()));
-                format!("file {:o} {} {digest}", m.mode() & 0o7777, m.mtime())
-            };
-            out.insert(rel, what);
-        }
-    }
-    out
-}
-
-/// A full unpack of `b` into a fresh directory, the reference a delta must match.
-fn full_unpack(dir: &Path, b: &Build) -> PathBuf {
-    let slot = dir.join(format!("reference-{}", b.id));
-    std::fs::create_dir(&slot).unwrap();
-    let f = std::fs::File::open(&b.path).unwrap();
-    unpack(
-        f,
-        FORMAT,
-        &slot,
-        &UnpackLimits::default(),
-        &Progress::default(),
-    )
-    .unwrap();
-    slot
-}
-
-/// The live slot's directory (`current` resolved).
-fn live_slot(root: &Path) -> PathBuf {
-    root.join(std::fs::read_link(root.join("current")).unwrap())
-}
 
 /// `(b1 live, b2 served with a delta from b1)`.
 async fn live_with_delta(profile: BuildProfile) -> (Harness, Build, Build, DeltaSpec, String) {
@@ -172,18 +59,28 @@ async fn a_delta_deploy_downloads_what_changed_and_matches_a_full_unpack() {
         tree(&reference),
         "the delta-built slot differs from a full unpack"
     );
-    // Most files are the base slot's inodes, linked.
-    let linked = tree(&live)
+    // No file is the base slot's inode (issue 20: a write to one slot
+    // must never change the other); the unchanged files were reused by
+    // reflink or copy, not written from the delta.
+    let base = h.root.join(if live.ends_with("slot-a") {
+        "slot-b"
+    } else {
+        "slot-a"
+    });
+    let shared_inodes = tree(&live)
         .keys()
         .filter(|p| {
             let m = std::fs::symlink_metadata(live.join(p)).unwrap();
-            m.is_file() && m.nlink() >= 2
+            let b = std::fs::symlink_metadata(base.join(p));
+            m.is_file() && b.is_ok_and(|b| b.ino() == m.ino())
         })
         .count();
-    assert!(
-        linked * 10 > b2.artifact.entries as usize * 9,
-        "{linked} linked files"
+    assert_eq!(
+        shared_inodes, 0,
+        "files sharing an inode with the base slot"
     );
+    let logs = deploy_agent_tests::agent::captured_logs();
+    assert!(logs.contains("delta applied"), "{logs}");
     // The history says which deploys came from a delta.
     let out = std::process::Command::new(agent_bin())
         .args(["history", "--json", "--socket"])

@@ -16,5 +16,6 @@ mod fetch;
 mod notify;
 mod process;
 mod reliability;
+mod slot_integrity;
 mod unpack;
 mod watch;

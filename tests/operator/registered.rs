@@ -108,27 +108,13 @@ fn every_test_that_can_skip_shows_its_output() {
             }
             let text = std::fs::read_to_string(&path).unwrap();
             for (at, _) in text.match_indices("precondition(") {
-                // The test function the call is in: the last `fn` before it
-                // that carries a test attribute (helpers like `setup` are
-                // called from such a test).
-                let before = &text[..at];
-                let test = before
-                    .match_indices("#[")
-                    .filter(|(i, _)| {
-                        before[*i..].starts_with("#[test]")
-                            || before[*i..].starts_with("#[tokio::test")
-                    })
-                    .last()
-                    .and_then(|(i, _)| before[i..].split("fn ").nth(1))
-                    .and_then(|rest| rest.split('(').next())
-                    .unwrap_or_default()
-                    .to_string();
-                if !test.is_empty()
-                    && !shown.contains(&format!("|{test}|"))
-                    && !shown.contains(&format!("({test}|"))
-                    && !shown.contains(&format!("|{test})"))
-                {
-                    hidden.push(format!("{area}::{test}"));
+                for test in tests_reaching(&text, at) {
+                    if !shown.contains(&format!("|{test}|"))
+                        && !shown.contains(&format!("({test}|"))
+                        && !shown.contains(&format!("|{test})"))
+                    {
+                        hidden.push(format!("{area}::{test}"));
+                    }
                 }
             }
         }
@@ -138,4 +124,44 @@ fn every_test_that_can_skip_shows_its_output() {
         hidden.is_empty(),
         "tests that can skip silently: {hidden:?} (add them to tests/nextest.toml)"
     );
+}
+
+/// The test functions that run the code at byte `at` of `text`: the
+/// function around it if it is a test, else the tests that call it.
+fn tests_reaching(text: &str, at: usize) -> Vec<String> {
+    let is_test_attr =
+        |attr: &str| attr.starts_with("#[test]") || attr.starts_with("#[tokio::test");
+    let fn_name = |rest: &str| {
+        rest.split('(')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let Some(start) = text[..at].rfind("fn ") else {
+        return Vec::new();
+    };
+    let name = fn_name(&text[start + 3..]);
+    let head = &text[start.saturating_sub(120)..start];
+    if head.rfind("#[").is_some_and(|i| is_test_attr(&head[i..])) {
+        return vec![name];
+    }
+    // A helper: every test whose body calls it.
+    let mut tests = Vec::new();
+    for (i, _) in text.match_indices("#[") {
+        if !is_test_attr(&text[i..]) {
+            continue;
+        }
+        let Some(f) = text[i..].find("fn ") else {
+            continue;
+        };
+        let body_start = i + f;
+        let body_end = text[body_start..]
+            .find("\n}\n")
+            .map_or(text.len(), |e| body_start + e);
+        if text[body_start..body_end].contains(&format!("{name}(")) {
+            tests.push(fn_name(&text[body_start + 3..]));
+        }
+    }
+    tests
 }

@@ -46,6 +46,7 @@ fn fixed_report() -> StatusReport {
         sha256: Some("cd".repeat(32)),
         marked_unix: Some(now_secs() - 7200),
         unmarked_bytes: None,
+        integrity: None,
     });
     r.cold = Some(SlotInfo {
         name: "b".into(),
@@ -115,6 +116,7 @@ impl StatusSource for FixedSource {
                 reason: None,
                 phase_ms: BTreeMap::from([(Phase::Downloading, 1500), (Phase::Flipping, 3)]),
                 from_delta: i == 1,
+                integrity: None,
             })
             .collect()
     }
@@ -164,6 +166,7 @@ impl Agent {
                         "nothing to roll back to: the cold slot holds no valid build".to_owned(),
                     ),
                     Command::Redeploy => Ok(serde_json::json!("deploy of web-2 restarted")),
+                    Command::Verify { .. } => Ok(serde_json::json!("slot-a holds exactly web-1")),
                 };
                 let _ = req.reply.send(answer);
             }

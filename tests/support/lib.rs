@@ -67,6 +67,7 @@ pub mod disk;
 pub mod host;
 pub mod netns;
 pub mod process;
+pub mod slots;
 
 /// The repository's root directory (tests and benches are targets of the
 /// agent package, so their own `CARGO_MANIFEST_DIR` is `agent/`).

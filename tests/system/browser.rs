@@ -116,6 +116,7 @@ fn record(
         finished_at: None,
         updated_at: now_secs(),
         agent_version: "test".into(),
+        changed: Vec::new(),
     }
 }
 

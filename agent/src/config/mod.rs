@@ -56,6 +56,30 @@ pub struct Config {
     /// Tier, app, host id, rollout splay, host reports, freeze key.
     #[serde(default)]
     pub fleet: FleetConfig,
+    /// Checking the slots against their records (`[integrity]`).
+    #[serde(default)]
+    pub integrity: IntegrityConfig,
+}
+
+/// `[integrity]`: how often the live slot (and the cold one) are checked
+/// against their records, to show a hot-patch or any other in-place
+/// change in `status`, the metrics and the host report.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct IntegrityConfig {
+    /// Between two checks (stat only, about one stat per file); `"0s"`
+    /// turns the periodic check off (`deploy-agent verify` and the check
+    /// before every flip to an existing slot still run).
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+}
+
+impl Default for IntegrityConfig {
+    fn default() -> Self {
+        IntegrityConfig {
+            check_interval: Duration::from_secs(300),
+        }
+    }
 }
 
 /// Fleet membership and behaviour (`[fleet]`).
@@ -350,6 +374,7 @@ impl Config {
             signing: Default::default(),
             fleet: FleetConfig::default(),
             status: StatusConfig::default(),
+            integrity: IntegrityConfig::default(),
         }
     }
 

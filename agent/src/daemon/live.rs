@@ -168,6 +168,7 @@ pub fn deploy_entry(r: &DeployRecord) -> HistoryEntry {
         error: r.error.as_ref().map(|e| e.message.clone()),
         phase_ms: r.phase_ms.clone(),
         from_delta: r.from_delta,
+        integrity: r.integrity_note(),
         ..HistoryEntry::default()
     }
 }

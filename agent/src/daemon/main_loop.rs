@@ -592,7 +592,29 @@ impl MainLoop {
                 )
             }
             Command::Rollback => self.rollback(uid, l).await,
+            Command::Verify { full } => (self.verify(full).await, false),
         }
+    }
+
+    /// `deploy-agent verify [--full]`: checks the live slot against its
+    /// record now. Answers an error (the command exits non-zero) naming
+    /// every path that differs.
+    async fn verify(&self, full: bool) -> std::result::Result<String, String> {
+        let hot = self
+            .deployer
+            .root
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .hot();
+        let Some(hot) = hot else {
+            return Err("nothing is live: no slot to verify".into());
+        };
+        let check = match self.deployer.check_slot(hot, full).await {
+            Ok(Some(c)) => c,
+            Ok(None) => return Err(format!("{hot} holds no marked build")),
+            Err(e) => return Err(e.to_string()),
+        };
+        crate::integrity::slot::verify_answer(hot.dir_name(), &check)
     }
 
     /// What `resume` and `redeploy` answer: the freeze still applies.
@@ -617,6 +639,19 @@ impl MainLoop {
                 false,
             );
         }
+        // Never flip to a slot that is not exactly its build (issue 20):
+        // the operator is told what differs and how to rebuild it.
+        let cold = self
+            .deployer
+            .root
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cold();
+        if let Err(e) = self.deployer.check_before_flip(cold).await {
+            self.shared.error(e.to_string());
+            return (Err(e.to_string()), false);
+        }
+        let left_behind = self.deployer.live_drift();
         let (root, seen) = (self.deployer.root.clone(), self.deployer.slots_seen.clone());
         let r = tokio::task::spawn_blocking(move || {
             crate::deploy::SlotsSeen::change(&root, &seen, |r| r.rollback())
@@ -627,12 +662,13 @@ impl MainLoop {
             Ok(Err(e)) => return (Err(e.to_string()), false),
             Err(e) => return (Err(e.to_string()), false),
         };
-        let entry = action_entry(
+        let mut entry = action_entry(
             HistoryKind::Rollback,
             uid,
             &rep.build_id,
             Some(format!("flipped to {} ({})", rep.build_id, rep.to)),
         );
+        entry.integrity = left_behind.map(|c| c.left_behind_note());
         // Hold there (persisted first) so neither the watch nor a restart
         // undoes the operator's rollback.
         let persisted = self.shared.apply(
@@ -643,6 +679,7 @@ impl MainLoop {
             Some(entry),
         );
         l.retry_at = None;
+        self.deployer.check_now.notify_one();
         // What is live is no longer what was applied: once the hold is
         // lifted (resume, redeploy) the desired build must deploy again.
         l.applied = None;

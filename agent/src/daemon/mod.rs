@@ -151,6 +151,10 @@ impl Agent {
             notifier: notifier.clone(),
             member,
         };
+        tracker.spawn(crate::deploy::watch_slots(
+            deployer.clone(),
+            shutdown.clone(),
+        ));
         let task = tokio::spawn(main.run(rx, cmd_rx, shutdown));
         if let Some(n) = &notifier {
             let _ = n.ready("idle: recovered, watching for builds");
@@ -227,6 +231,10 @@ fn build_deployer(
         progress: Arc::new(Progress::default()),
         fetch,
         flip_gate: std::sync::OnceLock::new(),
+        reuse: std::sync::OnceLock::new(),
+        checks: Mutex::default(),
+        live_sink: std::sync::OnceLock::new(),
+        check_now: tokio::sync::Notify::new(),
     });
     Ok((deployer, trust))
 }
@@ -254,6 +262,9 @@ fn start_member(
         tracker,
         shutdown.clone(),
     )?;
+    let sink: Arc<dyn crate::deploy::LiveCheckSink> = member.clone();
+    // The only `set` of a fresh OnceLock: it cannot fail.
+    let _ = deployer.live_sink.set(sink);
     if member.watches_freeze() {
         let gate: Arc<dyn crate::deploy::FlipGate> = member.clone();
         // The only `set` of a fresh OnceLock: it cannot fail.

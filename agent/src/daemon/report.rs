@@ -76,6 +76,7 @@ impl AgentView {
             sha256: marker.as_ref().and_then(|m| m.build.sha256.clone()),
             marked_unix: marker.as_ref().map(|m| m.marked_at),
             unmarked_bytes: None,
+            integrity: self.deployer.last_check(slot, marker.as_ref()),
         };
         (seen.hot.map(info), Some(info(seen.cold)))
     }
@@ -177,6 +178,12 @@ impl StatusSource for AgentView {
             );
         }
         self.metrics.set_held(self.shared.state().is_held());
+        let (hot, cold) = self.slots();
+        let changed = |s: Option<SlotInfo>| {
+            s.and_then(|s| s.integrity)
+                .map_or(0, |c| c.verdict.changed() as u64)
+        };
+        self.metrics.set_slot_changed(changed(hot), changed(cold));
         self.metrics.render()
     }
 }

@@ -30,7 +30,10 @@ pub mod guard;
 pub mod health;
 pub mod hooks;
 pub mod pipeline;
+mod slots;
 pub mod splay;
+
+pub use slots::watch as watch_slots;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -47,6 +50,7 @@ use crate::artifact::{ArtifactCache, FetchSettings};
 use crate::clock::now_secs;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::integrity::{Entry, Mechanism, SlotRecord};
 use crate::manifest::Manifest;
 use crate::progress::{Progress, ProgressSnapshot};
 use crate::unpack::UnpackLimits;
@@ -261,16 +265,18 @@ pub struct ErrorRecord {
     pub build: Option<String>,
 }
 
-/// Where the base of a delta is, in order of preference.
+/// Where the base of a delta is, in order of preference. A slot base
+/// comes with its record (read before the claim, which removes the cold
+/// slot's), so unchanged files are proven by stat instead of hashed.
 #[derive(Debug)]
 enum DeltaBase {
-    /// The live slot (read only, its files gain links).
-    Hot(PathBuf),
+    /// The live slot (only read).
+    Hot(PathBuf, Option<Box<SlotRecord>>),
     /// The cold slot: the claim keeps its old contents aside to read from.
-    Cold,
+    Cold(Option<Box<SlotRecord>>),
     /// The old cold slot's contents, kept aside by the claim (the `Cold`
     /// base once claimed); they go to the trash once the delta has run.
-    Kept(PathBuf),
+    Kept(PathBuf, Option<Box<SlotRecord>>),
     /// Only the base's full artifact, in the artifact cache, pinned for
     /// the deploy: the shared files are written from it, not linked.
     Cached {
@@ -305,6 +311,35 @@ pub struct DeployRecord {
     /// this field), for status's "phase downloading for 12s".
     #[serde(default)]
     pub phase_since: u64,
+    /// The slot this deploy was to flip to without unpacking (a rollback)
+    /// no longer matched its record, so it was rebuilt from the artifact
+    /// first: what differed (at most a few paths per kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repaired: Option<crate::integrity::SlotVerdict>,
+    /// The live slot this deploy flipped away from had changed since its
+    /// deploy (a hot-patch): what stopped being served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left_behind: Option<crate::integrity::SlotCheck>,
+}
+
+impl DeployRecord {
+    /// The history's note on slot integrity, if this deploy met a slot
+    /// that was not exactly its build.
+    pub fn integrity_note(&self) -> Option<String> {
+        let mut notes = Vec::new();
+        if let Some(v) = &self.repaired {
+            let slot = self.slot.map(|s| s.dir_name()).unwrap_or("the slot");
+            notes.push(format!(
+                "{slot} rebuilt from the artifact, repaired {} changed path(s): {}",
+                v.changed(),
+                v.summary()
+            ));
+        }
+        if let Some(c) = &self.left_behind {
+            notes.push(c.left_behind_note());
+        }
+        (!notes.is_empty()).then(|| notes.join("; "))
+    }
 }
 
 impl DeployRecord {
@@ -326,6 +361,8 @@ impl DeployRecord {
             rolled_back_to: None,
             from_delta: false,
             phase_since: now_secs(),
+            repaired: None,
+            left_behind: None,
         }
     }
 }
@@ -354,6 +391,23 @@ pub struct Deployer {
     pub guard: Arc<crate::deploy::guard::Guard>,
     /// Asked right before every flip (set once the fleet member exists).
     pub flip_gate: std::sync::OnceLock<Arc<dyn FlipGate>>,
+    /// How a delta reuses the base slot's unchanged files on this deploy
+    /// root's filesystem: probed at the first delta (`unpack::reuse`).
+    pub reuse: std::sync::OnceLock<Mechanism>,
+    /// The last check of each slot against its record (A, B).
+    pub checks: Mutex<[Option<crate::integrity::SlotCheck>; 2]>,
+    /// Wakes the periodic slot check (after a deploy or a rollback).
+    pub check_now: tokio::sync::Notify,
+    /// Told the result of every check of the live slot (the fleet
+    /// member's host report; set once the member exists).
+    pub live_sink: std::sync::OnceLock<Arc<dyn LiveCheckSink>>,
+}
+
+/// Where the result of each check of the live slot goes besides status.
+pub trait LiveCheckSink: Send + Sync + std::fmt::Debug {
+    /// `changed`: `modified <path>` / `added <path>` / `missing <path>`,
+    /// at most 20 per kind; empty when the live slot is exactly its build.
+    fn live_checked(&self, changed: Vec<String>);
 }
 
 /// What the deploy root's slots hold, as of its last change: for readers
@@ -589,9 +643,11 @@ impl Deployer {
             (true, Some(slot)) => self.reverify(m, slot, &mut run).await,
             _ => self.drive(m, in_cold_slot, &cancel, &mut run).await,
         };
+        // What is live or cold may have changed: check the slots again.
+        self.check_now.notify_one();
         match result {
             Ok(()) => {
-                let outcome = if in_cold_slot {
+                let outcome = if in_cold_slot && run.rec.repaired.is_none() {
                     Outcome::RolledBack
                 } else {
                     Outcome::Success
@@ -641,12 +697,18 @@ impl Deployer {
         cancel: &CancellationToken,
         run: &mut Run<'_>,
     ) -> Result<()> {
-        run.step(Event::Start { in_cold_slot })?;
-        let target = if in_cold_slot {
-            let hot = self.root.lock().unwrap_or_else(|p| p.into_inner()).hot();
-            hot.map(Slot::other).unwrap_or(Slot::A)
-        } else {
-            self.fill_cold_slot(m, cancel, run).await?
+        let target = match in_cold_slot {
+            true => self.cold_slot_as_it_is(m, run).await?,
+            false => None,
+        };
+        let target = match target {
+            Some(slot) => slot,
+            None => {
+                run.step(Event::Start {
+                    in_cold_slot: false,
+                })?;
+                self.fill_cold_slot(m, cancel, run).await?
+            }
         };
         run.rec.slot = Some(target);
         let env = self.hook_env(m, target);
@@ -687,7 +749,10 @@ impl Deployer {
         };
         let limits = self.limits(m);
         let cached = self.cache.lookup(&m.spec.sha256);
-        let base = cached.is_none().then(|| self.delta_base(m)).flatten();
+        let base = match cached {
+            None => self.delta_base(m).await,
+            Some(_) => None,
+        };
         {
             let (cache, root, cold) =
                 (self.cache.clone(), self.root_path.clone(), cold_dir.clone());
@@ -708,7 +773,7 @@ impl Deployer {
         not_cancelled(m, cancel, "claiming the cold slot")?;
         // A base in the cold slot is kept aside by the claim (not trashed)
         // until the delta has been applied from it.
-        let keep = matches!(base, Some(DeltaBase::Cold));
+        let keep = matches!(base, Some(DeltaBase::Cold(_)));
         let (slot, dir, kept) = self
             .with_root(move |r| match keep {
                 true => r.claim_cold_keeping(),
@@ -716,19 +781,20 @@ impl Deployer {
             })
             .await?;
         let base = match base {
-            Some(DeltaBase::Cold) => kept.map(DeltaBase::Kept),
+            Some(DeltaBase::Cold(rec)) => kept.map(|k| DeltaBase::Kept(k, rec)),
             other => other,
         };
         run.rec.slot = Some(slot);
         run.step(Event::ColdSlotFree)?;
 
-        let (slot, entries, bytes) = self
+        let (slot, entries, bytes, built) = self
             .download_and_unpack(m, (slot, dir), base, cached, &limits, cancel, run)
             .await?;
         run.step(Event::Fetched)?;
 
-        // unpacking: durable, then marked. Not cancelled: it is short and
-        // leaves a reusable slot.
+        // unpacking: the record, then durable, then marked. Not cancelled:
+        // it is short and leaves a reusable slot.
+        self.write_record(m, slot, built).await?;
         let info = BuildInfo {
             build_id: m.spec.build.clone(),
             sha256: Some(m.spec.sha256.to_string()),
@@ -756,13 +822,13 @@ impl Deployer {
         limits: &UnpackLimits,
         cancel: &CancellationToken,
         run: &mut Run<'_>,
-    ) -> Result<(Slot, u64, u64)> {
+    ) -> Result<(Slot, u64, u64, (Mechanism, Vec<Entry>))> {
         let (mut slot, mut dir) = claimed;
         let mut built = None;
         let delta = match base {
             Some(base) => {
                 let applied = self.apply_delta(m, &base, &dir, limits, cancel).await;
-                if let DeltaBase::Kept(kept) = base {
+                if let DeltaBase::Kept(kept, _) = base {
                     // Emptied after the deploy with the trash, like any claim's.
                     if let Err(e) = self.with_root(move |r| r.discard_kept(&kept)).await {
                         warn!(error = %e, "cannot move the old cold slot into the trash");
@@ -788,10 +854,10 @@ impl Deployer {
             }
             None => {}
         }
-        let (entries, bytes) = match built {
-            Some(done) => {
+        let (entries, bytes, recorded) = match built {
+            Some((entries, bytes, recorded)) => {
                 run.rec.from_delta = true;
-                done
+                (entries, bytes, recorded)
             }
             None => {
                 let outcome = crate::deploy::pipeline::fetch_and_unpack(
@@ -807,31 +873,42 @@ impl Deployer {
                 )
                 .await?;
                 run.rec.from_cache = outcome.from_cache;
-                (outcome.stats.entries, outcome.stats.bytes_written)
+                let recorded = (Mechanism::Written, outcome.record);
+                (outcome.stats.entries, outcome.stats.bytes_written, recorded)
             }
         };
-        Ok((slot, entries, bytes))
+        Ok((slot, entries, bytes, recorded))
     }
 
     /// Where this host has the base of `m`'s delta, if anywhere. The hot
     /// slot is preferred (the cold one must first be set aside by the
     /// claim); the artifact cache comes last, since its files are written,
-    /// not linked.
-    fn delta_base(&self, m: &Manifest) -> Option<DeltaBase> {
+    /// not reused from a slot.
+    async fn delta_base(&self, m: &Manifest) -> Option<DeltaBase> {
         let delta = m.delta.as_ref()?;
-        let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
-        let holds = |slot: Slot| {
-            root.marker(slot)
-                .and_then(|mk| mk.build.sha256.as_deref())
-                .is_some_and(|sha| delta.base == *sha)
+        let in_slot = {
+            let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
+            let holds = |slot: Slot| {
+                root.marker(slot)
+                    .and_then(|mk| mk.build.sha256.as_deref())
+                    .is_some_and(|sha| delta.base == *sha)
+            };
+            let hot = root.hot();
+            let cold = root.cold();
+            if let Some(h) = hot.filter(|h| holds(*h)) {
+                Some((Some(root.slot_path(h)), root.record_path(h)))
+            } else if hot != Some(cold) && holds(cold) {
+                Some((None, root.record_path(cold)))
+            } else {
+                None
+            }
         };
-        let hot = root.hot();
-        if let Some(h) = hot.filter(|h| holds(*h)) {
-            return Some(DeltaBase::Hot(root.slot_path(h)));
-        }
-        let cold = root.cold();
-        if hot != Some(cold) && holds(cold) {
-            return Some(DeltaBase::Cold);
+        if let Some((hot_dir, record)) = in_slot {
+            let record = slots::base_record(record, delta.base.clone()).await;
+            return Some(match hot_dir {
+                Some(dir) => DeltaBase::Hot(dir, record),
+                None => DeltaBase::Cold(record),
+            });
         }
         // Pinned before the lookup, so a prune cannot race it.
         let _pin = self.cache.pin(&delta.base);
@@ -848,7 +925,7 @@ impl Deployer {
         dir: &std::path::Path,
         limits: &UnpackLimits,
         cancel: &CancellationToken,
-    ) -> Result<(u64, u64)> {
+    ) -> Result<(u64, u64, (Mechanism, Vec<Entry>))> {
         let Some(delta) = m.delta.clone() else {
             return Err(Error::Internal("no delta in the manifest".into()));
         };
@@ -873,9 +950,13 @@ impl Deployer {
         let target = m.spec.sha256.clone();
         use crate::unpack::delta::{apply, Base};
         let base = match base {
-            DeltaBase::Hot(d) | DeltaBase::Kept(d) => Base::Slot(d.clone()),
+            DeltaBase::Hot(d, record) | DeltaBase::Kept(d, record) => Base::Slot {
+                dir: d.clone(),
+                record: record.clone(),
+                how: self.reuse_mechanism().await,
+            },
             DeltaBase::Cached { artifact, .. } => Base::Artifact(artifact.clone()),
-            DeltaBase::Cold => {
+            DeltaBase::Cold(_) => {
                 return Err(Error::Internal("the cold base was not set aside".into()))
             }
         };
@@ -892,10 +973,12 @@ impl Deployer {
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
         crate::deploy::pipeline::release_memory();
-        let entries = applied.unpacked.entries + applied.linked + applied.copied;
+        let entries = applied.unpacked.entries + applied.reused();
+        let how = applied.mechanism();
         Ok((
             entries,
-            applied.unpacked.bytes_written + applied.linked_bytes,
+            applied.unpacked.bytes_written + applied.reused_bytes,
+            (how, applied.entries),
         ))
     }
 
@@ -931,6 +1014,7 @@ impl Deployer {
         not_cancelled(m, cancel, "the flip")?;
         run.step(Event::Drained)?;
 
+        run.rec.left_behind = self.live_drift();
         let report = self.with_root(move |r| r.flip_to(target)).await?;
         info!(build = %report.build_id, to = %report.to, took_us = report.took.as_micros() as u64, "flip complete");
         run.step(Event::Flipped)
@@ -1009,7 +1093,11 @@ impl Deployer {
             }
             Err(e) => warn!(error = %e, "quarantine task failed"),
         }
-        match self.with_root(|r| r.rollback()).await {
+        let back = match self.check_previous_slot().await {
+            Ok(()) => self.with_root(|r| r.rollback()).await,
+            Err(e) => Err(e),
+        };
+        match back {
             Ok(rep) => {
                 info!(
                     build = %m.spec.build,

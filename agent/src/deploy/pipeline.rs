@@ -28,7 +28,7 @@ use crate::artifact::sha256::{check, HashingReader};
 use crate::artifact::{ArtifactCache, BuildSpec, FetchSettings};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
-use crate::unpack::{unpack, UnpackLimits, UnpackStats};
+use crate::unpack::{unpack_recorded, UnpackLimits, UnpackStats};
 
 /// What [`fetch_and_unpack`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +42,9 @@ pub struct UnpackOutcome {
     pub download_time: Duration,
     /// From the start until the reader thread finished hashing and unpacking.
     pub unpack_time: Duration,
+    /// The slot record's entries: each file's sha256, hashed by the writer
+    /// threads from the bytes they wrote, and its stat.
+    pub record: Vec<crate::integrity::Entry>,
 }
 
 /// Downloads into `cache` (or reads `cached`, the cache entry the caller
@@ -117,7 +120,7 @@ pub async fn fetch_and_unpack(
         .map_err(|e| Error::io(slot_dir, std::io::Error::other(e)))?;
     release_memory();
     let unpack_time = started.elapsed();
-    let stats = verify_and_commit(read, &partial, cache, spec, &cancel)?;
+    let (stats, record) = verify_and_commit(read, &partial, cache, spec, &cancel)?;
     info!(
         entries = stats.entries,
         bytes = stats.bytes_written,
@@ -131,6 +134,7 @@ pub async fn fetch_and_unpack(
         from_cache: false,
         download_time,
         unpack_time,
+        record,
     })
 }
 
@@ -194,7 +198,7 @@ fn verify_and_commit(
     cache: &ArtifactCache,
     spec: &BuildSpec,
     cancel: &CancellationToken,
-) -> Result<UnpackStats> {
+) -> Result<Recorded> {
     let Some((digest, bytes)) = read.digest else {
         return Err(stopped(read, cancel, &spec.sha256));
     };
@@ -250,13 +254,14 @@ async fn from_cache(
         return Err(e);
     }
     cache.touch(&spec.sha256);
-    let stats = read.unpacked?;
+    let (stats, record) = read.unpacked?;
     Ok(UnpackOutcome {
         stats,
         sha256: spec.sha256.to_string(),
         from_cache: true,
         download_time: Duration::ZERO,
         unpack_time: started.elapsed(),
+        record,
     })
 }
 
@@ -316,9 +321,12 @@ fn validate_urls(spec: &BuildSpec, settings: &FetchSettings) -> Result<()> {
     Ok(())
 }
 
+/// What an unpack wrote, and the record entries of it.
+type Recorded = (UnpackStats, Vec<crate::integrity::Entry>);
+
 /// What the reader thread saw.
 struct ReadOutcome {
-    unpacked: Result<UnpackStats>,
+    unpacked: Result<Recorded>,
     /// Digest and length of every byte of the artifact; `None` when the
     /// read stopped early (download failed, cancelled).
     digest: Option<([u8; 32], u64)>,
@@ -335,7 +343,7 @@ fn spawn_reader(
     tokio::task::spawn_blocking(move || {
         let mut hashing =
             HashingReader::new(BufReader::with_capacity(256 << 10, source), &progress);
-        let unpacked = unpack(&mut hashing, format, &slot, &limits, &progress);
+        let unpacked = unpack_recorded(&mut hashing, format, &slot, &limits, &progress);
         // Hash the rest even when the unpack refused the archive: a digest
         // mismatch (bad download) is the more useful error than "corrupt".
         let digest = match hashing.drain() {

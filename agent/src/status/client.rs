@@ -102,6 +102,16 @@ pub enum OperatorCommand {
         #[command(flatten)]
         socket: SocketArgs,
     },
+    /// Check the live slot against its record (stat; hashing what the
+    /// stat cannot prove). Exits 5 naming every modified, added or missing
+    /// path when the slot is not exactly its build.
+    Verify {
+        #[command(flatten)]
+        socket: SocketArgs,
+        /// Hash every file, whatever its stat says.
+        #[arg(long)]
+        full: bool,
+    },
 }
 
 /// Runs a subcommand against the agent, printing to stdout/stderr; returns
@@ -162,6 +172,10 @@ pub fn run_cli_on(
         OperatorCommand::Resume { socket } => command(&socket.socket, out, "resume", None),
         OperatorCommand::Rollback { socket } => command(&socket.socket, out, "rollback", None),
         OperatorCommand::Redeploy { socket } => command(&socket.socket, out, "redeploy", None),
+        OperatorCommand::Verify { socket, full } => {
+            let body = serde_json::json!({ "full": full }).to_string();
+            command(&socket.socket, out, "verify", Some(body.as_bytes()))
+        }
     };
     match result {
         Ok(()) => exit::OK,

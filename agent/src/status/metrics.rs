@@ -90,6 +90,9 @@ pub struct Metrics {
     consul_requests: AtomicU64,
     consul_errors: [AtomicU64; ConsulErrorKind::ALL.len()],
     held: AtomicBool,
+    /// Paths of the hot and cold slots that differ from their records, as
+    /// of their last check (issue 20).
+    slot_changed: [AtomicU64; 2],
     /// (build, slot) currently served; changes once per deploy.
     build: Mutex<Option<(String, String)>>,
 }
@@ -113,6 +116,7 @@ impl Metrics {
             consul_requests: AtomicU64::new(0),
             consul_errors: Default::default(),
             held: AtomicBool::new(false),
+            slot_changed: Default::default(),
             build: Mutex::new(None),
         }
     }
@@ -175,6 +179,13 @@ impl Metrics {
     /// Sets the hold gauge.
     pub fn set_held(&self, held: bool) {
         self.held.store(held, Ordering::Relaxed);
+    }
+
+    /// Sets how many paths of the hot and the cold slot differ from their
+    /// records (0 when intact, unchecked or unrecorded).
+    pub fn set_slot_changed(&self, hot: u64, cold: u64) {
+        self.slot_changed[0].store(hot, Ordering::Relaxed);
+        self.slot_changed[1].store(cold, Ordering::Relaxed);
     }
 
     /// Sets the build served now (after a flip, a rollback, or at start).
@@ -301,6 +312,17 @@ impl Metrics {
         let name = "deploy_agent_held";
         header(out, name, "gauge", "1 while an operator holds deploys.");
         sample(out, name, &[], u64::from(self.held.load(Ordering::Relaxed)));
+
+        let name = "deploy_agent_slot_changed_paths";
+        header(
+            out,
+            name,
+            "gauge",
+            "Paths of a slot modified, added or missing since its deploy (last check).",
+        );
+        for (slot, n) in ["hot", "cold"].iter().zip(&self.slot_changed) {
+            sample(out, name, &[("slot", slot)], n.load(Ordering::Relaxed));
+        }
 
         let name = "deploy_agent_uptime_seconds";
         header(out, name, "gauge", "Seconds since the agent started.");

@@ -124,6 +124,11 @@ pub struct SlotInfo {
     pub sha256: Option<String>,
     /// When the ready-marker was written.
     pub marked_unix: Option<u64>,
+    /// The slot's last check against its record (issue 20): intact, or
+    /// which paths were modified, added or missing since the deploy, and
+    /// how its unchanged files were made (written, reflink, copy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub integrity: Option<crate::integrity::SlotCheck>,
 }
 
 /// The phases and outcomes of a deploy: one vocabulary, defined by the
@@ -249,6 +254,8 @@ pub enum Command {
     Rollback,
     /// Run the desired build's deploy again (e.g. after a failure).
     Redeploy,
+    /// Check the live slot against its record; `full` hashes every file.
+    Verify { full: bool },
 }
 
 impl Command {
@@ -259,6 +266,7 @@ impl Command {
             Command::Resume => "resume",
             Command::Rollback => "rollback",
             Command::Redeploy => "redeploy",
+            Command::Verify { .. } => "verify",
         }
     }
 }

@@ -92,7 +92,28 @@ fn slot_line(label: &str, slot: Option<&SlotInfo>, now_unix: u64) -> String {
     if let Some(t) = s.marked_unix {
         let _ = write!(line, "  marked {}", ago(now_unix, t));
     }
+    if let Some(c) = &s.integrity {
+        let _ = write!(line, "\n{:<9} {}", "", integrity_text(c, now_unix));
+    }
     line
+}
+
+/// A slot's last check against its record, under its line.
+fn integrity_text(c: &crate::integrity::SlotCheck, now_unix: u64) -> String {
+    use crate::integrity::SlotVerdict as V;
+    let when = ago(now_unix, c.checked_unix);
+    match &c.verdict {
+        V::Intact { mechanism, .. } => {
+            format!("intact (files {}), checked {when}", mechanism.as_str())
+        }
+        V::Unrecorded => format!("no record (built before records), checked {when}"),
+        V::Drifted { drift, .. } => format!(
+            "CHANGED SINCE DEPLOY ({} paths): {}; checked {when}",
+            drift.count(),
+            drift.summary()
+        ),
+        V::Unprovable { reason } => format!("CANNOT BE PROVEN INTACT: {reason}; checked {when}"),
+    }
 }
 
 /// The build the source names, and which source.
@@ -372,6 +393,9 @@ pub fn render_history(h: &[HistoryEntry], color: bool, now_unix: u64) -> String 
         );
         if let Some(err) = &e.error {
             let _ = writeln!(o, "{:<14} {}", "", p.paint(RED, err));
+        }
+        if let Some(note) = &e.integrity {
+            let _ = writeln!(o, "{:<14} {note}", "");
         }
     }
     o

@@ -364,6 +364,7 @@ enum Route {
     Resume,
     Rollback,
     Redeploy,
+    Verify,
 }
 
 async fn handle(req: Request<Incoming>, peer: Peer, shared: &ConnContext) -> Response<Full<Bytes>> {
@@ -391,7 +392,7 @@ async fn handle(req: Request<Incoming>, peer: Peer, shared: &ConnContext) -> Res
             );
             r
         }
-        Route::Hold | Route::Resume | Route::Rollback | Route::Redeploy => {
+        Route::Hold | Route::Resume | Route::Rollback | Route::Redeploy | Route::Verify => {
             operator_command(req, route, peer, shared).await
         }
     }
@@ -427,6 +428,7 @@ fn route_of(path: &str) -> Option<Route> {
         "/v1/resume" => Some(Route::Resume),
         "/v1/rollback" => Some(Route::Rollback),
         "/v1/redeploy" => Some(Route::Redeploy),
+        "/v1/verify" => Some(Route::Verify),
         _ => None,
     }
 }
@@ -437,7 +439,7 @@ fn not_found(path: &str) -> Response<Full<Bytes>> {
         StatusCode::NOT_FOUND,
         format!(
             "no endpoint {path}; try /v1/status, /v1/history, /metrics, \
-             POST /v1/hold|resume|rollback|redeploy"
+             POST /v1/hold|resume|rollback|redeploy|verify"
         ),
     )
 }
@@ -535,16 +537,19 @@ fn parse_command(route: Route, body: &[u8]) -> std::result::Result<Command, Stri
             reason: reason.to_owned(),
         });
     }
+    let mut full = false;
     if !blank {
         let v: serde_json::Value =
             serde_json::from_slice(body).map_err(|e| format!("malformed JSON body: {e}"))?;
         if !v.is_object() {
             return Err("body must be empty or a JSON object".into());
         }
+        full = v.get("full").and_then(serde_json::Value::as_bool) == Some(true);
     }
     Ok(match route {
         Route::Resume => Command::Resume,
         Route::Rollback => Command::Rollback,
+        Route::Verify => Command::Verify { full },
         _ => Command::Redeploy,
     })
 }

@@ -11,15 +11,22 @@
 //! file's digest) is covered by the manifest and its signature.
 //!
 //! Applying it (`apply`): the delta's own entries go through the same
-//! defensive unpacker as a full artifact; then every shared file in the
-//! base slot is hashed, compared with the index and hard-linked into the
-//! new slot. A file edited in place in the base fails the delta (the new
-//! slot stays unmarked garbage, and the caller downloads the full
-//! artifact). Linking is safe because a file is shared only when its
-//! mode and mtime match as well as its content, so the linked inode is
-//! bit-for-bit the file a full unpack would write; a link across
-//! filesystems falls back to a copy. Directory mtimes are set last, from
-//! the index, as a full unpack leaves them.
+//! defensive unpacker as a full artifact; then every shared file of the
+//! base slot is checked against the index and reused in the new slot. The
+//! check costs a stat when the base slot's record proves the file unchanged
+//! since its deploy (same inode and ctime, older than the record: see
+//! `integrity::record::classify`), and a sha256 of the file otherwise (no
+//! record, or a stat that differs or is racy). A file edited in place in
+//! the base fails the delta (the new slot stays unmarked garbage, and the
+//! caller downloads the full artifact).
+//!
+//! Reuse never shares an inode between slots (issue 20: a write to one slot
+//! must never change the other, or a rollback would serve the edit): the
+//! new slot's file is a reflink of the base's where the filesystem shares
+//! extents copy-on-write (XFS with reflink, btrfs; `Mechanism::Reflink`),
+//! an in-kernel copy otherwise (`copy_file_range`, `Mechanism::Copy`).
+//! Directory mtimes are set last, from the index, as a full unpack leaves
+//! them. Every entry of the new slot comes back with its record entry.
 //!
 //! A host that has the base only as its full artifact in the artifact
 //! cache (`Base::Artifact`) streams the delta's entries and then the
@@ -28,24 +35,24 @@
 //! not the writes.
 //!
 //! Crash guarantees: as for a full unpack. Both ways write only into the
-//! claimed cold slot; the base slot or artifact is only read (a slot's
-//! files gain a link count); a crash leaves an unmarked cold slot, which is
-//! garbage.
+//! claimed cold slot; the base slot or artifact is only read; a crash
+//! leaves an unmarked cold slot, which is garbage.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::info;
 
-use super::{bytes_path, dir_mode, file_mode, unpack, UnpackLimits, UnpackStats};
+use super::{bytes_path, dir_mode, file_mode, unpack_recorded, UnpackLimits, UnpackStats};
 use crate::artifact::sha256::{hash_file, HashingReader};
 use crate::error::{Error, Result};
+use crate::integrity::record::{classify, Entry, Mechanism, Observed, SlotRecord, Verdict};
 use crate::manifest::{Format, Sha256Sum};
 use crate::progress::Progress;
 
@@ -93,15 +100,37 @@ pub struct DeltaInfo {
 }
 
 /// What [`apply`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Applied {
     /// The unpack of the delta's own entries (written files among them).
     pub unpacked: UnpackStats,
-    /// Files hard-linked from the base slot.
-    pub linked: u64,
-    /// Shared files copied instead (the base is on another filesystem).
+    /// Shared files reflinked from the base slot.
+    pub reflinked: u64,
+    /// Shared files copied from the base slot.
     pub copied: u64,
-    pub linked_bytes: u64,
+    pub reused_bytes: u64,
+    /// Shared files the base slot's record proved unchanged by stat alone.
+    pub trusted: u64,
+    /// Shared files hashed (no record, or a stat that could not prove them).
+    pub hashed: u64,
+    /// The record entries of everything in the new slot.
+    pub entries: Vec<Entry>,
+}
+
+impl Applied {
+    /// Shared files reused from the base slot.
+    pub fn reused(&self) -> u64 {
+        self.reflinked + self.copied
+    }
+
+    /// How the shared files were made: a reflink if any was.
+    pub fn mechanism(&self) -> Mechanism {
+        match (self.reflinked, self.copied) {
+            (0, 0) => Mechanism::Written,
+            (0, _) => Mechanism::Copy,
+            _ => Mechanism::Reflink,
+        }
+    }
 }
 
 // ---- publishing ----
@@ -320,8 +349,14 @@ fn open_delta(
 /// Where a delta's base is read from.
 #[derive(Debug, Clone)]
 pub enum Base {
-    /// A slot holding the base build: shared files are verified and linked.
-    Slot(PathBuf),
+    /// A slot holding the base build, and its record if it has one: shared
+    /// files are verified (by the record's stat, else by sha256) and
+    /// reused the way `how` says.
+    Slot {
+        dir: PathBuf,
+        record: Option<Box<SlotRecord>>,
+        how: Mechanism,
+    },
     /// The base build's full artifact (from the artifact cache): shared
     /// files are verified and written.
     Artifact(PathBuf),
@@ -341,15 +376,20 @@ pub fn apply(
     let (stream, index) = open_delta(delta, expect)?;
     let started = std::time::Instant::now();
     let applied = match base {
-        Base::Slot(base_slot) => from_slot(stream, &index, base_slot, slot, limits, progress)?,
+        Base::Slot { dir, record, how } => {
+            let base = (dir.as_path(), record.as_deref(), *how);
+            from_slot(stream, &index, base, slot, limits, progress)?
+        }
         Base::Artifact(artifact) => {
             from_artifact(stream, &index, artifact, slot, limits, progress)?
         }
     };
     set_dir_mtimes(&index, slot)?;
     info!(
-        linked = applied.linked,
+        reflinked = applied.reflinked,
         copied = applied.copied,
+        trusted = applied.trusted,
+        hashed = applied.hashed,
         written = applied.unpacked.files,
         ms = started.elapsed().as_millis() as u64,
         "delta applied"
@@ -358,11 +398,11 @@ pub fn apply(
 }
 
 /// The delta's entries through the unpacker, then every shared file of the
-/// base slot verified and linked.
+/// base slot verified and reused.
 fn from_slot(
     stream: impl Read,
     index: &DeltaIndex,
-    base_slot: &Path,
+    base: (&Path, Option<&SlotRecord>, Mechanism),
     slot: &Path,
     limits: &UnpackLimits,
     progress: &Progress,
@@ -373,14 +413,17 @@ fn from_slot(
         .map(|f| relative(&f.path))
         .collect::<Result<Vec<_>>>()?;
     let started = std::time::Instant::now();
-    let unpacked = unpack(stream, Format::Tar, slot, limits, progress)?;
+    let (unpacked, mut entries) = unpack_recorded(stream, Format::Tar, slot, limits, progress)?;
     let written = started.elapsed();
-    let mut applied = reuse_shared(&index.shared, &rels, base_slot, slot, progress)?;
+    let mut applied = reuse_shared(&index.shared, &rels, base, slot, progress)?;
     applied.unpacked = unpacked;
+    entries.append(&mut applied.entries);
+    applied.entries = entries;
     info!(
         unpack_ms = written.as_millis() as u64,
-        verify_and_link_ms = (started.elapsed() - written).as_millis() as u64,
-        "delta: base slot files verified and linked"
+        verify_and_reuse_ms = (started.elapsed() - written).as_millis() as u64,
+        how = base.2.as_str(),
+        "delta: base slot files verified and reused"
     );
     Ok(applied)
 }
@@ -404,7 +447,7 @@ fn from_artifact(
     let (mut reader, writer) = (File::from(reader), File::from(writer));
     let (unpacked, merged) = std::thread::scope(|s| {
         let unpacker = s.spawn(move || {
-            let unpacked = unpack(&mut reader, Format::Tar, slot, limits, progress);
+            let unpacked = unpack_recorded(&mut reader, Format::Tar, slot, limits, progress);
             if unpacked.is_ok() {
                 // Past the end-of-archive block the unpacker stops at, so
                 // the merger's last write does not fail.
@@ -423,9 +466,10 @@ fn from_artifact(
     // The merger's own error (a base file that differs, a missing one)
     // explains a cut-short stream better than the unpacker's.
     let (from_base, n) = match (unpacked, merged) {
-        (Ok(u), Ok(n)) => (
+        (Ok((u, entries)), Ok(n)) => (
             Applied {
                 unpacked: u,
+                entries,
                 ..Applied::default()
             },
             n,
@@ -549,29 +593,33 @@ fn read_index(stream: &mut impl Read, delta: &Path) -> Result<DeltaIndex> {
     Ok(index)
 }
 
-/// Hashes every shared file in the base slot, compares it with the index
-/// and links it into `slot`, on two threads (hashing and linking are all of
-/// a delta's CPU; the profile is in docs/performance.md). A file edited in
-/// place in the base fails the whole delta: the slot is then unmarked
-/// garbage and the caller downloads the full artifact.
+/// Checks every shared file of the base slot against the index and reuses
+/// it in `slot`, on two threads (checking and reusing are all of a
+/// delta's CPU; the profile is in docs/performance.md). A file that is not
+/// the base build's any more fails the whole delta: the slot is then
+/// unmarked garbage and the caller downloads the full artifact.
 fn reuse_shared(
     shared: &[SharedFile],
     rels: &[PathBuf],
-    base_slot: &Path,
+    base: (&Path, Option<&SlotRecord>, Mechanism),
     slot: &Path,
     progress: &Progress,
 ) -> Result<Applied> {
+    let (base_slot, record, how) = base;
+    let recorded: HashMap<&Path, &Entry> = record
+        .map(|r| r.entries.iter().map(|e| (&*e.path, e)).collect())
+        .unwrap_or_default();
+    let written_at = record.map_or(i64::MIN, |r| r.header.written_at_ns);
     let half = shared.len() / 2;
-    // Cleared the first time linking an open file is refused (no
-    // CAP_DAC_READ_SEARCH): every later link goes by path.
-    let by_fd = AtomicBool::new(true);
     let work = |files: &[SharedFile], rels: &[PathBuf]| -> Result<Applied> {
         let mut buf = vec![0u8; 256 << 10];
         let mut applied = Applied::default();
         for (f, rel) in files.iter().zip(rels) {
             let from = base_slot.join(rel);
-            let file = verify_one(f, &from, &mut buf)?;
-            link_shared((&file, &from), &slot.join(rel), f, &by_fd, &mut applied)?;
+            let known = recorded.get(rel.as_path()).copied();
+            let file = verify_one(f, &from, (known, written_at), &mut buf, &mut applied)?;
+            let entry = reuse_one((&file, &from), (&slot.join(rel), rel), f, how, &mut applied)?;
+            applied.entries.push(entry);
             progress.entries.fetch_add(1, Ordering::Relaxed);
         }
         Ok(applied)
@@ -584,19 +632,32 @@ fn reuse_shared(
             .unwrap_or_else(|_| Err(refused("a delta thread panicked".into())));
         (first, second)
     });
-    let (a, b) = (first?, second?);
+    let (mut a, b) = (first?, second?);
+    a.entries.extend(b.entries);
     Ok(Applied {
         unpacked: UnpackStats::default(),
-        linked: a.linked + b.linked,
+        reflinked: a.reflinked + b.reflinked,
         copied: a.copied + b.copied,
-        linked_bytes: a.linked_bytes + b.linked_bytes,
+        reused_bytes: a.reused_bytes + b.reused_bytes,
+        trusted: a.trusted + b.trusted,
+        hashed: a.hashed + b.hashed,
+        entries: a.entries,
     })
 }
 
 /// Opens one shared file of the base slot and checks it against the index:
-/// type, size, mode, mtime and the sha256 of exactly the size fstat gave.
-/// Returns the open file, so the inode that is linked is the one verified.
-fn verify_one(f: &SharedFile, full: &Path, buf: &mut [u8]) -> Result<File> {
+/// type, size, mode, mtime, and its content: proven by the base record's
+/// stat when `known` (its record entry, with the record's write time)
+/// proves it unchanged and records the index's digest, else by the sha256
+/// of exactly the size fstat gave. Returns the open file, so the inode
+/// reused is the one verified.
+fn verify_one(
+    f: &SharedFile,
+    full: &Path,
+    known: (Option<&Entry>, i64),
+    buf: &mut [u8],
+    applied: &mut Applied,
+) -> Result<File> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let tampered = |why: String| Error::DeltaBaseChanged {
         path: full.to_path_buf(),
@@ -618,6 +679,16 @@ fn verify_one(f: &SharedFile, full: &Path, buf: &mut [u8]) -> Result<File> {
     if meta.mode() & 0o7777 != file_mode(f.mode) || meta.mtime() != f.mtime as i64 {
         return Err(tampered("its mode or mtime changed".into()));
     }
+    let proven = known.0.is_some_and(|e| {
+        e.known
+            && e.digest == f.sha256.to_bytes()
+            && classify(e, &Observed::of(&meta), known.1, false) == Verdict::Same
+    });
+    if proven {
+        applied.trusted += 1;
+        return Ok(file);
+    }
+    applied.hashed += 1;
     let mut hasher = Sha256::new();
     let mut reader = (&file).take(f.size);
     let mut read = 0;
@@ -635,61 +706,56 @@ fn verify_one(f: &SharedFile, full: &Path, buf: &mut [u8]) -> Result<File> {
     Ok(file)
 }
 
-/// Links (or, across filesystems, copies) one verified shared file: by its
-/// open descriptor (`AT_EMPTY_PATH`), so a file swapped in by path after
-/// the check cannot be linked instead, and no second path walk is paid;
-/// by path when the kernel refuses that (it needs CAP_DAC_READ_SEARCH).
-fn link_shared(
-    (file, from): (&File, &Path),
-    to: &Path,
+/// Makes the new slot's copy of one verified shared file (reflink where
+/// `how` says the filesystem can, else an in-kernel copy) with the index's
+/// mode and mtime, and returns its record entry. The source is stat'ed
+/// again afterwards: a write to it during the copy fails the delta rather
+/// than let the record vouch for bytes nobody checked.
+fn reuse_one(
+    (src, from): (&File, &Path),
+    (to, rel): (&Path, &Path),
     f: &SharedFile,
-    by_fd: &AtomicBool,
+    how: Mechanism,
     applied: &mut Applied,
-) -> Result<()> {
-    use nix::errno::Errno;
-    use std::os::fd::AsRawFd;
-    let link = || -> std::result::Result<(), Errno> {
-        if by_fd.load(Ordering::Relaxed) {
-            let at = nix::fcntl::AtFlags::AT_EMPTY_PATH;
-            match nix::unistd::linkat(Some(file.as_raw_fd()), Path::new(""), None, to, at) {
-                Err(Errno::ENOENT | Errno::EPERM) if to.parent().is_some_and(Path::is_dir) => {
-                    by_fd.store(false, Ordering::Relaxed)
-                }
-                done => return done,
-            }
-        }
-        nix::unistd::linkat(None, from, None, to, nix::fcntl::AtFlags::empty())
-    };
-    let mut done = link();
-    if done == Err(Errno::ENOENT) {
-        if let Some(parent) = to.parent().filter(|p| !p.is_dir()) {
-            // A directory the target tar only implies; the unpacker makes
-            // those 0755 too.
+) -> Result<Entry> {
+    let before = src.metadata().map_err(|e| Error::io(from, e))?;
+    let dst = create_with_parents(to, file_mode(f.mode))?;
+    let used = super::reuse::clone_or_copy(src, &dst, f.size, how).map_err(|e| Error::io(to, e))?;
+    let mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(f.mtime);
+    super::finish_file(&dst, to, file_mode(f.mode), mtime)?;
+    let after = src.metadata().map_err(|e| Error::io(from, e))?;
+    if Observed::of(&after) != Observed::of(&before) {
+        return Err(Error::DeltaBaseChanged {
+            path: from.to_path_buf(),
+            why: "it was written while it was being reused".into(),
+        });
+    }
+    match used {
+        Mechanism::Reflink => applied.reflinked += 1,
+        _ => applied.copied += 1,
+    }
+    applied.reused_bytes += f.size;
+    let meta = dst.metadata().map_err(|e| Error::io(to, e))?;
+    Ok(Entry::new(rel, &meta, f.sha256.to_bytes()))
+}
+
+/// Creates `to` (O_EXCL, no symlink followed) and any parent directory the
+/// target tar only implies (the unpacker makes those 0755 too).
+fn create_with_parents(to: &Path, mode: u32) -> Result<File> {
+    match super::create_file(to, mode) {
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(dir_mode(0o755))
-                .create(parent)
-                .map_err(|e| Error::io(parent, e))?;
-            done = link();
+            if let Some(parent) = to.parent() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(dir_mode(0o755))
+                    .create(parent)
+                    .map_err(|e| Error::io(parent, e))?;
+            }
+            super::create_file(to, mode)
         }
+        other => other,
     }
-    match done {
-        Ok(()) => applied.linked += 1,
-        Err(Errno::EXDEV) => {
-            std::fs::copy(from, to).map_err(|e| Error::io(to, e))?;
-            let t = SystemTime::UNIX_EPOCH + Duration::from_secs(f.mtime);
-            File::options()
-                .write(true)
-                .open(to)
-                .and_then(|file| file.set_modified(t))
-                .map_err(|e| Error::io(to, e))?;
-            applied.copied += 1;
-        }
-        Err(e) => return Err(Error::io(to, e.into())),
-    }
-    applied.linked_bytes += f.size;
-    Ok(())
 }
 
 /// A path the index names, relative and without `..`.
@@ -736,30 +802,67 @@ mod tests {
         }
     }
 
-    /// Both ways of linking (by descriptor, and by path when the kernel
-    /// refuses that) link the verified inode, creating a missing parent.
+    /// A verified shared file is reused in an inode of its own: a write to
+    /// the new slot's file leaves the base slot's file as it was.
     #[test]
-    fn a_verified_file_is_linked_by_descriptor_or_by_path() {
+    fn a_reused_file_is_its_own_inode() {
         let tmp = tempfile::tempdir().unwrap();
         let (base, slot) = (tmp.path().join("base"), tmp.path().join("slot"));
         std::fs::create_dir_all(base.join("d")).unwrap();
         std::fs::create_dir(&slot).unwrap();
-        for (name, by_fd) in [("a", true), ("b", false)] {
-            let from = base.join("d").join(name);
-            std::fs::write(&from, name).unwrap();
-            let f = shared(name, name.as_bytes(), &from);
-            let file = verify_one(&f, &from, &mut [0u8; 16]).unwrap();
-            let to = slot.join("d").join(name);
-            let mut applied = Applied::default();
-            let flag = AtomicBool::new(by_fd);
-            link_shared((&file, &from), &to, &f, &flag, &mut applied).unwrap();
-            assert_eq!(applied.linked, 1);
-            let (a, b) = (
-                std::fs::metadata(&from).unwrap(),
-                std::fs::metadata(&to).unwrap(),
-            );
-            assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
-        }
+        let from = base.join("d/a");
+        std::fs::write(&from, b"base").unwrap();
+        let f = shared("d/a", b"base", &from);
+        let mut applied = Applied::default();
+        let file = verify_one(&f, &from, (None, 0), &mut [0u8; 16], &mut applied).unwrap();
+        assert_eq!((applied.hashed, applied.trusted), (1, 0));
+        let to = slot.join("d/a");
+        let e = reuse_one(
+            (&file, &from),
+            (&to, Path::new("d/a")),
+            &f,
+            Mechanism::Copy,
+            &mut applied,
+        )
+        .unwrap();
+        assert_eq!(applied.reused(), 1);
+        assert_eq!(e.digest, f.sha256.to_bytes());
+        let (a, b) = (
+            std::fs::metadata(&from).unwrap(),
+            std::fs::metadata(&to).unwrap(),
+        );
+        assert_ne!(a.ino(), b.ino());
+        assert_eq!((b.mode() & 0o7777, b.mtime()), (f.mode, f.mtime as i64));
+        std::fs::write(&to, b"HOTFIX").unwrap();
+        assert_eq!(std::fs::read(&from).unwrap(), b"base");
+    }
+
+    /// The base slot's record proves an unchanged file by stat (no hash);
+    /// the same file written in place, size and mtime kept, is hashed and
+    /// refused.
+    #[test]
+    fn a_record_spares_the_hash_and_an_edit_is_still_caught() {
+        let tmp = tempfile::tempdir().unwrap();
+        let from = tmp.path().join("f");
+        std::fs::write(&from, b"abc").unwrap();
+        let f = shared("f", b"abc", &from);
+        let meta = std::fs::metadata(&from).unwrap();
+        let entry = Entry::new(Path::new("f"), &meta, f.sha256.to_bytes());
+        let at = crate::integrity::record::stamp(tmp.path(), entry.stat.ctime_ns).unwrap();
+        let mut applied = Applied::default();
+        verify_one(&f, &from, (Some(&entry), at), &mut [0u8; 2], &mut applied).unwrap();
+        assert_eq!((applied.trusted, applied.hashed), (1, 0));
+        std::fs::write(&from, b"abd").unwrap();
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(f.mtime);
+        File::options()
+            .write(true)
+            .open(&from)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+        let e = verify_one(&f, &from, (Some(&entry), at), &mut [0u8; 2], &mut applied).unwrap_err();
+        assert!(e.to_string().contains("its content changed"), "{e}");
+        assert_eq!(applied.hashed, 1);
     }
 
     /// A file whose content no longer matches the index is refused, even
@@ -770,7 +873,8 @@ mod tests {
         let from = tmp.path().join("f");
         std::fs::write(&from, b"abc").unwrap();
         let f = shared("f", b"abd", &from);
-        let e = verify_one(&f, &from, &mut [0u8; 2]).unwrap_err();
+        let mut applied = Applied::default();
+        let e = verify_one(&f, &from, (None, 0), &mut [0u8; 2], &mut applied).unwrap_err();
         assert!(e.to_string().contains("its content changed"), "{e}");
     }
 }

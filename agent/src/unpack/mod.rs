@@ -21,6 +21,7 @@
 //! runs one `syncfs` over the slot after a successful unpack.
 
 pub mod delta;
+pub mod reuse;
 mod writeback;
 
 use std::collections::{HashMap, HashSet};
@@ -38,6 +39,7 @@ use tracing::{debug, instrument};
 
 pub use crate::config::UnpackLimits;
 use crate::error::{Error, Result};
+use crate::integrity::Entry;
 pub use crate::manifest::Format;
 use crate::progress::Progress;
 
@@ -109,6 +111,32 @@ pub fn unpack<R: Read>(
     limits: &UnpackLimits,
     progress: &Progress,
 ) -> Result<UnpackStats> {
+    unpack_inner(reader, format, slot_dir, limits, progress, false).map(|(stats, _)| stats)
+}
+
+/// [`unpack`], and the record entry of everything it wrote: each file's
+/// stat taken with `fstat` on the descriptor it wrote with (after its mode
+/// and mtime). File digests are left to be filled in after the deploy
+/// (`integrity::slot::complete`): hashing here cost the unpack 48% on the
+/// DEMO build (benches/hot_paths.rs), a full deploy more than 3%.
+pub fn unpack_recorded<R: Read>(
+    reader: R,
+    format: Format,
+    slot_dir: &Path,
+    limits: &UnpackLimits,
+    progress: &Progress,
+) -> Result<(UnpackStats, Vec<Entry>)> {
+    unpack_inner(reader, format, slot_dir, limits, progress, true)
+}
+
+fn unpack_inner<R: Read>(
+    reader: R,
+    format: Format,
+    slot_dir: &Path,
+    limits: &UnpackLimits,
+    progress: &Progress,
+    record: bool,
+) -> Result<(UnpackStats, Vec<Entry>)> {
     // The in-memory view of the slot is only the truth if the slot starts empty.
     let mut existing = std::fs::read_dir(slot_dir).map_err(|e| Error::io(slot_dir, e))?;
     if existing.next().is_some() {
@@ -131,7 +159,7 @@ pub fn unpack<R: Read>(
         )
         .saturating_add(1 << 20);
     let decoded = decoded(reader, format, slot_dir)?;
-    let mut unpacker = Unpacker::new(slot_dir, limits, progress);
+    let mut unpacker = Unpacker::new(slot_dir, limits, progress, record);
     let result = unpacker.run(
         LimitedReader {
             inner: decoded,
@@ -165,7 +193,11 @@ pub fn unpack<R: Read>(
         bytes = stats.bytes_written,
         "unpacked"
     );
-    Ok(stats)
+    let entries = match record {
+        true => unpacker.recorded()?,
+        false => Vec::new(),
+    };
+    Ok((stats, entries))
 }
 
 /// What this unpack created at a slot-relative path.
@@ -285,13 +317,15 @@ struct Unpacker<'a> {
     stats: UnpackStats,
     content_bytes: u64,
     sender: Option<SyncSender<FileJob>>,
-    writers: Vec<std::thread::JoinHandle<()>>,
+    writers: Vec<std::thread::JoinHandle<Vec<Entry>>>,
     shared: Arc<WriteBudget>,
     writeback: writeback::Writeback,
+    /// Record entries of the files written (`None`: not recording).
+    record: Option<Vec<Entry>>,
 }
 
 impl<'a> Unpacker<'a> {
-    fn new(slot: &'a Path, limits: &'a UnpackLimits, progress: &'a Progress) -> Self {
+    fn new(slot: &'a Path, limits: &'a UnpackLimits, progress: &'a Progress, record: bool) -> Self {
         let shared = Arc::new(WriteBudget {
             budget: Mutex::new(0),
             budget_freed: Condvar::new(),
@@ -308,7 +342,7 @@ impl<'a> Unpacker<'a> {
             let slot_for_thread = slot.to_path_buf();
             let spawned = std::thread::Builder::new()
                 .name(format!("unpack-writer-{i}"))
-                .spawn(move || writer_loop(&slot_for_thread, &receiver, &thread_shared));
+                .spawn(move || writer_loop(&slot_for_thread, &receiver, &thread_shared, record));
             match spawned {
                 Ok(handle) => writers.push(handle),
                 Err(e) => shared.fail(Error::io(slot, e)),
@@ -329,6 +363,7 @@ impl<'a> Unpacker<'a> {
             sender: Some(sender),
             writers,
             shared,
+            record: record.then(Vec::new),
         }
     }
 
@@ -609,6 +644,10 @@ impl<'a> Unpacker<'a> {
                 .fetch_add(n as u64, Ordering::Relaxed);
         }
         finish_file(&file, &full, mode, mtime)?;
+        if let Some(rec) = self.record.as_mut() {
+            let meta = file.metadata().map_err(|e| Error::io(&full, e))?;
+            rec.push(Entry::unhashed(&rel, &meta));
+        }
         self.progress.entries.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -630,11 +669,16 @@ impl<'a> Unpacker<'a> {
         }
         self.sender = None;
         for writer in self.writers.drain(..) {
-            if writer.join().is_err() {
-                self.shared.fail(Error::io(
+            match writer.join() {
+                Ok(entries) => {
+                    if let Some(rec) = self.record.as_mut() {
+                        rec.extend(entries);
+                    }
+                }
+                Err(_) => self.shared.fail(Error::io(
                     self.slot,
                     io::Error::other("an unpack writer thread panicked"),
-                ));
+                )),
             }
         }
         self.writeback.stop();
@@ -676,6 +720,53 @@ impl<'a> Unpacker<'a> {
     }
 }
 
+impl Unpacker<'_> {
+    /// The record entries of everything written, after [`Unpacker::finish`]:
+    /// the files from the writers, then hard links, symlinks and
+    /// directories by `lstat` (a few per cent of a build). A hard link's
+    /// target is stat'ed again: linking changed its ctime.
+    fn recorded(&mut self) -> Result<Vec<Entry>> {
+        let mut entries = self.record.take().unwrap_or_default();
+        let stat = |rel: &Path| {
+            let full = self.slot.join(rel);
+            std::fs::symlink_metadata(&full).map_err(|e| Error::io(&full, e))
+        };
+        if !self.hardlinks.is_empty() {
+            let mut at: HashMap<PathBuf, usize> = entries
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (e.path.to_path_buf(), i))
+                .collect();
+            for (link, target) in &self.hardlinks {
+                let Some(&t) = at.get(target) else { continue };
+                let meta = stat(target)?;
+                entries[t] = Entry::unhashed(target, &meta);
+                at.insert(link.clone(), entries.len());
+                entries.push(Entry::unhashed(link, &meta));
+            }
+            // Every name of one inode carries its last ctime.
+            for (link, target) in &self.hardlinks {
+                if let (Some(&l), Some(&t)) = (at.get(link), at.get(target)) {
+                    entries[l].stat = entries[t].stat;
+                }
+            }
+        }
+        for (rel, node) in &self.nodes.by_path {
+            let full = self.slot.join(rel);
+            match node {
+                _ if rel.as_os_str().is_empty() => {}
+                Node::Dir => entries.push(Entry::new(rel, &stat(rel)?, [0; 32])),
+                Node::Symlink => {
+                    let target = std::fs::read_link(&full).map_err(|e| Error::io(&full, e))?;
+                    entries.push(Entry::symlink(rel, &stat(rel)?, &target));
+                }
+                Node::File => {}
+            }
+        }
+        Ok(entries)
+    }
+}
+
 impl Drop for Unpacker<'_> {
     fn drop(&mut self) {
         // Only reached with writers still running if `finish` was skipped
@@ -684,15 +775,24 @@ impl Drop for Unpacker<'_> {
     }
 }
 
-fn writer_loop(slot: &Path, receiver: &Mutex<Receiver<FileJob>>, shared: &WriteBudget) {
+/// Writes the files the parser hands over; when `record` is set, returns
+/// the record entry of each (its stat from `fstat` after the mode and
+/// mtime are set: the last change the unpack makes to it).
+fn writer_loop(
+    slot: &Path,
+    receiver: &Mutex<Receiver<FileJob>>,
+    shared: &WriteBudget,
+    record: bool,
+) -> Vec<Entry> {
+    let mut entries = Vec::new();
     loop {
         let job = {
             let Ok(guard) = receiver.lock() else {
-                return;
+                return entries;
             };
             match guard.recv() {
                 Ok(job) => job,
-                Err(_) => return,
+                Err(_) => return entries,
             }
         };
         let size = job.data.len() as u64;
@@ -700,7 +800,12 @@ fn writer_loop(slot: &Path, receiver: &Mutex<Receiver<FileJob>>, shared: &WriteB
             let full = slot.join(&job.path);
             let written = create_file(&full, job.mode).and_then(|mut file| {
                 file.write_all(&job.data).map_err(|e| Error::io(&full, e))?;
-                finish_file(&file, &full, job.mode, job.mtime)
+                finish_file(&file, &full, job.mode, job.mtime)?;
+                if record {
+                    let meta = file.metadata().map_err(|e| Error::io(&full, e))?;
+                    entries.push(Entry::unhashed(&job.path, &meta));
+                }
+                Ok(())
             });
             match written {
                 Ok(()) => {
@@ -714,7 +819,7 @@ fn writer_loop(slot: &Path, receiver: &Mutex<Receiver<FileJob>>, shared: &WriteB
 }
 
 /// Creates a file with `mode` (O_CREAT|O_EXCL, never following a link).
-fn create_file(full: &Path, mode: u32) -> Result<File> {
+pub(crate) fn create_file(full: &Path, mode: u32) -> Result<File> {
     OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -727,7 +832,7 @@ fn create_file(full: &Path, mode: u32) -> Result<File> {
 /// Mode and mtime on the open fd (fchmod, futimens): no path lookups. The
 /// fchmod is skipped when the umask cannot have changed the creation mode,
 /// saving one syscall per file.
-fn finish_file(file: &File, full: &Path, mode: u32, mtime: SystemTime) -> Result<()> {
+pub(crate) fn finish_file(file: &File, full: &Path, mode: u32, mtime: SystemTime) -> Result<()> {
     if mode & process_umask() != 0 {
         file.set_permissions(Permissions::from_mode(mode))
             .map_err(|e| Error::io(full, e))?;

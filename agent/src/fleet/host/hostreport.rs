@@ -52,6 +52,10 @@ pub struct HostRecord {
     /// When this report was written (Unix s).
     pub updated_at: u64,
     pub agent_version: String,
+    /// Paths of the live slot changed since its deploy (`modified
+    /// app/f3.php`, at most 20 per kind), as of its last check (issue 20).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed: Vec<String>,
 }
 
 impl HostRecord {
@@ -67,6 +71,7 @@ impl HostRecord {
             self.outcome,
             &self.error,
             self.frozen,
+            &self.changed,
         )
     }
 }
@@ -109,6 +114,7 @@ impl HostReporter {
             finished_at: None,
             updated_at: now_secs(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            changed: Vec::new(),
         };
         let r = Arc::new(HostReporter {
             key: format!("{}{}", prefix, host),
@@ -181,6 +187,12 @@ impl HostReporter {
     /// The served build changed outside a deploy (operator rollback).
     pub fn served(&self, build: &str) {
         self.update(|r| r.build = Some(build.to_string()));
+    }
+
+    /// The live slot was checked against its record: `changed` lists what
+    /// differs (empty when intact). Written only when it changed.
+    pub fn live_checked(&self, changed: Vec<String>) {
+        self.update(|r| r.changed = changed);
     }
 }
 

@@ -246,6 +246,14 @@ impl Member {
     }
 }
 
+impl crate::deploy::LiveCheckSink for Member {
+    fn live_checked(&self, changed: Vec<String>) {
+        if let Some(r) = &self.reporter {
+            r.live_checked(changed);
+        }
+    }
+}
+
 impl crate::deploy::FlipGate for Member {
     fn check<'a>(
         &'a self,
