@@ -487,6 +487,9 @@ fn check_url(u: &str, policy: UrlPolicy) -> Result<(), ManifestError> {
             }
             Ok(())
         }
+        "s3" => crate::store::ObjectUrl::parse(u)
+            .map(|_| ())
+            .map_err(|e| err("url", format!("{shown:?}: {e}"))),
         "file" if policy.allow_file => Ok(()),
         "file" => Err(err(
             "url",
@@ -496,7 +499,7 @@ fn check_url(u: &str, policy: UrlPolicy) -> Result<(), ManifestError> {
         )),
         other => Err(err(
             "url",
-            format!("{shown:?}: scheme {other} is not http or https"),
+            format!("{shown:?}: scheme {other} is not http, https or s3"),
         )),
     }
 }

@@ -9,10 +9,12 @@ use std::time::Duration;
 mod health;
 mod signing;
 mod status;
+mod store;
 
 pub use health::HealthConfig;
 pub use signing::SigningConfig;
 pub use status::{parse_octal_mode, GroupSpec, StatusConfig, MAX_SOCKET_MODE};
+pub use store::StoreConfig;
 
 use serde::Deserialize;
 
@@ -56,6 +58,9 @@ pub struct Config {
     /// Tier, app, host id, rollout splay, host reports, freeze key.
     #[serde(default)]
     pub fleet: FleetConfig,
+    /// S3-compatible object stores for `s3://` artifact URLs (`store.rs`).
+    #[serde(default)]
+    pub store: StoreConfig,
 }
 
 /// Fleet membership and behaviour (`[fleet]`).
@@ -350,6 +355,7 @@ impl Config {
             signing: Default::default(),
             fleet: FleetConfig::default(),
             status: StatusConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 
@@ -415,6 +421,7 @@ impl Config {
         check_ranges(&cfg).map_err(invalid)?;
         check_commands(&cfg).map_err(invalid)?;
         cfg.health.validate().map_err(invalid)?;
+        cfg.store.validate().map_err(invalid)?;
         crate::sign::TrustedKeys::parse(&cfg.signing.public_keys)
             .map_err(|e| invalid(format!("signing.{e}")))?;
         Ok(cfg)
