@@ -98,6 +98,8 @@ pub struct S3Stats {
     pub bytes_sent: u64,
     /// Requests per access key (from the signature).
     pub by_key: HashMap<String, u64>,
+    /// GETs per path (`/bucket/key`).
+    pub gets_by_path: HashMap<String, u64>,
 }
 
 #[derive(Debug, Default)]
@@ -272,6 +274,9 @@ async fn respond(s3: &S3Service, state: &Arc<State>, req: Request<hyper::body::I
         s.requests += 1;
         s.range_gets += u64::from(is_get && ranged);
         *s.by_key.entry(key).or_default() += 1;
+        if is_get {
+            *s.gets_by_path.entry(req.uri().path().to_string()).or_default() += 1;
+        }
     }
     if is_get && take(&state.faults.slow_down) {
         if let Ok(mut s) = state.stats.lock() {
