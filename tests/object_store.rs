@@ -42,7 +42,9 @@ impl Host {
         std::fs::create_dir_all(dir.path().join("store")).unwrap();
         let keys = Arc::new(KeyRing::default());
         keys.add(KEY_ID, SECRET);
-        let s3 = S3Server::start(&dir.path().join("store"), keys).await.unwrap();
+        let s3 = S3Server::start(&dir.path().join("store"), keys)
+            .await
+            .unwrap();
         s3.create_bucket(BUCKET).unwrap();
         Host {
             dir,
@@ -88,8 +90,11 @@ impl Host {
 
     /// Keys from the IMDSv2 test server (lifetime as IMDS says).
     async fn instance_role(&mut self, lifetime: Duration) {
-        let imds = ImdsServer::start(Arc::clone(self.s3.keys()), lifetime).await.unwrap();
-        self.env.push(("AWS_EC2_METADATA_SERVICE_ENDPOINT".into(), imds.endpoint()));
+        let imds = ImdsServer::start(Arc::clone(self.s3.keys()), lifetime)
+            .await
+            .unwrap();
+        self.env
+            .push(("AWS_EC2_METADATA_SERVICE_ENDPOINT".into(), imds.endpoint()));
         self.imds = Some(imds);
     }
 
@@ -107,6 +112,12 @@ impl Host {
             .env_remove("NOTIFY_SOCKET")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         cmd
+    }
+
+    fn check_config(&self, config: &std::path::Path) -> Output {
+        let mut cmd = self.command();
+        cmd.arg("check-config").arg("--config").arg(config);
+        cmd.output().unwrap()
     }
 
     fn start(&mut self) {
@@ -147,7 +158,9 @@ impl Host {
         let path = self.path(&format!("{id}.tar.gz"));
         let a = buildgen::write_build_changing(profile, 7, id, Format::TarGz, &path, 0.01).unwrap();
         let key = format!("app/{id}.tar.gz");
-        self.s3.put(BUCKET, &key, &std::fs::read(&path).unwrap()).unwrap();
+        self.s3
+            .put(BUCKET, &key, &std::fs::read(&path).unwrap())
+            .unwrap();
         (path, a, format!("s3://{BUCKET}/{key}"))
     }
 
@@ -188,7 +201,10 @@ impl Host {
     async fn wait_sent(&self, bytes: u64) {
         let start = Instant::now();
         while self.s3.stats().bytes_sent < bytes {
-            assert!(start.elapsed() < LIMIT, "the store never sent {bytes} bytes");
+            assert!(
+                start.elapsed() < LIMIT,
+                "the store never sent {bytes} bytes"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -236,7 +252,13 @@ async fn a_wrong_secret_is_a_403_named_in_status() {
     h.publish(&buildgen::manifest_json("b1", &url, &a, Format::TarGz));
     h.start();
     let e = h
-        .wait_error(&["s3://builds/app/b1.tar.gz", "403", "SignatureDoesNotMatch", KEY_ID, "s3:GetObject"])
+        .wait_error(&[
+            "s3://builds/app/b1.tar.gz",
+            "403",
+            "SignatureDoesNotMatch",
+            KEY_ID,
+            "s3:GetObject",
+        ])
         .await;
     assert!(e.contains("the key file"), "{e}");
     assert!(!h.path("root/current").exists());
@@ -252,7 +274,8 @@ async fn a_missing_object_is_a_404_named_in_status() {
     let url = format!("s3://{BUCKET}/app/not-uploaded.tar.gz");
     h.publish(&buildgen::manifest_json("b1", &url, &a, Format::TarGz));
     h.start();
-    h.wait_error(&[&url, "no such key", "release publish --upload"]).await;
+    h.wait_error(&[&url, "no such key", "release publish --upload"])
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,9 +312,24 @@ async fn instance_role_keys_rotated_mid_download_are_fetched_again() {
     let imds = h.imds.as_ref().unwrap();
     assert!(imds.token_puts() >= 1, "IMDSv2 token PUT never made");
     assert!(imds.credential_gets() >= 2, "keys never fetched again");
-    assert!(stats.by_key.get(&first.access_key_id).copied().unwrap_or(0) > 0, "{stats:?}");
-    assert!(stats.by_key.get(&second.access_key_id).copied().unwrap_or(0) > 0, "{stats:?}");
-    assert!(h.log().contains("rejected these credentials as expired"), "{}", h.log());
+    assert!(
+        stats.by_key.get(&first.access_key_id).copied().unwrap_or(0) > 0,
+        "{stats:?}"
+    );
+    assert!(
+        stats
+            .by_key
+            .get(&second.access_key_id)
+            .copied()
+            .unwrap_or(0)
+            > 0,
+        "{stats:?}"
+    );
+    assert!(
+        h.log().contains("rejected these credentials as expired"),
+        "{}",
+        h.log()
+    );
     let secrets = [&first.secret, &first.token, &second.secret, &second.token];
     assert_no_secret(&h.outputs(), &secrets.map(String::as_str));
 }
@@ -305,7 +343,8 @@ async fn an_unanswered_token_put_names_the_hop_limit() {
     let (_, a, url) = h.build("b1", BuildProfile::TINY);
     h.publish(&buildgen::manifest_json("b1", &url, &a, Format::TarGz));
     h.start();
-    h.wait_error(&["IMDSv2", "hop limit", "http-put-response-hop-limit 2"]).await;
+    h.wait_error(&["IMDSv2", "hop limit", "http-put-response-hop-limit 2"])
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,13 +352,17 @@ async fn a_sigkill_mid_download_resumes_from_the_partial() {
     let mut h = Host::new().await;
     let key = h.key_file(SECRET);
     h.configure(&key, "");
-    let (_, a, url) = h.build("b1", BuildProfile::DEMO);
+    // Big enough that the partial's sidecar (written every 4 MiB) has
+    // recorded progress well before the end.
+    let (_, a, url) = h.build("b1", BuildProfile::SMALL);
     h.s3.trickle(256 << 10);
     h.publish(&buildgen::manifest_json("b1", &url, &a, Format::TarGz));
     h.start();
-    h.wait_sent(a.size / 3).await;
+    h.wait_sent(6 << 20).await;
     h.kill();
-    let partial = h.path("root/.deploy/cache").join(format!("{}.partial", a.sha256));
+    let partial = h
+        .path("root/.deploy/cache")
+        .join(format!("{}.partial", a.sha256));
     assert!(partial.exists(), "no partial after SIGKILL");
     let before = h.s3.stats().bytes_sent;
     h.s3.trickle(0);
@@ -350,15 +393,26 @@ async fn a_delta_comes_from_the_store_too() {
         &delta_url,
     )
     .unwrap();
-    h.s3.put(BUCKET, "app/b2-from-b1.delta.tar.zst", &std::fs::read(&out).unwrap()).unwrap();
+    h.s3.put(
+        BUCKET,
+        "app/b2-from-b1.delta.tar.zst",
+        &std::fs::read(&out).unwrap(),
+    )
+    .unwrap();
     let mut m: serde_json::Value =
         serde_json::from_str(&buildgen::manifest_json("b2", &url2, &a2, Format::TarGz)).unwrap();
     m["delta"] = serde_json::Value::Object(d.to_json());
     h.publish(&m.to_string());
     h.wait_served("b2").await;
     let gets = h.s3.stats().gets_by_path;
-    assert!(gets.contains_key("/builds/app/b2-from-b1.delta.tar.zst"), "{gets:?}");
-    assert!(!gets.contains_key("/builds/app/b2.tar.gz"), "full artifact fetched: {gets:?}");
+    assert!(
+        gets.contains_key("/builds/app/b2-from-b1.delta.tar.zst"),
+        "{gets:?}"
+    );
+    assert!(
+        !gets.contains_key("/builds/app/b2.tar.gz"),
+        "full artifact fetched: {gets:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,14 +420,18 @@ async fn check_config_names_the_credential_source_and_refuses_a_readable_key_fil
     let mut h = Host::new().await;
     let key = h.key_file(SECRET);
     let config = h.configure(&key, "");
-    let out = h.command().arg("check-config").arg("--config").arg(&config).output().unwrap();
+    let out = h.check_config(&config);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("credentials from the key file"), "{text}");
     assert!(text.contains("path style"), "{text}");
     assert_no_secret(&text, &[SECRET]);
     std::fs::set_permissions(h.path("s3.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = h.command().arg("check-config").arg("--config").arg(&config).output().unwrap();
+    let out = h.check_config(&config);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("chmod 600"), "{err}");
@@ -381,7 +439,7 @@ async fn check_config_names_the_credential_source_and_refuses_a_readable_key_fil
     h.configure("", "");
     h.env.push(("AWS_ACCESS_KEY_ID".into(), KEY_ID.into()));
     h.env.push(("AWS_SECRET_ACCESS_KEY".into(), SECRET.into()));
-    let out = h.command().arg("check-config").arg("--config").arg(&config).output().unwrap();
+    let out = h.check_config(&config);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(text.contains("credentials from the environment"), "{text}");
     assert_no_secret(&text, &[SECRET]);
@@ -394,7 +452,16 @@ fn publish_upload(h: &Host, consul: &str, args: &[&str]) -> Output {
         .env("AWS_SECRET_ACCESS_KEY", SECRET)
         .env("AWS_ENDPOINT_URL_S3", h.s3.endpoint())
         .env("AWS_REGION", "eu-west-1")
-        .args(["release", "--consul", consul, "--app", "app", "--tier", "production", "publish"])
+        .args([
+            "release",
+            "--consul",
+            consul,
+            "--app",
+            "app",
+            "--tier",
+            "production",
+            "publish",
+        ])
         .args(args)
         .output()
         .unwrap()
@@ -403,27 +470,50 @@ fn publish_upload(h: &Host, consul: &str, args: &[&str]) -> Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_upload_stores_verifies_then_writes_the_manifest() {
     let h = Host::new().await;
-    let consul = testkit::testserver::consul::ConsulServer::start(Default::default()).await.unwrap();
+    let consul = testkit::testserver::consul::ConsulServer::start(Default::default())
+        .await
+        .unwrap();
     // Over PART_SIZE (16 MiB): a multipart upload.
     let big = h.path("b1.tar.gz");
     let a = buildgen::write_build(BuildProfile::SMALL, 3, "b1", Format::TarGz, &big).unwrap();
     assert!(a.size > 16 << 20, "the SMALL build is {} bytes", a.size);
     let artifact = big.display().to_string();
-    let args = ["--build", "b1", "--artifact", &artifact, "--upload", "s3://builds/releases/", "--path-style"];
+    let args = [
+        "--build",
+        "b1",
+        "--artifact",
+        &artifact,
+        "--upload",
+        "s3://builds/releases/",
+        "--path-style",
+    ];
     // A part that always fails: the upload fails and no manifest is written.
     h.s3.fail_part(2);
     let out = publish_upload(&h, &consul.url(), &args);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("s3://builds/releases/b1.tar.gz"), "{err}");
-    assert!(consul.get("deploy/app/production").is_none(), "manifest written after a failed upload");
+    assert!(
+        consul.get("deploy/app/production").is_none(),
+        "manifest written after a failed upload"
+    );
     assert!(h.s3.get(BUCKET, "releases/b1.tar.gz").is_none());
     h.s3.fail_part(0);
     let out = publish_upload(&h, &consul.url(), &args);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "{text}");
-    assert_eq!(h.s3.get(BUCKET, "releases/b1.tar.gz").unwrap(), std::fs::read(&big).unwrap());
+    assert_eq!(
+        h.s3.get(BUCKET, "releases/b1.tar.gz").unwrap(),
+        std::fs::read(&big).unwrap()
+    );
     let manifest = String::from_utf8(consul.get("deploy/app/production").unwrap().value).unwrap();
-    assert!(manifest.contains("\"s3://builds/releases/b1.tar.gz\""), "{manifest}");
+    assert!(
+        manifest.contains("\"s3://builds/releases/b1.tar.gz\""),
+        "{manifest}"
+    );
     assert_no_secret(&text, &[SECRET]);
 }

@@ -113,18 +113,17 @@ pub enum Error {
     /// The store refused the request (403): wrong secret, a policy without
     /// the permission, a bucket policy, or a credential it does not know.
     #[error(
-        "{object}: the object store refused {action} ({code}: {message}) for access key {access_key} \
-         from {source_name}; check that this identity's policy grants {permission} on \
-         arn:aws:s3:::{bucket}/* and that its secret key is the store's"
+        "{object}: the object store refused {action} ({detail}) for {identity}; check that \
+         this identity's policy grants {permission} on the object (arn:aws:s3:::bucket/prefix/*) \
+         and that its secret key is the one the store has"
     )]
     StoreDenied {
         object: String,
-        bucket: String,
         action: &'static str,
-        code: String,
-        message: String,
-        access_key: String,
-        source_name: String,
+        /// `HTTP 403 <Code> <Message>` as the store sent them.
+        detail: String,
+        /// `access key AKIA… from <source>` (the key id is not a secret).
+        identity: String,
         permission: &'static str,
     },
 

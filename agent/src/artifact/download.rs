@@ -446,7 +446,10 @@ async fn store_get(
             reason: format!("{url}: this command has no object store configured"),
         }));
     };
-    let signed = store.sign(&object, Action::Get).await.map_err(Failure::Mirror)?;
+    let signed = store
+        .sign(&object, Action::Get)
+        .await
+        .map_err(Failure::Mirror)?;
     let response = send_get(job, signed.url.clone(), from, end).await?;
     let status = response.status();
     if status.is_success() {
@@ -462,7 +465,14 @@ async fn store_get(
         _ => String::new(),
     };
     let verdict = store
-        .classify(&object, Action::Get, &signed, status.as_u16(), region.as_deref(), &body)
+        .classify(
+            &object,
+            Action::Get,
+            &signed,
+            status.as_u16(),
+            region.as_deref(),
+            &body,
+        )
         .await;
     Err(match verdict {
         Verdict::Expired(reason) | Verdict::Retry(reason) => Failure::Transient(reason),

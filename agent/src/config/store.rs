@@ -33,7 +33,8 @@ impl StoreConfig {
     /// plausible region. `Err` is the message for `ConfigInvalid`.
     pub fn validate(&self) -> Result<(), String> {
         if let Some(e) = &self.endpoint {
-            let url = reqwest::Url::parse(e).map_err(|err| format!("store.endpoint {e:?}: {err}"))?;
+            let url =
+                reqwest::Url::parse(e).map_err(|err| format!("store.endpoint {e:?}: {err}"))?;
             if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
                 return Err(format!(
                     "store.endpoint {e:?}: must be an http or https URL with a host"

@@ -81,7 +81,10 @@ impl std::fmt::Display for Source {
             Source::File(p) => write!(f, "the key file {}", p.display()),
             Source::Env => write!(f, "the environment (AWS_ACCESS_KEY_ID)"),
             Source::WebIdentity { role_arn, .. } => {
-                write!(f, "web identity (AWS_WEB_IDENTITY_TOKEN_FILE, role {role_arn})")
+                write!(
+                    f,
+                    "web identity (AWS_WEB_IDENTITY_TOKEN_FILE, role {role_arn})"
+                )
             }
             Source::Profile { path, profile } => {
                 write!(f, "profile {profile} in {}", path.display())
@@ -157,9 +160,13 @@ impl Source {
             Some(p) => PathBuf::from(p),
             None => PathBuf::from(non_empty(env, "HOME")?).join(".aws/credentials"),
         };
-        let profile = non_empty(env, "AWS_PROFILE").unwrap_or("default").to_string();
+        let profile = non_empty(env, "AWS_PROFILE")
+            .unwrap_or("default")
+            .to_string();
         let text = std::fs::read_to_string(&path).ok()?;
-        parse_ini(&text).contains_key(&profile).then_some(Source::Profile { path, profile })
+        parse_ini(&text)
+            .contains_key(&profile)
+            .then_some(Source::Profile { path, profile })
     }
 
     fn ecs(env: &Env) -> Option<Source> {
@@ -216,8 +223,10 @@ impl std::fmt::Debug for Keys {
 
 impl Keys {
     fn fresh(&self, now: SystemTime) -> bool {
-        self.expires
-            .is_none_or(|at| at.duration_since(now).is_ok_and(|left| left > REFRESH_BEFORE))
+        self.expires.is_none_or(|at| {
+            at.duration_since(now)
+                .is_ok_and(|left| left > REFRESH_BEFORE)
+        })
     }
 
     fn expired(&self, now: SystemTime) -> bool {
@@ -396,7 +405,10 @@ impl Provider {
 
 /// Sends `request` and returns its body when it answered 2xx. Errors never
 /// carry the body of a credentials answer (it may hold keys).
-async fn send_text(request: reqwest::RequestBuilder, what: &str) -> std::result::Result<String, String> {
+async fn send_text(
+    request: reqwest::RequestBuilder,
+    what: &str,
+) -> std::result::Result<String, String> {
     let response = request
         .send()
         .await
@@ -496,7 +508,11 @@ fn parse_ini(text: &str) -> HashMap<String, HashMap<String, String>> {
         }
         if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
             let name = name.trim();
-            let name = name.strip_prefix("profile ").unwrap_or(name).trim().to_string();
+            let name = name
+                .strip_prefix("profile ")
+                .unwrap_or(name)
+                .trim()
+                .to_string();
             out.entry(name.clone()).or_default();
             current = Some(name);
         } else if let (Some(section), Some((k, v))) = (&current, line.split_once('=')) {
@@ -534,7 +550,10 @@ mod tests {
         assert_eq!(Source::detect(None, "eu-west-1", &e), Source::Env);
         let f = Path::new("/etc/k");
         assert_eq!(Source::detect(Some(f), "x", &e), Source::File(f.into()));
-        let w = env(&[("AWS_WEB_IDENTITY_TOKEN_FILE", "/t"), ("AWS_ROLE_ARN", "arn:r")]);
+        let w = env(&[
+            ("AWS_WEB_IDENTITY_TOKEN_FILE", "/t"),
+            ("AWS_ROLE_ARN", "arn:r"),
+        ]);
         assert!(matches!(
             Source::detect(None, "eu-west-1", &w),
             Source::WebIdentity { sts, .. } if sts == "https://sts.eu-west-1.amazonaws.com"
@@ -552,13 +571,18 @@ mod tests {
 
     #[test]
     fn profiles_and_json_keys_parse() {
-        let ini = parse_ini("# c\n[default]\naws_access_key_id = A\n[profile ci]\naws_secret_access_key=s\n");
+        let ini = parse_ini(
+            "# c\n[default]\naws_access_key_id = A\n[profile ci]\naws_secret_access_key=s\n",
+        );
         assert_eq!(ini["default"]["aws_access_key_id"], "A");
         assert_eq!(ini["ci"]["aws_secret_access_key"], "s");
         let k = parse_json_keys(r#"{"Code":"Success","AccessKeyId":"A","SecretAccessKey":"s3cr3t","Token":"t0ken","Expiration":"2030-01-01T00:00:00Z"}"#).unwrap();
         assert_eq!(k.session_token.as_deref(), Some("t0ken"));
         assert!(k.fresh(SystemTime::now()));
         let shown = format!("{k:?}");
-        assert!(!shown.contains("s3cr3t") && !shown.contains("t0ken"), "{shown}");
+        assert!(
+            !shown.contains("s3cr3t") && !shown.contains("t0ken"),
+            "{shown}"
+        );
     }
 }

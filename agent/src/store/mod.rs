@@ -98,7 +98,8 @@ impl StoreSettings {
             .or(cfg.region.as_deref())
             .unwrap_or(DEFAULT_REGION)
             .to_string();
-        let (endpoint, setting) = match env_value(env, &["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]) {
+        let (endpoint, setting) = match env_value(env, &["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"])
+        {
             Some(e) => (e.to_string(), "AWS_ENDPOINT_URL_S3"),
             None => match &cfg.endpoint {
                 Some(e) => (e.clone(), "store.endpoint"),
@@ -296,7 +297,8 @@ impl Store {
                 self.provider.invalidate(&signed.access_key).await;
                 Verdict::Expired(format!("{what} (credentials expired; fetching new ones)"))
             }
-            (301 | 307, _) | (400, "AuthorizationHeaderMalformed" | "IllegalLocationConstraintException") => {
+            (301 | 307, _)
+            | (400, "AuthorizationHeaderMalformed" | "IllegalLocationConstraintException") => {
                 Verdict::Fatal(Error::StoreWrongRegion {
                     object: object.to_string(),
                     region: self.settings.region.clone(),
@@ -313,19 +315,24 @@ impl Store {
                 }
                 Verdict::Fatal(Error::StoreDenied {
                     object: object.to_string(),
-                    bucket: object.bucket.clone(),
                     action: action.name(),
-                    code: if code.is_empty() { "AccessDenied".into() } else { code },
-                    message,
-                    access_key: signed.access_key.clone(),
-                    source_name: self.provider.source().to_string(),
+                    detail: what,
+                    identity: format!(
+                        "access key {} from {}",
+                        signed.access_key,
+                        self.provider.source()
+                    ),
                     permission: action.permission(),
                 })
             }
             (404, c) => Verdict::Fatal(Error::StoreNotFound {
                 object: object.to_string(),
                 what: if c == "NoSuchBucket" { "bucket" } else { "key" },
-                code: if c.is_empty() { "NoSuchKey".into() } else { c.to_string() },
+                code: if c.is_empty() {
+                    "NoSuchKey".into()
+                } else {
+                    c.to_string()
+                },
             }),
             (429 | 500..=599, _) => Verdict::Retry(what),
             _ => Verdict::Fatal(Error::StoreRequest {
@@ -345,9 +352,18 @@ mod tests {
     #[test]
     fn object_urls() {
         let o = ObjectUrl::parse("s3://builds-1/app/a b.tar.gz").unwrap();
-        assert_eq!((o.bucket.as_str(), o.key.as_str()), ("builds-1", "app/a b.tar.gz"));
+        assert_eq!(
+            (o.bucket.as_str(), o.key.as_str()),
+            ("builds-1", "app/a b.tar.gz")
+        );
         assert_eq!(o.to_string(), "s3://builds-1/app/a b.tar.gz");
-        for bad in ["s3://b", "s3://Bad_Bucket/k", "s3://bucket/", "https://x/y", "s3://bkt/k?x"] {
+        for bad in [
+            "s3://b",
+            "s3://Bad_Bucket/k",
+            "s3://bucket/",
+            "https://x/y",
+            "s3://bkt/k?x",
+        ] {
             assert!(ObjectUrl::parse(bad).is_err(), "{bad}");
         }
     }
@@ -361,13 +377,22 @@ mod tests {
             credentials_file: None,
         };
         let s = StoreSettings::resolve(&cfg, &Env::new()).unwrap();
-        assert_eq!((s.region.as_str(), s.endpoint.as_str()), ("eu-west-1", "http://minio:9000/"));
-        let env: Env = [("AWS_REGION", "ap-south-1"), ("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        assert_eq!(
+            (s.region.as_str(), s.endpoint.as_str()),
+            ("eu-west-1", "http://minio:9000/")
+        );
+        let env: Env = [
+            ("AWS_REGION", "ap-south-1"),
+            ("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
         let s = StoreSettings::resolve(&StoreConfig::default(), &env).unwrap();
-        assert_eq!((s.region.as_str(), s.endpoint.as_str()), ("ap-south-1", "http://127.0.0.1:9/"));
+        assert_eq!(
+            (s.region.as_str(), s.endpoint.as_str()),
+            ("ap-south-1", "http://127.0.0.1:9/")
+        );
         let s = StoreSettings::resolve(&StoreConfig::default(), &Env::new()).unwrap();
         assert_eq!(s.endpoint.as_str(), "https://s3.us-east-1.amazonaws.com/");
     }

@@ -44,23 +44,49 @@ struct Request<'a> {
     sign: &'a (dyn Fn(&rusty_s3::Bucket, &rusty_s3::Credentials, &str) -> reqwest::Url + Sync),
 }
 
+impl<'a> Request<'a> {
+    /// A request on `object`; a HEAD needs s3:GetObject, the rest s3:PutObject.
+    fn new(
+        object: &'a ObjectUrl,
+        method: reqwest::Method,
+        body: Option<bytes::Bytes>,
+        sign: &'a (dyn Fn(&rusty_s3::Bucket, &rusty_s3::Credentials, &str) -> reqwest::Url + Sync),
+    ) -> Request<'a> {
+        let action = if method == reqwest::Method::HEAD {
+            Action::Head
+        } else {
+            Action::Put
+        };
+        Request {
+            object,
+            action,
+            method,
+            body,
+            sign,
+        }
+    }
+}
+
 /// Uploads `path` to `object` and checks with a HEAD that the store holds
 /// all of its `size` bytes.
-pub async fn upload_file(store: &Store, http: &reqwest::Client, path: &Path, object: &ObjectUrl) -> Result<()> {
+pub async fn upload_file(
+    store: &Store,
+    http: &reqwest::Client,
+    path: &Path,
+    object: &ObjectUrl,
+) -> Result<()> {
     let file = Arc::new(std::fs::File::open(path).map_err(|e| Error::io(path, e))?);
     let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if size <= PART_SIZE {
         let body = read_at(&file, path, 0, size).await?;
-        send(store, http, Request {
-            object,
-            action: Action::Put,
-            method: reqwest::Method::PUT,
-            body: Some(body),
-            sign: &|b, c, k| {
+        send(
+            store,
+            http,
+            Request::new(object, reqwest::Method::PUT, Some(body), &|b, c, k| {
                 use rusty_s3::S3Action;
                 b.put_object(Some(c), k).sign(super::PRESIGN_FOR)
-            },
-        })
+            }),
+        )
         .await?;
     } else {
         multipart(store, http, &file, path, size, object).await?;
@@ -71,7 +97,12 @@ pub async fn upload_file(store: &Store, http: &reqwest::Client, path: &Path, obj
 }
 
 /// Reads `len` bytes at `offset` on the blocking pool.
-async fn read_at(file: &Arc<std::fs::File>, path: &Path, offset: u64, len: u64) -> Result<bytes::Bytes> {
+async fn read_at(
+    file: &Arc<std::fs::File>,
+    path: &Path,
+    offset: u64,
+    len: u64,
+) -> Result<bytes::Bytes> {
     let f = Arc::clone(file);
     let read = tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; len as usize];
@@ -91,13 +122,14 @@ async fn multipart(
     object: &ObjectUrl,
 ) -> Result<()> {
     use rusty_s3::S3Action;
-    let created = send(store, http, Request {
-        object,
-        action: Action::Put,
-        method: reqwest::Method::POST,
-        body: None,
-        sign: &|b, c, k| b.create_multipart_upload(Some(c), k).sign(super::PRESIGN_FOR),
-    })
+    let created = send(
+        store,
+        http,
+        Request::new(object, reqwest::Method::POST, None, &|b, c, k| {
+            b.create_multipart_upload(Some(c), k)
+                .sign(super::PRESIGN_FOR)
+        }),
+    )
     .await?;
     let text = created.text().await.map_err(|e| request_error(object, e))?;
     let upload = rusty_s3::actions::CreateMultipartUpload::parse_response(&text).map_err(|e| {
@@ -115,13 +147,14 @@ async fn multipart(
     };
     if let Err(e) = completed {
         warn!(object = %object, error = %e, "upload failed; aborting the multipart upload");
-        let aborted = send(store, http, Request {
-            object,
-            action: Action::Put,
-            method: reqwest::Method::DELETE,
-            body: None,
-            sign: &|b, c, k| b.abort_multipart_upload(Some(c), k, &id).sign(super::PRESIGN_FOR),
-        })
+        let aborted = send(
+            store,
+            http,
+            Request::new(object, reqwest::Method::DELETE, None, &|b, c, k| {
+                b.abort_multipart_upload(Some(c), k, &id)
+                    .sign(super::PRESIGN_FOR)
+            }),
+        )
         .await;
         if let Err(abort) = aborted {
             warn!(object = %object, error = %abort, "abort failed; a lifecycle rule for incomplete multipart uploads removes the parts");
@@ -152,13 +185,14 @@ async fn upload_parts(
         })?;
         let len = PART_SIZE.min(size - offset);
         let body = read_at(file, path, offset, len).await?;
-        let answer = send(store, http, Request {
-            object,
-            action: Action::Put,
-            method: reqwest::Method::PUT,
-            body: Some(body),
-            sign: &|b, c, k| b.upload_part(Some(c), k, number, id).sign(super::PRESIGN_FOR),
-        })
+        let answer = send(
+            store,
+            http,
+            Request::new(object, reqwest::Method::PUT, Some(body), &|b, c, k| {
+                b.upload_part(Some(c), k, number, id)
+                    .sign(super::PRESIGN_FOR)
+            }),
+        )
         .await?;
         let etag = answer
             .headers()
@@ -195,16 +229,19 @@ async fn complete(
         )
         .body()
     };
-    let answer = send(store, http, Request {
-        object,
-        action: Action::Put,
-        method: reqwest::Method::POST,
-        body: Some(body.into()),
-        sign: &|b, c, k| {
-            b.complete_multipart_upload(Some(c), k, id, std::iter::empty())
-                .sign(super::PRESIGN_FOR)
-        },
-    })
+    let answer = send(
+        store,
+        http,
+        Request::new(
+            object,
+            reqwest::Method::POST,
+            Some(body.into()),
+            &|b, c, k| {
+                b.complete_multipart_upload(Some(c), k, id, std::iter::empty())
+                    .sign(super::PRESIGN_FOR)
+            },
+        ),
+    )
     .await?;
     // S3 may answer 200 with an <Error> body when completing fails late.
     let text = answer.text().await.map_err(|e| request_error(object, e))?;
@@ -219,17 +256,20 @@ async fn complete(
 }
 
 /// HEAD: the object must exist with exactly `size` bytes.
-async fn verify(store: &Store, http: &reqwest::Client, object: &ObjectUrl, size: u64) -> Result<()> {
-    let answer = send(store, http, Request {
-        object,
-        action: Action::Head,
-        method: reqwest::Method::HEAD,
-        body: None,
-        sign: &|b, c, k| {
+async fn verify(
+    store: &Store,
+    http: &reqwest::Client,
+    object: &ObjectUrl,
+    size: u64,
+) -> Result<()> {
+    let answer = send(
+        store,
+        http,
+        Request::new(object, reqwest::Method::HEAD, None, &|b, c, k| {
             use rusty_s3::S3Action;
             b.head_object(Some(c), k).sign(super::PRESIGN_FOR)
-        },
-    })
+        }),
+    )
     .await?;
     let stored = answer
         .headers()
@@ -240,7 +280,9 @@ async fn verify(store: &Store, http: &reqwest::Client, object: &ObjectUrl, size:
         return Err(Error::StoreRequest {
             object: object.to_string(),
             action: "HEAD",
-            reason: format!("the store holds {stored:?} bytes after the upload, not {size}; upload again"),
+            reason: format!(
+                "the store holds {stored:?} bytes after the upload, not {size}; upload again"
+            ),
         });
     }
     Ok(())
@@ -286,7 +328,12 @@ async fn send(store: &Store, http: &reqwest::Client, r: Request<'_>) -> Result<r
     }
 }
 
-async fn verdict(store: &Store, r: &Request<'_>, signed: &Signed, answer: reqwest::Response) -> Verdict {
+async fn verdict(
+    store: &Store,
+    r: &Request<'_>,
+    signed: &Signed,
+    answer: reqwest::Response,
+) -> Verdict {
     let status = answer.status().as_u16();
     let region = answer
         .headers()

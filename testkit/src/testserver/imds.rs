@@ -61,7 +61,10 @@ fn issue(keys: &KeyRing, generation: u64) -> Issued {
     let issued = Issued {
         access_key_id: format!("ASIATESTROLE{generation:08}"),
         secret: format!("role-secret-{generation}-{:016x}", rand::random::<u64>()),
-        token: format!("role-session-token-{generation}-{:016x}", rand::random::<u64>()),
+        token: format!(
+            "role-session-token-{generation}-{:016x}",
+            rand::random::<u64>()
+        ),
     };
     keys.add(&issued.access_key_id, &issued.secret);
     issued
@@ -99,7 +102,11 @@ impl ImdsServer {
 
     /// The keys handed out now.
     pub fn current(&self) -> Issued {
-        self.state.current.lock().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.state
+            .current
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     /// Revokes the current keys at the store (it answers ExpiredToken)
@@ -196,7 +203,11 @@ async fn respond(
         }
         (Method::GET, p) if p.starts_with(base) => {
             let token = header(&req, "x-aws-ec2-metadata-token").unwrap_or("");
-            let known = state.tokens.lock().map(|t| t.iter().any(|x| x == token)).unwrap_or(false);
+            let known = state
+                .tokens
+                .lock()
+                .map(|t| t.iter().any(|x| x == token))
+                .unwrap_or(false);
             if !known {
                 return answer(StatusCode::UNAUTHORIZED, String::new());
             }

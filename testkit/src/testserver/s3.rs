@@ -63,7 +63,12 @@ struct Auth(Arc<KeyRing>);
 #[async_trait::async_trait]
 impl S3Auth for Auth {
     async fn get_secret_key(&self, access_key: &str) -> S3Result<SecretKey> {
-        let found = self.0 .0.lock().ok().and_then(|k| k.get(access_key).cloned());
+        let found = self
+            .0
+             .0
+            .lock()
+            .ok()
+            .and_then(|k| k.get(access_key).cloned());
         match found {
             Some((_, true)) => Err(s3_error!(ExpiredToken, "The provided token has expired.")),
             Some((secret, false)) => Ok(SecretKey::from(secret)),
@@ -130,7 +135,12 @@ impl S3Server {
         let addr = listener.local_addr()?;
         let state = Arc::new(State::default());
         let shutdown = CancellationToken::new();
-        tokio::spawn(accept_loop(listener, service, Arc::clone(&state), shutdown.clone()));
+        tokio::spawn(accept_loop(
+            listener,
+            service,
+            Arc::clone(&state),
+            shutdown.clone(),
+        ));
         Ok(S3Server {
             addr,
             root: root.to_path_buf(),
@@ -176,13 +186,19 @@ impl S3Server {
     /// The next `n` GET bodies stop after `after` bytes (the connection
     /// closes short of the promised length).
     pub fn truncate(&self, after: u64, n: u64) {
-        self.state.faults.truncate_after.store(after, Ordering::SeqCst);
+        self.state
+            .faults
+            .truncate_after
+            .store(after, Ordering::SeqCst);
         self.state.faults.truncate.store(n, Ordering::SeqCst);
     }
 
     /// Every GET body at most `bytes_per_sec` (0: full speed).
     pub fn trickle(&self, bytes_per_sec: u64) {
-        self.state.faults.trickle.store(bytes_per_sec, Ordering::SeqCst);
+        self.state
+            .faults
+            .trickle
+            .store(bytes_per_sec, Ordering::SeqCst);
     }
 
     /// Every UploadPart of part `n` answers 500 (0: none).
@@ -191,7 +207,11 @@ impl S3Server {
     }
 
     pub fn stats(&self) -> S3Stats {
-        self.state.stats.lock().map(|s| s.clone()).unwrap_or_default()
+        self.state
+            .stats
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -201,7 +221,12 @@ impl Drop for S3Server {
     }
 }
 
-async fn accept_loop(listener: TcpListener, s3: S3Service, state: Arc<State>, shutdown: CancellationToken) {
+async fn accept_loop(
+    listener: TcpListener,
+    s3: S3Service,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -266,7 +291,11 @@ fn xml_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     r
 }
 
-async fn respond(s3: &S3Service, state: &Arc<State>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+async fn respond(
+    s3: &S3Service,
+    state: &Arc<State>,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Body> {
     let key = access_key(&req);
     let is_get = req.method() == Method::GET;
     let ranged = req.headers().contains_key("range");
@@ -275,28 +304,48 @@ async fn respond(s3: &S3Service, state: &Arc<State>, req: Request<hyper::body::I
         s.range_gets += u64::from(is_get && ranged);
         *s.by_key.entry(key).or_default() += 1;
         if is_get {
-            *s.gets_by_path.entry(req.uri().path().to_string()).or_default() += 1;
+            *s.gets_by_path
+                .entry(req.uri().path().to_string())
+                .or_default() += 1;
         }
     }
     if is_get && take(&state.faults.slow_down) {
         if let Ok(mut s) = state.stats.lock() {
             s.slow_downs += 1;
         }
-        return xml_error(StatusCode::SERVICE_UNAVAILABLE, "SlowDown", "Please reduce your request rate.");
+        return xml_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SlowDown",
+            "Please reduce your request rate.",
+        );
     }
     let part = state.faults.fail_part.load(Ordering::SeqCst);
     let query = req.uri().query().unwrap_or("").to_string();
-    if part > 0 && req.method() == Method::PUT && query.split('&').any(|p| p == format!("partNumber={part}")) {
-        return xml_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "We encountered an internal error. Please try again.");
+    if part > 0
+        && req.method() == Method::PUT
+        && query.split('&').any(|p| p == format!("partNumber={part}"))
+    {
+        return xml_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "We encountered an internal error. Please try again.",
+        );
     }
     let answer = match s3.call(req.map(s3s::Body::from)).await {
         Ok(r) => r,
-        Err(e) => return xml_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", &format!("{e:?}")),
+        Err(e) => {
+            return xml_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                &format!("{e:?}"),
+            )
+        }
     };
     if !is_get || !answer.status().is_success() {
-        return answer.map(|b| BodyExt::boxed(b));
+        return answer.map(BodyExt::boxed);
     }
-    let cut = take(&state.faults.truncate).then(|| state.faults.truncate_after.load(Ordering::SeqCst));
+    let cut =
+        take(&state.faults.truncate).then(|| state.faults.truncate_after.load(Ordering::SeqCst));
     let rate = state.faults.trickle.load(Ordering::SeqCst);
     answer.map(|b| shaped(b, cut, rate, Arc::clone(state)))
 }

@@ -56,6 +56,9 @@ pub struct ReleaseCommand {
     pub action: ReleaseAction,
 }
 
+// Parsed once per command and matched at once: the size of the largest
+// variant (publish's options) costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Subcommand)]
 pub enum ReleaseAction {
     /// Publish a build to the tier (the current build becomes `previous`).
