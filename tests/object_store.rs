@@ -517,3 +517,67 @@ async fn publish_upload_stores_verifies_then_writes_the_manifest() {
     );
     assert_no_secret(&text, &[SECRET]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_close_to_expiry_are_fetched_again_before_use() {
+    let mut h = Host::new().await;
+    // IMDS says the keys expire in 2 minutes: inside the 5-minute refresh
+    // window, so every signing fetches them again instead of using them
+    // up to the end.
+    h.instance_role(Duration::from_secs(120)).await;
+    h.configure("", "");
+    let (_, a, url) = h.build("b1", BuildProfile::TINY);
+    h.s3.truncate(16 << 10, 3);
+    h.publish(&buildgen::manifest_json("b1", &url, &a, Format::TarGz));
+    h.start();
+    h.wait_served("b1").await;
+    let imds = h.imds.as_ref().unwrap();
+    assert!(imds.credential_gets() >= 2, "{}", imds.credential_gets());
+    assert!(!h.log().contains("expired"), "{}", h.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ecs_task_role_and_shared_profile_are_sources_too() {
+    let mut h = Host::new().await;
+    h.instance_role(Duration::from_secs(3600)).await;
+    let ecs = format!("{}/ecs/creds", h.imds.as_ref().unwrap().endpoint());
+    h.env
+        .push(("AWS_CONTAINER_CREDENTIALS_FULL_URI".into(), ecs));
+    h.env.push((
+        "AWS_CONTAINER_AUTHORIZATION_TOKEN".into(),
+        testkit::testserver::imds::ECS_TOKEN.into(),
+    ));
+    h.configure("", "");
+    let (_, a, url) = h.build("b1", BuildProfile::TINY);
+    h.publish(&buildgen::manifest_json("b1", &url, &a, Format::TarGz));
+    h.start();
+    h.wait_served("b1").await;
+    assert!(h.log().contains("the ECS task role"), "{}", h.log());
+    assert_eq!(
+        h.imds.as_ref().unwrap().token_puts(),
+        0,
+        "IMDS used over ECS"
+    );
+    h.kill();
+
+    // A profile in the shared credentials file, picked by AWS_PROFILE.
+    let creds = h.path("aws-credentials");
+    std::fs::write(
+        &creds,
+        format!("[default]\naws_access_key_id = nope\naws_secret_access_key = nope\n[profile ci]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n"),
+    )
+    .unwrap();
+    h.env = vec![
+        (
+            "AWS_SHARED_CREDENTIALS_FILE".into(),
+            creds.display().to_string(),
+        ),
+        ("AWS_PROFILE".into(), "ci".into()),
+    ];
+    let (_, a2, url2) = h.build("b2", BuildProfile::TINY);
+    h.publish(&buildgen::manifest_json("b2", &url2, &a2, Format::TarGz));
+    h.start();
+    h.wait_served("b2").await;
+    assert!(h.log().contains("profile ci in"), "{}", h.log());
+    assert_no_secret(&h.outputs(), &[SECRET]);
+}
