@@ -581,3 +581,25 @@ async fn ecs_task_role_and_shared_profile_are_sources_too() {
     assert!(h.log().contains("profile ci in"), "{}", h.log());
     assert_no_secret(&h.outputs(), &[SECRET]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_against_the_local_s3_server() {
+    let tmp = deploy_agent_tests::fast_tempdir();
+    let mut out = Vec::new();
+    let records = testkit::demo::run_on(
+        testkit::demo::DemoStore::S3,
+        testkit::demo::DemoOptions {
+            dir: Some(tmp.path().to_path_buf()),
+            profile: BuildProfile::TINY,
+            format: Format::TarGz,
+        },
+        &mut out,
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert_eq!(records.len(), 3, "{text}");
+    assert!(text.contains("S3-compatible store"), "{text}");
+    assert!(records[1].from_delta, "{text}");
+    assert!(text.contains("demo complete"), "{text}");
+}
