@@ -603,3 +603,38 @@ async fn the_demo_runs_against_the_local_s3_server() {
     assert!(records[1].from_delta, "{text}");
     assert!(text.contains("demo complete"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_identity_keys_come_from_sts() {
+    let mut h = Host::new().await;
+    h.instance_role(Duration::from_secs(3600)).await;
+    let token_file = h.path("eks-token");
+    std::fs::write(&token_file, testkit::testserver::imds::WEB_IDENTITY_TOKEN).unwrap();
+    let sts = format!("{}/sts", h.imds.as_ref().unwrap().endpoint());
+    h.env.push((
+        "AWS_WEB_IDENTITY_TOKEN_FILE".into(),
+        token_file.display().to_string(),
+    ));
+    h.env.push((
+        "AWS_ROLE_ARN".into(),
+        "arn:aws:iam::123456789012:role/deploy".into(),
+    ));
+    h.env.push(("AWS_ENDPOINT_URL_STS".into(), sts));
+    h.configure("", "");
+    let (_, a, url) = h.build("b1", BuildProfile::TINY);
+    h.publish(&buildgen::manifest_json("b1", &url, &a, Format::TarGz));
+    h.start();
+    h.wait_served("b1").await;
+    let imds = h.imds.as_ref().unwrap();
+    assert!(h.log().contains("web identity"), "{}", h.log());
+    assert_eq!(imds.token_puts(), 0, "IMDS used over web identity");
+    let current = imds.current();
+    assert_no_secret(
+        &h.outputs(),
+        &[
+            &current.secret,
+            &current.token,
+            testkit::testserver::imds::WEB_IDENTITY_TOKEN,
+        ],
+    );
+}

@@ -557,6 +557,11 @@ mod tests {
         assert!(m.is_ok());
         v["url"] = serde_json::json!("ftp://h/x");
         assert_eq!(parse(&v).unwrap_err().field, "url");
+        v["url"] = serde_json::json!("s3://builds/app/a.tar.gz");
+        v["mirrors"] = serde_json::json!(["https://c/x", "s3://mirror-bucket/a.tar.gz"]);
+        assert_eq!(parse(&v).unwrap().spec.urls.len(), 3);
+        v["url"] = serde_json::json!("s3://Not_A_Bucket/a.tar.gz");
+        assert!(parse(&v).unwrap_err().reason.contains("bucket"));
     }
 
     #[test]

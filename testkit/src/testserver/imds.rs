@@ -2,7 +2,8 @@
 //! `127.0.0.1:0`: `PUT /latest/api/token` hands out a session token; the
 //! role name and the role's keys are only given to a GET that carries it
 //! (401 otherwise, as IMDSv2 with tokens required). `GET /ecs/creds` is the
-//! ECS task-role endpoint (it checks the Authorization header). The keys it
+//! ECS task-role endpoint (it checks the Authorization header); `POST /sts`
+//! answers STS `AssumeRoleWithWebIdentity` for the token [`WEB_IDENTITY_TOKEN`]. The keys it
 //! issues go into the S3 test server's [`KeyRing`]; [`ImdsServer::rotate`]
 //! revokes the current ones and issues new ones. `hop_limited` makes the
 //! token PUT never answer, as a hop limit of 1 does one network hop away.
@@ -28,6 +29,9 @@ use super::s3::KeyRing;
 pub const ROLE: &str = "deploy-agent-host";
 /// The Authorization value the ECS endpoint wants.
 pub const ECS_TOKEN: &str = "ecs-test-authorization";
+
+/// The web identity token `POST /sts` accepts (an EKS projected token).
+pub const WEB_IDENTITY_TOKEN: &str = "eyJ-test-projected-service-account-token";
 
 /// One issued key set.
 #[derive(Debug, Clone)]
@@ -217,6 +221,7 @@ async fn respond(
                 _ => answer(StatusCode::NOT_FOUND, String::new()),
             }
         }
+        (Method::POST, "/sts") => sts(state, req).await,
         (Method::GET, "/ecs/creds") => {
             if header(&req, "authorization") != Some(ECS_TOKEN) {
                 return answer(StatusCode::UNAUTHORIZED, String::new());
@@ -227,7 +232,40 @@ async fn respond(
     }
 }
 
-fn keys_json(state: &State) -> Response<Full<Bytes>> {
+/// STS `AssumeRoleWithWebIdentity`: the form must carry the action, a
+/// role ARN and [`WEB_IDENTITY_TOKEN`]; the answer is STS's XML.
+async fn sts(state: &State, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt;
+    let body = match req.into_body().collect().await {
+        Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+        Err(_) => return answer(StatusCode::BAD_REQUEST, String::new()),
+    };
+    let form: Vec<&str> = body.split('&').collect();
+    let ok = form.contains(&"Action=AssumeRoleWithWebIdentity")
+        && form.iter().any(|p| p.starts_with("RoleArn=arn"))
+        && form.contains(&format!("WebIdentityToken={WEB_IDENTITY_TOKEN}").as_str());
+    if !ok {
+        return answer(
+            StatusCode::FORBIDDEN,
+            "<ErrorResponse><Error><Code>InvalidIdentityToken</Code></Error></ErrorResponse>"
+                .into(),
+        );
+    }
+    let (issued, expires) = issue_now(state);
+    answer(
+        StatusCode::OK,
+        format!(
+            "<AssumeRoleWithWebIdentityResponse><AssumeRoleWithWebIdentityResult><Credentials>\
+             <AccessKeyId>{}</AccessKeyId><SecretAccessKey>{}</SecretAccessKey>\
+             <SessionToken>{}</SessionToken><Expiration>{expires}</Expiration>\
+             </Credentials></AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>",
+            issued.access_key_id, issued.secret, issued.token
+        ),
+    )
+}
+
+/// The current keys and their expiry as the answers write it; counted.
+fn issue_now(state: &State) -> (Issued, String) {
     state.credential_gets.fetch_add(1, Ordering::SeqCst);
     let lifetime = state.lifetime.lock().map(|l| *l).unwrap_or_default();
     let issued = match state.current.lock() {
@@ -235,6 +273,11 @@ fn keys_json(state: &State) -> Response<Full<Bytes>> {
         Err(p) => p.into_inner().clone(),
     };
     let expires = humantime::format_rfc3339_seconds(SystemTime::now() + lifetime).to_string();
+    (issued, expires)
+}
+
+fn keys_json(state: &State) -> Response<Full<Bytes>> {
+    let (issued, expires) = issue_now(state);
     let body = serde_json::json!({
         "Code": "Success",
         "Type": "AWS-HMAC",
