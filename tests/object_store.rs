@@ -638,3 +638,21 @@ async fn web_identity_keys_come_from_sts() {
         ],
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_in_another_region_is_named_in_status() {
+    let mut h = Host::new().await;
+    let key = h.key_file(SECRET);
+    h.configure(&key, "");
+    h.s3.set_region(Some("eu-central-1"));
+    let (_, a, url) = h.build("b1", BuildProfile::TINY);
+    h.publish(&buildgen::manifest_json("b1", &url, &a, Format::TarGz));
+    h.start();
+    h.wait_error(&[
+        &url,
+        "not in region eu-west-1",
+        "eu-central-1",
+        "[store] region",
+    ])
+    .await;
+}

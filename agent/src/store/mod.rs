@@ -297,8 +297,9 @@ impl Store {
                 self.provider.invalidate(&signed.access_key).await;
                 Verdict::Expired(format!("{what} (credentials expired; fetching new ones)"))
             }
-            (301 | 307, _)
-            | (400, "AuthorizationHeaderMalformed" | "IllegalLocationConstraintException") => {
+            // S3 names the bucket's region in a 301, or in the 400 it gives
+            // a signature scoped to another region.
+            (301 | 307, _) | (400, _) if status != 400 || region.is_some() => {
                 Verdict::Fatal(Error::StoreWrongRegion {
                     object: object.to_string(),
                     region: self.settings.region.clone(),

@@ -89,6 +89,9 @@ struct Faults {
     trickle: AtomicU64,
     /// UploadPart with this part number answers 500 InternalError; 0 = none.
     fail_part: AtomicU64,
+    /// The buckets' region: a signature scoped to another one is refused
+    /// as S3 refuses it (400 with the right `<Region>`); `None`: any.
+    region: Mutex<Option<String>>,
 }
 
 /// Counters since start.
@@ -206,6 +209,13 @@ impl S3Server {
         self.state.faults.fail_part.store(n, Ordering::SeqCst);
     }
 
+    /// The buckets live in `region` from now on (`None`: accept any).
+    pub fn set_region(&self, region: Option<&str>) {
+        if let Ok(mut r) = self.state.faults.region.lock() {
+            *r = region.map(str::to_string);
+        }
+    }
+
     pub fn stats(&self) -> S3Stats {
         self.state
             .stats
@@ -271,6 +281,17 @@ fn access_key(req: &Request<hyper::body::Incoming>) -> String {
     from_query.or(from_header).unwrap_or("").to_string()
 }
 
+/// The region of a presigned request's credential scope
+/// (`X-Amz-Credential=AKID/date/region/s3/aws4_request`).
+fn scope_region(req: &Request<hyper::body::Incoming>) -> Option<String> {
+    let query = req.uri().query()?;
+    let credential = query
+        .split('&')
+        .find_map(|p| p.strip_prefix("X-Amz-Credential="))?
+        .replace("%2F", "/");
+    credential.split('/').nth(2).map(str::to_string)
+}
+
 /// Takes one from a fault's counter; true if it applies to this request.
 fn take(counter: &AtomicU64) -> bool {
     counter
@@ -282,13 +303,55 @@ fn take(counter: &AtomicU64) -> bool {
         .is_ok()
 }
 
-fn xml_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+/// An S3 error answer; `extra` is more XML inside `<Error>` (`<Region>`).
+fn xml_error(status: StatusCode, code: &str, message: &str, extra: &str) -> Response<Body> {
     let body = format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>{message}</Message>{extra}</Error>"
     );
     let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
     *r.status_mut() = status;
     r
+}
+
+/// The answer of a fault switched on for this request, if any: a
+/// signature scoped to another region, SlowDown, a failing part.
+fn injected_fault(state: &State, req: &Request<hyper::body::Incoming>) -> Option<Response<Body>> {
+    let region = state.faults.region.lock().ok().and_then(|r| r.clone());
+    if let (Some(want), Some(got)) = (region, scope_region(req)) {
+        if want != got {
+            let message = format!("the region '{got}' is wrong; expecting '{want}'");
+            let extra = format!("<Region>{want}</Region>");
+            let code = "AuthorizationQueryParametersError";
+            return Some(xml_error(StatusCode::BAD_REQUEST, code, &message, &extra));
+        }
+    }
+    if req.method() == Method::GET && take(&state.faults.slow_down) {
+        if let Ok(mut s) = state.stats.lock() {
+            s.slow_downs += 1;
+        }
+        let message = "Please reduce your request rate.";
+        return Some(xml_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SlowDown",
+            message,
+            "",
+        ));
+    }
+    let part = state.faults.fail_part.load(Ordering::SeqCst);
+    let query = req.uri().query().unwrap_or("");
+    if part > 0
+        && req.method() == Method::PUT
+        && query.split('&').any(|p| p == format!("partNumber={part}"))
+    {
+        let message = "We encountered an internal error. Please try again.";
+        return Some(xml_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            message,
+            "",
+        ));
+    }
+    None
 }
 
 async fn respond(
@@ -309,27 +372,8 @@ async fn respond(
                 .or_default() += 1;
         }
     }
-    if is_get && take(&state.faults.slow_down) {
-        if let Ok(mut s) = state.stats.lock() {
-            s.slow_downs += 1;
-        }
-        return xml_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "SlowDown",
-            "Please reduce your request rate.",
-        );
-    }
-    let part = state.faults.fail_part.load(Ordering::SeqCst);
-    let query = req.uri().query().unwrap_or("").to_string();
-    if part > 0
-        && req.method() == Method::PUT
-        && query.split('&').any(|p| p == format!("partNumber={part}"))
-    {
-        return xml_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "InternalError",
-            "We encountered an internal error. Please try again.",
-        );
+    if let Some(answer) = injected_fault(state, &req) {
+        return answer;
     }
     let answer = match s3.call(req.map(s3s::Body::from)).await {
         Ok(r) => r,
@@ -338,6 +382,7 @@ async fn respond(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "InternalError",
                 &format!("{e:?}"),
+                "",
             )
         }
     };
