@@ -516,6 +516,30 @@ async fn publish_upload_stores_verifies_then_writes_the_manifest() {
         "{manifest}"
     );
     assert_no_secret(&text, &[SECRET]);
+
+    // The next build with a delta from b1: both objects go up (single
+    // PUTs: a TINY build is under the part size), then the manifest.
+    let next = h.path("b2.tar.gz");
+    buildgen::write_build(BuildProfile::TINY, 3, "b2", Format::TarGz, &next).unwrap();
+    let (next, base) = (next.display().to_string(), big.display().to_string());
+    let out = publish_upload(
+        &h,
+        &consul.url(),
+        &["--build", "b2", "--artifact", &next, "--delta-from", &base]
+            .into_iter()
+            .chain(["--upload", "s3://builds/releases", "--path-style"])
+            .collect::<Vec<_>>(),
+    );
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{text}");
+    let manifest = String::from_utf8(consul.get("deploy/app/production").unwrap().value).unwrap();
+    let delta_key = "releases/b2.tar.gz.delta.tar.zst";
+    assert!(
+        manifest.contains(&format!("s3://builds/{delta_key}")),
+        "{manifest}"
+    );
+    let local_delta = std::fs::read(h.path("b2.tar.gz.delta.tar.zst")).unwrap();
+    assert_eq!(h.s3.get(BUCKET, delta_key).unwrap(), local_delta);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
