@@ -266,8 +266,11 @@ impl Provider {
         }
         match self.fetch().await {
             Ok(keys) => {
-                info!(source = %self.source, access_key = %keys.access_key_id,
-                      expires = ?keys.expires.map(humantime::format_rfc3339_seconds),
+                let expires = keys.expires.map_or_else(
+                    || "never".to_string(),
+                    |t| humantime::format_rfc3339_seconds(t).to_string(),
+                );
+                info!(source = %self.source, access_key = %keys.access_key_id, expires = %expires,
                       "object store credentials loaded");
                 let keys = Arc::new(keys);
                 *cached = Some(Arc::clone(&keys));
