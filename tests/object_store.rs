@@ -680,3 +680,47 @@ async fn a_bucket_in_another_region_is_named_in_status() {
     ])
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_reports_name_the_403_without_a_secret() {
+    let mut h = Host::new().await;
+    let consul = testkit::testserver::consul::ConsulServer::start(Default::default())
+        .await
+        .unwrap();
+    let wrong = "wrong-secret-in-a-report-Qw7e9r";
+    let key = h.key_file(wrong);
+    // A fleet member watching its tier key and reporting to Consul (no
+    // splay: not what this is about).
+    let config = format!(
+        "deploy-root = \"{root}\"\n[status]\nsocket = \"{sock}\"\n[consul]\naddress = \"{consul}\"\n\
+         [fleet]\napp = \"app\"\ntier = \"production\"\nhost-id = \"h1\"\nsplay-max = \"0s\"\n\
+         [store]\nendpoint = \"{endpoint}\"\npath-style = true\n{key}\n",
+        root = h.path("root").display(),
+        sock = h.path("agent.sock").display(),
+        consul = consul.url(),
+        endpoint = h.s3.endpoint(),
+    );
+    std::fs::write(h.path("config.toml"), config).unwrap();
+    let (_, a, url) = h.build("b1", BuildProfile::TINY);
+    let manifest = buildgen::manifest_json("b1", &url, &a, Format::TarGz);
+    consul.put("deploy/app/production", manifest.as_bytes());
+    h.start();
+    h.wait_error(&["SignatureDoesNotMatch"]).await;
+    let start = Instant::now();
+    let report = loop {
+        let value = consul
+            .get("deploy-hosts/app/h1")
+            .map(|e| String::from_utf8_lossy(&e.value).into_owned());
+        if let Some(v) = value.filter(|v| v.contains("SignatureDoesNotMatch")) {
+            break v;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "no report with the error:\n{}",
+            h.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(report.contains(KEY_ID), "{report}");
+    assert_no_secret(&report, &[wrong, SECRET]);
+}
