@@ -174,22 +174,28 @@ impl Host {
         wait_served(&self.path("root"), id, LIMIT, &self.path("agent.log")).await;
     }
 
-    /// Waits for a status error containing every needle; returns it.
-    async fn wait_error(&self, needles: &[&str]) -> String {
+    /// Polls `found` until it gives a value; fails with `what` and the
+    /// agent's log after [`LIMIT`].
+    async fn wait_for<T>(&self, what: &str, mut found: impl FnMut() -> Option<T>) -> T {
         let start = Instant::now();
         loop {
-            let message = status_json(&self.path("agent.sock"))
-                .and_then(|s| s["last_error"]["message"].as_str().map(str::to_string));
-            if let Some(m) = message.filter(|m| needles.iter().all(|n| m.contains(n))) {
-                return m;
+            if let Some(v) = found() {
+                return v;
             }
-            assert!(
-                start.elapsed() < LIMIT,
-                "no status error with {needles:?}; log:\n{}",
-                self.log()
-            );
+            assert!(start.elapsed() < LIMIT, "{what}; log:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Waits for a status error containing every needle; returns it.
+    async fn wait_error(&self, needles: &[&str]) -> String {
+        let what = format!("no status error with {needles:?}");
+        self.wait_for(&what, || {
+            status_json(&self.path("agent.sock"))
+                .and_then(|s| s["last_error"]["message"].as_str().map(str::to_string))
+                .filter(|m| needles.iter().all(|n| m.contains(n)))
+        })
+        .await
     }
 
     /// Everything the agent printed or shows: its log and status.
@@ -199,14 +205,11 @@ impl Host {
     }
 
     async fn wait_sent(&self, bytes: u64) {
-        let start = Instant::now();
-        while self.s3.stats().bytes_sent < bytes {
-            assert!(
-                start.elapsed() < LIMIT,
-                "the store never sent {bytes} bytes"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let what = format!("the store never sent {bytes} bytes");
+        self.wait_for(&what, || {
+            (self.s3.stats().bytes_sent >= bytes).then_some(())
+        })
+        .await;
     }
 }
 
@@ -706,21 +709,14 @@ async fn host_reports_name_the_403_without_a_secret() {
     consul.put("deploy/app/production", manifest.as_bytes());
     h.start();
     h.wait_error(&["SignatureDoesNotMatch"]).await;
-    let start = Instant::now();
-    let report = loop {
-        let value = consul
-            .get("deploy-hosts/app/h1")
-            .map(|e| String::from_utf8_lossy(&e.value).into_owned());
-        if let Some(v) = value.filter(|v| v.contains("SignatureDoesNotMatch")) {
-            break v;
-        }
-        assert!(
-            start.elapsed() < LIMIT,
-            "no report with the error:\n{}",
-            h.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let report = h
+        .wait_for("no host report with the error", || {
+            consul
+                .get("deploy-hosts/app/h1")
+                .map(|e| String::from_utf8_lossy(&e.value).into_owned())
+                .filter(|v| v.contains("SignatureDoesNotMatch"))
+        })
+        .await;
     assert!(report.contains(KEY_ID), "{report}");
     assert_no_secret(&report, &[wrong, SECRET]);
 }
