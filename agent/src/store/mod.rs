@@ -309,6 +309,13 @@ impl Store {
                     },
                 })
             }
+            (403, "RequestTimeTooSkewed") => Verdict::Fatal(Error::StoreRequest {
+                object: object.to_string(),
+                action: action.name(),
+                reason: format!(
+                    "{what}: this host's clock is off; check its time sync (timedatectl)"
+                ),
+            }),
             (403, _) => {
                 if code == "InvalidAccessKeyId" {
                     // A rotated key file or environment is read again next time.
