@@ -77,8 +77,48 @@ fn parse_args() -> Args {
     a
 }
 
+/// The runs of row `name`.
+fn row_of(rows: &[(&str, Vec<f64>)], name: &str) -> Vec<f64> {
+    rows.iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
+}
+
+/// testkit's S3-compatible server with the artifacts directory as bucket
+/// `bench` (a symlink) and a key file for the agents (`STORE_CONFIG`).
+/// Returns the server and the main build's `s3://` URL.
+async fn start_s3(art: &Path, work: &Path) -> (testkit::testserver::s3::S3Server, String) {
+    let root = work.join("s3");
+    fs::create_dir_all(&root).unwrap();
+    std::os::unix::fs::symlink(art, root.join("bench")).unwrap();
+    let keys = std::sync::Arc::new(testkit::testserver::s3::KeyRing::default());
+    keys.add("AKIABENCH00000000001", "bench-secret");
+    let server = testkit::testserver::s3::S3Server::start(&root, keys)
+        .await
+        .unwrap();
+    let key_file = work.join("s3-credentials");
+    fs::write(
+        &key_file,
+        "[default]\naws_access_key_id = AKIABENCH00000000001\naws_secret_access_key = bench-secret\n",
+    )
+    .unwrap();
+    fs::set_permissions(&key_file, fs::Permissions::from_mode(0o600)).unwrap();
+    STORE_CONFIG
+        .set(format!(
+            "[store]\nendpoint = \"{}\"\npath-style = true\ncredentials-file = \"{}\"\n",
+            server.endpoint(),
+            key_file.display()
+        ))
+        .unwrap();
+    eprintln!("S3-compatible server: {}", server.endpoint());
+    (server, "s3://bench/main.tar.gz".to_string())
+}
+
 /// `--agent-config`: appended to every agent config this run writes.
 static AGENT_CONFIG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// The `[store]` section pointing every agent at the benchmark's S3 server.
+static STORE_CONFIG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn main() {
     let args = parse_args();
@@ -215,6 +255,7 @@ fn main() {
     let server = Server::start(&art_dir, &work);
     eprintln!("artifact server: {}", server.name());
     let url = server.url("/main.tar.gz");
+    let (_s3, s3_url) = rt.block_on(start_s3(&art_dir, &work));
     let consul = rt
         .block_on(ConsulServer::start(ConsulServerConfig::default()))
         .unwrap();
@@ -249,6 +290,7 @@ fn main() {
         ("floor_gunzip", vec![]),
         ("floor_tar_xf_syncfs", vec![]),
         ("agent_delta", vec![]),
+        ("agent_s3", vec![]),
     ];
     let mut agent_rss = vec![];
     let (mut delta_rss, mut delta_written, mut delta_sent) = (vec![], vec![], vec![]);
@@ -269,6 +311,11 @@ fn main() {
         let (t, rss) = deploy(&mut agent, &url, &main_gz);
         rows[0].1.push(t.as_secs_f64());
         agent_rss.push(rss);
+        // The same deploy from the S3-compatible server: signed ranged GETs.
+        prime();
+        rows[8]
+            .1
+            .push(deploy(&mut agent, &s3_url, &main_gz).0.as_secs_f64());
         // The delta deploy: main is live, main2 is published with its delta.
         prime();
         let sent_before = server.bytes_sent();
@@ -475,6 +522,12 @@ fn main() {
         );
     }
     println!("| tool floor (slowest floor) | {floor:.3} | |");
+    println!(
+        "\nfull deploy from S3 (s3s test server, presigned ranged GETs) / from HTTP ({}): {:.2} {}",
+        server.name(),
+        get("agent_s3") / agent_t,
+        spread(&row_of(&rows, "agent_s3"), &row_of(&rows, "agent"))
+    );
     println!();
     let ratio = |x: f64| agent_t / x;
     println!("| Target | Measured | Goal | Met |");
@@ -1343,11 +1396,12 @@ rate-burst = 2
 rate-interval = "100ms"
 {splay}[download]
 parallel-ranges = {ranges}
-{extra}
+{store}{extra}
 "#,
                 root = root.display(),
                 cache = cache.display(),
                 addr = consul.url(),
+                store = STORE_CONFIG.get().map(String::as_str).unwrap_or(""),
                 extra = AGENT_CONFIG.get().map(String::as_str).unwrap_or(""),
             ),
         )

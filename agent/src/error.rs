@@ -109,6 +109,62 @@ pub enum Error {
         reason: String,
     },
 
+    // ---- S3-compatible object stores (store/*, testserver/s3.rs) ----
+    /// The store refused the request (403): wrong secret, a policy without
+    /// the permission, a bucket policy, or a credential it does not know.
+    #[error(
+        "{object}: the object store refused {action} ({detail}) for {identity}; check that \
+         this identity's policy grants {permission} on the object (arn:aws:s3:::bucket/prefix/*) \
+         and that its secret key is the one the store has"
+    )]
+    StoreDenied {
+        object: String,
+        action: &'static str,
+        /// `HTTP 403 <Code> <Message>` as the store sent them.
+        detail: String,
+        /// `access key AKIA… from <source>` (the key id is not a secret).
+        identity: String,
+        permission: &'static str,
+    },
+
+    /// 404: no such bucket or key.
+    #[error("{object}: the object store has no such {what} ({code}); check the bucket and key in the manifest and that the build was uploaded (`deploy-agent release publish --upload`)")]
+    StoreNotFound {
+        object: String,
+        what: &'static str,
+        code: String,
+    },
+
+    /// The bucket lives in another region than the one requests are signed for.
+    #[error("{object}: the bucket is not in region {region} ({detail}); set [store] region (or AWS_REGION) to the bucket's region")]
+    StoreWrongRegion {
+        object: String,
+        region: String,
+        detail: String,
+    },
+
+    /// No credentials could be had from the source the chain chose.
+    #[error("object store credentials from {source_name}: {reason}; {fix}")]
+    StoreCredentials {
+        source_name: String,
+        reason: String,
+        fix: &'static str,
+    },
+
+    /// Any other failed request to the store (network, 5xx after retries,
+    /// an answer that cannot be read).
+    #[error("object store request {action} {object} failed: {reason}; check [store] endpoint (or AWS_ENDPOINT_URL_S3) and that the store is reachable")]
+    StoreRequest {
+        object: String,
+        action: &'static str,
+        reason: String,
+    },
+
+    /// An `s3://` URL that cannot name an object, or a `[store]` setting
+    /// that cannot work.
+    #[error("object store setting {setting}: {reason}")]
+    StoreSetting { setting: String, reason: String },
+
     /// A server announced or delivered a size other than the manifest's.
     #[error(
         "size mismatch for {url}: expected {expected} bytes, server has {actual}; \

@@ -40,6 +40,7 @@ pub mod redact;
 pub mod sign;
 pub mod source;
 pub mod status;
+pub mod store;
 pub mod unpack;
 
 pub use error::{Error, Result};

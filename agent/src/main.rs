@@ -187,6 +187,13 @@ fn check_config(config: &Path) -> ExitCode {
     say!("  status socket: {}", socket_line(&c));
     say!("  cache: {}", c.cache_dir().display());
     say!("  health gate: {}", health_line(&c));
+    match store_line(&c) {
+        Ok(line) => say!("  object store (s3:// URLs): {line}"),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    }
     say!(
         "  signed manifests: {}",
         match c.signing.public_keys.len() {
@@ -195,6 +202,22 @@ fn check_config(config: &Path) -> ExitCode {
         }
     );
     ExitCode::SUCCESS
+}
+
+/// The store `s3://` URLs go to, and which credential source the chain
+/// picked on this host (never a secret). Fails like `run` would on a key
+/// file others can read.
+fn store_line(c: &Config) -> Result<String, deploy_agent::Error> {
+    let store = deploy_agent::store::Store::from_config(&c.store, reqwest::Client::new())?;
+    store.check()?;
+    let s = store.settings();
+    Ok(format!(
+        "endpoint {}, region {}, {} style, credentials from {}",
+        s.endpoint,
+        s.region,
+        if s.path_style { "path" } else { "virtual-host" },
+        s.source
+    ))
 }
 
 /// Where the desired state comes from: a Consul key (at the address the

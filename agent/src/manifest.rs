@@ -487,6 +487,9 @@ fn check_url(u: &str, policy: UrlPolicy) -> Result<(), ManifestError> {
             }
             Ok(())
         }
+        "s3" => crate::store::ObjectUrl::parse(u)
+            .map(|_| ())
+            .map_err(|e| err("url", format!("{shown:?}: {e}"))),
         "file" if policy.allow_file => Ok(()),
         "file" => Err(err(
             "url",
@@ -496,7 +499,7 @@ fn check_url(u: &str, policy: UrlPolicy) -> Result<(), ManifestError> {
         )),
         other => Err(err(
             "url",
-            format!("{shown:?}: scheme {other} is not http or https"),
+            format!("{shown:?}: scheme {other} is not http, https or s3"),
         )),
     }
 }
@@ -554,6 +557,11 @@ mod tests {
         assert!(m.is_ok());
         v["url"] = serde_json::json!("ftp://h/x");
         assert_eq!(parse(&v).unwrap_err().field, "url");
+        v["url"] = serde_json::json!("s3://builds/app/a.tar.gz");
+        v["mirrors"] = serde_json::json!(["https://c/x", "s3://mirror-bucket/a.tar.gz"]);
+        assert_eq!(parse(&v).unwrap().spec.urls.len(), 3);
+        v["url"] = serde_json::json!("s3://Not_A_Bucket/a.tar.gz");
+        assert!(parse(&v).unwrap_err().reason.contains("bucket"));
     }
 
     #[test]

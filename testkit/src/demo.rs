@@ -5,7 +5,9 @@
 //! publishes build 1 through Consul and runs the real agent until it is
 //! live, publishes build 2, then rolls back by setting the key back. With
 //! `--keep` it then publishes build 2 at 2% and stays up for
-//! `deploy-agent fleet serve`. A crash leaves only the temp dir behind.
+//! `deploy-agent fleet serve`. With `--store s3` the builds live in the
+//! S3-compatible test server instead (`s3://` URLs, a static key file,
+//! signatures checked). A crash leaves only the temp dir behind.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -16,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::buildgen::{self, Artifact, BuildProfile};
 use crate::testserver::artifact::ArtifactServer;
 use crate::testserver::consul::{ConsulServer, ConsulServerConfig};
+use crate::testserver::s3::{KeyRing, S3Server};
 use deploy_agent::config::Config;
 use deploy_agent::consul::ConsulSettings;
 use deploy_agent::daemon::{Agent, RunOptions};
@@ -38,9 +41,119 @@ pub struct DemoOptions {
     pub format: Format,
 }
 
+/// Where the demo serves its builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DemoStore {
+    /// The artifact HTTP server (`http://` URLs).
+    #[default]
+    Http,
+    /// The S3-compatible server (`s3://` URLs, signed requests).
+    S3,
+}
+
+const BUCKET: &str = "demo-builds";
+const DEMO_KEY_ID: &str = "AKIADEMO000000000001";
+
+/// The server the demo's builds are on.
+enum Builds {
+    Http(ArtifactServer),
+    S3(S3Server),
+}
+
+impl Builds {
+    /// Starts the server `store` names; for S3 also writes the agent's key
+    /// file under `base` and points `config`'s `[store]` at the server.
+    async fn start(
+        store: DemoStore,
+        base: &std::path::Path,
+        config: &mut Config,
+    ) -> Result<Builds> {
+        let io = |e| Error::io("127.0.0.1:0", e);
+        match store {
+            DemoStore::Http => Ok(Builds::Http(ArtifactServer::start().await.map_err(io)?)),
+            DemoStore::S3 => {
+                let secret = format!("demo-secret-{:016x}", rand::random::<u64>());
+                let keys = std::sync::Arc::new(KeyRing::default());
+                keys.add(DEMO_KEY_ID, &secret);
+                let dir = base.join("object-store");
+                std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                let s3 = S3Server::start(&dir, keys).await.map_err(io)?;
+                s3.create_bucket(BUCKET).map_err(|e| Error::io(&dir, e))?;
+                let key_file = base.join("s3-credentials");
+                write_private(&key_file, &format!(
+                    "[default]\naws_access_key_id = {DEMO_KEY_ID}\naws_secret_access_key = {secret}\n"
+                ))?;
+                config.store.endpoint = Some(s3.endpoint());
+                config.store.path_style = true;
+                config.store.credentials_file = Some(key_file);
+                Ok(Builds::S3(s3))
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Builds::Http(a) => format!("artifact server              {}", a.url("/")),
+            Builds::S3(s) => format!(
+                "S3-compatible store          {} (bucket {BUCKET})",
+                s.endpoint()
+            ),
+        }
+    }
+
+    fn add(&self, path: &str, bytes: Vec<u8>) -> Result<()> {
+        match self {
+            Builds::Http(a) => {
+                a.add(path, bytes);
+                Ok(())
+            }
+            Builds::S3(s) => s
+                .put(BUCKET, path.trim_start_matches('/'), &bytes)
+                .map_err(|e| Error::io(path, e)),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        match self {
+            Builds::Http(a) => a.url(path),
+            Builds::S3(_) => format!("s3://{BUCKET}/{}", path.trim_start_matches('/')),
+        }
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        match self {
+            Builds::Http(a) => a.stats().bytes_sent,
+            Builds::S3(s) => s.stats().bytes_sent,
+        }
+    }
+}
+
+/// Writes a secret file with mode 0600 from the start.
+fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    f.write_all(text.as_bytes()).map_err(|e| Error::io(path, e))
+}
+
 /// Runs the demo, printing to `out`. Returns the three deploy records.
 pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Vec<DeployRecord>> {
-    run_inner(opts, out, None).await
+    run_inner(opts, DemoStore::Http, out, None).await
+}
+
+/// [`run`] with the builds served from `store`.
+pub async fn run_on(
+    store: DemoStore,
+    opts: DemoOptions,
+    out: &mut (dyn Write + Send),
+) -> Result<Vec<DeployRecord>> {
+    run_inner(opts, store, out, None).await
 }
 
 /// [`run`], then keeps the servers and the agent (a fleet member of app
@@ -52,13 +165,24 @@ pub async fn run_and_keep(
     out: &mut (dyn Write + Send),
     until: impl std::future::Future<Output = ()> + Send,
 ) -> Result<Vec<DeployRecord>> {
-    run_inner(opts, out, Some(Box::pin(until))).await
+    run_and_keep_on(DemoStore::Http, opts, out, until).await
+}
+
+/// [`run_and_keep`] with the builds served from `store`.
+pub async fn run_and_keep_on(
+    store: DemoStore,
+    opts: DemoOptions,
+    out: &mut (dyn Write + Send),
+    until: impl std::future::Future<Output = ()> + Send,
+) -> Result<Vec<DeployRecord>> {
+    run_inner(opts, store, out, Some(Box::pin(until))).await
 }
 
 type Until<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
 async fn run_inner(
     opts: DemoOptions,
+    store: DemoStore,
     out: &mut (dyn Write + Send),
     keep: Option<Until<'_>>,
 ) -> Result<Vec<DeployRecord>> {
@@ -85,17 +209,14 @@ async fn run_inner(
     let consul = ConsulServer::start(ConsulServerConfig::default())
         .await
         .map_err(|e| Error::io("127.0.0.1:0", e))?;
-    let artifacts = ArtifactServer::start()
-        .await
-        .map_err(|e| Error::io("127.0.0.1:0", e))?;
+    let root = base.join("srv/app");
+    let mut config = Config::for_consul_key(root.clone(), KEY, &consul.url());
+    let artifacts = Builds::start(store, &base, &mut config).await?;
     p(
         out,
         format!("  consul-compatible KV server  {}", consul.url()),
     );
-    p(
-        out,
-        format!("  artifact server              {}", artifacts.url("/")),
-    );
+    p(out, format!("  {}", artifacts.describe()));
 
     let art_dir = base.join("artifacts");
     std::fs::create_dir_all(&art_dir).map_err(|e| Error::io(&art_dir, e))?;
@@ -114,7 +235,7 @@ async fn run_inner(
         .map_err(|e| Error::Internal(e.to_string()))??;
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         let url_path = format!("/builds/app-{id}.{ext}");
-        artifacts.add(&url_path, bytes);
+        artifacts.add(&url_path, bytes)?;
         p(
             out,
             format!(
@@ -131,8 +252,6 @@ async fn run_inner(
 
     add_delta(&art_dir, &artifacts, &mut builds, opts.format, out).await?;
 
-    let root = base.join("srv/app");
-    let mut config = Config::for_consul_key(root.clone(), KEY, &consul.url());
     config.status.socket = Some(base.join("agent.sock"));
     if keep.is_some() {
         // A fleet member, so the page has a host report to show.
@@ -185,7 +304,7 @@ async fn run_inner(
     for (i, (b, what)) in steps.iter().enumerate() {
         let (id, _, manifest) = &builds[*b];
         p(out, format!("\n[{}] {what}", i + 1));
-        let before = artifacts.stats().bytes_sent;
+        let before = artifacts.bytes_sent();
         let written = Instant::now();
         consul.put(KEY, manifest.as_bytes());
         let rec = wait_for(&agent, id, records.len() + 1, Duration::from_secs(300)).await?;
@@ -206,7 +325,7 @@ async fn run_inner(
             out,
             format!(
                 "    downloaded {:.2} MB, {} entries{}",
-                (artifacts.stats().bytes_sent - before) as f64 / 1e6,
+                (artifacts.bytes_sent() - before) as f64 / 1e6,
                 rec.progress.entries,
                 if rec.from_cache {
                     " (artifact from cache)"
@@ -294,7 +413,7 @@ async fn keep_up(
 /// build 2's manifest, as `release publish --delta-from` does.
 async fn add_delta(
     art_dir: &std::path::Path,
-    artifacts: &ArtifactServer,
+    artifacts: &Builds,
     builds: &mut [(String, Artifact, String)],
     format: Format,
     out: &mut (dyn Write + Send),
@@ -318,7 +437,7 @@ async fn add_delta(
     .await
     .map_err(|e| Error::Internal(e.to_string()))??;
     let bytes = std::fs::read(&delta).map_err(|e| Error::io(&delta, e))?;
-    artifacts.add(&format!("/builds/app-{}.delta.tar.zst", builds[1].0), bytes);
+    artifacts.add(&format!("/builds/app-{}.delta.tar.zst", builds[1].0), bytes)?;
     let mut m: serde_json::Value = serde_json::from_str(&builds[1].2)
         .map_err(|e| Error::Internal(format!("demo: build 2's manifest: {e}")))?;
     m["delta"] = serde_json::Value::Object(spec.to_json());

@@ -84,6 +84,7 @@ impl Env {
             },
             bandwidth_limit: None,
             allow_file_urls: false,
+            store: None,
         };
         let client = settings.client().unwrap();
         Env {

@@ -14,6 +14,7 @@ mod delta;
 mod e2e;
 mod fetch;
 mod notify;
+mod object_store;
 mod process;
 mod reliability;
 mod slot_integrity;

@@ -28,6 +28,7 @@ pub use tokio_util::sync::CancellationToken;
 use crate::error::{Error, Result};
 use crate::pacing::{sleep_or_cancel, Backoff, BackoffState, TokenBucket};
 use crate::progress::Progress;
+use crate::store::{Action, ObjectUrl, Store, Verdict};
 
 use super::partial::{Partial, WRITE_BUFFER};
 
@@ -49,6 +50,8 @@ pub struct FetchSettings {
     pub bandwidth_limit: Option<u64>,
     /// Accept `file://` URLs (tests, demo, air-gapped hosts).
     pub allow_file_urls: bool,
+    /// Signs `s3://` URLs' requests (`[store]`); `None` refuses them.
+    pub store: Option<Arc<Store>>,
 }
 
 /// Retries of one range: 200 ms doubling to 10 s, jittered. Not a config
@@ -70,7 +73,14 @@ impl FetchSettings {
             backoff: RANGE_BACKOFF,
             bandwidth_limit: download.bandwidth_limit,
             allow_file_urls: download.allow_file_urls || local_source,
+            store: None,
         }
+    }
+
+    /// These settings with `store` signing `s3://` requests.
+    pub fn with_store(mut self, store: Arc<Store>) -> FetchSettings {
+        self.store = Some(store);
+        self
     }
 
     /// A client with this connect timeout, for callers without their own.
@@ -369,23 +379,10 @@ async fn attempt(
     if let Some(path) = url.strip_prefix("file://") {
         return attempt_file(job, url, Path::new(path), from, end, buf).await;
     }
-    let request = job
-        .client
-        .get(url)
-        .header(RANGE, format!("bytes={from}-{}", end - 1));
-    let headers_deadline = job.settings.connect_timeout + job.settings.read_timeout;
-    let sent = tokio::select! {
-        _ = job.cancel.cancelled() => return Err(Failure::Cancelled),
-        sent = tokio::time::timeout(headers_deadline, request.send()) => sent,
-    };
-    let response = match sent {
-        Err(_) => {
-            return Err(Failure::Transient(format!(
-                "no response within {headers_deadline:?}"
-            )))
-        }
-        Ok(Err(e)) => return Err(Failure::Transient(format!("request failed: {}", chain(&e)))),
-        Ok(Ok(r)) => r,
+    let response = if url.starts_with("s3://") {
+        store_get(job, url, from, end).await?
+    } else {
+        send_get(job, url, from, end).await?
     };
     let (offset, single) = where_body_starts(job, url, &response, from, end)?;
     let stop = if single { size } else { end };
@@ -394,6 +391,93 @@ async fn attempt(
         job.partial.chunks.unclaim_incomplete();
     }
     streamed.map(|()| single)
+}
+
+/// Sends the GET for `[from, end)` and waits for the response headers.
+async fn send_get(
+    job: &Job,
+    target: impl reqwest::IntoUrl,
+    from: u64,
+    end: u64,
+) -> std::result::Result<reqwest::Response, Failure> {
+    let request = job
+        .client
+        .get(target)
+        .header(RANGE, format!("bytes={from}-{}", end - 1));
+    let headers_deadline = job.settings.connect_timeout + job.settings.read_timeout;
+    let sent = tokio::select! {
+        _ = job.cancel.cancelled() => return Err(Failure::Cancelled),
+        sent = tokio::time::timeout(headers_deadline, request.send()) => sent,
+    };
+    match sent {
+        Err(_) => Err(Failure::Transient(format!(
+            "no response within {headers_deadline:?}"
+        ))),
+        // Without the URL: a presigned one carries its signature (the
+        // caller logs the manifest's URL instead).
+        Ok(Err(e)) => Err(Failure::Transient(format!(
+            "request failed: {}",
+            chain(&e.without_url())
+        ))),
+        Ok(Ok(r)) => Ok(r),
+    }
+}
+
+/// The GET for `[from, end)` of an `s3://` URL, presigned with the host's
+/// current credentials (refreshed before they expire, so also in the middle
+/// of a download). A store's error answer becomes a retry (throttling,
+/// 5xx, expired credentials, which are then fetched again) or an error
+/// that names the object and what to fix.
+async fn store_get(
+    job: &Job,
+    url: &str,
+    from: u64,
+    end: u64,
+) -> std::result::Result<reqwest::Response, Failure> {
+    let object = ObjectUrl::parse(url).map_err(|reason| {
+        Failure::Mirror(Error::StoreSetting {
+            setting: "url".into(),
+            reason: format!("{url}: {reason}"),
+        })
+    })?;
+    let Some(store) = &job.settings.store else {
+        return Err(Failure::Mirror(Error::StoreSetting {
+            setting: "[store]".into(),
+            reason: format!("{url}: this command has no object store configured"),
+        }));
+    };
+    let signed = store
+        .sign(&object, Action::Get)
+        .await
+        .map_err(Failure::Mirror)?;
+    let response = send_get(job, signed.url.clone(), from, end).await?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let region = response
+        .headers()
+        .get("x-amz-bucket-region")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = match tokio::time::timeout(job.settings.read_timeout, response.bytes()).await {
+        Ok(Ok(b)) => String::from_utf8_lossy(&b[..b.len().min(64 << 10)]).into_owned(),
+        _ => String::new(),
+    };
+    let verdict = store
+        .classify(
+            &object,
+            Action::Get,
+            &signed,
+            status.as_u16(),
+            region.as_deref(),
+            &body,
+        )
+        .await;
+    Err(match verdict {
+        Verdict::Expired(reason) | Verdict::Retry(reason) => Failure::Transient(reason),
+        Verdict::Fatal(e) => Failure::Mirror(e),
+    })
 }
 
 /// Checks a response against the artifact: a 206 for this range (and the
@@ -568,7 +652,10 @@ async fn stream_body(
                 break;
             }
             Ok(Err(e)) => {
-                result = Err(Failure::Transient(format!("body failed: {}", chain(&e))));
+                result = Err(Failure::Transient(format!(
+                    "body failed: {}",
+                    chain(&e.without_url())
+                )));
                 break;
             }
             Ok(Ok(None)) => break,

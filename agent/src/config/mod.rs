@@ -9,10 +9,12 @@ use std::time::Duration;
 mod health;
 mod signing;
 mod status;
+mod store;
 
 pub use health::HealthConfig;
 pub use signing::SigningConfig;
 pub use status::{parse_octal_mode, GroupSpec, StatusConfig, MAX_SOCKET_MODE};
+pub use store::StoreConfig;
 
 use serde::Deserialize;
 
@@ -56,6 +58,9 @@ pub struct Config {
     /// Tier, app, host id, rollout splay, host reports, freeze key.
     #[serde(default)]
     pub fleet: FleetConfig,
+    /// S3-compatible object stores for `s3://` artifact URLs (`store.rs`).
+    #[serde(default)]
+    pub store: StoreConfig,
     /// Checking the slots against their records (`[integrity]`).
     #[serde(default)]
     pub integrity: IntegrityConfig,
@@ -375,6 +380,7 @@ impl Config {
             fleet: FleetConfig::default(),
             status: StatusConfig::default(),
             integrity: IntegrityConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 
@@ -440,6 +446,7 @@ impl Config {
         check_ranges(&cfg).map_err(invalid)?;
         check_commands(&cfg).map_err(invalid)?;
         cfg.health.validate().map_err(invalid)?;
+        cfg.store.validate().map_err(invalid)?;
         crate::sign::TrustedKeys::parse(&cfg.signing.public_keys)
             .map_err(|e| invalid(format!("signing.{e}")))?;
         Ok(cfg)

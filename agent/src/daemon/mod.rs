@@ -213,6 +213,9 @@ fn build_deployer(
     let client = fetch
         .client()
         .map_err(|e| Error::Internal(format!("cannot build the HTTP client: {e}")))?;
+    let store = crate::store::Store::from_config(&config.store, client.clone())?;
+    store.check()?;
+    let fetch = fetch.with_store(Arc::new(store));
     let cache = ArtifactCache::new(config.cache_dir(), config.download.cache_keep)?;
     let trust = crate::sign::TrustedKeys::parse(&config.signing.public_keys).map_err(|e| {
         Error::ConfigInvalid {

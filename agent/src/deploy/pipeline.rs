@@ -311,10 +311,11 @@ fn validate_urls(spec: &BuildSpec, settings: &FetchSettings) -> Result<()> {
     for url in &spec.urls {
         let ok = url.starts_with("http://")
             || url.starts_with("https://")
+            || url.starts_with("s3://")
             || (settings.allow_file_urls && url.starts_with("file://"));
         if !ok {
             return Err(Error::InvalidArtifact {
-                reason: format!("unsupported URL {url:?} (http, https, or file when allowed)"),
+                reason: format!("unsupported URL {url:?} (http, https, s3, or file when allowed)"),
             });
         }
     }

@@ -1,5 +1,5 @@
 //! The demo: `cargo run --release -p testkit --bin demo -- [--dir D]
-//! [--size tiny|demo|small|full] [--format tar|tar.gz|tar.zst] [--keep]`.
+//! [--size tiny|demo|small|full] [--format tar|tar.gz|tar.zst] [--store http|s3] [--keep]`.
 //!
 //! Runs the whole job end to end on this machine with in-process servers
 //! (see `testkit::demo`). It lives in the test kit, not in the packaged
@@ -13,7 +13,7 @@ use clap::{Parser, ValueEnum};
 use deploy_agent::exit;
 use deploy_agent::manifest::Format;
 use testkit::buildgen::BuildProfile;
-use testkit::demo::DemoOptions;
+use testkit::demo::{DemoOptions, DemoStore};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -30,6 +30,10 @@ struct Cli {
     /// Archive format.
     #[arg(long, value_enum, default_value = "tar.gz")]
     format: ArchiveFormat,
+    /// Serve the builds from the artifact HTTP server or from the
+    /// S3-compatible test server (s3:// URLs, signed requests).
+    #[arg(long, value_enum, default_value = "http")]
+    store: Store,
     /// Keep the servers and the agent running afterwards (until Ctrl-C)
     /// and print the `fleet serve` command that shows them in a browser.
     #[arg(long)]
@@ -42,6 +46,12 @@ enum Size {
     Demo,
     Small,
     Full,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Store {
+    Http,
+    S3,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -76,16 +86,22 @@ async fn main() -> ExitCode {
         profile,
         format,
     };
+    let store = match cli.store {
+        Store::Http => DemoStore::Http,
+        Store::S3 => DemoStore::S3,
+    };
     let mut out = std::io::stdout();
     let result = if cli.keep {
         let until = async {
             let _ = tokio::signal::ctrl_c().await;
         };
-        testkit::demo::run_and_keep(opts, &mut out, until)
+        testkit::demo::run_and_keep_on(store, opts, &mut out, until)
             .await
             .map(|_| ())
     } else {
-        testkit::demo::run(opts, &mut out).await.map(|_| ())
+        testkit::demo::run_on(store, opts, &mut out)
+            .await
+            .map(|_| ())
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,3 +4,5 @@
 
 pub mod artifact;
 pub mod consul;
+pub mod imds;
+pub mod s3;

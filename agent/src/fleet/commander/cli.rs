@@ -56,6 +56,9 @@ pub struct ReleaseCommand {
     pub action: ReleaseAction,
 }
 
+// Parsed once per command and matched at once: the size of the largest
+// variant (publish's options) costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Subcommand)]
 pub enum ReleaseAction {
     /// Publish a build to the tier (the current build becomes `previous`).
@@ -65,9 +68,19 @@ pub enum ReleaseAction {
         /// A local artifact: its sha256 and size are computed here.
         #[arg(long)]
         artifact: Option<PathBuf>,
-        /// Where hosts download it.
-        #[arg(long)]
-        url: String,
+        /// Where hosts download it (with --upload: the uploaded object).
+        #[arg(long, required_unless_present = "upload", conflicts_with = "upload")]
+        url: Option<String>,
+        /// Upload --artifact (and the --delta-from delta) to this
+        /// `s3://bucket/prefix/` with the credentials of this machine's
+        /// standard chain, check what the store holds, and only then
+        /// publish the manifest with the `s3://` URLs.
+        #[arg(long, requires = "artifact")]
+        upload: Option<String>,
+        /// With --upload: path-style requests (most self-hosted stores);
+        /// the endpoint and region come from AWS_ENDPOINT_URL_S3 and AWS_REGION.
+        #[arg(long, requires = "upload")]
+        path_style: bool,
         #[arg(long)]
         sha256: Option<crate::manifest::Sha256Sum>,
         #[arg(long)]
@@ -81,10 +94,10 @@ pub enum ReleaseAction {
         /// Also publish a delta from this local artifact (the build hosts
         /// run now) to --artifact: hosts running it download only what
         /// changed. Written next to --artifact as `<artifact>.delta.tar.zst`.
-        #[arg(long, requires_all = ["artifact", "delta_url"])]
+        #[arg(long, requires = "artifact")]
         delta_from: Option<PathBuf>,
-        /// Where hosts download the delta.
-        #[arg(long, requires = "delta_from")]
+        /// Where hosts download the delta (needed without --upload).
+        #[arg(long, requires = "delta_from", conflicts_with = "upload")]
         delta_url: Option<String>,
         /// The base artifact's format (default: --format).
         #[arg(long)]
@@ -265,6 +278,76 @@ fn block(fut: impl std::future::Future<Output = Result<()>>) -> u8 {
     }
 }
 
+fn invalid(r: &Release, reason: &str) -> Error {
+    Error::ReleaseInvalid {
+        key: r.key.clone(),
+        reason: reason.into(),
+    }
+}
+
+/// Where `write_delta` writes the delta of `target`.
+fn delta_path(target: &std::path::Path) -> PathBuf {
+    PathBuf::from(format!("{}.delta.tar.zst", target.display()))
+}
+
+/// `publish --upload`: the store (endpoint and region from the `AWS_*`
+/// environment, keys from this machine's chain) and the prefix objects go
+/// under, named after their local files.
+struct Uploader {
+    store: crate::store::Store,
+    http: reqwest::Client,
+    prefix: String,
+}
+
+impl Uploader {
+    fn new(r: &Release, prefix: &str, path_style: bool) -> Result<Uploader> {
+        let prefix = if prefix.ends_with('/') {
+            prefix.to_string()
+        } else {
+            format!("{prefix}/")
+        };
+        crate::store::ObjectUrl::parse(&format!("{prefix}x"))
+            .map_err(|e| invalid(r, &format!("--upload {prefix}: {e}")))?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| Error::Internal(format!("cannot build the HTTP client: {e}")))?;
+        let cfg = crate::config::StoreConfig {
+            path_style,
+            ..Default::default()
+        };
+        let store = crate::store::Store::from_config(&cfg, http.clone())?;
+        say!(
+            "uploading to {prefix} at {} with credentials from {}",
+            store.settings().endpoint,
+            store.settings().source
+        );
+        Ok(Uploader {
+            store,
+            http,
+            prefix,
+        })
+    }
+
+    fn url_of(&self, file: &std::path::Path) -> String {
+        let name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        format!("{}{name}", self.prefix)
+    }
+
+    async fn upload(&self, file: &std::path::Path, url: &str) -> Result<()> {
+        let object = crate::store::ObjectUrl::parse(url).map_err(|reason| Error::StoreSetting {
+            setting: "--upload".into(),
+            reason: format!("{url}: {reason}"),
+        })?;
+        crate::store::upload::upload_file(&self.store, &self.http, file, &object).await?;
+        say!("uploaded {} to {url} (size verified)", file.display());
+        Ok(())
+    }
+}
+
 /// Writes the delta from `base` to `target` as `<target>.delta.tar.zst`
 /// and describes it for the manifest.
 async fn write_delta(
@@ -272,7 +355,7 @@ async fn write_delta(
     target: (PathBuf, Format),
     url: String,
 ) -> Result<crate::manifest::DeltaSpec> {
-    let out = PathBuf::from(format!("{}.delta.tar.zst", target.0.display()));
+    let out = delta_path(&target.0);
     let (d, info) = tokio::task::spawn_blocking(move || {
         release::delta_spec((&base.0, base.1), (&target.0, target.1), &out, &url)
     })
@@ -302,6 +385,8 @@ pub fn run_release(cmd: ReleaseCommand) -> u8 {
                 build,
                 artifact,
                 url,
+                upload,
+                path_style,
                 sha256,
                 size,
                 format,
@@ -315,13 +400,39 @@ pub fn run_release(cmd: ReleaseCommand) -> u8 {
                     Some(f) => parse_format(&r, &f)?,
                     None => format,
                 };
+                let uploader = match &upload {
+                    Some(prefix) => Some(Uploader::new(&r, prefix, path_style)?),
+                    None => None,
+                };
+                let url = match (url, &uploader, &artifact) {
+                    (Some(u), _, _) => u,
+                    (None, Some(up), Some(a)) => up.url_of(a),
+                    _ => return Err(invalid(&r, "give --url, or --artifact with --upload")),
+                };
+                let delta_file = artifact.as_ref().map(|a| delta_path(a));
+                let delta_url = match (delta_url, &uploader, &delta_file) {
+                    (Some(u), _, _) => Some(u),
+                    (None, Some(up), Some(d)) if delta_from.is_some() => Some(up.url_of(d)),
+                    _ => None,
+                };
                 let delta = match (delta_from, delta_url, artifact.clone()) {
                     (Some(base), Some(url), Some(target)) => {
                         Some(write_delta((base, base_format), (target, format), url).await?)
                     }
+                    (Some(_), None, _) => {
+                        return Err(invalid(&r, "--delta-from needs --delta-url or --upload"))
+                    }
                     _ => None,
                 };
-                let spec = publish_spec(&r, build, artifact, url, sha256, size, format).await?;
+                let spec =
+                    publish_spec(&r, build, artifact.clone(), url, sha256, size, format).await?;
+                if let (Some(up), Some(path)) = (&uploader, &artifact) {
+                    // Objects first, verified; the manifest only after them.
+                    up.upload(path, &spec.urls[0]).await?;
+                    if let (Some(d), Some(file)) = (&delta, &delta_file) {
+                        up.upload(file, &d.urls[0]).await?;
+                    }
+                }
                 let i = r.publish_with_delta(&spec, percent, delta.as_ref()).await?;
                 say!(
                     "published {} ({} bytes, sha256 {}) to {} at {}% (index {i})",
