@@ -641,3 +641,26 @@ async fn a_deploy_that_leaves_a_hot_patch_behind_says_so() {
     let text = String::from_utf8(cli(&h, &["history"]).await.stdout).unwrap();
     assert!(text.contains("no longer serving the changes"), "{text}");
 }
+
+/// A cold slot removed from under the agent cannot be read, let alone
+/// proven: a rollback by the key rebuilds it instead of failing on every
+/// retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_cold_slot_is_rebuilt_before_a_rollback() {
+    let (h, b1, _b2) = b1_cold_b2_live().await;
+    let cold = other_slot(&h.root, &live_slot(&h.root));
+    std::fs::remove_dir_all(&cold).unwrap();
+    h.publish(&manifest(&h.artifacts, &b1, None));
+    let rec = h.wait_live("b1", LIMIT).await;
+    let repaired = serde_json::to_value(&rec.repaired).unwrap();
+    assert_eq!(repaired["state"], "unprovable", "{rec:?}");
+    assert!(
+        repaired["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cannot read it"),
+        "{rec:?}"
+    );
+    let reference = full_unpack(h.tmp.path(), &b1);
+    assert_eq!(tree(&live_slot(&h.root)), tree(&reference));
+}
