@@ -245,8 +245,8 @@ pub enum Error {
     /// file written, replaced, added or removed since it was deployed).
     #[error(
         "{slot} no longer holds exactly build {build}: {summary}; not flipping to it as it is: \
-         publish {build} again (or `deploy-agent redeploy`) to rebuild it from its artifact, \
-         `deploy-agent verify` lists every difference"
+         publish {build} again (`deploy-agent release rollback`, or set the key back) and the \
+         agent rebuilds the slot from its artifact before flipping"
     )]
     SlotDrift {
         slot: String,

@@ -216,15 +216,22 @@ async fn a_hot_patch_of_the_live_slot_never_reaches_the_rollback() {
 
 /// b1 then b2 live from full deploys (b1 in the cold slot).
 async fn b1_cold_b2_live() -> (Harness, Build, Build) {
-    let mut h = Harness::new(|_| {}).await;
+    let (h, b1, b2) = b1_live(|_| {}).await;
+    h.publish(&manifest(&h.artifacts, &b2, None));
+    h.wait_live("b2", DEADLINE).await;
+    (h, b1, b2)
+}
+
+/// An agent configured by `tune` with b1 live from a full deploy, and b2
+/// built and served but not published.
+async fn b1_live(tune: impl FnOnce(&mut deploy_agent::config::Config)) -> (Harness, Build, Build) {
+    let mut h = Harness::new(tune).await;
     h.start_agent().await;
     let dir = h.tmp.path().to_path_buf();
     let b1 = build(&dir, &h.artifacts, "b1", BuildProfile::TINY);
     let b2 = build(&dir, &h.artifacts, "b2", BuildProfile::TINY);
     h.publish(&manifest(&h.artifacts, &b1, None));
     h.wait_live("b1", DEADLINE).await;
-    h.publish(&manifest(&h.artifacts, &b2, None));
-    h.wait_live("b2", DEADLINE).await;
     (h, b1, b2)
 }
 
@@ -410,6 +417,9 @@ async fn on_filesystem(fs: &str, size_mb: u64, how: &str) {
     })
     .await;
     assert_eq!(v["hot"]["integrity"]["mechanism"], how, "{name}: {v}");
+    // The record was stamped after the last file's ctime tick, even where
+    // a tick is a whole second: no entry is racy, nothing is hashed.
+    assert_eq!(v["hot"]["integrity"]["hashed"], 0, "{name}: {v}");
     let live = live_slot(&h.root);
     let cold = other_slot(&h.root, &live);
     let (a, b) = (inodes(&live), inodes(&cold));
@@ -438,6 +448,14 @@ async fn on_filesystem(fs: &str, size_mb: u64, how: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_ext4_with_a_journal_unchanged_files_are_copied() {
     on_filesystem("ext4", 64, "copy").await;
+}
+
+/// Whole-second timestamps (ext4 with 128-byte inodes): the record's
+/// stamp waits for the next second, so a check right after the deploy
+/// still proves every file by stat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_ext4_with_whole_second_timestamps_nothing_is_racy() {
+    on_filesystem("ext4-coarse", 64, "copy").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -533,16 +551,11 @@ async fn sigkill_in_the_middle_of_a_repair_heals_after_a_restart() {
 async fn the_host_report_names_what_changed_in_the_live_slot() {
     // A report prefix and host id of the test's own (no app, so no splay
     // or freeze key: the defaults a member of no fleet runs with).
-    let mut h = Harness::new(|c| {
+    let (h, _, _) = b1_live(|c| {
         c.fleet.report_prefix = Some("deploy-hosts/app/".into());
         c.fleet.host_id = Some("h1".into());
     })
     .await;
-    h.start_agent().await;
-    let dir = h.tmp.path().to_path_buf();
-    let b1 = build(&dir, &h.artifacts, "b1", BuildProfile::TINY);
-    h.publish(&manifest(&h.artifacts, &b1, None));
-    h.wait_live("b1", DEADLINE).await;
     let live = live_slot(&h.root);
     let f = some_file(&live);
     hot_patch(&live.join(&f));
@@ -568,7 +581,7 @@ async fn the_host_report_names_what_changed_in_the_live_slot() {
 async fn the_health_gate_does_not_flip_back_to_a_changed_slot() {
     // A health gate (not in the shipped config) that fails build b2 only.
     let script = "test \"$(cat \"$DEPLOY_ROOT/current/BUILD\")\" != b2";
-    let mut h = Harness::new(|c| {
+    let (h, _b1, b2) = b1_live(|c| {
         c.health = deploy_agent::config::HealthConfig {
             command: Some(vec!["sh".into(), "-c".into(), script.into()]),
             timeout: Duration::from_millis(500),
@@ -578,12 +591,6 @@ async fn the_health_gate_does_not_flip_back_to_a_changed_slot() {
         }
     })
     .await;
-    h.start_agent().await;
-    let dir = h.tmp.path().to_path_buf();
-    let b1 = build(&dir, &h.artifacts, "b1", BuildProfile::TINY);
-    let b2 = build(&dir, &h.artifacts, "b2", BuildProfile::TINY);
-    h.publish(&manifest(&h.artifacts, &b1, None));
-    h.wait_live("b1", DEADLINE).await;
     let f = some_file(&live_slot(&h.root));
     // b1's slot becomes the cold one; change it before b2's verdict.
     hot_patch(&live_slot(&h.root).join(&f));
@@ -614,4 +621,50 @@ async fn the_health_gate_does_not_flip_back_to_a_changed_slot() {
     assert!(msg.contains(&f.to_string_lossy().into_owned()), "{msg}");
     assert_eq!(h.served(), "b2");
     assert!(rec.rolled_back_to.is_none(), "{rec:?}");
+}
+
+/// A deploy that flips away from a hot-patched live build says in history
+/// which changes stopped being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_that_leaves_a_hot_patch_behind_says_so() {
+    let (h, _b1, b2) = b1_live(|_| {}).await;
+    let f = some_file(&live_slot(&h.root));
+    hot_patch(&live_slot(&h.root).join(&f));
+    assert_eq!(cli(&h, &["verify"]).await.status.code(), Some(5));
+    h.publish(&manifest(&h.artifacts, &b2, None));
+    h.wait_live("b2", DEADLINE).await;
+    let hist = cli(&h, &["history", "--json"]).await;
+    let hist: serde_json::Value = serde_json::from_slice(&hist.stdout).unwrap();
+    assert_eq!(hist[0]["build"], "b2", "{hist}");
+    let note = hist[0]["integrity"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("no longer serving the changes made to b1")
+            && note.contains(&f.to_string_lossy().into_owned()),
+        "{hist}"
+    );
+    let text = String::from_utf8(cli(&h, &["history"]).await.stdout).unwrap();
+    assert!(text.contains("no longer serving the changes"), "{text}");
+}
+
+/// A cold slot removed from under the agent cannot be read, let alone
+/// proven: a rollback by the key rebuilds it instead of failing on every
+/// retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_cold_slot_is_rebuilt_before_a_rollback() {
+    let (h, b1, _b2) = b1_cold_b2_live().await;
+    let cold = other_slot(&h.root, &live_slot(&h.root));
+    std::fs::remove_dir_all(&cold).unwrap();
+    h.publish(&manifest(&h.artifacts, &b1, None));
+    let rec = h.wait_live("b1", DEADLINE).await;
+    let repaired = serde_json::to_value(&rec.repaired).unwrap();
+    assert_eq!(repaired["state"], "unprovable", "{rec:?}");
+    assert!(
+        repaired["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cannot read it"),
+        "{rec:?}"
+    );
+    let reference = full_unpack(h.tmp.path(), &b1);
+    assert_eq!(tree(&live_slot(&h.root)), tree(&reference));
 }

@@ -162,8 +162,11 @@ async fn freeze_then_release_rollback_flips_nobody_until_unfreeze() {
         "one deploy on 2 hosts: {writes} report writes, {reads} freeze-key requests by the agents in {:.1} s (bound {bound})",
         window.as_secs_f64()
     );
+    // At most four per host: the deploy's phases, and since slot integrity
+    // the check of the new live slot against its record, which the report
+    // carries (it may land with another write or on its own).
     assert!(
-        writes <= 6,
+        writes <= 8,
         "{writes} report writes for one deploy on 2 hosts"
     );
     assert!(

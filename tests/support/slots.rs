@@ -135,20 +135,22 @@ pub struct LoopFs {
 }
 
 impl LoopFs {
-    /// Makes a `size_mb` image of `fs` (`ext4`, `xfs`, `btrfs`) in `dir`
-    /// and mounts it at `mount`. `Err` says why it cannot (not root, mkfs
+    /// Makes a `size_mb` image of `fs` (`ext4`, `xfs`, `btrfs`, or
+    /// `ext4-coarse`: 128-byte inodes, so timestamps have whole seconds
+    /// only) in `dir` and mounts it at `mount`. `Err` says why it cannot (not root, mkfs
     /// missing): the caller prints `SKIPPED: ...`.
     pub fn mount(dir: &Path, fs: &str, size_mb: u64, mount: &Path) -> Result<LoopFs, String> {
         if !crate::disk::is_root() {
             return Err("needs root to loop-mount".into());
         }
-        let mkfs = format!("mkfs.{fs}");
+        let mkfs = format!("mkfs.{}", fs.trim_end_matches("-coarse"));
         let image = dir.join(format!("{fs}.img"));
         let f = std::fs::File::create(&image).map_err(|e| e.to_string())?;
         f.set_len(size_mb << 20).map_err(|e| e.to_string())?;
         let args: &[&str] = match fs {
             "xfs" => &["-q", "-f", "-m", "reflink=1"],
             "btrfs" => &["-q", "-f"],
+            "ext4-coarse" => &["-q", "-F", "-I", "128"],
             _ => &["-q", "-F"],
         };
         let made = std::process::Command::new(&mkfs)

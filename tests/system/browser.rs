@@ -102,21 +102,11 @@ fn record(
     phase: Phase,
 ) -> HostRecord {
     HostRecord {
-        host: h.to_string(),
-        tier: Some(TIER.into()),
-        build: build.map(str::to_string),
         desired: desired.map(str::to_string),
         seen_index: seen,
         phase,
-        outcome: None,
-        error: None,
-        bucket: None,
-        frozen: false,
-        started_at: None,
-        finished_at: None,
-        updated_at: now_secs(),
         agent_version: "test".into(),
-        changed: Vec::new(),
+        ..HostRecord::fresh(h, Some(TIER.into()), build.map(str::to_string))
     }
 }
 

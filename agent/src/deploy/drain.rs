@@ -25,6 +25,11 @@ pub async fn wait_cold_slot(
     cancel: &CancellationToken,
     report: impl Fn(&[Holder]) + Send + Sync + 'static,
 ) -> Result<()> {
+    if !dir.exists() {
+        // Removed from under the agent (the claim recreates it): no
+        // process can be using it.
+        return Ok(());
+    }
     let report = std::sync::Arc::new(report);
     let r = wait_no_process(dir, cfg.cold_deadline, cfg.poll, cancel, report.clone()).await;
     match (r, cfg.cold_action) {

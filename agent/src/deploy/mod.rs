@@ -278,7 +278,7 @@ enum DeltaBase {
     /// base once claimed); they go to the trash once the delta has run.
     Kept(PathBuf, Option<Box<SlotRecord>>),
     /// Only the base's full artifact, in the artifact cache, pinned for
-    /// the deploy: the shared files are written from it, not linked.
+    /// the deploy: the shared files are written from it, not reused.
     Cached {
         artifact: PathBuf,
         _pin: crate::artifact::cache::CachePin,

@@ -104,77 +104,88 @@ struct Walk {
 /// stat says (`deploy-agent verify --full`). Blocking: call it off the
 /// async threads.
 pub fn verify(slot: &Path, record: &SlotRecord, full: bool) -> Result<Drift> {
-    // Keyed by the path's bytes: hashing a `Path` walks its components,
-    // which cost a third of the whole check on 40,000 files.
+    // Keyed by the path's bytes: hashing a `Path` walks its components.
     let index: HashMap<&[u8], usize> = record
         .entries
         .iter()
         .enumerate()
         .map(|(i, e)| (e.path.as_os_str().as_bytes(), i))
         .collect();
-    let top: Vec<PathBuf> = std::fs::read_dir(slot)
-        .map_err(|e| Error::io(slot, e))?
-        .map(|d| d.map(|d| PathBuf::from(d.file_name())))
-        .collect::<std::io::Result<_>>()
-        .map_err(|e| Error::io(slot, e))?;
-    let at = record.header.written_at_ns;
-    let judge = |names: Vec<PathBuf>| -> Result<Walk> {
+    let ctx = (&index, record, record.header.written_at_ns, full);
+    // The top levels on this thread until there are directories enough to
+    // share: a build usually has one or two top-level directories, and
+    // splitting only those would leave one thread all the work.
+    let mut main = Walk::default();
+    let mut frontier = vec![PathBuf::new()];
+    while !frontier.is_empty() && frontier.len() < 16 {
+        let mut next = Vec::new();
+        for dir in frontier {
+            next.extend(children(slot, &dir, ctx, &mut main)?);
+        }
+        frontier = next;
+    }
+    let (odd, even): (Vec<_>, Vec<_>) = frontier
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| i % 2 == 1);
+    let walk_all = |dirs: Vec<(usize, PathBuf)>| -> Result<Walk> {
         let mut w = Walk::default();
-        for name in names {
-            let meta = std::fs::symlink_metadata(slot.join(&name));
-            let meta = meta.map_err(|e| Error::io(slot.join(&name), e))?;
-            visit(slot, name, &meta, (&index, record, at, full), &mut w)?;
+        for (_, dir) in dirs {
+            walk(slot, &dir, ctx, &mut w)?;
         }
         Ok(w)
     };
-    let (odd, even): (Vec<_>, Vec<_>) = top.into_iter().enumerate().partition(|(i, _)| i % 2 == 1);
-    let strip = |v: Vec<(usize, PathBuf)>| v.into_iter().map(|(_, p)| p).collect::<Vec<_>>();
     let (a, b) = std::thread::scope(|s| {
-        let t = s.spawn(|| judge(strip(odd)));
-        let b = judge(strip(even));
+        let t = s.spawn(|| walk_all(odd));
+        let b = walk_all(even);
         (joined(t, slot), b)
     });
-    let (mut a, b) = (a?, b?);
-    a.seen.extend(b.seen);
-    a.hash.extend(b.hash);
-    a.modified.extend(b.modified);
-    a.added.extend(b.added);
-    finish(slot, record, a)
+    for w in [a?, b?] {
+        main.seen.extend(w.seen);
+        main.hash.extend(w.hash);
+        main.modified.extend(w.modified);
+        main.added.extend(w.added);
+    }
+    finish(slot, record, main)
 }
 
 type Ctx<'a> = (&'a HashMap<&'a [u8], usize>, &'a SlotRecord, i64, bool);
 
-/// Judges one entry (and, for a directory, everything under it).
-fn visit(
-    slot: &Path,
-    rel: PathBuf,
-    meta: &std::fs::Metadata,
-    ctx: Ctx<'_>,
-    w: &mut Walk,
-) -> Result<()> {
-    let (index, record, at, full) = ctx;
-    let now = Observed::of(meta);
-    match index.get(rel.as_os_str().as_bytes()) {
-        None => w.added.push(rel.clone()),
-        Some(&i) => {
-            w.seen.push(i);
-            match classify(&record.entries[i], &now, at, full) {
-                Verdict::Same => {}
-                Verdict::Hash => w.hash.push(i),
-                Verdict::Changed => w.modified.push(rel.clone()),
-            }
-        }
-    }
-    if now.kind != Kind::Dir {
-        return Ok(());
-    }
-    let dir = slot.join(&rel);
-    for d in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
-        let d = d.map_err(|e| Error::io(&dir, e))?;
-        let meta = d.metadata().map_err(|e| Error::io(d.path(), e))?;
-        visit(slot, rel.join(d.file_name()), &meta, ctx, w)?;
+/// Judges everything under the slot-relative directory `dir`.
+fn walk(slot: &Path, dir: &Path, ctx: Ctx<'_>, w: &mut Walk) -> Result<()> {
+    for sub in children(slot, dir, ctx, w)? {
+        walk(slot, &sub, ctx, w)?;
     }
     Ok(())
+}
+
+/// Judges the entries of the slot-relative directory `dir`; returns its
+/// subdirectories.
+fn children(slot: &Path, dir: &Path, ctx: Ctx<'_>, w: &mut Walk) -> Result<Vec<PathBuf>> {
+    let (index, record, at, full) = ctx;
+    let full_dir = slot.join(dir);
+    let mut subdirs = Vec::new();
+    for d in std::fs::read_dir(&full_dir).map_err(|e| Error::io(&full_dir, e))? {
+        let d = d.map_err(|e| Error::io(&full_dir, e))?;
+        let meta = d.metadata().map_err(|e| Error::io(d.path(), e))?;
+        let rel = dir.join(d.file_name());
+        let now = Observed::of(&meta);
+        match index.get(rel.as_os_str().as_bytes()) {
+            None => w.added.push(rel.clone()),
+            Some(&i) => {
+                w.seen.push(i);
+                match classify(&record.entries[i], &now, at, full) {
+                    Verdict::Same => {}
+                    Verdict::Hash => w.hash.push(i),
+                    Verdict::Changed => w.modified.push(rel.clone()),
+                }
+            }
+        }
+        if now.kind == Kind::Dir {
+            subdirs.push(rel);
+        }
+    }
+    Ok(subdirs)
 }
 
 /// Hashes what the stat could not prove, and lists the missing entries.

@@ -240,7 +240,18 @@ pub fn check(
             ),
         });
     }
-    let drift = verify(slot_dir, &record, full)?;
+    // A slot that cannot be read (removed, a directory made unreadable)
+    // is not provably its build: rebuilt or refused like a changed one,
+    // never a deploy that fails on every retry.
+    let drift = match verify(slot_dir, &record, full) {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(build, slot = %slot_dir.display(), error = %e, "cannot read the slot to check it");
+            return Ok(SlotVerdict::Unprovable {
+                reason: format!("cannot read it: {e}"),
+            });
+        }
+    };
     let mechanism = record.header.mechanism;
     info!(
         build,

@@ -38,6 +38,19 @@ pub struct FleetSummary {
     /// Hosts that have not acknowledged the current key for longer than
     /// the threshold.
     pub stale: Vec<String>,
+    /// Hosts whose live slot differs from its record (a hot-patch, any
+    /// write into it), with what their last check found (issue 20).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub changed: Vec<ChangedHost>,
+}
+
+/// A host serving a build changed since its deploy.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChangedHost {
+    pub host: String,
+    pub build: Option<String>,
+    /// `modified <path>`, `added <path>`, `missing <path>`.
+    pub paths: Vec<String>,
 }
 
 /// A host whose last deploy failed.
@@ -122,6 +135,13 @@ pub fn summarise(
                 error: r.error.clone(),
             });
         }
+        if !r.changed.is_empty() {
+            s.changed.push(ChangedHost {
+                host: r.host.clone(),
+                build: r.build.clone(),
+                paths: r.changed.clone(),
+            });
+        }
         // Reports are written on change only, so age alone means nothing:
         // a host is stale when it has not acknowledged the current key
         // for longer than the threshold.
@@ -188,5 +208,54 @@ pub fn render(s: &FleetSummary) -> String {
     if !s.stale.is_empty() {
         let _ = writeln!(o, "stale     {}: {}", s.stale.len(), s.stale.join(" "));
     }
+    if !s.changed.is_empty() {
+        let _ = writeln!(
+            o,
+            "changed   {} (live build changed since its deploy)",
+            s.changed.len()
+        );
+        for c in &s.changed {
+            let build = c.build.as_deref().unwrap_or("-");
+            let _ = writeln!(o, "  {} ({build}): {}", c.host, c.paths.join(", "));
+        }
+    }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::host::hostreport::HostRecord;
+
+    /// A host whose live slot was changed since its deploy is listed with
+    /// the paths its report names; the others are not.
+    #[test]
+    fn hosts_serving_a_changed_build_are_listed() {
+        let host = |name: &str, changed: Vec<String>| HostRecord {
+            desired: Some("b2".into()),
+            phase: Phase::Done,
+            changed,
+            ..HostRecord::fresh(name, None, Some("b2".into()))
+        };
+        let reports = [
+            host("web-1", vec!["modified app/f3.php".into()]),
+            host("web-2", vec![]),
+        ];
+        let s = summarise(
+            "k",
+            None,
+            None,
+            None,
+            false,
+            &reports,
+            Duration::from_secs(60),
+            0,
+        );
+        assert_eq!(s.changed.len(), 1);
+        let text = render(&s);
+        assert!(
+            text.contains("changed   1") && text.contains("web-1 (b2): modified app/f3.php"),
+            "{text}"
+        );
+    }
 }

@@ -59,6 +59,27 @@ pub struct HostRecord {
 }
 
 impl HostRecord {
+    /// The first report of a host serving `build`: idle, nothing seen yet.
+    pub fn fresh(host: &str, tier: Option<String>, build: Option<String>) -> HostRecord {
+        HostRecord {
+            host: host.to_string(),
+            tier,
+            build,
+            desired: None,
+            seen_index: 0,
+            phase: Phase::Idle,
+            outcome: None,
+            error: None,
+            bucket: None,
+            frozen: false,
+            started_at: None,
+            finished_at: None,
+            updated_at: now_secs(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            changed: Vec::new(),
+        }
+    }
+
     /// What makes two reports different states (times excluded). Only
     /// whether a deploy is in flight counts, not its phase: phase progress
     /// rides along with the next write instead of costing one of its own.
@@ -99,23 +120,7 @@ impl HostReporter {
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Arc<HostReporter> {
-        let rec = HostRecord {
-            host: host.to_string(),
-            tier,
-            build: served.clone(),
-            desired: None,
-            seen_index: 0,
-            phase: Phase::Idle,
-            outcome: None,
-            error: None,
-            bucket: None,
-            frozen: false,
-            started_at: None,
-            finished_at: None,
-            updated_at: now_secs(),
-            agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            changed: Vec::new(),
-        };
+        let rec = HostRecord::fresh(host, tier, served.clone());
         let r = Arc::new(HostReporter {
             key: format!("{}{}", prefix, host),
             current: Mutex::new(rec.clone()),
