@@ -246,13 +246,22 @@ impl World {
             }
             48..=57 if self.model[i].held_at.is_none() => {
                 let out = self.hosts[i].cli(&["hold", "--reason", "random"]);
-                assert!(out.status.success());
+                assert!(
+                    out.status.success(),
+                    "hold h{i}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 let at = self.at_rest(i).await;
                 self.model[i].held_at = Some(at);
                 format!("hold h{i}")
             }
             48..=57 => {
-                assert!(self.hosts[i].cli(&["resume"]).status.success());
+                let out = self.hosts[i].cli(&["resume"]);
+                assert!(
+                    out.status.success(),
+                    "resume h{i}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 self.model[i].held_at = None;
                 format!("resume h{i}")
             }
