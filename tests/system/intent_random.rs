@@ -282,7 +282,12 @@ impl World {
                 }
             }
             66..=71 => {
-                assert!(self.hosts[i].cli(&["redeploy"]).status.success());
+                let out = self.hosts[i].cli(&["redeploy"]);
+                assert!(
+                    out.status.success(),
+                    "redeploy h{i}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 self.model[i].held_at = None;
                 format!("redeploy h{i}")
             }
