@@ -480,7 +480,15 @@ impl Run<'_> {
         self.rec.phase_since = now_secs();
         self.phase_start = Instant::now();
         self.rec.progress = self.d.progress.snapshot();
-        self.persist();
+        // A terminal record is persisted and reported once, by `finish`,
+        // with its outcome: no reader (status, host report, a restart)
+        // ever sees `done` without how it ended. Nothing awaits between
+        // this step and `finish`; if the process dies in between, the
+        // persisted record is still the phase before, which a restart
+        // judges again.
+        if !next.is_terminal() {
+            self.persist();
+        }
         Ok(())
     }
 
