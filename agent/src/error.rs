@@ -228,6 +228,11 @@ pub enum Error {
     #[error("delta artifact refused: {reason}; using the full artifact")]
     DeltaRefused { reason: String },
 
+    /// The publisher's file index of a build cannot be used. The deploy
+    /// goes on; the slot's digests are hashed after it instead.
+    #[error("file index {} refused: {reason}; hashing the slot instead", path.display())]
+    FileIndexRefused { path: PathBuf, reason: String },
+
     /// A file the delta would reuse from its base (a slot, or the base's
     /// cached artifact) is not the base build's any more (edited in place):
     /// the delta is not used.

@@ -158,6 +158,51 @@ pub struct BuildSpec {
     pub sha256: Sha256Sum,
     pub size: u64,
     pub format: Format,
+    /// The publisher's file index of the artifact (`integrity::index`):
+    /// each file's digest, so hosts need not hash the slot they build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<IndexSpec>,
+}
+
+/// Where a build's file index is and what it must hash to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexSpec {
+    /// The primary URL first, then mirrors.
+    pub urls: Vec<String>,
+    pub sha256: Sha256Sum,
+    pub size: u64,
+}
+
+impl IndexSpec {
+    /// The index as a file to download (its format is not a tar's; the
+    /// download engine does not read it).
+    pub fn download(&self, build: &str) -> BuildSpec {
+        zstd_file(
+            format!("{build}.index"),
+            &self.urls,
+            &self.sha256,
+            self.size,
+        )
+    }
+
+    /// The manifest's wire form: `url`, `mirrors`, `sha256`, `size`.
+    pub fn to_json(&self) -> serde_json::Map<String, Value> {
+        let mut m = self.download("x").to_json();
+        m.remove("build");
+        m.remove("format");
+        m
+    }
+
+    fn from_object(
+        obj: &Map<String, Value>,
+        policy: UrlPolicy,
+    ) -> Result<IndexSpec, ManifestError> {
+        Ok(IndexSpec {
+            urls: url_fields(obj, policy)?,
+            sha256: digest_field(obj, "sha256")?,
+            size: size_field(obj)?,
+        })
+    }
 }
 
 impl BuildSpec {
@@ -177,6 +222,9 @@ impl BuildSpec {
         m.insert("sha256".into(), Value::from(self.sha256.as_str()));
         m.insert("size".into(), Value::from(self.size));
         m.insert("format".into(), Value::from(self.format.as_str()));
+        if let Some(index) = &self.index {
+            m.insert("index".into(), Value::Object(index.to_json()));
+        }
         m
     }
 }
@@ -220,13 +268,12 @@ pub struct DeltaSpec {
 impl DeltaSpec {
     /// The delta as an artifact to download (a zstd-compressed tar).
     pub fn artifact(&self, build: &str) -> BuildSpec {
-        BuildSpec {
-            build: format!("{build}.delta"),
-            urls: self.urls.clone(),
-            sha256: self.sha256.clone(),
-            size: self.size,
-            format: Format::TarZst,
-        }
+        zstd_file(
+            format!("{build}.delta"),
+            &self.urls,
+            &self.sha256,
+            self.size,
+        )
     }
 
     /// The manifest's wire form: `base`, `url`, `mirrors`, `sha256`, `size`.
@@ -242,22 +289,25 @@ impl DeltaSpec {
         obj: &Map<String, Value>,
         policy: UrlPolicy,
     ) -> Result<DeltaSpec, ManifestError> {
-        let digest = |field: &str| match obj.get(field) {
-            Some(Value::String(s)) => {
-                Sha256Sum::parse(s).ok_or_else(|| err(field, "must be 64 hex digits"))
-            }
-            _ => Err(err(field, "must be a string of 64 hex digits")),
-        };
         Ok(DeltaSpec {
-            base: digest("base")?,
+            base: digest_field(obj, "base")?,
             urls: url_fields(obj, policy)?,
-            sha256: digest("sha256")?,
-            size: obj
-                .get("size")
-                .and_then(Value::as_u64)
-                .filter(|n| *n > 0 && *n <= 1 << 44)
-                .ok_or_else(|| err("size", "must be a whole number of bytes, 1 to 16 TiB"))?,
+            sha256: digest_field(obj, "sha256")?,
+            size: size_field(obj)?,
         })
+    }
+}
+
+/// A zstd file a build comes with (its delta, its index), as a spec the
+/// download engine fetches and verifies like an artifact.
+fn zstd_file(build: String, urls: &[String], sha256: &Sha256Sum, size: u64) -> BuildSpec {
+    BuildSpec {
+        build,
+        urls: urls.to_vec(),
+        sha256: sha256.clone(),
+        size,
+        format: Format::TarZst,
+        index: None,
     }
 }
 
@@ -361,20 +411,8 @@ impl BuildSpec {
     ) -> Result<BuildSpec, ManifestError> {
         let build = build_field(obj)?;
         let urls = url_fields(obj, policy)?;
-        let sha256 = match obj.get("sha256") {
-            Some(Value::String(s)) => {
-                Sha256Sum::parse(s).ok_or_else(|| err("sha256", "must be 64 hex digits"))?
-            }
-            Some(_) => return Err(err("sha256", "must be a string of 64 hex digits")),
-            None => return Err(err("sha256", "missing")),
-        };
-        let size = match obj.get("size") {
-            Some(v) => v
-                .as_u64()
-                .filter(|n| *n > 0 && *n <= 1 << 44)
-                .ok_or_else(|| err("size", "must be a whole number of bytes, 1 to 16 TiB"))?,
-            None => return Err(err("size", "missing")),
-        };
+        let sha256 = digest_field(obj, "sha256")?;
+        let size = size_field(obj)?;
         let format = match obj.get("format") {
             Some(Value::String(s)) => Format::parse(s).ok_or_else(|| {
                 err(
@@ -385,13 +423,44 @@ impl BuildSpec {
             Some(_) => return Err(err("format", "must be a string")),
             None => return Err(err("format", "missing")),
         };
+        let index = match obj.get("index") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(i)) => Some(
+                IndexSpec::from_object(i, policy)
+                    .map_err(|e| err(&format!("index.{}", e.field), e.reason))?,
+            ),
+            Some(_) => return Err(err("index", "must be an object")),
+        };
         Ok(BuildSpec {
             build,
             urls,
             sha256,
             size,
             format,
+            index,
         })
+    }
+}
+
+/// A required sha256 field: 64 hex digits.
+fn digest_field(obj: &Map<String, Value>, field: &str) -> Result<Sha256Sum, ManifestError> {
+    match obj.get(field) {
+        Some(Value::String(s)) => {
+            Sha256Sum::parse(s).ok_or_else(|| err(field, "must be 64 hex digits"))
+        }
+        Some(_) => Err(err(field, "must be a string of 64 hex digits")),
+        None => Err(err(field, "missing")),
+    }
+}
+
+/// The required `size`: 1 byte to 16 TiB.
+fn size_field(obj: &Map<String, Value>) -> Result<u64, ManifestError> {
+    match obj.get("size") {
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n > 0 && *n <= 1 << 44)
+            .ok_or_else(|| err("size", "must be a whole number of bytes, 1 to 16 TiB")),
+        None => Err(err("size", "missing")),
     }
 }
 
@@ -543,6 +612,23 @@ mod tests {
             v[field] = bad;
             assert_eq!(parse(&v).unwrap_err().field, field, "bad {field}");
         }
+    }
+
+    #[test]
+    fn a_builds_index_round_trips_and_its_fields_are_named() {
+        let mut v = good();
+        v["index"] =
+            serde_json::json!({"url": "s3://builds/a.index.json.zst", "sha256": SHA, "size": 7});
+        let m = parse(&v).unwrap();
+        let index = m.spec.index.clone().unwrap();
+        assert_eq!(index.urls, vec!["s3://builds/a.index.json.zst"]);
+        assert_eq!((index.sha256.as_str(), index.size), (SHA, 7));
+        let again = Value::Object(m.spec.to_json());
+        assert_eq!(again["index"], v["index"]);
+        v["index"]["sha256"] = serde_json::json!("zz");
+        assert_eq!(parse(&v).unwrap_err().field, "index.sha256");
+        v["index"] = serde_json::json!("x");
+        assert_eq!(parse(&v).unwrap_err().field, "index");
     }
 
     #[test]

@@ -327,6 +327,7 @@ pub fn manifest_json(build_id: &str, url: &str, a: &Artifact, format: Format) ->
             .unwrap_or_else(|e| panic!("generated artifact: {e}")),
         size: a.size,
         format,
+        index: None,
     };
     serde_json::Value::Object(spec.to_json()).to_string()
 }

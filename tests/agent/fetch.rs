@@ -105,6 +105,7 @@ impl Env {
             sha256: build.sha256.clone(),
             size: build.archive.len() as u64,
             format,
+            index: None,
         }
     }
 

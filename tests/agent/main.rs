@@ -13,6 +13,7 @@ mod consul_wakeups;
 mod delta;
 mod e2e;
 mod fetch;
+mod file_index;
 mod notify;
 mod object_store;
 mod process;

@@ -34,6 +34,7 @@ fn spec(build: &str) -> BuildSpec {
         sha256: "ab".repeat(32).parse().unwrap(),
         size: 1000,
         format: Format::TarGz,
+        index: None,
     }
 }
 

@@ -236,6 +236,7 @@ async fn an_identical_racing_promote_says_it_changed_nothing() {
             sha256: "a".repeat(64).parse().unwrap(),
             size: 10,
             format: Format::TarGz,
+            index: None,
         })
         .unwrap();
     let mut b0 = spec.clone();

@@ -179,7 +179,7 @@ fn serve_build(art: &ArtifactServer, dir: &Path, id: &str) -> (PathBuf, String) 
 /// [`Release`] publishes.
 pub fn tiny_spec(art: &ArtifactServer, dir: &Path, id: &str) -> BuildSpec {
     let (path, url) = serve_build(art, dir, id);
-    let spec = spec_from_artifact(id, &path, &url, Format::TarGz).unwrap();
+    let spec = spec_from_artifact(id, &path, &url, Format::TarGz, None).unwrap();
     check_spec(spec).unwrap()
 }
 

@@ -795,14 +795,17 @@ impl Deployer {
         run.rec.slot = Some(slot);
         run.step(Event::ColdSlotFree)?;
 
-        let (slot, entries, bytes, built) = self
-            .download_and_unpack(m, (slot, dir), base, cached, &limits, cancel, run)
-            .await?;
+        // The publisher's file index, if any, comes in beside the build.
+        let (unpacked, index) = tokio::join!(
+            self.download_and_unpack(m, (slot, dir), base, cached, &limits, cancel, run),
+            self.file_index(m, cancel),
+        );
+        let (slot, entries, bytes, built) = unpacked?;
         run.step(Event::Fetched)?;
 
         // unpacking: the record, then durable, then marked. Not cancelled:
         // it is short and leaves a reusable slot.
-        self.write_record(m, slot, built).await?;
+        self.write_record(m, slot, built, index).await?;
         let info = BuildInfo {
             build_id: m.spec.build.clone(),
             sha256: Some(m.spec.sha256.to_string()),

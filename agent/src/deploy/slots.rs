@@ -5,19 +5,25 @@
 //! artifact (the deploy falls back to a normal deploy into it) or, where
 //! nothing can be rebuilt, the flip is refused; both are logged and shown.
 //!
+//! A build published with a file index gets its record's digests from it
+//! (downloaded beside the artifact); without one, they are hashed after
+//! the deploy, off its path.
+//!
 //! Crash guarantees: the record is durable before the marker (see
 //! `integrity::slot`); a check only reads. A crash during a rebuild leaves
 //! an unmarked cold slot, as any deploy does: the next start deploys again.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use swapper::Slot;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{Deployer, Event, Run};
 use crate::clock::now_secs;
 use crate::error::{Error, Result};
-use crate::integrity::{Entry, Mechanism, SlotCheck, SlotRecord, SlotVerdict};
+use crate::integrity::{Entry, FileIndex, Filled, Mechanism, SlotCheck, SlotRecord, SlotVerdict};
 use crate::manifest::{Manifest, Sha256Sum};
 
 /// The record of a delta's base slot, if it has a usable one for the base
@@ -47,20 +53,83 @@ impl Deployer {
         *self.reuse.get_or_init(|| how)
     }
 
-    /// Writes the record of `slot`, just built for `m`, before its marker.
+    /// Writes the record of `slot`, just built for `m`, before its marker,
+    /// with the digests `index` gives (the rest are hashed after the
+    /// deploy, by [`Deployer::complete_digests`]).
     pub(super) async fn write_record(
         &self,
         m: &Manifest,
         slot: Slot,
-        (how, entries): (Mechanism, Vec<Entry>),
+        (how, mut entries): (Mechanism, Vec<Entry>),
+        index: Option<FileIndex>,
     ) -> Result<()> {
         let path = self.record_path(slot);
         let (build, sha) = (m.spec.build.clone(), m.spec.sha256.clone());
         tokio::task::spawn_blocking(move || {
+            if let Some(index) = index {
+                let Filled { filled, unmatched } = index.fill(&mut entries);
+                match unmatched {
+                    0 => info!(build, filled, "file digests from the publisher's index"),
+                    _ => warn!(build, filled, unmatched, "the publisher's index does not list every file as unpacked; hashing the rest after the deploy"),
+                }
+            }
             crate::integrity::write_record(&path, (&build, &sha), how, entries)
         })
         .await
         .map_err(|e| Error::Internal(format!("record task: {e}")))?
+    }
+
+    /// Downloads and reads `m`'s file index, when its manifest names one.
+    /// Never fails the deploy: without it the slot is hashed after the
+    /// deploy, as for a build published without an index.
+    pub(super) async fn file_index(
+        &self,
+        m: &Manifest,
+        cancel: &CancellationToken,
+    ) -> Option<FileIndex> {
+        let spec = m.spec.index.as_ref()?.download(&m.spec.build);
+        let path = match self.cache.lookup(&spec.sha256) {
+            Some(p) => p,
+            None => {
+                // Its own progress: the deploy's reports the artifact's.
+                let progress = Arc::new(crate::progress::Progress::default());
+                let fetched = crate::deploy::pipeline::fetch_to_cache(
+                    &self.client,
+                    &spec,
+                    &self.cache,
+                    &self.fetch,
+                    progress,
+                    cancel.clone(),
+                )
+                .await;
+                match fetched {
+                    Ok(p) => p,
+                    Err(e) => {
+                        warn!(build = %m.spec.build, error = %e, "cannot download the file index; hashing the slot after the deploy instead");
+                        return None;
+                    }
+                }
+            }
+        };
+        let artifact = m.spec.sha256.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let index = FileIndex::load(&path, &artifact);
+            // Read once, into the record: it has no use in the cache.
+            let _ = std::fs::remove_file(&path);
+            index
+        })
+        .await;
+        match loaded {
+            Ok(Ok(index)) => Some(index),
+            Ok(Err(e)) => {
+                warn!(build = %m.spec.build, error = %e, "file index not used");
+                None
+            }
+            Err(e) => {
+                warn!(build = %m.spec.build, error = %e, "file index task failed");
+                None
+            }
+        }
     }
 
     fn record_path(&self, slot: Slot) -> PathBuf {

@@ -144,6 +144,7 @@ mod tests {
             sha256: "a".repeat(64).parse().unwrap(),
             size: 1,
             format: Format::Tar,
+            index: None,
         }
     }
 

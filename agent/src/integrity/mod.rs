@@ -16,9 +16,11 @@
 //! check only reads.
 
 pub mod check;
+pub mod index;
 pub mod record;
 pub mod slot;
 
 pub use check::{verify, Drift};
+pub use index::{FileIndex, Filled};
 pub use record::{Entry, Kind, Mechanism, Observed, SlotRecord, Verdict};
 pub use slot::{check, write_record, SlotCheck, SlotVerdict};

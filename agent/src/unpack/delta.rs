@@ -257,7 +257,7 @@ fn regular_files(path: &Path, format: Format) -> Result<(HashMap<String, FileKey
 
 /// Hands every entry of an artifact to `each`, and returns the sha256 of
 /// the artifact's bytes, hashed on the same single read of the file.
-fn read_artifact(
+pub(crate) fn read_artifact(
     path: &Path,
     format: Format,
     mut each: impl FnMut(&mut tar::Entry<'_, Box<dyn Read + '_>>) -> std::io::Result<()>,

@@ -102,6 +102,22 @@ pub enum ReleaseAction {
         /// The base artifact's format (default: --format).
         #[arg(long)]
         delta_from_format: Option<String>,
+        /// Where hosts download the build's file index (every file's
+        /// sha256, written next to --artifact as
+        /// `<artifact>.index.json.zst`), so they need not hash the slot
+        /// they build. With --upload it is uploaded beside the artifact.
+        #[arg(long, requires = "artifact", conflicts_with = "upload")]
+        index_url: Option<String>,
+    },
+    /// Write the build's file index (every file's sha256) next to the
+    /// artifact as `<artifact>.index.json.zst`, to upload beside it before
+    /// `publish --index-url`; needs no Consul.
+    Index {
+        #[arg(long)]
+        artifact: PathBuf,
+        /// tar, tar.gz or tar.zst.
+        #[arg(long, default_value = "tar.gz")]
+        format: String,
     },
     /// Raise (or lower) the rollout percentage.
     Promote {
@@ -370,6 +386,25 @@ async fn write_delta(
     Ok(d)
 }
 
+/// `release index`: writes the file index next to `artifact`.
+async fn write_index(artifact: PathBuf, format: &str) -> Result<()> {
+    let format = parse_format("", format)?;
+    let out = release::index_path(&artifact);
+    let written = out.clone();
+    let (files, (sha256, size)) = tokio::task::spawn_blocking(move || {
+        let index = crate::integrity::FileIndex::of_artifact(&artifact, format)?;
+        let sum = index.write(&written)?;
+        Ok::<_, Error>((index.files.len(), sum))
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))??;
+    say!(
+        "{}: {files} files, {size} bytes, sha256 {sha256}; upload it beside the artifact, then `release publish --index-url URL`",
+        out.display(),
+    );
+    Ok(())
+}
+
 /// Runs `deploy-agent release ...`; returns the exit code.
 pub fn run_release(cmd: ReleaseCommand) -> u8 {
     block(async move {
@@ -379,6 +414,9 @@ pub fn run_release(cmd: ReleaseCommand) -> u8 {
             cmd.action,
             ReleaseAction::Freeze { .. } | ReleaseAction::Unfreeze
         );
+        if let ReleaseAction::Index { artifact, format } = &cmd.action {
+            return write_index(artifact.clone(), format).await;
+        }
         let r = cmd.target.release(app_only)?;
         match cmd.action {
             ReleaseAction::Publish {
@@ -394,10 +432,11 @@ pub fn run_release(cmd: ReleaseCommand) -> u8 {
                 delta_from,
                 delta_url,
                 delta_from_format,
+                index_url,
             } => {
-                let format = parse_format(&r, &format)?;
+                let format = parse_format(&r.key, &format)?;
                 let base_format = match delta_from_format {
-                    Some(f) => parse_format(&r, &f)?,
+                    Some(f) => parse_format(&r.key, &f)?,
                     None => format,
                 };
                 let uploader = match &upload {
@@ -424,13 +463,37 @@ pub fn run_release(cmd: ReleaseCommand) -> u8 {
                     }
                     _ => None,
                 };
-                let spec =
-                    publish_spec(&r, build, artifact.clone(), url, sha256, size, format).await?;
+                let index_url = match (index_url, &uploader, &artifact) {
+                    (Some(u), _, _) => Some(u),
+                    (None, Some(up), Some(a)) => Some(up.url_of(&release::index_path(a))),
+                    _ => None,
+                };
+                let spec = publish_spec(
+                    &r,
+                    build,
+                    (artifact.clone(), index_url),
+                    url,
+                    sha256,
+                    size,
+                    format,
+                )
+                .await?;
+                if let Some(index) = &spec.index {
+                    say!(
+                        "file index: {} bytes, for hosts at {}",
+                        index.size,
+                        index.urls[0]
+                    );
+                }
                 if let (Some(up), Some(path)) = (&uploader, &artifact) {
                     // Objects first, verified; the manifest only after them.
                     up.upload(path, &spec.urls[0]).await?;
                     if let (Some(d), Some(file)) = (&delta, &delta_file) {
                         up.upload(file, &d.urls[0]).await?;
+                    }
+                    if let Some(index) = &spec.index {
+                        up.upload(&release::index_path(path), &index.urls[0])
+                            .await?;
                     }
                 }
                 let i = r.publish_with_delta(&spec, percent, delta.as_ref()).await?;
@@ -471,19 +534,21 @@ pub fn run_release(cmd: ReleaseCommand) -> u8 {
                 }
             }
             ReleaseAction::Show { json } => print_shown(&r.show().await?, json),
+            // Answered above, before any Consul client is made.
+            ReleaseAction::Index { .. } => {}
         }
         Ok(())
     })
 }
 
 /// `--format`, with its short names.
-fn parse_format(r: &Release, format: &str) -> Result<Format> {
+fn parse_format(key: &str, format: &str) -> Result<Format> {
     match format {
         "tar" => Ok(Format::Tar),
         "tar.gz" | "tgz" => Ok(Format::TarGz),
         "tar.zst" | "tzst" => Ok(Format::TarZst),
         other => Err(Error::ReleaseInvalid {
-            key: r.key.clone(),
+            key: key.to_string(),
             reason: format!("--format {other:?}: use tar, tar.gz or tar.zst"),
         }),
     }
@@ -495,7 +560,7 @@ fn parse_format(r: &Release, format: &str) -> Result<Format> {
 async fn publish_spec(
     r: &Release,
     build: String,
-    artifact: Option<PathBuf>,
+    (artifact, index_url): (Option<PathBuf>, Option<String>),
     url: String,
     sha256: Option<crate::manifest::Sha256Sum>,
     size: Option<u64>,
@@ -503,7 +568,7 @@ async fn publish_spec(
 ) -> Result<crate::manifest::BuildSpec> {
     match (artifact, sha256, size) {
         (Some(path), None, None) => tokio::task::spawn_blocking(move || {
-            release::spec_from_artifact(&build, &path, &url, format)
+            release::spec_from_artifact(&build, &path, &url, format, index_url.as_deref())
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))?,
@@ -513,6 +578,7 @@ async fn publish_spec(
             sha256,
             size,
             format,
+            index: None,
         }),
         _ => Err(Error::ReleaseInvalid {
             key: r.key.clone(),

@@ -7,14 +7,14 @@
 //! Each command is one Consul write; if the process dies, the key holds
 //! either the old or the new manifest, never a mix.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
 use crate::clock::now_secs;
 use crate::consul::{ConsulClient, QueryOptions};
 use crate::error::{Error, Result};
-use crate::manifest::{BuildSpec, DeltaSpec, Format, Manifest, UrlPolicy};
+use crate::manifest::{BuildSpec, DeltaSpec, Format, IndexSpec, Manifest, UrlPolicy};
 
 /// The keys a commander works on.
 #[derive(Debug, Clone)]
@@ -64,22 +64,66 @@ pub fn delta_spec(
     Ok((spec, info))
 }
 
+/// Where [`spec_from_artifact`] writes the file index of `artifact`.
+pub fn index_path(artifact: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.index.json.zst", artifact.display()))
+}
+
 /// Builds a spec from a local artifact: its sha256 and size are computed
-/// here, the URL is where the artifact server serves it.
+/// here, the URL is where the artifact server serves it. With `index_url`,
+/// the same read also writes the build's file index next to the artifact
+/// ([`index_path`]), which hosts download from `index_url`.
 pub fn spec_from_artifact(
     build: &str,
     path: &Path,
     url: &str,
     format: Format,
+    index_url: Option<&str>,
 ) -> Result<BuildSpec> {
-    let (sha256, size) = crate::artifact::sha256::hash_file(path)?;
+    let (sha256, size, index) = match index_url {
+        None => {
+            let (sha256, size) = crate::artifact::sha256::hash_file(path)?;
+            (sha256, size, None)
+        }
+        Some(index_url) => {
+            let size = std::fs::metadata(path)
+                .map_err(|e| Error::io(path, e))?
+                .len();
+            let files = written_index(path, format)?;
+            let (sha256, bytes) = crate::artifact::sha256::hash_file(&index_path(path))?;
+            let index = IndexSpec {
+                urls: vec![index_url.to_string()],
+                sha256,
+                size: bytes,
+            };
+            (files.artifact, size, Some(index))
+        }
+    };
     check_spec(BuildSpec {
         build: build.to_string(),
         urls: vec![url.to_string()],
         sha256,
         size,
         format,
+        index,
     })
+}
+
+/// The file index of `artifact` at [`index_path`]: the one `release index`
+/// wrote when it describes this artifact (it may be uploaded already and
+/// must not change), else written now.
+fn written_index(artifact: &Path, format: Format) -> Result<crate::integrity::FileIndex> {
+    use crate::integrity::FileIndex;
+    let out = index_path(artifact);
+    if out.exists() {
+        let (sha256, _) = crate::artifact::sha256::hash_file(artifact)?;
+        if let Ok(index) = FileIndex::load(&out, &sha256) {
+            return Ok(index);
+        }
+    }
+    let index = FileIndex::of_artifact(artifact, format)?;
+    index.write(&out)?;
+    Ok(index)
 }
 
 /// Validates a spec given on the command line exactly as agents will.
