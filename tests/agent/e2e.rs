@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use deploy_agent::deploy::Outcome;
 use deploy_agent_tests::agent::Harness;
-use deploy_agent_tests::DEADLINE;
+use deploy_agent_tests::{wait_until_async, DEADLINE};
 use testkit::testserver::artifact::{Fault, FaultRule};
 use testkit::testserver::consul::Fault as ConsulFault;
 
@@ -146,19 +146,15 @@ async fn consul_down_and_back() {
     h.consul.set_fault(ConsulFault::Status(500));
     // The blocking query in flight ends after its wait (5 s); the next
     // request meets the outage.
-    let start = std::time::Instant::now();
-    while h
-        .agent
-        .as_ref()
-        .unwrap()
-        .watch_stats
-        .snapshot()
-        .consecutive_errors
-        == 0
-    {
-        assert!(start.elapsed() < DEADLINE, "the watch must see the outage");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_async("the watch must see the outage", DEADLINE, || async {
+        let stats = h.agent.as_ref().unwrap().watch_stats.snapshot();
+        if stats.consecutive_errors == 0 {
+            Err(format!("{stats:?}"))
+        } else {
+            Ok(())
+        }
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(h.served(), "one");
     assert!(h.status().last_error.is_none() || h.served() == "one");
@@ -185,11 +181,13 @@ async fn newer_manifest_mid_download_wins() {
     );
     h.publish(&slow);
     // Wait until the slow deploy is downloading.
-    let start = std::time::Instant::now();
-    while h.status().deploy.map(|d| d.build) != Some("slow".into()) {
-        assert!(start.elapsed() < DEADLINE);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until_async("the deploy of slow to start", DEADLINE, || async {
+        match h.status().deploy.map(|d| d.build) {
+            Some(b) if b == "slow" => Ok(()),
+            b => Err(format!("deploying {b:?}")),
+        }
+    })
+    .await;
     h.publish(&fast);
     h.wait_live("fast", DEADLINE).await;
     let cancelled = h
@@ -289,20 +287,22 @@ async fn restart_mid_download_resumes_and_completes() {
         bytes_per_sec: 300_000,
     }));
     h.publish(&m1);
-    let start = std::time::Instant::now();
-    while h
-        .agent
-        .as_ref()
-        .unwrap()
-        .deployer
-        .progress
-        .snapshot()
-        .bytes_downloaded
-        < a.size / 3
-    {
-        assert!(start.elapsed() < DEADLINE);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_async("a third of the artifact downloaded", DEADLINE, || async {
+        let got = h
+            .agent
+            .as_ref()
+            .unwrap()
+            .deployer
+            .progress
+            .snapshot()
+            .bytes_downloaded;
+        if got < a.size / 3 {
+            Err(format!("{got} of {} bytes", a.size))
+        } else {
+            Ok(())
+        }
+    })
+    .await;
     let st = h.status();
     h.stop_agent().await;
     assert_eq!(h.served(), "", "nothing half-written goes live: {st:#?}");

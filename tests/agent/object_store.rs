@@ -12,12 +12,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use deploy_agent::manifest::Format;
 use deploy_agent_tests::agent_bin;
 use deploy_agent_tests::process::{status_json, wait_served};
-use deploy_agent_tests::DEADLINE;
+use deploy_agent_tests::{wait_until_async, DEADLINE};
 use testkit::buildgen::{self, Artifact, BuildProfile};
 use testkit::testserver::imds::ImdsServer;
 use testkit::testserver::s3::{KeyRing, S3Server};
@@ -177,14 +177,10 @@ impl Host {
     /// Polls `found` until it gives a value; fails with `what` and the
     /// agent's log after [`DEADLINE`].
     async fn wait_for<T>(&self, what: &str, mut found: impl FnMut() -> Option<T>) -> T {
-        let start = Instant::now();
-        loop {
-            if let Some(v) = found() {
-                return v;
-            }
-            assert!(start.elapsed() < DEADLINE, "{what}; log:\n{}", self.log());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until_async(what, DEADLINE, || {
+            std::future::ready(found().ok_or_else(|| format!("log:\n{}", self.log())))
+        })
+        .await
     }
 
     /// Waits for a status error containing every needle; returns it.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use deploy_agent::manifest::Format;
 use deploy_agent_tests::process::{self, Proc};
-use deploy_agent_tests::{agent_bin, fast_tempdir};
+use deploy_agent_tests::{agent_bin, fast_tempdir, wait_until_async, wait_until_every_async};
 use nix::sys::signal::Signal;
 use testkit::buildgen::{self, BuildProfile};
 use testkit::testserver::artifact::{ArtifactServer, Fault, FaultRule};
@@ -66,19 +66,33 @@ async fn sd_notify_ready_status_watchdog_and_stopping() {
     let mut p = Proc::start(&cfg, Some(&sock_path));
     publish(&consul, &art, tmp.path(), "n1", BuildProfile::TINY);
     let mut msgs = Vec::new();
-    let start = Instant::now();
     let mut buf = [0u8; 4096];
     let saw = |msgs: &Vec<String>, needle: &str| msgs.iter().any(|m| m.contains(needle));
-    while !(saw(&msgs, "READY=1") && saw(&msgs, "STATUS=done n1") && saw(&msgs, "WATCHDOG=1")) {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "messages so far: {msgs:?}\nlog:\n{}",
-            p.log.lock().unwrap()
-        );
-        if let Ok(n) = sock.recv(&mut buf) {
-            msgs.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-    }
+    // Each poll takes one message (waiting up to the socket's 100 ms read
+    // timeout): they queue in the socket meanwhile.
+    wait_until_async(
+        "READY=1, STATUS=done n1 and WATCHDOG=1",
+        Duration::from_secs(30),
+        || {
+            let done = |msgs: &Vec<String>| {
+                saw(msgs, "READY=1") && saw(msgs, "STATUS=done n1") && saw(msgs, "WATCHDOG=1")
+            };
+            if !done(&msgs) {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    msgs.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+            }
+            std::future::ready(if done(&msgs) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "messages so far: {msgs:?}\nlog:\n{}",
+                    p.log.lock().unwrap()
+                ))
+            })
+        },
+    )
+    .await;
     let ready_at = msgs.iter().position(|m| m.contains("READY=1")).unwrap();
     let first_status = msgs.iter().position(|m| {
         m.contains("STATUS=waiting-for-cold-slot n1") || m.contains("STATUS=downloading n1")
@@ -114,25 +128,29 @@ async fn sighup_reloads_a_good_config_and_keeps_the_old_one_on_a_bad_one() {
     p.wait_log("config changed", Duration::from_secs(10));
     // The restarted parts serve the socket and deploy again.
     let sock = tmp.path().join("agent.sock");
-    let start = Instant::now();
-    loop {
-        let out = Command::new(agent_bin())
-            .args(["status", "--json", "--socket"])
-            .arg(&sock)
-            .output()
-            .unwrap();
-        if out.status.success() {
+    // Every 100 ms: each poll runs the CLI.
+    wait_until_every_async(
+        "status socket not back after reload",
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        || async {
+            let out = Command::new(agent_bin())
+                .args(["status", "--json", "--socket"])
+                .arg(&sock)
+                .output()
+                .unwrap();
+            if !out.status.success() {
+                return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+            }
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             if v["hot"]["build"] == "r1" {
-                break;
+                Ok(())
+            } else {
+                Err(format!("{v}"))
             }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "status socket not back after reload"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        },
+    )
+    .await;
     publish(&consul, &art, tmp.path(), "r2", BuildProfile::TINY);
     wait_served(tmp.path(), "r2", Duration::from_secs(30));
 
@@ -182,14 +200,17 @@ async fn sigterm_mid_download_leaves_a_consistent_root_and_exits_zero() {
     }));
     art.reset_stats();
     let size = publish(&consul, &art, tmp.path(), "t2", BuildProfile::DEMO);
-    let start = Instant::now();
-    while art.stats().bytes_sent < size / 10 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "download never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_async(
+        "download never started",
+        Duration::from_secs(30),
+        || async {
+            match art.stats().bytes_sent {
+                sent if sent < size / 10 => Err(format!("{sent} of {size} bytes sent")),
+                _ => Ok(()),
+            }
+        },
+    )
+    .await;
     let t = Instant::now();
     p.signal(Signal::SIGTERM);
     let st = p.wait_exit(Duration::from_secs(25));

@@ -19,7 +19,7 @@ use deploy_agent::config::HealthConfig;
 use deploy_agent::deploy::{DeployRecord, Outcome, Phase};
 use deploy_agent::status::{Command, CommandRequest, Peer};
 use deploy_agent_tests::agent::{Harness, KEY};
-use deploy_agent_tests::DEADLINE;
+use deploy_agent_tests::{wait_until_async, DEADLINE};
 
 // ---- log capture: one global subscriber for this test binary ----
 
@@ -128,22 +128,19 @@ fn fast_health() -> HealthConfig {
 
 /// Waits for a finished deploy of `build` with `outcome`.
 async fn wait_outcome(h: &Harness, build: &str, outcome: Outcome) -> DeployRecord {
-    let start = Instant::now();
-    loop {
+    let what = format!("no {outcome:?} deploy of {build}");
+    wait_until_async(&what, DEADLINE, || async {
         let s = h.status();
-        if let Some(r) = s
+        match s
             .history
             .iter()
             .find(|r| r.build == build && r.outcome == Some(outcome))
         {
-            return r.clone();
+            Some(r) => Ok(r.clone()),
+            None => Err(format!("status: {s:#?}")),
         }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "no {outcome:?} deploy of {build}; status: {s:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await
 }
 
 fn with_deploy_id(manifest: &str, id: &str) -> String {

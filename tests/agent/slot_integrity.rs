@@ -17,7 +17,7 @@ use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use deploy_agent::manifest::DeltaSpec;
 use deploy_agent_tests::agent::Harness;
@@ -25,7 +25,9 @@ use deploy_agent_tests::process::{spawn_run, status_json, wait_served, write_con
 use deploy_agent_tests::slots::{
     build, delta, full_unpack, inodes, live_slot, manifest, tree, Build, LoopFs,
 };
-use deploy_agent_tests::{agent_bin, precondition, DEADLINE};
+use deploy_agent_tests::{
+    agent_bin, precondition, wait_until_async, wait_until_every_async, DEADLINE,
+};
 use testkit::buildgen::BuildProfile;
 use testkit::testserver::artifact::{Fault, FaultRule};
 
@@ -53,18 +55,27 @@ async fn wait_status(
     ok: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
     let sock = h.tmp.path().join("agent.sock");
-    let start = Instant::now();
-    loop {
-        let s = sock.clone();
-        let v = tokio::task::spawn_blocking(move || status_json(&s))
-            .await
-            .unwrap();
-        if let Some(v) = v.filter(|v| ok(v)) {
-            return v;
-        }
-        assert!(start.elapsed() < DEADLINE, "status never showed {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ok = &ok;
+    wait_until_every_async(
+        &format!("status never showed {what}"),
+        DEADLINE,
+        // Each poll runs the CLI.
+        Duration::from_millis(50),
+        || {
+            let s = sock.clone();
+            async move {
+                let v = tokio::task::spawn_blocking(move || status_json(&s))
+                    .await
+                    .unwrap();
+                match v {
+                    Some(v) if ok(&v) => Ok(v),
+                    Some(v) => Err(format!("{v}")),
+                    None => Err("no status".to_string()),
+                }
+            }
+        },
+    )
+    .await
 }
 
 /// Paths a slot's last check lists as `kind` (modified, added, missing).
@@ -181,29 +192,32 @@ async fn a_hot_patch_of_the_live_slot_never_reaches_the_rollback() {
     assert!(v["hot"]["integrity"]["checked"].as_u64() > Some(10), "{v}");
     // After the deploy the record's digests are filled in (off the
     // deploy's path): then `verify --full` hashes every file of b1.
-    let start = Instant::now();
-    loop {
-        let out = cli(&h, &["verify", "--full"]).await;
-        let said = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{said} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let hashed = said
-            .split(" hashed")
-            .next()
-            .and_then(|s| s.rsplit(' ').next())
-            .and_then(|n| n.parse::<u64>().ok());
-        if hashed.is_some_and(|n| n > 10) {
-            break;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "digests never filled in: {said}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Every 100 ms: each poll runs the CLI.
+    wait_until_every_async(
+        "digests never filled in",
+        DEADLINE,
+        Duration::from_millis(100),
+        || async {
+            let out = cli(&h, &["verify", "--full"]).await;
+            let said = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success(),
+                "{said} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let hashed = said
+                .split(" hashed")
+                .next()
+                .and_then(|s| s.rsplit(' ').next())
+                .and_then(|n| n.parse::<u64>().ok());
+            if hashed.is_some_and(|n| n > 10) {
+                Ok(())
+            } else {
+                Err(said)
+            }
+        },
+    )
+    .await;
     let hist = cli(&h, &["history", "--json"]).await;
     let hist: serde_json::Value = serde_json::from_slice(&hist.stdout).unwrap();
     let note = hist[0]["integrity"].as_str().unwrap_or_default();
@@ -509,14 +523,23 @@ async fn sigkill_in_the_middle_of_a_repair_heals_after_a_restart() {
         .on_path(k0.url_path.clone()),
     );
     publish(&k0);
-    let start = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("repairing the slot with a full deploy")
-    {
-        assert!(start.elapsed() < DEADLINE, "the repair never started");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // Every 5 ms: the kill must land while the repair runs.
+    wait_until_every_async(
+        "the repair never started",
+        DEADLINE,
+        Duration::from_millis(5),
+        || async {
+            if std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("repairing the slot with a full deploy")
+            {
+                Ok(())
+            } else {
+                Err("not in the agent's log".to_string())
+            }
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(150)).await;
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -567,11 +590,13 @@ async fn the_host_report_names_what_changed_in_the_live_slot() {
             .map(|e| serde_json::from_slice(&e.value).unwrap())
             .unwrap_or_default()
     };
-    let start = Instant::now();
-    while report()["changed"] != serde_json::json!([want]) {
-        assert!(start.elapsed() < DEADLINE, "host report: {}", report());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_async("host report", DEADLINE, || async {
+        match report() {
+            r if r["changed"] == serde_json::json!([want]) => Ok(()),
+            r => Err(format!("{r}")),
+        }
+    })
+    .await;
 }
 
 /// The health gate's flip back goes only to a slot that is still its
@@ -595,23 +620,19 @@ async fn the_health_gate_does_not_flip_back_to_a_changed_slot() {
     // b1's slot becomes the cold one; change it before b2's verdict.
     hot_patch(&live_slot(&h.root).join(&f));
     h.publish(&manifest(&h.artifacts, &b2, None));
-    let start = Instant::now();
-    let rec = loop {
+    let rec = wait_until_async("b2 never got its verdict", DEADLINE, || async {
         let s = h.status();
-        if let Some(r) = s
+        match s
             .history
             .iter()
             .rev()
             .find(|r| r.build == "b2" && r.outcome.is_some())
         {
-            break r.clone();
+            Some(r) => Ok(r.clone()),
+            None => Err(format!("{s:#?}")),
         }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "b2 never got its verdict: {s:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    })
+    .await;
     let msg = rec
         .error
         .as_ref()

@@ -7,11 +7,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use deploy_agent::deploy::{Outcome, Phase};
 use deploy_agent_tests::agent::{fast_consul, Harness, ServeWatch};
-use deploy_agent_tests::DEADLINE;
+use deploy_agent_tests::{wait_until_async, DEADLINE};
 use testkit::testserver::artifact::{Fault, FaultRule};
 
 /// A bad build `id` served with `fault`, checked through the whole matrix.
@@ -153,20 +153,19 @@ async fn very_slow_trickle_is_visible_and_superseded() {
     let watch = ServeWatch::start(&h.root, "good");
     h.publish(&m);
     // Visible: status shows the download and its progress moving.
-    let start = Instant::now();
-    loop {
+    wait_until_async("no visible progress", DEADLINE, || async {
         let s = h.status();
         let d = s.deploy.clone().unwrap();
         if d.build == "slow" && d.phase == Phase::Downloading {
             let p = h.agent.as_ref().unwrap().deployer.progress.snapshot();
             if p.bytes_downloaded > 0 {
                 assert!(p.bytes_downloaded < a.size, "a trickle is not done yet");
-                break;
+                return Ok(());
             }
         }
-        assert!(start.elapsed() < DEADLINE, "no visible progress: {s:#?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        Err(format!("{s:#?}"))
+    })
+    .await;
     assert!(
         deploy_agent_tests::agent::captured_logs().contains("slow"),
         "the log names the deploy"

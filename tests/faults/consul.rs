@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use deploy_agent::consul::ConsulSettings;
 use deploy_agent::pacing::{Backoff, RateLimit};
 use deploy_agent_tests::agent::{captured_logs, fast_consul, Harness, ServeWatch, KEY};
-use deploy_agent_tests::DEADLINE;
+use deploy_agent_tests::{wait_until_async, DEADLINE};
 use testkit::testserver::consul::Fault;
 
 const BURST: u32 = 2;
@@ -57,28 +57,29 @@ fn assert_rate(h: &Harness, from: Instant, to: Instant) -> usize {
 }
 
 async fn wait_watch_error(h: &Harness, needle: &str) -> String {
-    let start = Instant::now();
-    loop {
-        if let Some(e) = h.watch_error() {
-            if e.contains(needle) {
-                return e;
-            }
+    let what = format!("no watch error containing {needle:?}");
+    wait_until_async(&what, DEADLINE, || async {
+        match h.watch_error() {
+            Some(e) if e.contains(needle) => Ok(e),
+            _ => Err(format!(
+                "{:?}",
+                h.agent.as_ref().unwrap().watch_stats.snapshot()
+            )),
         }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "no watch error containing {needle:?}: {:?}",
-            h.agent.as_ref().unwrap().watch_stats.snapshot()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 async fn assert_logged(needle: &str) {
-    let start = Instant::now();
-    while !captured_logs().contains(needle) {
-        assert!(start.elapsed() < DEADLINE, "log never says {needle:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("log never says {needle:?}");
+    wait_until_async(&what, DEADLINE, || async {
+        if captured_logs().contains(needle) {
+            Ok(())
+        } else {
+            Err("not in the captured log".to_string())
+        }
+    })
+    .await;
 }
 
 /// With `good` live: `fault` for `window`, then heal, then `next` deploys.

@@ -8,35 +8,41 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use deploy_agent::deploy::Phase;
 use deploy_agent_tests::agent::{capture_logs, Harness, ServeWatch};
 use deploy_agent_tests::disk::{fill, Tmpfs};
-use deploy_agent_tests::DEADLINE;
 use deploy_agent_tests::{needs_root, precondition};
+use deploy_agent_tests::{wait_until_async, wait_until_every_async, DEADLINE};
 use testkit::testserver::artifact::{Fault, FaultRule};
 
+/// Polls every 5 ms: the test fills the disk while the download runs.
 async fn wait_downloading(h: &Harness, build: &str) {
-    let start = Instant::now();
-    loop {
-        let d = h.status().deploy;
-        if d.as_ref()
-            .is_some_and(|d| d.build == build && d.phase == Phase::Downloading)
-            && h.agent
-                .as_ref()
-                .unwrap()
-                .deployer
-                .progress
-                .snapshot()
-                .bytes_downloaded
-                > 0
-        {
-            return;
-        }
-        assert!(start.elapsed() < DEADLINE, "never downloading: {d:?}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until_every_async(
+        "never downloading",
+        DEADLINE,
+        Duration::from_millis(5),
+        || async {
+            let d = h.status().deploy;
+            if d.as_ref()
+                .is_some_and(|d| d.build == build && d.phase == Phase::Downloading)
+                && h.agent
+                    .as_ref()
+                    .unwrap()
+                    .deployer
+                    .progress
+                    .snapshot()
+                    .bytes_downloaded
+                    > 0
+            {
+                Ok(())
+            } else {
+                Err(format!("{d:?}"))
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,11 +94,15 @@ async fn disk_full_on_the_cache_before_and_during_download() {
     h.publish(&m2);
     wait_downloading(&h, "full2").await;
     let filler = fill(&cache);
-    let start = Instant::now();
-    while h.served() != "full2" && h.status().last_error.is_none() {
-        assert!(start.elapsed() < DEADLINE);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_async("full2 served or an error in status", DEADLINE, || async {
+        let served = h.served();
+        if served == "full2" || h.status().last_error.is_some() {
+            Ok(())
+        } else {
+            Err(format!("serving {served:?}, no error in status"))
+        }
+    })
+    .await;
     watch.finish();
     std::fs::remove_file(&filler).unwrap();
     h.artifacts.clear_faults();
@@ -206,19 +216,22 @@ async fn a_build_that_filled_the_disk_does_not_wedge_the_next_one() {
     assert_eq!(h.served(), "small-a");
     // Status says what the cold slot really holds, not "(empty)".
     let sock = h.tmp.path().join("agent.sock");
-    let start = Instant::now();
-    loop {
-        let v = deploy_agent_tests::process::status_json(&sock).unwrap_or_default();
-        if v["cold"]["unmarked_bytes"].as_u64().unwrap_or(0) > 20 << 20 {
-            assert!(v["cold"]["build"].is_null(), "{v:#}");
-            break;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "cold slot leftovers not shown: {v:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    // Every 200 ms: each poll runs the CLI.
+    wait_until_every_async(
+        "cold slot leftovers not shown",
+        DEADLINE,
+        Duration::from_millis(200),
+        || async {
+            let v = deploy_agent_tests::process::status_json(&sock).unwrap_or_default();
+            if v["cold"]["unmarked_bytes"].as_u64().unwrap_or(0) > 20 << 20 {
+                assert!(v["cold"]["build"].is_null(), "{v:#}");
+                Ok(())
+            } else {
+                Err(format!("{v:#}"))
+            }
+        },
+    )
+    .await;
 
     // The next small build goes live by itself.
     let (c, _) = h.build("small-c");

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use deploy_agent_tests::agent::{capture_logs, fast_consul, Harness};
-use deploy_agent_tests::DEADLINE;
+use deploy_agent_tests::{wait_until_async, DEADLINE};
 
 /// Publishes `bad` (derived from a valid manifest of build `id`), expects
 /// `needle` in the refusal, and no request to the artifact server.
@@ -219,18 +219,16 @@ async fn a_manifest_file_is_read_bounded_and_typed() {
     ];
     for (needle, make) in cases {
         swap(make);
-        let start = std::time::Instant::now();
-        loop {
+        let what = format!("{needle:?} never in status");
+        wait_until_async(&what, DEADLINE, || async {
             let e = h.status().last_error.map(|e| e.message).unwrap_or_default();
             if e.contains(needle) {
-                break;
+                Ok(())
+            } else {
+                Err(format!("last error: {e}"))
             }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "{needle:?} never in status (last error: {e})"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
         assert_eq!(h.served(), "good");
     }
     // Still responsive: stops within the harness's bound with a FIFO there.

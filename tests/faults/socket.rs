@@ -10,10 +10,10 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use deploy_agent_tests::agent::{capture_logs, Harness, ServeWatch};
-use deploy_agent_tests::DEADLINE;
+use deploy_agent_tests::{wait_until_async, DEADLINE};
 use testkit::testserver::artifact::{Fault, FaultRule};
 
 /// One request; returns the status line (or the error).
@@ -73,11 +73,13 @@ async fn socket_abuse_while_deploying() {
     );
     let watch = ServeWatch::start_any(&h.root, &["one", "two"]);
     h.publish(&m2);
-    let start = Instant::now();
-    while h.status().deploy.map(|d| d.build) != Some("two".into()) {
-        assert!(start.elapsed() < DEADLINE);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until_async("the deploy of two to start", DEADLINE, || async {
+        match h.status().deploy.map(|d| d.build) {
+            Some(b) if b == "two" => Ok(()),
+            b => Err(format!("deploying {b:?}")),
+        }
+    })
+    .await;
 
     let s = sock.clone();
     let abuse = tokio::task::spawn_blocking(move || {

@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use deploy_agent::config::Config;
 use deploy_agent::consul::ConsulClient;
@@ -15,7 +15,7 @@ use deploy_agent::fleet::commander::release::Release;
 use deploy_agent::fleet::host::hostreport::HostRecord;
 use deploy_agent::manifest::{BuildSpec, Format, Manifest, UrlPolicy};
 use deploy_agent_tests::agent::{fast_consul, Harness, KEY};
-use deploy_agent_tests::DEADLINE;
+use deploy_agent_tests::{wait_until_async, DEADLINE};
 use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
 
 /// Makes the harness's agent host `host` of `app`'s production tier (the
@@ -189,18 +189,13 @@ async fn wait_report(
     what: &str,
     ok: impl Fn(&HostRecord) -> bool,
 ) -> HostRecord {
-    let start = Instant::now();
-    loop {
-        if let Some(r) = report(h, host).filter(|r| ok(r)) {
-            return r;
+    wait_until_async(&format!("no host report with {what}"), DEADLINE, || async {
+        match report(h, host) {
+            Some(r) if ok(&r) => Ok(r),
+            r => Err(format!("{r:?}")),
         }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "no host report with {what}: {:?}",
-            report(h, host)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,11 +283,15 @@ async fn one_agent_follows_percent_freeze_and_rollback_and_reports_each_change()
 
     // A freeze stops the next deploy until it is lifted.
     r.freeze("incident", "test").await.unwrap();
-    let start = Instant::now();
-    while !h.agent.as_ref().unwrap().shared.member().unwrap().frozen() {
-        assert!(start.elapsed() < DEADLINE, "freeze not seen");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_async("freeze not seen", DEADLINE, || async {
+        let member = h.agent.as_ref().unwrap().shared.member().unwrap();
+        if member.frozen() {
+            Ok(())
+        } else {
+            Err(format!("{:?}", member.info()))
+        }
+    })
+    .await;
     wait_report(&h, HOST, "frozen", |r| r.frozen).await;
     r.publish(&spec_of(&m3), None).await.unwrap();
     wait_report(&h, HOST, "b3 seen", |r| r.desired.as_deref() == Some("b3")).await;
@@ -375,18 +374,13 @@ async fn the_splay_is_its_own_phase_in_status_and_history() {
     h.start_agent().await;
     let (m1, _) = h.build("b1");
     h.publish(&m1);
-    let start = Instant::now();
-    let rec = loop {
-        if let Some(d) = h.status().deploy.filter(|d| d.phase == Phase::Splay) {
-            break d;
+    let rec = wait_until_async("no splay phase", DEADLINE, || async {
+        match h.status().deploy {
+            Some(d) if d.phase == Phase::Splay => Ok(d),
+            d => Err(format!("{d:#?}")),
         }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "no splay phase: {:#?}",
-            h.status().deploy
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    })
+    .await;
     assert_eq!(rec.build, "b1");
     // When the phase began, for status's "phase splay for 3s".
     assert!(

@@ -6,12 +6,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use deploy_agent::config::{ColdSlotAction, HotDrain};
 use deploy_agent_tests::agent::Harness;
 use deploy_agent_tests::agent_bin;
-use deploy_agent_tests::DEADLINE;
+use deploy_agent_tests::{wait_until_async, DEADLINE};
 
 fn cli(h: &Harness, args: &[&str]) -> Output {
     Command::new(agent_bin())
@@ -95,11 +95,13 @@ async fn status_history_hold_resume_rollback_redeploy_and_metrics() {
     // Redeploy: runs the desired build's deploy again.
     let before = h.status().history.len();
     assert!(cli(&h, &["redeploy"]).status.success());
-    let start = Instant::now();
-    while h.status().history.len() <= before {
-        assert!(start.elapsed() < DEADLINE);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_async("a deploy recorded after redeploy", DEADLINE, || async {
+        match h.status().history.len() {
+            n if n > before => Ok(()),
+            n => Err(format!("{n} deploys in history, {before} before")),
+        }
+    })
+    .await;
     h.wait_live("three", DEADLINE).await;
 
     // Metrics over the socket.
@@ -152,11 +154,13 @@ async fn hot_drain_by_command_and_by_http_gate_the_flip() {
     h.publish(&m1);
     // Wait for the deploy to reach the drain (a fixed sleep raced a
     // loaded machine), then check it stays there while the command fails.
-    let t0 = std::time::Instant::now();
-    while h.status().deploy.map(|d| d.phase) != Some(deploy_agent::deploy::Phase::Draining) {
-        assert!(t0.elapsed() < DEADLINE, "deploy never reached draining");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_async("deploy never reached draining", DEADLINE, || async {
+        match h.status().deploy.map(|d| d.phase) {
+            Some(deploy_agent::deploy::Phase::Draining) => Ok(()),
+            phase => Err(format!("phase {phase:?}")),
+        }
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(h.served(), "", "flip must wait for the drain command");
     assert_eq!(
@@ -225,12 +229,15 @@ async fn cold_slot_kill_action_signals_stragglers() {
         .unwrap();
     h.publish(&m3);
     h.wait_live("three", DEADLINE).await;
-    let st = deploy_agent_tests::wait_until("the straggler to end", DEADLINE, || {
-        straggler
-            .try_wait()
-            .unwrap()
-            .ok_or_else(|| "still running".to_string())
-    });
+    let st = wait_until_async("the straggler to end", DEADLINE, || {
+        std::future::ready(
+            straggler
+                .try_wait()
+                .unwrap()
+                .ok_or_else(|| "still running".to_string()),
+        )
+    })
+    .await;
     assert!(
         !st.success(),
         "the straggler must have been signalled: {st:?}"

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use deploy_agent::manifest::Format;
 use deploy_agent_tests::agent::Harness;
 use deploy_agent_tests::process::{status_json as status, Proc};
-use deploy_agent_tests::DEADLINE;
 use deploy_agent_tests::{agent_bin, fast_tempdir};
+use deploy_agent_tests::{wait_until_async, wait_until_every_async, DEADLINE};
 use nix::sys::signal::Signal;
 use testkit::buildgen::{self, BuildProfile};
 use testkit::testserver::artifact::ArtifactServer;
@@ -24,22 +24,21 @@ use testkit::testserver::consul::{
     AclConfig, AclToken, ConsulServer, ConsulServerConfig, KeyPolicy,
 };
 
-fn wait_status(
+/// Waits until `status --json` satisfies `ok`; polls every 100 ms, as
+/// each poll runs the CLI.
+async fn wait_status(
     sock: &Path,
     what: &str,
     ok: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = status(sock) {
-            if ok(&v) {
-                return v;
-            }
-            assert!(start.elapsed() < DEADLINE, "{what}: {v:#}");
+    wait_until_every_async(what, DEADLINE, Duration::from_millis(100), || async {
+        match status(sock) {
+            Some(v) if ok(&v) => Ok(v),
+            Some(v) => Err(format!("{v:#}")),
+            None => Err("no status".to_string()),
         }
-        assert!(start.elapsed() < DEADLINE, "{what}: no status");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    })
+    .await
 }
 
 fn token(secret: &str, rules: &[(&str, KeyPolicy)]) -> AclToken {
@@ -102,7 +101,8 @@ async fn consul_errors_reach_status_and_a_fixed_token_file_applies_without_resta
         v["last_error"]["message"]
             .as_str()
             .is_some_and(|m| m.contains("403") && m.contains("key:write"))
-    });
+    })
+    .await;
     assert!(v["last_error"]["at_unix"].as_u64().unwrap() > 0, "{v:#}");
     assert!(v["fleet"]["report_error"]
         .as_str()
@@ -113,7 +113,8 @@ async fn consul_errors_reach_status_and_a_fixed_token_file_applies_without_resta
     std::fs::write(&token_file, "host\n").unwrap();
     wait_status(&sock, "report error cleared", |v| {
         v["fleet"]["report_error"].is_null()
-    });
+    })
+    .await;
     let rec = consul
         .get("deploy-hosts/app/h1")
         .expect("the report was written");
@@ -124,7 +125,8 @@ async fn consul_errors_reach_status_and_a_fixed_token_file_applies_without_resta
     consul.shutdown();
     let v = wait_status(&sock, "Consul outage in status", |v| {
         v["consul"]["consecutive_errors"].as_u64().unwrap_or(0) > 0
-    });
+    })
+    .await;
     let msg = v["last_error"]["message"].as_str().unwrap();
     assert!(msg.contains("Consul request to"), "{v:#}");
     assert!(v["last_error"]["at_unix"].as_u64().unwrap() >= started);
@@ -273,14 +275,13 @@ async fn a_new_deploy_id_deploys_the_live_build_again() {
         v.to_string()
     };
     h.publish(&with_id("r2"));
-    let start = Instant::now();
-    while h.status().history.len() < 2 {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "no second deploy for a new deploy id"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_async("no second deploy for a new deploy id", DEADLINE, || async {
+        match h.status().history.len() {
+            n if n >= 2 => Ok(()),
+            n => Err(format!("{n} deploys in history")),
+        }
+    })
+    .await;
     let rec = h.wait_live("one", DEADLINE).await;
     assert_eq!(rec.deploy_id.as_deref(), Some("r2"));
     h.stop_agent().await;

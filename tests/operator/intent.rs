@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use deploy_agent_tests::fast_tempdir;
 use deploy_agent_tests::host::{in_process_release, publish, release, tiny_spec, Host};
-use deploy_agent_tests::DEADLINE;
+use deploy_agent_tests::{wait_until_async, wait_until_every_async, DEADLINE};
 use nix::sys::signal::Signal;
 use testkit::testserver::artifact::ArtifactServer;
 use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
@@ -219,14 +219,21 @@ async fn freeze_then_release_rollback_flips_nobody_until_unfreeze() {
     release(&consul.url(), &["freeze"]);
     let returned = t0.elapsed();
     let mut pending: Vec<usize> = (0..hosts.len()).collect();
-    while !pending.is_empty() {
-        assert!(
-            t0.elapsed() < DEADLINE,
-            "hosts {pending:?} never saw the freeze"
-        );
-        pending.retain(|&i| hosts[i].status()["fleet"]["frozen"] != true);
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    // Polled every 5 ms: the time to every host's ack is the figure.
+    wait_until_every_async(
+        "every host to show the freeze",
+        DEADLINE,
+        Duration::from_millis(5),
+        || {
+            pending.retain(|&i| hosts[i].status()["fleet"]["frozen"] != true);
+            std::future::ready(if pending.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("hosts {pending:?} never saw the freeze"))
+            })
+        },
+    )
+    .await;
     println!(
         "freeze-ack: `release freeze` took {} ms; every host showed it {} ms after it returned",
         returned.as_millis(),
@@ -255,31 +262,32 @@ async fn resume_or_unfreeze_before_a_cancelled_deploy_ends_still_deploys() {
     h.start();
     publish(&consul, &art, tmp.path(), "b1");
     h.wait_served("b1");
-    let in_hook = |h: &Host| {
-        let start = Instant::now();
-        while h.status()["phase"] != "draining" {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "never reached the pre-flip hook"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
+    async fn in_hook(h: &Host) {
+        wait_until_async("never reached the pre-flip hook", DEADLINE, || async {
+            match h.status()["phase"].clone() {
+                phase if phase == "draining" => Ok(()),
+                phase => Err(format!("phase {phase}")),
+            }
+        })
+        .await;
+    }
 
     publish(&consul, &art, tmp.path(), "b2");
-    in_hook(&h);
+    in_hook(&h).await;
     assert!(h.cli(&["hold", "--reason", "look"]).status.success());
     assert!(h.cli(&["resume"]).status.success());
     h.wait_served("b2");
 
     publish(&consul, &art, tmp.path(), "b3");
-    in_hook(&h);
+    in_hook(&h).await;
     release(&consul.url(), &["freeze", "--reason", "look"]);
-    let start = Instant::now();
-    while h.status()["fleet"]["frozen"] != true {
-        assert!(start.elapsed() < DEADLINE, "the freeze was never seen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_async("the freeze was never seen", DEADLINE, || async {
+        match h.status()["fleet"].clone() {
+            fleet if fleet["frozen"] == true => Ok(()),
+            fleet => Err(format!("fleet {fleet}")),
+        }
+    })
+    .await;
     release(&consul.url(), &["unfreeze"]);
     h.wait_served("b3");
     let v = h.status();

@@ -13,7 +13,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command as Proc, Output, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use deploy_agent::status::model::{CommandRequest, HistoryEntry, StatusReport, StatusSource};
 use deploy_agent::status::{CancellationToken, SocketSettings, StatusServer};
@@ -699,10 +699,16 @@ fn json_logs_carry_values_not_debug_strings() {
         .spawn()
         .unwrap();
     let sock = dir.path().join("run/agent.sock");
-    let started = Instant::now();
-    while !sock.exists() && started.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // Up to 20 s for the socket, then on either way: the log below says
+    // what happened.
+    let _ =
+        deploy_agent_tests::poll_until(Duration::from_secs(20), Duration::from_millis(50), || {
+            if sock.exists() {
+                Ok(())
+            } else {
+                Err(())
+            }
+        });
     std::thread::sleep(Duration::from_millis(300));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),

@@ -336,19 +336,15 @@ impl Harness {
         discarded_sha: Option<&str>,
         limit: Duration,
     ) {
-        let start = Instant::now();
-        loop {
+        crate::wait_until_async("leftovers", limit, || async {
             let problems = self.leftovers(bad_build, discarded_sha);
             if problems.is_empty() {
-                return;
+                Ok(())
+            } else {
+                Err(format!("{problems:?}; cache {:?}", self.cache_entries()))
             }
-            assert!(
-                start.elapsed() < limit,
-                "leftovers after {limit:?}: {problems:?}; cache {:?}",
-                self.cache_entries()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
     }
 
     /// What [`Harness::assert_no_leftovers`] complains about, now.
@@ -409,16 +405,17 @@ impl Harness {
     /// (c) The error is in status (what the socket shows) and in the log.
     pub async fn assert_error_visible(&self, needle: &str, limit: Duration) -> String {
         let msg = self.wait_error(needle, limit).await;
-        let start = Instant::now();
         // The whole message: it names this test's build or server port, so
         // another test's log line cannot satisfy it.
-        while !captured_logs().contains(&msg) {
-            assert!(
-                start.elapsed() < limit,
-                "status shows {msg:?} but the log never says so"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = format!("status shows {msg:?} but the log never says so");
+        crate::wait_until_async(&what, limit, || async {
+            if captured_logs().contains(&msg) {
+                Ok(())
+            } else {
+                Err("not in the captured log".to_string())
+            }
+        })
+        .await;
         msg
     }
 
@@ -450,8 +447,9 @@ impl Harness {
         let msg = self.assert_error_visible(needle, limit).await;
         // Let the agent retry a failing deploy a few times first: each
         // attempt must clean up after the previous one, not pile up.
+        // Up to `limit`, then on either way.
         let start = Instant::now();
-        loop {
+        let _ = crate::poll_until_async(limit, crate::POLL, || async {
             let failed = self
                 .status()
                 .history
@@ -459,11 +457,13 @@ impl Harness {
                 .filter(|r| r.build == bad_build && r.outcome == Some(Outcome::Failed))
                 .count();
             let refused_early = failed == 0 && start.elapsed() > Duration::from_secs(1);
-            if failed >= 3 || refused_early || start.elapsed() > limit {
-                break;
+            if failed >= 3 || refused_early {
+                Ok(())
+            } else {
+                Err(())
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await;
         self.assert_no_leftovers(Some(bad_build), discarded_sha, limit)
             .await;
         let reads = watch.finish();

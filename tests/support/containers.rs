@@ -133,29 +133,33 @@ fn wait_for_package(deb: PathBuf) -> Result<PathBuf, String> {
     let start = Instant::now();
     // A cold optimized build of the package takes minutes on 2 cores.
     let limit = Duration::from_secs(30 * 60);
-    loop {
+    let built = crate::poll_until(limit, Duration::from_millis(500), || {
         if deb.is_file() {
+            Ok(true)
+        } else if failed.exists() {
+            Ok(false)
+        } else {
+            Err(())
+        }
+    });
+    match built {
+        Ok(true) => {
             eprintln!(
                 "[containers] package {} ready after waiting {:.0} s",
                 deb.display(),
                 start.elapsed().as_secs_f64()
             );
-            return Ok(deb);
+            Ok(deb)
         }
-        if failed.exists() {
-            return Err(format!(
-                "building {DEB_ENV}={} failed: see {}.log",
-                deb.display(),
-                deb.display()
-            ));
-        }
-        if start.elapsed() > limit {
-            return Err(format!(
-                "{DEB_ENV}={} did not appear within {limit:?}",
-                deb.display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(500));
+        Ok(false) => Err(format!(
+            "building {DEB_ENV}={} failed: see {}.log",
+            deb.display(),
+            deb.display()
+        )),
+        Err(()) => Err(format!(
+            "{DEB_ENV}={} did not appear within {limit:?}",
+            deb.display()
+        )),
     }
 }
 
@@ -383,11 +387,10 @@ impl Container {
             spawn_long_lived(cmd).unwrap_or_else(|e| panic!("systemd-nspawn {}: {e}", self.name));
         let nspawn_pid = child.id();
         self.nspawn = Some(child);
-        let start = Instant::now();
-        loop {
+        let what = format!("no init process under nspawn for {}", self.name);
+        self.pid1 = crate::wait_until(&what, Duration::from_secs(30), || {
             if let Some(p) = init_of(nspawn_pid) {
-                self.pid1 = p;
-                return;
+                return Ok(p);
             }
             if let Some(Ok(Some(st))) = self.nspawn.as_mut().map(Child::try_wait) {
                 panic!(
@@ -396,13 +399,8 @@ impl Container {
                     std::fs::read_to_string(&self.console).unwrap_or_default()
                 );
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "no init process under nspawn for {}",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            Err(format!("nspawn pid {nspawn_pid} has no child yet"))
+        });
     }
 
     /// The cgroups nspawn runs in: `dac-<test pid>-<name>` in the unified
@@ -441,29 +439,27 @@ impl Container {
     /// Waits until `systemctl is-system-running` says running (or
     /// degraded, with the failed units in the panic message otherwise).
     pub fn wait_booted(&self, limit: Duration) -> Result<(), String> {
-        let start = Instant::now();
-        loop {
+        let booted = crate::poll_until(limit, Duration::from_millis(100), || {
             let out = self.exec(&["systemctl", "is-system-running"]);
             let state = out
                 .as_ref()
                 .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
             match state.as_deref() {
-                Ok("running") => return Ok(()),
+                Ok("running") => Ok(Ok(())),
                 Ok("degraded") => {
                     let failed = self.sh("systemctl --failed --no-legend");
-                    return Err(format!("{} booted degraded: {failed}", self.name));
+                    Ok(Err(format!("{} booted degraded: {failed}", self.name)))
                 }
-                _ => {}
+                _ => Err(format!("{state:?}")),
             }
-            if start.elapsed() > limit {
-                return Err(format!(
-                    "{} not booted after {limit:?} ({state:?}); console:\n{}",
-                    self.name,
-                    std::fs::read_to_string(&self.console).unwrap_or_default()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        });
+        booted.unwrap_or_else(|state| {
+            Err(format!(
+                "{} not booted after {limit:?} ({state}); console:\n{}",
+                self.name,
+                std::fs::read_to_string(&self.console).unwrap_or_default()
+            ))
+        })
     }
 
     fn nsenter(&self) -> Command {
@@ -577,18 +573,17 @@ impl Container {
         if !how.is_empty() {
             let _ = self.exec(how);
         }
-        let start = Instant::now();
         if let Some(mut child) = self.nspawn.take() {
-            loop {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
+            let off = crate::poll_until(limit, Duration::from_millis(50), || {
+                match child.try_wait() {
+                    Ok(Some(_)) => Ok(()),
+                    _ => Err(()),
                 }
-                if start.elapsed() > limit {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("{} did not power off within {limit:?}", self.name);
-                }
-                std::thread::sleep(Duration::from_millis(50));
+            });
+            if off.is_err() {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{} did not power off within {limit:?}", self.name);
             }
         }
         self.pid1 = 0;
@@ -612,16 +607,16 @@ impl Container {
             nix::unistd::Pid::from_raw(child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        let start = Instant::now();
-        let mut exited = false;
-        while start.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(_)) = child.try_wait() {
-                exited = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if !exited {
+        let exited =
+            crate::poll_until(
+                Duration::from_secs(20),
+                Duration::from_millis(50),
+                || match child.try_wait() {
+                    Ok(Some(_)) => Ok(()),
+                    _ => Err(()),
+                },
+            );
+        if exited.is_err() {
             let _ = child.kill();
             let _ = child.wait();
             // nspawn is gone; take whatever is left of the container with it.
@@ -676,12 +671,14 @@ pub fn output_within(mut cmd: Command, limit: Duration) -> std::io::Result<Outpu
     }
     let out = drain(child.stdout.take());
     let err = drain(child.stderr.take());
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if start.elapsed() > limit {
+    let exited = crate::poll_until(limit, crate::POLL, || match child.try_wait() {
+        Ok(Some(st)) => Ok(Ok(st)),
+        Ok(None) => Err(()),
+        Err(e) => Ok(Err(e)),
+    });
+    let status = match exited {
+        Ok(st) => st?,
+        Err(()) => {
             let _ = nix::sys::signal::killpg(
                 nix::unistd::Pid::from_raw(child.id() as i32),
                 nix::sys::signal::Signal::SIGKILL,
@@ -692,7 +689,6 @@ pub fn output_within(mut cmd: Command, limit: Duration) -> std::io::Result<Outpu
                 format!("{what} still running after {limit:?}, killed"),
             ));
         }
-        std::thread::sleep(Duration::from_millis(20));
     };
     Ok(Output {
         status,
@@ -701,21 +697,10 @@ pub fn output_within(mut cmd: Command, limit: Duration) -> std::io::Result<Outpu
     })
 }
 
-/// Polls `f` every 100 ms until it returns `Some`, or panics after `limit`
-/// with `what` and the last description `f` gave.
-pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let start = Instant::now();
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(last) => {
-                if start.elapsed() > limit {
-                    panic!("{what}: not after {limit:?}; last: {last}");
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// [`crate::wait_until`] polling every 100 ms: each poll of a container
+/// runs commands in it.
+pub fn wait_for<T>(what: &str, limit: Duration, f: impl FnMut() -> Result<T, String>) -> T {
+    crate::wait_until_every(what, limit, Duration::from_millis(100), f)
 }
 
 #[cfg(test)]

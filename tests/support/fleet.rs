@@ -74,13 +74,13 @@ impl Host {
                 nix::unistd::Pid::from_raw(c.id() as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
+            // Up to 10 s to exit, then killed.
+            let _ = crate::poll_until(Duration::from_secs(10), crate::POLL, || {
+                match c.try_wait() {
+                    Ok(Some(_)) => Ok(()),
+                    _ => Err(()),
                 }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            });
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -341,7 +341,7 @@ splay-max = "{splay}ms"
         ok: impl Fn(usize) -> bool,
     ) {
         let start = Instant::now();
-        loop {
+        let waited = crate::poll_until_async(limit, Duration::from_millis(50), || async {
             for h in &self.hosts {
                 if let Some(c) = h.child.as_ref() {
                     let dead = std::fs::read_to_string(format!("/proc/{}/stat", c.id()))
@@ -355,10 +355,15 @@ splay-max = "{splay}ms"
             }
             let missing: Vec<usize> = which.iter().copied().filter(|i| !ok(*i)).collect();
             if missing.is_empty() {
-                eprintln!("[fleet] {what}: {:.1} s", start.elapsed().as_secs_f64());
-                return;
+                Ok(())
+            } else {
+                Err(missing)
             }
-            if start.elapsed() > limit {
+        })
+        .await;
+        match waited {
+            Ok(()) => eprintln!("[fleet] {what}: {:.1} s", start.elapsed().as_secs_f64()),
+            Err(missing) => {
                 let detail: Vec<String> = missing
                     .iter()
                     .take(5)
@@ -381,7 +386,6 @@ splay-max = "{splay}ms"
                     detail.join("\n")
                 );
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

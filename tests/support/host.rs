@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use deploy_agent::consul::{ConsulClient, ConsulSettings};
 use deploy_agent::fleet::commander::release::{check_spec, spec_from_artifact, Release};
@@ -79,8 +79,7 @@ impl Host {
     /// status socket among them: "agent not running" (exit 3) is retried
     /// up to the shared deadline, as an operator would.
     pub fn cli(&self, args: &[&str]) -> Output {
-        let start = Instant::now();
-        loop {
+        let answer = crate::poll_until(DEADLINE, Duration::from_millis(100), || {
             let out = Command::new(agent_bin())
                 .args(args)
                 .arg("--socket")
@@ -95,28 +94,28 @@ impl Host {
             // retry it; intent_random seed 10096442218051712131 hit it). An
             // operator retries; so does this.
             let reloading = String::from_utf8_lossy(&out.stderr).contains("shutting down");
-            if !(not_running || reloading) || start.elapsed() > DEADLINE {
-                return out;
+            if not_running || reloading {
+                Err(out)
+            } else {
+                Ok(out)
             }
-            std::thread::sleep(Duration::from_millis(100));
+        });
+        // After the deadline, the last answer as it is.
+        match answer {
+            Ok(out) | Err(out) => out,
         }
     }
 
     /// `status --json`, waiting for the socket after a (re)start.
     pub fn status(&self) -> serde_json::Value {
-        let start = Instant::now();
-        loop {
+        crate::wait_until_every("status", DEADLINE, Duration::from_millis(50), || {
             let out = self.cli(&["status", "--json"]);
             if out.status.success() {
-                return serde_json::from_slice(&out.stdout).unwrap();
+                Ok(serde_json::from_slice(&out.stdout).unwrap())
+            } else {
+                Err(String::from_utf8_lossy(&out.stderr).into_owned())
             }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "status: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        })
     }
 }
 

@@ -107,22 +107,48 @@ pub mod fleet;
 /// `benches/`, never asserted here.
 pub const DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How often [`wait_until`] and [`wait_until_async`] poll.
+pub const POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Polls `f` every 20 ms until it returns `Ok`, or panics after `limit`
 /// naming `what` and the last thing `f` said. The one deadline loop of
 /// the synchronous tests.
 pub fn wait_until<T>(
     what: &str,
     limit: std::time::Duration,
-    mut f: impl FnMut() -> Result<T, String>,
+    f: impl FnMut() -> Result<T, String>,
 ) -> T {
+    wait_until_every(what, limit, POLL, f)
+}
+
+/// [`wait_until`] polling every `every`: for a wait that must poll faster
+/// to see a short window, or slower because each poll costs (a process
+/// started, a request over the network).
+pub fn wait_until_every<T>(
+    what: &str,
+    limit: std::time::Duration,
+    every: std::time::Duration,
+    f: impl FnMut() -> Result<T, String>,
+) -> T {
+    poll_until(limit, every, f)
+        .unwrap_or_else(|last| panic!("{what}: not after {limit:?}; last: {last}"))
+}
+
+/// The loop behind the waits: polls `f` every `every` until it returns
+/// `Ok`, or returns the last `Err` after `limit`, for a caller that acts on
+/// the timeout itself (kills what it waited for, returns an error, or goes
+/// on). A test that fails on the timeout uses [`wait_until`].
+pub fn poll_until<T, E>(
+    limit: std::time::Duration,
+    every: std::time::Duration,
+    mut f: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
     let start = std::time::Instant::now();
     loop {
         match f() {
-            Ok(v) => return v,
-            Err(last) if start.elapsed() > limit => {
-                panic!("{what}: not after {limit:?}; last: {last}")
-            }
-            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Ok(v) => return Ok(v),
+            Err(last) if start.elapsed() > limit => return Err(last),
+            Err(_) => std::thread::sleep(every),
         }
     }
 }
@@ -132,19 +158,44 @@ pub fn wait_until<T>(
 pub async fn wait_until_async<T, F>(
     what: &str,
     limit: std::time::Duration,
-    mut f: impl FnMut() -> F,
+    f: impl FnMut() -> F,
 ) -> T
 where
     F: std::future::Future<Output = Result<T, String>>,
 {
+    wait_until_every_async(what, limit, POLL, f).await
+}
+
+/// [`wait_until_every`] for async tests.
+pub async fn wait_until_every_async<T, F>(
+    what: &str,
+    limit: std::time::Duration,
+    every: std::time::Duration,
+    f: impl FnMut() -> F,
+) -> T
+where
+    F: std::future::Future<Output = Result<T, String>>,
+{
+    poll_until_async(limit, every, f)
+        .await
+        .unwrap_or_else(|last| panic!("{what}: not after {limit:?}; last: {last}"))
+}
+
+/// [`poll_until`] for async tests: sleeps without blocking the runtime.
+pub async fn poll_until_async<T, E, F>(
+    limit: std::time::Duration,
+    every: std::time::Duration,
+    mut f: impl FnMut() -> F,
+) -> Result<T, E>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+{
     let start = std::time::Instant::now();
     loop {
         match f().await {
-            Ok(v) => return v,
-            Err(last) if start.elapsed() > limit => {
-                panic!("{what}: not after {limit:?}; last: {last}")
-            }
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            Ok(v) => return Ok(v),
+            Err(last) if start.elapsed() > limit => return Err(last),
+            Err(_) => tokio::time::sleep(every).await,
         }
     }
 }

@@ -30,7 +30,7 @@ use deploy_agent::fleet::commander::web::{FleetPage, ServeOptions};
 use deploy_agent::fleet::host::hostreport::HostRecord;
 use deploy_agent::manifest::{BuildSpec, Format, Manifest, UrlPolicy};
 use deploy_agent_tests::precondition;
-use deploy_agent_tests::DEADLINE;
+use deploy_agent_tests::{wait_until_async, wait_until_every_async, DEADLINE};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
@@ -189,7 +189,7 @@ struct Driver {
 }
 
 impl Driver {
-    fn start(bin: &Path) -> Driver {
+    async fn start(bin: &Path) -> Driver {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -201,11 +201,12 @@ impl Driver {
             .stderr(Stdio::null())
             .spawn()
             .expect("start chromedriver");
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed() < DEADLINE, "chromedriver did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until_async("chromedriver did not listen", DEADLINE, || async {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .map(drop)
+                .map_err(|e| format!("port {port}: {e}"))
+        })
+        .await;
         Driver { child, port }
     }
 }
@@ -241,19 +242,22 @@ async fn browser(driver: &Driver, chromium: &Path, profile: &Path) -> Client {
 }
 
 /// Runs `script` (a function body returning a value) until `ok` holds.
+/// Polls every 100 ms: each poll is a WebDriver round trip.
 async fn wait_js(c: &Client, what: &str, script: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
-        let v = c.execute(script, vec![]).await.unwrap_or(Value::Null);
-        if ok(&v) {
-            return v;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "page never showed {what}; last: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_every_async(
+        &format!("page never showed {what}"),
+        DEADLINE,
+        Duration::from_millis(100),
+        || async {
+            let v = c.execute(script, vec![]).await.unwrap_or(Value::Null);
+            if ok(&v) {
+                Ok(v)
+            } else {
+                Err(format!("{v}"))
+            }
+        },
+    )
+    .await
 }
 
 async fn text(c: &Client, css: &str) -> String {
@@ -351,11 +355,14 @@ async fn control(c: &Client, button: &str, reason: Option<&str>, names: &[&str])
 }
 
 async fn wait_consul(what: &str, ok: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < DEADLINE, "Consul never got {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_async(&format!("Consul never got {what}"), DEADLINE, || async {
+        if ok() {
+            Ok(())
+        } else {
+            Err("not yet".to_string())
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -380,7 +387,7 @@ async fn a_rollout_in_a_real_browser() {
     converge(&consul, &[]);
 
     let (page, shutdown) = start_page(&consul, false).await;
-    let driver = Driver::start(&driver_bin);
+    let driver = Driver::start(&driver_bin).await;
     let profile = tempfile::tempdir().unwrap();
     let c = browser(&driver, &chromium, profile.path()).await;
     let card = format!("#tier-{TIER}");
@@ -854,19 +861,23 @@ async fn fleet_serve_works_against_the_kept_demo() {
         )
         .await
     });
-    let start = Instant::now();
-    let command = loop {
-        let text = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
-        if let Some(line) = text
-            .lines()
-            .find(|l| l.contains("deploy-agent fleet serve"))
-        {
-            break line.trim().to_string();
-        }
-        assert!(!demo.is_finished(), "the demo ended: {text}");
-        assert!(start.elapsed() < Duration::from_secs(120), "{text}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let command = wait_until_every_async(
+        "the demo's `fleet serve` command",
+        Duration::from_secs(120),
+        Duration::from_millis(100),
+        || async {
+            let text = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
+            if let Some(line) = text
+                .lines()
+                .find(|l| l.contains("deploy-agent fleet serve"))
+            {
+                return Ok(line.trim().to_string());
+            }
+            assert!(!demo.is_finished(), "the demo ended: {text}");
+            Err(text)
+        },
+    )
+    .await;
     // deploy-agent fleet serve --consul URL --app demo
     let args: Vec<&str> = command.split_whitespace().skip(1).collect();
     let port = TcpListener::bind("127.0.0.1:0")
@@ -883,25 +894,26 @@ async fn fleet_serve_works_against_the_kept_demo() {
         .unwrap();
     let http = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}/api/snapshot");
-    let start = Instant::now();
-    let snap = loop {
-        if let Ok(r) = http.get(&url).send().await {
+    // Every 200 ms: each poll is an HTTP request.
+    let snap = wait_until_every_async(
+        "fleet serve never showed the demo",
+        DEADLINE,
+        Duration::from_millis(200),
+        || async {
+            let r = http.get(&url).send().await.map_err(|e| e.to_string())?;
             let body = r.bytes().await.unwrap_or_default();
-            if let Ok(v) = serde_json::from_slice::<Value>(&body) {
-                let host_seen = v["hosts"]
-                    .as_array()
-                    .is_some_and(|h| h.iter().any(|r| r[0] == "demo-host-1"));
-                if v["tiers"][0]["percent"] == json!(2.0) && host_seen {
-                    break v;
-                }
+            let v = serde_json::from_slice::<Value>(&body).map_err(|e| e.to_string())?;
+            let host_seen = v["hosts"]
+                .as_array()
+                .is_some_and(|h| h.iter().any(|r| r[0] == "demo-host-1"));
+            if v["tiers"][0]["percent"] == json!(2.0) && host_seen {
+                Ok(v)
+            } else {
+                Err(format!("{v}"))
             }
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "fleet serve never showed the demo"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+        },
+    )
+    .await;
     let _ = serve.kill();
     let _ = serve.wait();
     assert_eq!(snap["app"], "demo");

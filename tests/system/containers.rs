@@ -48,7 +48,7 @@ use deploy_agent_tests::containers::{
     image, output_within, package, required, stop_all, unsupported, wait_for, Container, Net,
     PersistentRoot, RootFs,
 };
-use deploy_agent_tests::precondition;
+use deploy_agent_tests::{poll_until, precondition};
 use serde_json::Value;
 use testkit::buildgen::{self, Artifact, BuildProfile};
 use testkit::testserver::artifact::{ArtifactServer, Fault, FaultRule};
@@ -277,24 +277,23 @@ impl Ctx {
     /// On a timeout the panic carries the agent's journal tail.
     fn wait_phase(&self, i: usize, phase: &str, limit: Duration) -> Value {
         let c = self.c(i);
-        let start = Instant::now();
         let mut last = String::new();
-        loop {
+        let found = poll_until(limit, Duration::from_millis(100), || {
             if let Some(st) = c.status() {
                 if st["phase"] == phase {
-                    return st;
+                    return Ok(st);
                 }
                 last = st.to_string();
             }
-            if start.elapsed() > limit {
-                let journal = c.sh("journalctl -u deploy-agent -n 40 --no-pager -o cat");
-                panic!(
-                    "{} in phase {phase}: not after {limit:?}; last status {last}\njournal:\n{journal}",
-                    c.name
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            Err(())
+        });
+        found.unwrap_or_else(|()| {
+            let journal = c.sh("journalctl -u deploy-agent -n 40 --no-pager -o cat");
+            panic!(
+                "{} in phase {phase}: not after {limit:?}; last status {last}\njournal:\n{journal}",
+                c.name
+            );
+        })
     }
 }
 

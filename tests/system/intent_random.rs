@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use deploy_agent::fleet::commander::release::Release;
 use deploy_agent::manifest::{BuildSpec, Manifest, UrlPolicy};
-use deploy_agent_tests::fast_tempdir;
 use deploy_agent_tests::host::{in_process_release, tiny_spec, Host};
+use deploy_agent_tests::{fast_tempdir, poll_until_async};
 use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -128,7 +128,7 @@ impl World {
         // `idle` for the few milliseconds between recording a new desired
         // build and starting its deploy, so only a lasting silence counts.
         let mut silent: Vec<Option<Instant>> = vec![None; self.hosts.len()];
-        loop {
+        let settled = poll_until_async(CONVERGE, Duration::from_millis(100), || {
             let mut all = true;
             for (i, silent_since) in silent.iter_mut().enumerate() {
                 self.check_now(i);
@@ -176,14 +176,12 @@ impl World {
                     ));
                 }
             }
-            if all {
-                return;
-            }
-            if start.elapsed() > CONVERGE {
-                let st: Vec<serde_json::Value> = self.hosts.iter().map(|h| h.status()).collect();
-                self.fail(format!("not converged within {CONVERGE:?}: {st:#?}"));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            std::future::ready(if all { Ok(()) } else { Err(()) })
+        })
+        .await;
+        if settled.is_err() {
+            let st: Vec<serde_json::Value> = self.hosts.iter().map(|h| h.status()).collect();
+            self.fail(format!("not converged within {CONVERGE:?}: {st:#?}"));
         }
     }
 
@@ -191,18 +189,19 @@ impl World {
     /// flipping completes after a hold or a freeze) and returns what it
     /// serves then.
     async fn at_rest(&self, i: usize) -> String {
-        let start = Instant::now();
-        loop {
+        let rest = poll_until_async(CONVERGE, Duration::from_millis(50), || async {
             let v = self.hosts[i].status();
             let phase = v["phase"].as_str().unwrap_or("idle");
             if matches!(phase, "idle" | "done" | "failed") {
-                return self.hosts[i].served();
+                Ok(self.hosts[i].served())
+            } else {
+                Err(v)
             }
-            if start.elapsed() > CONVERGE {
-                self.fail(format!("{} never came to rest: {v:#}", self.hosts[i].id));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
+        rest.unwrap_or_else(|v| {
+            self.fail(format!("{} never came to rest: {v:#}", self.hosts[i].id))
+        })
     }
 
     async fn step(&mut self, rng: &mut StdRng, n: usize) {

@@ -26,7 +26,7 @@ use deploy_agent::manifest::Format;
 use deploy_agent_tests::disk::{fill, Tmpfs};
 use deploy_agent_tests::fast_tempdir;
 use deploy_agent_tests::process::{status_json as status, Proc};
-use deploy_agent_tests::{needs_root, precondition};
+use deploy_agent_tests::{needs_root, poll_until_async, precondition};
 use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -176,15 +176,19 @@ impl Soak {
     async fn heal(&mut self) {
         let start = Instant::now();
         let want = self.builds[self.desired].id.clone();
-        while self.served() != want {
-            self.check_now();
-            if start.elapsed() > HEAL_BOUND {
-                let v = status(&self.sock);
-                self.fail(format!(
-                    "{want} not live {HEAL_BOUND:?} after the faults cleared: {v:#?}"
-                ));
+        let healed = poll_until_async(HEAL_BOUND, Duration::from_millis(100), || async {
+            if self.served() == want {
+                return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            self.check_now();
+            Err(())
+        })
+        .await;
+        if healed.is_err() {
+            let v = status(&self.sock);
+            self.fail(format!(
+                "{want} not live {HEAL_BOUND:?} after the faults cleared: {v:#?}"
+            ));
         }
         let took = start.elapsed();
         self.longest_heal = self.longest_heal.max(took);
