@@ -298,3 +298,84 @@ async fn sigkill_during_delta_deploys_recovers_like_a_full_deploy() {
         "only {by_delta} of 4 deploys used their delta"
     );
 }
+
+/// Rewrites `b`'s artifact as `tar -C <tree> -czf <artifact> .` writes it:
+/// every path starts with `./`, the commonest way builds are packed.
+fn packed_by_tar_cli(h: &Harness, b: &mut Build) {
+    let tree = h.tmp.path().join(format!("{}-tree", b.id));
+    std::fs::create_dir_all(&tree).unwrap();
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new("tar")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "tar {args:?}: {out:?}");
+    };
+    run(&[
+        "-xzf".as_ref(),
+        b.path.as_os_str(),
+        "-C".as_ref(),
+        tree.as_os_str(),
+    ]);
+    run(&[
+        "-C".as_ref(),
+        tree.as_os_str(),
+        "-czf".as_ref(),
+        b.path.as_os_str(),
+        ".".as_ref(),
+    ]);
+    let (sha256, size) = deploy_agent::artifact::sha256::hash_file(&b.path).unwrap();
+    (b.artifact.sha256, b.artifact.size) = (sha256.to_string(), size);
+    h.artifacts
+        .add(&b.url_path, std::fs::read(&b.path).unwrap());
+}
+
+/// Found by hand (issue 20's scenario with `tar -C dir .` artifacts): the
+/// delta recorded its reused files as `./app/x` while the slot holds
+/// `app/x`, so the fresh slot looked changed in every shared file, and the
+/// base record was never found, so every shared file was hashed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifacts_with_dot_slash_paths_give_an_intact_slot_proven_by_stat() {
+    deploy_agent_tests::agent::capture_logs();
+    let mut h = Harness::new(|_| {}).await;
+    h.start_agent().await;
+    let dir = h.tmp.path().to_path_buf();
+    let mut b1 = build(&dir, &h.artifacts, "b1", BuildProfile::TINY);
+    let mut b2 = build(&dir, &h.artifacts, "b2", BuildProfile::TINY);
+    packed_by_tar_cli(&h, &mut b1);
+    packed_by_tar_cli(&h, &mut b2);
+    h.publish(&manifest(&h.artifacts, &b1, None));
+    h.wait_live("b1", LIMIT).await;
+    // b1's record complete (hashed after its deploy): from here a stat
+    // proves each of its files.
+    deploy_agent_tests::wait_until_async("b1's digests filled in", LIMIT, || async {
+        let logs = deploy_agent_tests::agent::captured_logs();
+        match logs.contains("slot record digests filled in") {
+            true => Ok(()),
+            false => Err(logs),
+        }
+    })
+    .await;
+    let (d, _) = delta(&dir, &h.artifacts, &b1, &b2);
+    h.publish(&manifest(&h.artifacts, &b2, Some(&d)));
+    let rec = h.wait_live("b2", LIMIT).await;
+    assert!(rec.from_delta, "{rec:?}");
+    assert_eq!(tree(&live_slot(&h.root)), tree(&full_unpack(&dir, &b2)));
+    let logs = deploy_agent_tests::agent::captured_logs();
+    let applied = logs
+        .lines()
+        .find(|l| l.contains("delta applied"))
+        .unwrap_or_else(|| panic!("{logs}"));
+    assert!(applied.contains(" hashed=0 "), "{applied}");
+    let out = std::process::Command::new(agent_bin())
+        .args(["verify", "--socket"])
+        .arg(h.tmp.path().join("agent.sock"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("holds exactly build b2"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

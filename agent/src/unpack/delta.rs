@@ -765,7 +765,12 @@ fn relative(path: &str) -> Result<PathBuf> {
         && p.components()
             .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
     if ok {
-        Ok(p.components().collect())
+        // Only the normal components: `./app/x` (as `tar -C dir .` writes
+        // it) is the slot's `app/x`, the path the unpack records and the
+        // base record is looked up by.
+        Ok(p.components()
+            .filter(|c| matches!(c, Component::Normal(_)))
+            .collect())
     } else {
         Err(refused(format!("its index names the path {path:?}")))
     }
