@@ -13,7 +13,7 @@ use deploy_agent_tests::process::{spawn_run, wait_served, write_config};
 use deploy_agent_tests::slots::{build, live_slot, Build};
 use deploy_agent_tests::{agent_bin, wait_until_async, DEADLINE};
 use testkit::buildgen::BuildProfile;
-use testkit::testserver::artifact::ArtifactServer;
+use testkit::testserver::artifact::{ArtifactServer, Fault, FaultRule};
 use testkit::testserver::consul::ConsulServer;
 
 /// A real agent process watching `deploy/app/production`, its servers
@@ -157,6 +157,54 @@ async fn a_build_published_with_its_index_is_recorded_from_it_not_hashed() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(cached, [sha.to_string()], "{cached:?}");
+
+    // b2 from a delta, its index still downloading when the delta is
+    // committed to the cache (whose prune deletes unpinned partials):
+    // the index must survive that and give b2's record its digests too.
+    let b2 = build(h.dir(), &h.artifacts, "b2", BuildProfile::TINY);
+    let index_url = h.index(&b2);
+    let index_size = std::fs::metadata(format!("{}.index.json.zst", b2.path.display()))
+        .unwrap()
+        .len();
+    h.artifacts.set_fault(
+        FaultRule::always(Fault::Trickle {
+            bytes_per_sec: index_size / 2 + 1,
+        })
+        .on_path("/i/b2".to_string()),
+    );
+    let delta_url = h.artifacts.url("/d/b2.delta.tar.zst");
+    let b1_artifact = b1.path.display().to_string();
+    // Published to a tier this host does not watch, so the delta the
+    // publish writes can be served before the host sees the manifest.
+    h.publish(
+        &b2,
+        &[
+            "--key",
+            "deploy/app/staging",
+            "--index-url",
+            &index_url,
+            "--delta-from",
+            &b1_artifact,
+            "--delta-url",
+            &delta_url,
+        ],
+    );
+    let delta_file = format!("{}.delta.tar.zst", b2.path.display());
+    h.artifacts
+        .add("/d/b2.delta.tar.zst", std::fs::read(delta_file).unwrap());
+    let staged = h.consul.get("deploy/app/staging").unwrap().value;
+    h.consul.put("deploy/app/production", staged);
+    wait_served(&h.root, "b2", DEADLINE, &h.log).await;
+    let log = h.log();
+    assert!(log.contains("delta applied"), "{log}");
+    assert!(!log.contains("cannot download the file index"), "{log}");
+    assert_eq!(
+        log.matches("file digests from the publisher's index")
+            .count(),
+        2,
+        "{log}"
+    );
+    every_digest_is_the_files(&h.live_record(), &live_slot(&h.root));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -88,6 +88,9 @@ impl Deployer {
         cancel: &CancellationToken,
     ) -> Option<FileIndex> {
         let spec = m.spec.index.as_ref()?.download(&m.spec.build);
+        // Pinned, as every download is: a prune after the artifact (or the
+        // delta) is committed deletes unpinned partials, this one included.
+        let _pin = self.cache.pin(&spec.sha256);
         let path = match self.cache.lookup(&spec.sha256) {
             Some(p) => p,
             None => {
