@@ -46,6 +46,9 @@ struct Args {
     /// TOML appended to every agent's config (`--agent-config`), to compare
     /// settings such as `[unpack] writeback-every = 0` in the same harness.
     agent_config: String,
+    /// Another `deploy-agent` binary (an older commit's) whose full deploy
+    /// is timed in every round beside this one's (`--baseline-agent`).
+    baseline: Option<PathBuf>,
 }
 
 fn parse_args() -> Args {
@@ -57,6 +60,7 @@ fn parse_args() -> Args {
         publishes: 50,
         idle_secs: 60,
         agent_config: String::new(),
+        baseline: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -68,6 +72,9 @@ fn parse_args() -> Args {
             "--publishes" => a.publishes = it.next().expect("N").parse().expect("N"),
             "--idle-secs" => a.idle_secs = it.next().expect("S").parse().expect("S"),
             "--agent-config" => a.agent_config = it.next().expect("--agent-config TOML"),
+            "--baseline-agent" => {
+                a.baseline = Some(it.next().expect("--baseline-agent needs a path").into())
+            }
             // cargo bench passes --bench to every harness = false target.
             "--bench" => {}
             other => panic!("unknown argument {other:?}; see docs/performance.md"),
@@ -168,7 +175,7 @@ fn main() {
             leftovers().remove.push(base.clone());
             run(&format!(
                 "truncate -s {} {img} && mkfs.ext4 -q -F {img} && mount -o loop {img} {mnt}",
-                if args.small { "2G" } else { "6G" },
+                if args.small { "2G" } else { "8G" },
                 img = img.display(),
                 mnt = mnt.display()
             ));
@@ -276,6 +283,23 @@ fn main() {
     // replaces an old slot as in production.
     deploy(&mut agent, &url, &main_gz);
     deploy(&mut agent, &url, &main_gz);
+    // The baseline binary, on its own key and deploy root, idle while the
+    // other agent works.
+    let mut before = args.baseline.as_ref().map(|bin| {
+        let launch = Launch {
+            name: "agent-before".into(),
+            prefix: vec![],
+            quick_start: true,
+            key: Some("deploy/bench/before".into()),
+        };
+        let w = work.join("before");
+        fs::create_dir_all(&w).unwrap();
+        Agent::start_with(bin, &w, &consul, 4, &launch)
+    });
+    if let Some(b) = before.as_mut() {
+        deploy(b, &url, &main_gz);
+        deploy(b, &url, &main_gz);
+    }
 
     let diy = work.join("diy");
     fs::create_dir_all(&diy).unwrap();
@@ -291,6 +315,8 @@ fn main() {
         ("floor_tar_xf_syncfs", vec![]),
         ("agent_delta", vec![]),
         ("agent_s3", vec![]),
+        ("agent_baseline", vec![]),
+        ("agent_rollback_full", vec![]),
     ];
     let mut agent_rss = vec![];
     let (mut delta_rss, mut delta_written, mut delta_sent) = (vec![], vec![], vec![]);
@@ -311,11 +337,19 @@ fn main() {
         let (t, rss) = deploy(&mut agent, &url, &main_gz);
         rows[0].1.push(t.as_secs_f64());
         agent_rss.push(rss);
+        if let Some(b) = before.as_mut() {
+            prime();
+            rows[9].1.push(deploy(b, &url, &main_gz).0.as_secs_f64());
+        }
         // The same deploy from the S3-compatible server: signed ranged GETs.
         prime();
         rows[8]
             .1
             .push(deploy(&mut agent, &s3_url, &main_gz).0.as_secs_f64());
+        // What a rollback to it after the delta deploy below publishes:
+        // the same manifest again.
+        let full_id = agent.served_build().expect("a build is live");
+        let full_manifest = buildgen::manifest_json(&full_id, &s3_url, &main_gz, Format::TarGz);
         // The delta deploy: main is live, main2 is published with its delta.
         prime();
         let sent_before = server.bytes_sent();
@@ -333,6 +367,11 @@ fn main() {
         delta_rss.push(rss);
         delta_sent.push(server.bytes_sent().saturating_sub(sent_before));
         delta_written.push(agent.log.last_field("written").unwrap_or(f64::NAN));
+        // The rollback to the full build in the cold slot: the key set back,
+        // the 40,000-file slot checked against its record, the flip.
+        prime();
+        let (t, _) = agent.deploy(&consul, &full_id, full_manifest);
+        rows[10].1.push(t.as_secs_f64());
         prime();
         let slot = fresh(&diy.join("slot"));
         let seq = format!(
@@ -582,8 +621,33 @@ fn main() {
     target(
         "delta deploy (1% of files changed) / full deploy",
         format!("{r_delta:.2} {}", spread(&delta_runs, &agent_runs)),
-        "<= 0.30",
-        r_delta <= 0.30,
+        "<= 0.15",
+        r_delta <= 0.15,
+    );
+    let baseline_runs = row("agent_baseline");
+    let r_today = med(&agent_runs) / med(&baseline_runs);
+    if !baseline_runs.is_empty() {
+        target(
+            "full deploy / the --baseline-agent's full deploy",
+            format!("{r_today:.2} {}", spread(&agent_runs, &baseline_runs)),
+            "<= 1.03",
+            r_today <= 1.03,
+        );
+    }
+    let rollback_full = row("agent_rollback_full");
+    let worst = rollback_full.iter().copied().fold(0.0, f64::max);
+    target(
+        &format!(
+            "rollback to the full build in the cold slot, key write -> flipped (slowest of {})",
+            rollback_full.len()
+        ),
+        format!(
+            "{:.1} ms (median {:.1})",
+            worst * 1e3,
+            med(&rollback_full) * 1e3
+        ),
+        "<= 50 ms",
+        worst <= 0.050,
     );
     let sent = med(&delta_sent.iter().map(|b| *b as f64).collect::<Vec<_>>());
     let r_bytes = sent / main2_gz.size as f64;
@@ -1344,6 +1408,7 @@ struct Agent {
     log: AgentLog,
     /// Key write and flip of the last [`Agent::deploy`].
     last_deploy: Option<(Instant, Instant)>,
+    key: String,
 }
 
 /// How an agent process is started: its config and log name, and the
@@ -1353,6 +1418,9 @@ struct Launch {
     prefix: Vec<String>,
     /// No first-request splay, for agents restarted many times in a row.
     quick_start: bool,
+    /// The key it watches, when not [`KEY`] (a second agent beside the
+    /// first, such as `--baseline-agent`'s).
+    key: Option<String>,
 }
 
 impl Agent {
@@ -1361,6 +1429,7 @@ impl Agent {
             name: format!("agent-{ranges}"),
             prefix: vec![],
             quick_start: false,
+            key: None,
         };
         Agent::start_with(bin, work, consul, ranges, &launch)
     }
@@ -1372,6 +1441,7 @@ impl Agent {
         ranges: usize,
         launch: &Launch,
     ) -> Agent {
+        let key = launch.key.clone().unwrap_or_else(|| KEY.to_string());
         let root = work.join("root");
         let cache = work.join("cache");
         let cfg = work.join(format!("{}.toml", launch.name));
@@ -1386,7 +1456,7 @@ impl Agent {
                 r#"deploy-root = "{root}"
 cache-dir = "{cache}"
 [source]
-key = "{KEY}"
+key = "{key}"
 [consul]
 address = "{addr}"
 ssl-verify = true
@@ -1408,7 +1478,7 @@ parallel-ranges = {ranges}
         .unwrap();
         let log_path = work.join(format!("{}.log", launch.name));
         let log_file = fs::File::create(&log_path).unwrap();
-        let requests_before = consul.requests_for(KEY).len();
+        let requests_before = consul.requests_for(&key).len();
         let mut cmd = match launch.prefix.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -1436,10 +1506,11 @@ parallel-ranges = {ranges}
                 lines: vec![],
             },
             last_deploy: None,
+            key,
         };
         // The first watch request comes after a random splay (< 5 s).
         let t = Instant::now();
-        while consul.requests_for(KEY).len() == requests_before {
+        while consul.requests_for(&a.key).len() == requests_before {
             assert!(
                 t.elapsed() < Duration::from_secs(30),
                 "agent never asked Consul; see {}",
@@ -1456,7 +1527,10 @@ parallel-ranges = {ranges}
     }
 
     fn publish(&self, consul: &ConsulServer, id: &str, url: &str, a: &Artifact) {
-        consul.put(KEY, buildgen::manifest_json(id, url, a, Format::TarGz));
+        consul.put(
+            &self.key,
+            buildgen::manifest_json(id, url, a, Format::TarGz),
+        );
     }
 
     /// Waits until the agent has nothing left to do off the critical path
@@ -1507,7 +1581,7 @@ parallel-ranges = {ranges}
         let old = fs::read_link(self.root.join("current")).ok();
         let flips_before = self.log.flips().len();
         let t0 = Instant::now();
-        consul.put(KEY, manifest);
+        consul.put(&self.key, manifest);
         loop {
             let now = fs::read_link(self.root.join("current")).ok();
             if now.is_some() && now != old {

@@ -6,8 +6,10 @@
 //! baseline: rsync of the unpacked build to 50 directories, sequentially
 //! and 8-way parallel. The delta row (issue 15): the hosts run a build,
 //! the next one (1% of its files changed) is published with its delta;
-//! its push baseline is an 8-way rsync of the new build to 50 directories
-//! that hold the old one.
+//! its push baselines are an 8-way rsync of the new build to 50 directories
+//! that hold the old one (in place, not atomic), and the atomic push: an
+//! 8-way `rsync --link-dest` into a fresh directory per host, then the
+//! symlink flip (issue 20).
 //!
 //! `cargo bench --bench fleet` (root, iproute2 and rsync needed; prints a
 //! message and exits 0 otherwise). `FLEET_HOSTS` and `FLEET_SPLAY_MS`
@@ -225,6 +227,67 @@ fn push_delta_baseline(n: usize) -> f64 {
     par
 }
 
+/// The delta row's atomic push baseline, the push that gives the agent's
+/// guarantee (a host serves the old build or the new one, never a mix):
+/// `n` hosts serve the base build from `releases/<base>` through a
+/// `current` symlink (set up untimed); then, 8 at a time, each gets the
+/// next build by `rsync --link-dest` of it into a fresh
+/// `releases/<next>` (unchanged files hard-linked from the base, only the
+/// changed ones sent) and its symlink flipped. The seconds that took.
+fn push_delta_atomic_baseline(n: usize) -> f64 {
+    let tmp = deploy_agent_tests::fast_tempdir();
+    let (base, _) = unpacked(tmp.path(), DELTA_BASE, DELTA_CHANGED);
+    let (next, a) = unpacked(tmp.path(), DELTA_NEXT, DELTA_CHANGED);
+    let changed = touch_changed(&base, &next);
+    let hosts = host_dirs(tmp.path(), n);
+    let releases: Vec<PathBuf> = hosts.iter().map(|h| h.join("releases")).collect();
+    rsync_8way(
+        &base,
+        &releases
+            .iter()
+            .map(|r| r.join(DELTA_BASE))
+            .collect::<Vec<_>>(),
+    );
+    for h in &hosts {
+        std::os::unix::fs::symlink(format!("releases/{DELTA_BASE}"), h.join("current")).unwrap();
+    }
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for chunk in hosts.chunks(hosts.len().div_ceil(8)) {
+            let next = &next;
+            s.spawn(move || {
+                for h in chunk {
+                    let st = Command::new("rsync")
+                        .args(["-a", "--delete"])
+                        .arg(format!(
+                            "--link-dest={}",
+                            h.join("releases").join(DELTA_BASE).display()
+                        ))
+                        .arg(format!("{}/", next.display()))
+                        .arg(h.join("releases").join(DELTA_NEXT))
+                        .status()
+                        .unwrap();
+                    assert!(st.success(), "rsync --link-dest to {}", h.display());
+                    let tmp_link = h.join("current.tmp");
+                    std::os::unix::fs::symlink(format!("releases/{DELTA_NEXT}"), &tmp_link)
+                        .unwrap();
+                    std::fs::rename(&tmp_link, h.join("current")).unwrap();
+                }
+            });
+        }
+    });
+    let par = t.elapsed().as_secs_f64();
+    for h in &hosts {
+        let build = std::fs::read_to_string(h.join("current/BUILD")).unwrap();
+        assert_eq!(build, DELTA_NEXT, "{} serves the old build", h.display());
+    }
+    println!(
+        "push, delta, atomic: 8-way rsync --link-dest of {} files ({changed} changed) into a fresh directory on {n} hosts, then the symlink flip: {par:.2} s",
+        a.entries
+    );
+    par
+}
+
 /// Gives every regular file under `next` whose bytes differ from the same
 /// path under `base` a new mtime; returns how many did.
 fn touch_changed(base: &Path, next: &Path) -> usize {
@@ -301,6 +364,7 @@ fn main() {
     let splay = Duration::from_millis(env_or("FLEET_SPLAY_MS", 10_000));
     push_baseline(hosts);
     let push_delta = push_delta_baseline(hosts);
+    let push_atomic = push_delta_atomic_baseline(hosts);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -319,7 +383,11 @@ fn main() {
         pull(&mut f, "b1", "pull, no splay").await;
         let delta = delta_pull(&mut f).await;
         println!(
-            "fleet delta: last flipped / 8-way rsync push = {:.2} ({delta:.2} s / {push_delta:.2} s; target <= 0.5)",
+            "fleet delta: last flipped / 8-way atomic rsync push (--link-dest, then the flip) = {:.2} ({delta:.2} s / {push_atomic:.2} s; target <= 0.5)",
+            delta / push_atomic
+        );
+        println!(
+            "fleet delta: last flipped / 8-way in-place rsync push (not atomic) = {:.2} ({delta:.2} s / {push_delta:.2} s)",
             delta / push_delta
         );
         // Reconfigure: the agents reload their config file on change.

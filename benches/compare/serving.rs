@@ -523,6 +523,7 @@ impl Confinement {
             name: if unit { "agent-unit" } else { "agent-plain" }.into(),
             prefix,
             quick_start: true,
+            key: None,
         }
     }
 }

@@ -330,7 +330,7 @@ async fn run_inner(
                 if rec.from_cache {
                     " (artifact from cache)"
                 } else if rec.from_delta {
-                    " (from the delta; unchanged files hard-linked from the live slot)"
+                    " (from the delta; unchanged files reflinked or copied from the live slot)"
                 } else {
                     ""
                 }

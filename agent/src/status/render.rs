@@ -108,8 +108,9 @@ fn integrity_text(c: &crate::integrity::SlotCheck, now_unix: u64) -> String {
         }
         V::Unrecorded => format!("no record (built before records), checked {when}"),
         V::Drifted { drift, .. } => format!(
-            "CHANGED SINCE DEPLOY ({} paths): {}; checked {when}",
+            "CHANGED SINCE DEPLOY ({} {}): {}; checked {when}",
             drift.count(),
+            if drift.count() == 1 { "path" } else { "paths" },
             drift.summary()
         ),
         V::Unprovable { reason } => format!("CANNOT BE PROVEN INTACT: {reason}; checked {when}"),
