@@ -40,9 +40,11 @@ pub fn unsupported() -> Option<String> {
 
 use crate::netns::{must, run, Net};
 
-/// One host: its namespace, deploy root and agent process.
+/// One fleet host in its own network and mount namespace (unlike
+/// [`crate::host::Host`], a plain process): its namespace, deploy root and
+/// agent process.
 #[derive(Debug)]
-pub struct Host {
+pub struct NsHost {
     pub id: String,
     pub ns: String,
     pub veth: String,
@@ -53,7 +55,7 @@ pub struct Host {
     pub small_disk: bool,
 }
 
-impl Host {
+impl NsHost {
     /// The build `current` serves ("" when none).
     pub fn served(&self) -> String {
         crate::process::served(&self.root)
@@ -105,7 +107,7 @@ pub struct FleetOptions {
 /// servers, then the network goes away.
 #[allow(missing_debug_implementations)] // a test fixture, never printed
 pub struct Fleet {
-    pub hosts: Vec<Host>,
+    pub hosts: Vec<NsHost>,
     pub consul: ConsulServer,
     pub artifacts: Option<ArtifactServer>,
     pub artifact_addr: SocketAddr,
@@ -192,7 +194,7 @@ splay-max = "{splay}ms"
                 splay = opts.splay_max.as_millis(),
             );
             std::fs::write(dir.join("config.toml"), config).unwrap();
-            hosts.push(Host {
+            hosts.push(NsHost {
                 id,
                 ns: net.namespaces[i].clone(),
                 veth: net.veths[i].clone(),
