@@ -269,10 +269,12 @@ fn main() {
 
     // ---- the agent ----
     let mut agent = Agent::start(&agent_bin, &work, &consul, 4);
-    let mut deploy_no = 0usize;
+    // A Cell, so the id of the last deploy can be read while the closure
+    // that counts them lives.
+    let deploy_no = std::cell::Cell::new(0usize);
     let mut deploy = |agent: &mut Agent, url: &str, a: &Artifact| {
-        deploy_no += 1;
-        let id = format!("m{deploy_no}");
+        deploy_no.set(deploy_no.get() + 1);
+        let id = format!("m{}", deploy_no.get());
         let m = buildgen::manifest_json(&id, url, a, Format::TarGz);
         agent.deploy(&consul, &id, m)
     };
@@ -291,6 +293,7 @@ fn main() {
             prefix: vec![],
             quick_start: true,
             key: Some("deploy/bench/before".into()),
+            no_store: true,
         };
         let w = work.join("before");
         fs::create_dir_all(&w).unwrap();
@@ -348,7 +351,7 @@ fn main() {
             .push(deploy(&mut agent, &s3_url, &main_gz).0.as_secs_f64());
         // What a rollback to it after the delta deploy below publishes:
         // the same manifest again.
-        let full_id = agent.served_build().expect("a build is live");
+        let full_id = format!("m{}", deploy_no.get());
         let full_manifest = buildgen::manifest_json(&full_id, &s3_url, &main_gz, Format::TarGz);
         // The delta deploy: main is live, main2 is published with its delta.
         prime();
@@ -1421,6 +1424,8 @@ struct Launch {
     /// The key it watches, when not [`KEY`] (a second agent beside the
     /// first, such as `--baseline-agent`'s).
     key: Option<String>,
+    /// Without the `[store]` table (an older binary that predates it).
+    no_store: bool,
 }
 
 impl Agent {
@@ -1430,6 +1435,7 @@ impl Agent {
             prefix: vec![],
             quick_start: false,
             key: None,
+            no_store: false,
         };
         Agent::start_with(bin, work, consul, ranges, &launch)
     }
@@ -1464,14 +1470,20 @@ wait = "20s"
 max-stale = "10s"
 rate-burst = 2
 rate-interval = "100ms"
-{splay}[download]
+{splay}[status]
+socket = "{sock}"
+[download]
 parallel-ranges = {ranges}
 {store}{extra}
 "#,
                 root = root.display(),
                 cache = cache.display(),
+                sock = work.join(format!("{}.sock", launch.name)).display(),
                 addr = consul.url(),
-                store = STORE_CONFIG.get().map(String::as_str).unwrap_or(""),
+                store = match launch.no_store {
+                    true => "",
+                    false => STORE_CONFIG.get().map(String::as_str).unwrap_or(""),
+                },
                 extra = AGENT_CONFIG.get().map(String::as_str).unwrap_or(""),
             ),
         )

@@ -524,6 +524,7 @@ impl Confinement {
             prefix,
             quick_start: true,
             key: None,
+            no_store: false,
         }
     }
 }

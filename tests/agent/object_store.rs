@@ -241,6 +241,32 @@ async fn ranged_parallel_download_from_the_store() {
     assert_no_secret(&h.outputs(), &[SECRET]);
 }
 
+/// `[download] bandwidth-limit` holds for the store as for HTTP: the same
+/// engine paces the signed ranged GETs. Only a lower bound on the time
+/// (a loaded machine makes it slower, never faster).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bandwidth_limit_holds_for_the_store_too() {
+    let mut h = Host::new().await;
+    let key = h.key_file(SECRET);
+    let (_, a, url) = h.build("b1", BuildProfile::DEMO);
+    // Two seconds' worth at the limit.
+    let limit = a.size / 2;
+    h.configure(&key, &format!("[download]\nbandwidth-limit = {limit}\n"));
+    h.publish(&buildgen::manifest_json("b1", &url, &a, Format::TarGz));
+    let started = std::time::Instant::now();
+    h.start();
+    h.wait_served("b1").await;
+    let took = started.elapsed().as_secs_f64();
+    assert!(
+        took >= 1.2,
+        "{} bytes at {limit} B/s took {took:.2} s",
+        a.size
+    );
+    let stats = h.s3.stats();
+    assert!(stats.range_gets >= 2, "{stats:?}");
+    assert_eq!(stats.bytes_sent, a.size, "{stats:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_secret_is_a_403_named_in_status() {
     let mut h = Host::new().await;
