@@ -667,9 +667,9 @@ fn main() {
     let written = med(&delta_written);
     let r_written = written / main2_gz.entries as f64;
     target(
-        "delta: files written (not linked) / entries",
+        "delta: files written (not reused from the base) / entries",
         format!(
-            "{r_written:.3} ({written:.0} of {}; {delta_shared} linked)",
+            "{r_written:.3} ({written:.0} of {}; {delta_shared} reused)",
             main2_gz.entries
         ),
         "<= 0.03",
