@@ -13,6 +13,8 @@
 //! unwinding). Killed with SIGKILL it leaves `/var/tmp/deploy-agent-bench-*`
 //! mounted; `umount` and delete it by hand. Generated artifacts are cached
 //! in `target/bench-artifacts/` so a second run skips the generation.
+//! Every build is published with its file index (`release index`), as a
+//! release engineer publishes it with `--index-url`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark fails loudly by design
 
@@ -251,6 +253,15 @@ fn main() {
         )
         .unwrap();
     }
+    // Every build is published with its file index, as `release publish
+    // --index-url` does: the records get their digests from it.
+    let mut indexes = std::collections::HashMap::new();
+    for (name, a) in [("main.tar.gz", &main_gz), ("main2.tar.gz", &main2_gz)]
+        .into_iter()
+        .chain(small_gz.as_ref().map(|s| ("small.tar.gz", s)))
+    {
+        indexes.insert(a.sha256.clone(), cached_index(&art_dir, name, a));
+    }
     eprintln!(
         "build: {} entries, {} MB tar, {} MB tar.gz",
         main_gz.entries,
@@ -276,6 +287,7 @@ fn main() {
         deploy_no.set(deploy_no.get() + 1);
         let id = format!("m{}", deploy_no.get());
         let m = buildgen::manifest_json(&id, url, a, Format::TarGz);
+        let m = with_index(m, url, indexes.get(&a.sha256));
         agent.deploy(&consul, &id, m)
     };
     let url2 = server.url("/main2.tar.gz");
@@ -352,16 +364,19 @@ fn main() {
         // What a rollback to it after the delta deploy below publishes:
         // the same manifest again.
         let full_id = format!("m{}", deploy_no.get());
-        let full_manifest = buildgen::manifest_json(&full_id, &s3_url, &main_gz, Format::TarGz);
+        let full_manifest = with_index(
+            buildgen::manifest_json(&full_id, &s3_url, &main_gz, Format::TarGz),
+            &s3_url,
+            indexes.get(&main_gz.sha256),
+        );
         // The delta deploy: main is live, main2 is published with its delta.
         prime();
         let sent_before = server.bytes_sent();
         let id = format!("d{r}");
-        let mut m2: Value = serde_json::from_str(&buildgen::manifest_json(
-            &id,
+        let mut m2: Value = serde_json::from_str(&with_index(
+            buildgen::manifest_json(&id, &url2, &main2_gz, Format::TarGz),
             &url2,
-            &main2_gz,
-            Format::TarGz,
+            indexes.get(&main2_gz.sha256),
         ))
         .unwrap();
         m2["delta"] = delta_json.clone();
@@ -958,6 +973,34 @@ fn artifacts_dir(profile: &str) -> PathBuf {
 /// Bumped when the build generator's output changes, so cached builds of
 /// an older generator are made again.
 const GENERATOR: u64 = 2;
+
+/// The file index of `<art_dir>/<name>` (what `release index` writes),
+/// made once per artifact: its sha256 and size for the manifest.
+fn cached_index(art_dir: &Path, name: &str, a: &Artifact) -> (String, u64) {
+    use deploy_agent::integrity::FileIndex;
+    let out = art_dir.join(format!("{name}.index.json.zst"));
+    let artifact_sha: deploy_agent::manifest::Sha256Sum = a.sha256.parse().unwrap();
+    if FileIndex::load(&out, &artifact_sha).is_err() {
+        eprintln!("generating {}", out.display());
+        FileIndex::of_artifact(&art_dir.join(name), Format::TarGz)
+            .unwrap()
+            .write(&out)
+            .unwrap();
+    }
+    let (sha, size) = deploy_agent::artifact::sha256::hash_file(&out).unwrap();
+    (sha.to_string(), size)
+}
+
+/// `manifest` for an artifact at `url`, with its file index beside it at
+/// `<url>.index.json.zst`, as `release publish --index-url` writes it.
+fn with_index(manifest: String, url: &str, index: Option<&(String, u64)>) -> String {
+    let Some((sha, size)) = index else {
+        return manifest;
+    };
+    let mut v: Value = serde_json::from_str(&manifest).unwrap();
+    v["index"] = json!({"url": format!("{url}.index.json.zst"), "sha256": sha, "size": size});
+    v.to_string()
+}
 
 /// The delta from `base` to `target` (both tar.gz), made once.
 fn cached_delta(base: &Path, target: &Path, out: &Path) -> (u64, String, u64) {
