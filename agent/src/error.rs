@@ -337,6 +337,15 @@ pub enum Error {
     )]
     AgentNotRunning { path: PathBuf, reason: String },
 
+    /// The agent closed the connection before it had read the whole
+    /// command (its parts restart on a config reload): nothing was run.
+    #[error("the agent on {} closed the connection before reading the command ({source}); it was not run", path.display())]
+    CommandNotRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     #[error("permission denied on {path}: {hint}, or run the command with sudo")]
     SocketPermissionDenied { path: PathBuf, hint: String },
 

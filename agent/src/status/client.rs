@@ -299,13 +299,17 @@ fn history(socket: &Path, out: &mut dyn Write, json: bool, color: bool) -> Resul
     Ok(())
 }
 
+/// How long a command is sent again while the agent says it did not run
+/// it (its parts restarting on a config reload, a full socket).
+const NOT_RUN_RETRY: Duration = Duration::from_secs(10);
+
 fn command(
     socket: &Path,
     out: &mut dyn Write,
     name: &str,
     body: Option<&[u8]>,
 ) -> Result<(), Error> {
-    let resp = request(socket, "POST", &format!("/v1/{name}"), body)?.ok(name)?;
+    let resp = send_until_run(socket, name, body)?.ok(name)?;
     let v: serde_json::Value = resp.json(socket)?;
     let mut line = format!("{name}: ok");
     match v.get("result") {
@@ -316,6 +320,34 @@ fn command(
     line.push('\n');
     write_out(out, line.as_bytes());
     Ok(())
+}
+
+/// Sends command `name` and returns the agent's answer, sending it again
+/// (every 200 ms, for up to [`NOT_RUN_RETRY`]) while the agent answers
+/// that it did not run it: a 503 with `retry-after`, a connection closed
+/// before the command was read, or, once such an answer came, no socket
+/// yet (a reload's new parts create theirs). A command that may have run
+/// is never sent twice.
+fn send_until_run(socket: &Path, name: &str, body: Option<&[u8]>) -> Result<HttpResponse, Error> {
+    let start = std::time::Instant::now();
+    let mut restarting = false;
+    loop {
+        let sent = request(socket, "POST", &format!("/v1/{name}"), body);
+        let not_run = match &sent {
+            Ok(r) => r.status == 503 && r.retry_after,
+            Err(Error::CommandNotRead { .. }) => true,
+            Err(Error::AgentNotRunning { .. }) => restarting,
+            Err(_) => false,
+        };
+        if !not_run || start.elapsed() >= NOT_RUN_RETRY {
+            return sent;
+        }
+        if !restarting {
+            eprintln!("deploy-agent: the agent did not run {name} (restarting its parts?); sending it again");
+            restarting = true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Writes a command's report; a failed write ends the command
@@ -332,6 +364,8 @@ fn write_out(out: &mut dyn Write, bytes: &[u8]) {
 pub struct HttpResponse {
     pub status: u16,
     pub body: Vec<u8>,
+    /// The answer had `retry-after`: the agent did not run the command.
+    pub retry_after: bool,
 }
 
 impl HttpResponse {
@@ -466,12 +500,14 @@ async fn exchange(
         })?;
     let resp = sender.send_request(req).await.map_err(failed)?;
     let status = resp.status().as_u16();
+    let retry_after = resp.headers().contains_key(hyper::header::RETRY_AFTER);
     // hyper undoes Content-Length and chunked framing; a body cut short is
     // an error, never a silently shorter answer.
     let body = resp.into_body().collect().await.map_err(failed)?.to_bytes();
     Ok(HttpResponse {
         status,
         body: body.to_vec(),
+        retry_after,
     })
 }
 
@@ -488,7 +524,12 @@ fn hyper_error(socket: &Path, e: hyper::Error, write_error: &OnceLock<std::io::E
     // happened (the read only saw the close that followed it).
     if e.is_incomplete_message() || cause.is_some() {
         if let Some(w) = write_error.get() {
-            return Error::io(socket, copy_io(w));
+            // Our write failed: the agent closed before reading all of the
+            // request, so it cannot have acted on it.
+            return Error::CommandNotRead {
+                path: socket.into(),
+                source: copy_io(w),
+            };
         }
     }
     match cause {
@@ -496,6 +537,14 @@ fn hyper_error(socket: &Path, e: hyper::Error, write_error: &OnceLock<std::io::E
         Some(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
             protocol(format!("answer cut short: {io}"))
         }
+        // Reset with no answer: the server serves every connection it
+        // accepted to the end (`status::server`), so this one was still in
+        // the listen backlog when the listener closed (a reload's old
+        // parts going): never read.
+        Some(io) if io.kind() == std::io::ErrorKind::ConnectionReset => Error::CommandNotRead {
+            path: socket.into(),
+            source: copy_io(io),
+        },
         Some(io) => Error::io(socket, copy_io(io)),
         None => protocol(e.to_string()),
     }
@@ -731,6 +780,7 @@ mod tests {
         let r = |status: u16, body: &str| HttpResponse {
             status,
             body: body.as_bytes().to_vec(),
+            retry_after: false,
         };
         let e = r(403, r#"{"error":"join group ops"}"#)
             .ok("hold")

@@ -51,8 +51,10 @@ use crate::error::{Error, Result};
 pub const DEFAULT_SOCKET: &str = "/run/deploy-agent/agent.sock";
 
 /// Sent, without reading anything, to a client beyond `max_clients`.
+/// `retry-after` tells the CLI that nothing was run and it may send the
+/// command again.
 const BUSY_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-content-type: application/json\r\ncontent-length: 56\r\nconnection: close\r\n\r\n\
+content-type: application/json\r\ncontent-length: 56\r\nretry-after: 1\r\nconnection: close\r\n\r\n\
 {\"error\":\"too many clients on the status socket; retry\"}";
 
 /// How the socket is created and bounded.
@@ -639,12 +641,16 @@ async fn send_command(command: Command, peer: Peer, shared: &ConnContext) -> Res
     if let Err(e) = shared.commands.send_timeout(req, wait).await {
         let why = match e {
             mpsc::error::SendTimeoutError::Timeout(_) => format!(
-                "the agent is busy and did not take the {name} command within {}s; try again",
+                "the agent is busy and did not take the {name} command within {}s; it was not run",
                 wait.as_secs()
             ),
-            mpsc::error::SendTimeoutError::Closed(_) => "the agent is shutting down".to_owned(),
+            // A reload ends the parts this socket belongs to; new ones
+            // (with a new socket) take over within a moment.
+            mpsc::error::SendTimeoutError::Closed(_) => format!(
+                "the agent is restarting its parts (a config reload) or stopping; the {name} command was not run"
+            ),
         };
-        return error(StatusCode::SERVICE_UNAVAILABLE, why);
+        return not_run(why);
     }
     match tokio::time::timeout(wait, rx).await {
         Ok(Ok(Ok(result))) => json(
@@ -652,10 +658,12 @@ async fn send_command(command: Command, peer: Peer, shared: &ConnContext) -> Res
             &serde_json::json!({"ok": true, "command": name, "result": result}),
         ),
         Ok(Ok(Err(why))) => error(StatusCode::CONFLICT, why),
-        Ok(Err(_)) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("the agent dropped the {name} command without answering; see its log"),
-        ),
+        // The main loop answers every command it takes before it selects
+        // again, and stops only at that select: a reply dropped unanswered
+        // is a command still queued when its parts stopped (a reload).
+        Ok(Err(_)) => not_run(format!(
+            "the agent's parts stopped (a config reload, or a stop) before running the {name} command; it was not run"
+        )),
         Err(_) => error(
             StatusCode::GATEWAY_TIMEOUT,
             format!(
@@ -687,6 +695,17 @@ fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Full<Byt
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
     json(status, &serde_json::json!({ "error": message.into() }))
+}
+
+/// 503 for a command the agent did not run, with `retry-after` so the CLI
+/// sends it again (`status::client`).
+fn not_run(message: String) -> Response<Full<Bytes>> {
+    let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, message);
+    resp.headers_mut().insert(
+        hyper::header::RETRY_AFTER,
+        hyper::header::HeaderValue::from_static("1"),
+    );
+    resp
 }
 
 #[cfg(test)]
