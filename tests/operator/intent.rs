@@ -17,15 +17,9 @@ use nix::sys::signal::Signal;
 use testkit::testserver::artifact::ArtifactServer;
 use testkit::testserver::consul::{ConsulServer, ConsulServerConfig};
 
-/// A command sent while a reload rebuilds the agent's parts is run, never
-/// lost: the old parts answer 503 with `retry-after` ("not run"), or close
-/// before reading it, and the CLI sends it again. intent_random hit both
-/// windows before: seed 10096442218051712131 (`503 the agent is shutting
-/// down`) and seed 12692687678702776702 (`hold`: Broken pipe). Reloads go
-/// on, with a burst of CLIs in flight each time, until one CLI says it
-/// sent a command again, so the window was really hit.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn commands_sent_during_a_reload_are_run_not_lost() {
+/// Host h1, a real agent process with the shipped settings, serving b1
+/// published through its Consul-compatible server and artifact server.
+async fn host_h1_serving_b1() -> (tempfile::TempDir, ConsulServer, ArtifactServer, Host) {
     let tmp = fast_tempdir();
     let consul = ConsulServer::start(ConsulServerConfig::default())
         .await
@@ -35,6 +29,20 @@ async fn commands_sent_during_a_reload_are_run_not_lost() {
     h.start();
     publish(&consul, &art, tmp.path(), "b1");
     h.wait_served("b1");
+    (tmp, consul, art, h)
+}
+
+/// A command sent while a reload rebuilds the agent's parts is run, never
+/// lost: the old parts answer 503 with `retry-after` ("not run"), or close
+/// before reading it, and the CLI sends it again. intent_random hit both
+/// windows before: seed 10096442218051712131 (`503 the agent is shutting
+/// down`) and seed 12692687678702776702 (`hold`: Broken pipe). Reloads go
+/// on, with a burst of CLIs in flight each time, until one CLI says it
+/// sent a command again, so the window was really hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_sent_during_a_reload_are_run_not_lost() {
+    // The temp dir and the artifact server live as long as the test.
+    let (_tmp, consul, _art, h) = host_h1_serving_b1().await;
     let sock = h.sock();
     let mut reloads = 0u32;
     wait_until_async("a command caught in a reload", DEADLINE, || {
@@ -107,15 +115,7 @@ fn burst_of_verify(sock: &std::path::Path) -> Vec<std::process::Output> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_rollback_survives_sigkill_restart_and_reload() {
-    let tmp = fast_tempdir();
-    let consul = ConsulServer::start(ConsulServerConfig::default())
-        .await
-        .unwrap();
-    let art = ArtifactServer::start().await.unwrap();
-    let mut h = Host::new(tmp.path(), "h1", &consul.url(), "");
-    h.start();
-    publish(&consul, &art, tmp.path(), "b1");
-    h.wait_served("b1");
+    let (tmp, consul, art, mut h) = host_h1_serving_b1().await;
     publish(&consul, &art, tmp.path(), "b2");
     h.wait_served("b2");
 
