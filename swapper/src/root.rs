@@ -122,7 +122,13 @@ impl DeployRoot {
 
     /// A slot's directory.
     pub fn slot_path(&self, slot: Slot) -> PathBuf {
-        self.root.join(slot.dir_name())
+        Self::slot_path_at(&self.root, slot)
+    }
+
+    /// [`DeployRoot::slot_path`] of the deploy root at `root`, for callers
+    /// that must not wait for the root's owner to know a path.
+    pub fn slot_path_at(root: &Path, slot: Slot) -> PathBuf {
+        root.join(slot.dir_name())
     }
 
     /// The directory for the agent's own files (state, cache) beside ours.
@@ -140,7 +146,12 @@ impl DeployRoot {
     /// slot ready). A claim removes it after the marker, so a record never
     /// outlives the build it describes.
     pub fn record_path(&self, slot: Slot) -> PathBuf {
-        self.meta_dir().join(slot.record_name())
+        Self::record_path_at(&self.root, slot)
+    }
+
+    /// [`DeployRoot::record_path`] of the deploy root at `root`.
+    pub fn record_path_at(root: &Path, slot: Slot) -> PathBuf {
+        root.join(META).join(slot.record_name())
     }
 
     fn marker_path(&self, slot: Slot) -> PathBuf {

@@ -250,7 +250,13 @@ async fn cold_slot_kill_action_signals_stragglers() {
 /// change. An operator rollback is such a change, so status never shows the
 /// build it just rolled away from as hot (it did, until the next status
 /// read that found the root free: intent_random seed 5603045536865752186).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+///
+/// Nor does anything else that only reads the slots: on two runtime
+/// workers, as on a 2-core host, the slot watch and a `hold` both read them
+/// while the root is busy, and `status` still answers (before, each blocked
+/// a worker on the root's lock and the status socket had none left: CI run
+/// of 1805f5c, `status` timed out after 15 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_while_the_root_is_busy_shows_the_slots_after_the_last_flip() {
     let mut h = Harness::new(|_| {}).await;
     h.start_agent().await;
@@ -265,8 +271,16 @@ async fn status_while_the_root_is_busy_shows_the_slots_after_the_last_flip() {
     assert_eq!(h.served(), "one");
     let root = h.agent.as_ref().unwrap().deployer.root.clone();
     let busy = root.lock().unwrap();
+    h.agent.as_ref().unwrap().deployer.check_now.notify_one();
+    let held = cli(&h, &["hold", "--reason", "root busy"]);
     let v = status_json(&h);
     drop(busy);
+    assert!(
+        held.status.success(),
+        "{}",
+        String::from_utf8_lossy(&held.stderr)
+    );
+    assert_eq!(v["hold"]["held"], true, "{v:#}");
     assert_eq!(v["hot"]["build"], "one", "{v:#}");
     assert_eq!(v["cold"]["build"], "two", "{v:#}");
     h.stop_agent().await;

@@ -109,6 +109,16 @@ async fn consul_errors_reach_status_and_a_fixed_token_file_applies_without_resta
         .unwrap()
         .contains("deploy-hosts/app/h1"));
 
+    // The deploy ends while the report is still refused: no state change
+    // is left to carry the report, so only the writer's own retry can.
+    // (Before, a report refused at the deploy's end stayed wrong in
+    // `fleet status` until the next deploy: CI run of 1805f5c.)
+    let v = wait_status(&sock, "b1 live, report still refused", |v| {
+        v["hot"]["build"] == "b1" && v["phase"] == "done"
+    })
+    .await;
+    assert!(v["fleet"]["report_error"].is_string(), "{v:#}");
+
     // The operator fixes the token file; no SIGHUP, no restart.
     std::fs::write(&token_file, "host\n").unwrap();
     wait_status(&sock, "report error cleared", |v| {

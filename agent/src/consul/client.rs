@@ -169,6 +169,26 @@ impl ConsulClient {
         file_stamp(path) != t.stamp
     }
 
+    /// Sleeps `delay`, or less when the token file changes meanwhile
+    /// (checked every second), so a fixed token applies at once instead of
+    /// after a long retry delay; `false` if `shutdown` fired first.
+    pub async fn sleep_until_token_changes(
+        &self,
+        delay: Duration,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let until = tokio::time::Instant::now() + delay;
+        loop {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() || self.token_file_changed() {
+                return true;
+            }
+            if !crate::pacing::sleep_or_cancel(left.min(Duration::from_secs(1)), shutdown).await {
+                return false;
+            }
+        }
+    }
+
     /// The settings this client runs with (`wait` already capped).
     pub fn settings(&self) -> &ConsulSettings {
         &self.inner.settings

@@ -526,7 +526,7 @@ impl MainLoop {
         // Hold and resume record the build live at the time; the other
         // commands record the build they act on.
         let served =
-            || crate::fleet::host::member::served_build(&self.deployer.root).unwrap_or_default();
+            || crate::fleet::host::member::served_build(&self.deployer).unwrap_or_default();
         match cmd {
             Command::Hold { reason } => {
                 let entry = action_entry(HistoryKind::Hold, uid, &served(), Some(reason.clone()));
@@ -600,12 +600,7 @@ impl MainLoop {
     /// record now. Answers an error (the command exits non-zero) naming
     /// every path that differs.
     async fn verify(&self, full: bool) -> std::result::Result<String, String> {
-        let hot = self
-            .deployer
-            .root
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .hot();
+        let hot = self.deployer.slots().hot();
         let Some(hot) = hot else {
             return Err("nothing is live: no slot to verify".into());
         };
@@ -641,12 +636,7 @@ impl MainLoop {
         }
         // Never flip to a slot that is not exactly its build (issue 20):
         // the operator is told what differs and how to rebuild it.
-        let cold = self
-            .deployer
-            .root
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .cold();
+        let cold = self.deployer.slots().cold();
         if let Err(e) = self.deployer.check_before_flip(cold).await {
             self.shared.error(e.to_string());
             return (Err(e.to_string()), false);

@@ -257,7 +257,7 @@ fn start_member(
         (None, Some(_)) => Some(consul_settings(config)?),
         (None, None) => None,
     };
-    let served = crate::fleet::host::member::served_build(&deployer.root);
+    let served = crate::fleet::host::member::served_build(deployer);
     let member = crate::fleet::host::member::Member::start(
         config,
         consul.as_ref(),
@@ -323,7 +323,7 @@ fn recover_status(
 
 /// The build the hot slot serves, per its marker, and the slot.
 fn served(deployer: &Deployer) -> Option<(String, swapper::Slot)> {
-    let root = deployer.root.lock().unwrap_or_else(|p| p.into_inner());
+    let root = deployer.slots();
     let hot = root.hot()?;
     Some((root.marker(hot)?.build.build_id.clone(), hot))
 }

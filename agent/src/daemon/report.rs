@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::control::AgentState;
 use crate::daemon::live::{LiveStatus, StatusInner};
-use crate::deploy::{self, DeployRecord, Deployer, Phase, SlotsSeen};
+use crate::deploy::{self, DeployRecord, Deployer, Phase};
 use crate::source::consul::WatchStats;
 use crate::status::metrics::ConsulErrorKind;
 use crate::status::model::{
@@ -59,17 +59,7 @@ impl AgentView {
     /// as of the root's last change, which every change records under the
     /// lock, so never older than the last flip.
     fn slots(&self) -> (Option<SlotInfo>, Option<SlotInfo>) {
-        let seen = match self.deployer.root.try_lock() {
-            Ok(g) => SlotsSeen::of(&g),
-            // Plain data: a panic elsewhere cannot leave it inconsistent.
-            Err(std::sync::TryLockError::Poisoned(p)) => SlotsSeen::of(&p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => self
-                .deployer
-                .slots_seen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        };
+        let seen = self.deployer.slots();
         let info = |(slot, marker): (swapper::Slot, Option<swapper::Marker>)| SlotInfo {
             name: slot.dir_name().trim_start_matches("slot-").to_string(),
             build: marker.as_ref().map(|m| m.build.build_id.clone()),

@@ -403,6 +403,39 @@ pub struct Deployer {
     pub live_sink: std::sync::OnceLock<Arc<dyn LiveCheckSink>>,
 }
 
+impl Deployer {
+    /// The slots now, without waiting for the root's lock. A claim or a
+    /// `syncfs` holds that lock for seconds, and an async task blocked on
+    /// it holds a runtime worker: with two tasks blocked on a 2-core host,
+    /// nothing else (the status socket) would run. Readers in async code
+    /// use this; the answer is the root itself when it is free, else the
+    /// slots as of its last change, which every change records under the
+    /// lock ([`SlotsSeen::change`]), so never older than the last flip,
+    /// claim or mark.
+    pub fn slots(&self) -> SlotsSeen {
+        match self.root.try_lock() {
+            Ok(g) => SlotsSeen::of(&g),
+            // Plain data: a panic elsewhere cannot leave it inconsistent.
+            Err(std::sync::TryLockError::Poisoned(p)) => SlotsSeen::of(&p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => self
+                .slots_seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
+    }
+
+    /// `slot`'s directory (a path only: no lock).
+    pub fn slot_dir(&self, slot: Slot) -> PathBuf {
+        DeployRoot::slot_path_at(&self.root_path, slot)
+    }
+
+    /// Where `slot`'s record lives (a path only: no lock).
+    pub fn slot_record_path(&self, slot: Slot) -> PathBuf {
+        DeployRoot::record_path_at(&self.root_path, slot)
+    }
+}
+
 /// Where the result of each check of the live slot goes besides status.
 pub trait LiveCheckSink: Send + Sync + std::fmt::Debug {
     /// `changed`: `modified <path>` / `added <path>` / `missing <path>`,
@@ -427,6 +460,27 @@ impl SlotsSeen {
             hot: root.hot().map(seen),
             cold: seen(root.cold()),
         }
+    }
+
+    /// The slot `current` points at, if any.
+    pub fn hot(&self) -> Option<Slot> {
+        self.hot.as_ref().map(|(s, _)| *s)
+    }
+
+    /// The other slot (slot A before the first flip).
+    pub fn cold(&self) -> Slot {
+        self.cold.0
+    }
+
+    /// `slot`'s ready marker, if it holds a marked build.
+    pub fn marker(&self, slot: Slot) -> Option<&swapper::Marker> {
+        if slot == self.cold.0 {
+            return self.cold.1.as_ref();
+        }
+        self.hot
+            .as_ref()
+            .filter(|(s, _)| *s == slot)
+            .and_then(|(_, m)| m.as_ref())
     }
 
     /// Runs `change` on the locked `root` and records the slots it leaves
@@ -600,7 +654,7 @@ impl Deployer {
     /// slot first (after a redeploy both slots may hold the same build, and
     /// the live one is the answer, not a "rollback" to its twin).
     pub fn slot_holding(&self, m: &Manifest) -> Option<Slot> {
-        let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
+        let root = self.slots();
         let order = match root.hot() {
             Some(h) => [h, h.other()],
             None => Slot::ALL,
@@ -628,7 +682,7 @@ impl Deployer {
         // Before any lookup: a prune running for the previous deploy must
         // not delete this build's artifact or partial under us.
         let _pin = self.cache.pin(&m.spec.sha256);
-        let hot = self.root.lock().unwrap_or_else(|p| p.into_inner()).hot();
+        let hot = self.slots().hot();
         let holding = self.slot_holding(m);
         let mut reverify = false;
         if !force && holding.is_some() && holding == hot {
@@ -751,10 +805,7 @@ impl Deployer {
         cancel: &CancellationToken,
         run: &mut Run<'_>,
     ) -> Result<Slot> {
-        let cold_dir = {
-            let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
-            root.slot_path(root.cold())
-        };
+        let cold_dir = self.slot_dir(self.slots().cold());
         let limits = self.limits(m);
         let cached = self.cache.lookup(&m.spec.sha256);
         let base = match cached {
@@ -898,7 +949,7 @@ impl Deployer {
     async fn delta_base(&self, m: &Manifest) -> Option<DeltaBase> {
         let delta = m.delta.as_ref()?;
         let in_slot = {
-            let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
+            let root = self.slots();
             let holds = |slot: Slot| {
                 root.marker(slot)
                     .and_then(|mk| mk.build.sha256.as_deref())
@@ -907,9 +958,9 @@ impl Deployer {
             let hot = root.hot();
             let cold = root.cold();
             if let Some(h) = hot.filter(|h| holds(*h)) {
-                Some((Some(root.slot_path(h)), root.record_path(h)))
+                Some((Some(self.slot_dir(h)), self.slot_record_path(h)))
             } else if hot != Some(cold) && holds(cold) {
-                Some((None, root.record_path(cold)))
+                Some((None, self.slot_record_path(cold)))
             } else {
                 None
             }

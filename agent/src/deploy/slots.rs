@@ -63,7 +63,7 @@ impl Deployer {
         (how, mut entries): (Mechanism, Vec<Entry>),
         index: Option<FileIndex>,
     ) -> Result<()> {
-        let path = self.record_path(slot);
+        let path = self.slot_record_path(slot);
         let (build, sha) = (m.spec.build.clone(), m.spec.sha256.clone());
         tokio::task::spawn_blocking(move || {
             if let Some(index) = index {
@@ -135,24 +135,12 @@ impl Deployer {
         }
     }
 
-    fn record_path(&self, slot: Slot) -> PathBuf {
-        let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
-        root.record_path(slot)
-    }
-
     /// Checks `slot` against its record (stat, hashing only what the stat
     /// cannot prove; everything with `full`) and keeps the result for
     /// status. `None` when the slot holds no marked build.
     pub async fn check_slot(&self, slot: Slot, full: bool) -> Result<Option<SlotCheck>> {
-        let (dir, record, marker) = {
-            let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
-            (
-                root.slot_path(slot),
-                root.record_path(slot),
-                root.marker(slot).cloned(),
-            )
-        };
-        let Some(marker) = marker else {
+        let (dir, record) = (self.slot_dir(slot), self.slot_record_path(slot));
+        let Some(marker) = self.slots().marker(slot).cloned() else {
             return Ok(None);
         };
         let (build, marked_at) = (marker.build.build_id.clone(), marker.marked_at);
@@ -173,7 +161,7 @@ impl Deployer {
             *drift = drift.capped();
         }
         self.checks.lock().unwrap_or_else(|p| p.into_inner())[index(slot)] = Some(kept);
-        let live = self.root.lock().unwrap_or_else(|p| p.into_inner()).hot() == Some(slot);
+        let live = self.slots().hot() == Some(slot);
         if let Some(sink) = self.live_sink.get().filter(|_| live) {
             sink.live_checked(check.verdict.listed());
         }
@@ -186,15 +174,8 @@ impl Deployer {
     /// it describes (a claim in between removes the record; this must not
     /// bring it back).
     pub async fn complete_digests(&self, slot: Slot) -> Result<()> {
-        let (dir, path, marker) = {
-            let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
-            (
-                root.slot_path(slot),
-                root.record_path(slot),
-                root.marker(slot).cloned(),
-            )
-        };
-        let Some(marker) = marker else {
+        let (dir, path) = (self.slot_dir(slot), self.slot_record_path(slot));
+        let Some(marker) = self.slots().marker(slot).cloned() else {
             return Ok(());
         };
         let root = self.root.clone();
@@ -231,12 +212,9 @@ impl Deployer {
     /// The live slot's last check, when it found the slot changed since
     /// its deploy (a hot-patch, or any write into it).
     pub fn live_drift(&self) -> Option<SlotCheck> {
-        let (hot, marker) = {
-            let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
-            let hot = root.hot()?;
-            (hot, root.marker(hot).cloned())
-        };
-        self.last_check(hot, marker.as_ref())
+        let slots = self.slots();
+        let hot = slots.hot()?;
+        self.last_check(hot, slots.marker(hot))
             .filter(|c| !c.verdict.flippable())
     }
 
@@ -261,11 +239,7 @@ impl Deployer {
     /// The health gate's flip back goes to the previous (cold) slot only if
     /// it is still exactly its build.
     pub(super) async fn check_previous_slot(&self) -> Result<()> {
-        let cold = {
-            let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
-            root.cold()
-        };
-        self.check_before_flip(cold).await
+        self.check_before_flip(self.slots().cold()).await
     }
 
     /// A rollback by the key (the cold slot holds `m`): the cold slot, when
@@ -277,10 +251,7 @@ impl Deployer {
         m: &Manifest,
         run: &mut Run<'_>,
     ) -> Result<Option<Slot>> {
-        let cold = {
-            let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
-            root.hot().map(Slot::other).unwrap_or(Slot::A)
-        };
+        let cold = self.slots().hot().map(Slot::other).unwrap_or(Slot::A);
         let verdict = match self.check_slot(cold, false).await? {
             Some(c) => c.verdict,
             None => SlotVerdict::Unrecorded,
@@ -322,10 +293,8 @@ fn index(slot: Slot) -> usize {
 pub async fn watch(d: std::sync::Arc<Deployer>, stop: tokio_util::sync::CancellationToken) {
     let every = d.config.integrity.check_interval;
     loop {
-        let (hot, cold) = {
-            let root = d.root.lock().unwrap_or_else(|p| p.into_inner());
-            (root.hot(), root.cold())
-        };
+        let slots = d.slots();
+        let (hot, cold) = (slots.hot(), slots.cold());
         for slot in hot.into_iter().chain([cold]) {
             if let Err(e) = d.complete_digests(slot).await {
                 warn!(slot = %slot, error = %e, "cannot fill in the slot record's digests");

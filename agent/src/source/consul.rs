@@ -300,29 +300,13 @@ impl Watch {
             tracing::error!(error = %e, retry_in_ms, "Consul denied the watch: configuration error");
             // A fixed token file applies at once, not after the slow 403
             // retry.
-            return sleep_until_token_changes(&self.client, delay, &self.shutdown).await;
+            return self
+                .client
+                .sleep_until_token_changes(delay, &self.shutdown)
+                .await;
         }
         tracing::warn!(error = %e, kind = kind.as_str(), retry_in_ms, "Consul watch request failed");
         sleep_or_cancel(delay, &self.shutdown).await
-    }
-}
-
-/// Sleeps `delay`, or less when the token file changes meanwhile (checked
-/// every second); `false` if `shutdown` fired first.
-async fn sleep_until_token_changes(
-    client: &ConsulClient,
-    delay: Duration,
-    shutdown: &CancellationToken,
-) -> bool {
-    let until = Instant::now() + delay;
-    loop {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() || client.token_file_changed() {
-            return true;
-        }
-        if !sleep_or_cancel(left.min(Duration::from_secs(1)), shutdown).await {
-            return false;
-        }
     }
 }
 

@@ -13,11 +13,14 @@
 //!
 //! The deploy never waits for Consul: [`HostReporter::observe`] only puts
 //! the newest record into a one-slot mailbox, and one writer task sends it.
-//! A failed write is not retried in a loop; the next state change carries
-//! the newest state anyway. If the process dies, the key keeps the last
-//! state written; the next start writes a fresh one.
+//! A failed write is retried with backoff (1 s doubling to 1 min,
+//! jittered), sooner when the token file changes or a newer state comes, so
+//! a report lost to a Consul outage or a wrong token heals by itself once
+//! the cause is gone. If the process dies, the key keeps the last state
+//! written; the next start writes a fresh one.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -29,6 +32,7 @@ use crate::clock::now_secs;
 use crate::consul::ConsulClient;
 use crate::deploy::{DeployRecord, Outcome, Phase};
 use crate::fleet::Decision;
+use crate::pacing::{Backoff, BackoffState};
 
 /// One host's report, as stored in Consul.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -201,11 +205,31 @@ impl HostReporter {
     }
 }
 
+/// Backoff between retries of a failed write: a Consul blip at the end of
+/// a deploy must not leave `fleet status` wrong until the next deploy, and
+/// a fleet of thousands that lost Consul retries at most once a minute per
+/// host.
+const RETRY: Backoff = Backoff {
+    initial: Duration::from_secs(1),
+    max: Duration::from_secs(60),
+};
+
 async fn writer(r: Arc<HostReporter>, client: ConsulClient, shutdown: CancellationToken) {
+    let mut backoff = BackoffState::new(RETRY);
+    // Set after a failed write: when to send the kept record again.
+    let mut retry_in: Option<Duration> = None;
     loop {
+        let retry = async {
+            match retry_in {
+                // Sooner when the token file is fixed (a 403 healed).
+                Some(d) => client.sleep_until_token_changes(d, &shutdown).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = r.wake.notified() => {}
+            _ = retry => {}
         }
         let Some(rec) = r.pending.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             continue;
@@ -221,11 +245,15 @@ async fn writer(r: Arc<HostReporter>, client: ConsulClient, shutdown: Cancellati
             Ok(_) => {
                 debug!(key = %r.key, phase = rec.phase.as_str(), "host report written");
                 *r.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                backoff.reset();
+                retry_in = None;
             }
             Err(e) => {
                 *r.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-                // Keep it for the next state change unless a newer one came.
-                warn!(key = %r.key, error = %e, "cannot write the host report; the next state change retries");
+                let delay = backoff.next_delay(&mut rand::thread_rng());
+                warn!(key = %r.key, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot write the host report; retrying");
+                retry_in = Some(delay);
+                // Keep it for the retry unless a newer one came.
                 let mut p = r.pending.lock().unwrap_or_else(|p| p.into_inner());
                 if p.is_none() {
                     *p = Some(rec);

@@ -278,8 +278,8 @@ impl crate::deploy::FlipGate for Member {
 }
 
 /// The build `current` serves, from the hot slot's marker.
-pub fn served_build(root: &Mutex<swapper::DeployRoot>) -> Option<String> {
-    let root = root.lock().unwrap_or_else(|p| p.into_inner());
+pub fn served_build(deployer: &crate::deploy::Deployer) -> Option<String> {
+    let root = deployer.slots();
     let hot = root.hot()?;
     root.marker(hot).map(|m| m.build.build_id.clone())
 }
