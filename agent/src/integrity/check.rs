@@ -11,6 +11,7 @@
 //! Crash guarantees: read-only; nothing to lose.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
@@ -105,7 +106,7 @@ struct Walk {
 /// async threads.
 pub fn verify(slot: &Path, record: &SlotRecord, full: bool) -> Result<Drift> {
     // Keyed by the path's bytes: hashing a `Path` walks its components.
-    let index: HashMap<&[u8], usize> = record
+    let index: HashMap<&[u8], usize, FxBuild> = record
         .entries
         .iter()
         .enumerate()
@@ -149,7 +150,36 @@ pub fn verify(slot: &Path, record: &SlotRecord, full: bool) -> Result<Drift> {
     finish(slot, record, main)
 }
 
-type Ctx<'a> = (&'a HashMap<&'a [u8], usize>, &'a SlotRecord, i64, bool);
+type Ctx<'a> = (
+    &'a HashMap<&'a [u8], usize, FxBuild>,
+    &'a SlotRecord,
+    i64,
+    bool,
+);
+
+/// FxHash (rustc's hasher) for the record's path index, built and probed
+/// once per entry on the rollback's path. SipHash's resistance to chosen
+/// collisions buys nothing here: whoever chooses the names in a slot can
+/// change its files anyway, and the worst case is a slower check.
+#[derive(Default)]
+struct Fx(u64);
+
+impl std::hash::Hasher for Fx {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(K);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FxBuild = std::hash::BuildHasherDefault<Fx>;
 
 /// Judges everything under the slot-relative directory `dir`.
 fn walk(slot: &Path, dir: &Path, ctx: Ctx<'_>, w: &mut Walk) -> Result<()> {
@@ -161,28 +191,50 @@ fn walk(slot: &Path, dir: &Path, ctx: Ctx<'_>, w: &mut Walk) -> Result<()> {
 
 /// Judges the entries of the slot-relative directory `dir`; returns its
 /// subdirectories.
+///
+/// This loop is the rollback's critical path (one pass per entry of the
+/// cold slot): it stats by name relative to the open directory and builds
+/// each relative path in one reused buffer, allocating only for what it
+/// returns or reports.
 fn children(slot: &Path, dir: &Path, ctx: Ctx<'_>, w: &mut Walk) -> Result<Vec<PathBuf>> {
+    use nix::fcntl::{AtFlags, OFlag};
     let (index, record, at, full) = ctx;
     let full_dir = slot.join(dir);
+    let io = |e: nix::Error| Error::io(&full_dir, std::io::Error::from(e));
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mut d = nix::dir::Dir::open(&full_dir, flags, nix::sys::stat::Mode::empty()).map_err(io)?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&d);
+    let mut rel = dir.as_os_str().as_bytes().to_vec();
+    if !rel.is_empty() {
+        rel.push(b'/');
+    }
+    let prefix = rel.len();
     let mut subdirs = Vec::new();
-    for d in std::fs::read_dir(&full_dir).map_err(|e| Error::io(&full_dir, e))? {
-        let d = d.map_err(|e| Error::io(&full_dir, e))?;
-        let meta = d.metadata().map_err(|e| Error::io(d.path(), e))?;
-        let rel = dir.join(d.file_name());
-        let now = Observed::of(&meta);
-        match index.get(rel.as_os_str().as_bytes()) {
-            None => w.added.push(rel.clone()),
+    for entry in d.iter() {
+        let entry = entry.map_err(io)?;
+        let name = entry.file_name();
+        if matches!(name.to_bytes(), b"." | b"..") {
+            continue;
+        }
+        let st = nix::sys::stat::fstatat(Some(fd), name, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(|e| Error::io(full_dir.join(OsStr::from_bytes(name.to_bytes())), e.into()))?;
+        rel.truncate(prefix);
+        rel.extend_from_slice(name.to_bytes());
+        let now = Observed::of_stat(&st);
+        let owned = |rel: &[u8]| PathBuf::from(OsStr::from_bytes(rel));
+        match index.get(rel.as_slice()) {
+            None => w.added.push(owned(&rel)),
             Some(&i) => {
                 w.seen.push(i);
                 match classify(&record.entries[i], &now, at, full) {
                     Verdict::Same => {}
                     Verdict::Hash => w.hash.push(i),
-                    Verdict::Changed => w.modified.push(rel.clone()),
+                    Verdict::Changed => w.modified.push(owned(&rel)),
                 }
             }
         }
         if now.kind == Kind::Dir {
-            subdirs.push(rel);
+            subdirs.push(owned(&rel));
         }
     }
     Ok(subdirs)

@@ -114,6 +114,25 @@ pub struct Observed {
 }
 
 impl Observed {
+    /// The same fields from a raw `fstatat` (the slot check's walk, which
+    /// stats by name relative to an open directory without allocating).
+    pub fn of_stat(st: &nix::sys::stat::FileStat) -> Observed {
+        let kind = match st.st_mode & libc::S_IFMT {
+            libc::S_IFREG => Kind::File,
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            _ => Kind::Other,
+        };
+        Observed {
+            kind,
+            size: st.st_size as u64,
+            mode: st.st_mode & 0o7777,
+            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
+            ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec,
+            ino: st.st_ino,
+        }
+    }
+
     pub fn of(meta: &Metadata) -> Observed {
         Observed {
             kind: Kind::of(meta),
