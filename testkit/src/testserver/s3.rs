@@ -173,13 +173,46 @@ impl S3Server {
         std::fs::create_dir_all(self.root.join(bucket))
     }
 
-    /// Stores `data` as `bucket/key` directly on disk.
+    /// Stores `data` as `bucket/key` directly on disk, with its ETag.
     pub fn put(&self, bucket: &str, key: &str, data: &[u8]) -> io::Result<()> {
         let path = self.root.join(bucket).join(key);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        std::fs::write(path, data)
+        std::fs::write(path, data)?;
+        self.record_etag(bucket, key)
+    }
+
+    /// Records the ETag (MD5) of `bucket/key`, an object placed on disk by
+    /// other means than a PutObject (a file, a symlinked directory). Without
+    /// it s3s-fs computes the MD5 of the whole object on every GET (s3s-fs
+    /// 0.14.1 `get_object` -> `get_md5_sum`): eight ranged GETs of a 165 MB
+    /// artifact read it eight more times, which is what made the compare
+    /// bench's S3 row 4x its HTTP row even with fast bodies. The file is
+    /// s3s-fs 0.14's own "internal info" (`.bucket-<b64>.object-<b64>
+    /// .internal.json` beside the buckets, `{"e_tag": ...}`), as its
+    /// PutObject writes it; the version is pinned in Cargo.lock.
+    pub fn record_etag(&self, bucket: &str, key: &str) -> io::Result<()> {
+        use base64::Engine as _;
+        use md5::Digest as _;
+        use std::io::Read as _;
+        let mut f = std::fs::File::open(self.root.join(bucket).join(key))?;
+        let (mut md5, mut buf) = (md5::Md5::new(), vec![0u8; 1 << 20]);
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            md5.update(&buf[..n]);
+        }
+        let etag = hex::encode(md5.finalize());
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let info = self.root.join(format!(
+            ".bucket-{}.object-{}.internal.json",
+            b64(bucket),
+            b64(key)
+        ));
+        std::fs::write(info, serde_json::json!({ "e_tag": etag }).to_string())
     }
 
     /// The stored object `bucket/key`, if any.
