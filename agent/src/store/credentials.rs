@@ -286,15 +286,16 @@ impl Provider {
         }
     }
 
-    /// Forgets `access_key_id`'s keys after the store said they expired or
-    /// are unknown, so the next request fetches new ones.
-    pub async fn invalidate(&self, access_key_id: &str) {
+    /// Forgets `access_key_id`'s keys after the store refused them (`code`:
+    /// expired, unknown, or a secret that does not match), so the next
+    /// request fetches or reads them again.
+    pub async fn invalidate(&self, access_key_id: &str, code: &str) {
         let mut cached = self.cached.lock().await;
         if cached
             .as_ref()
             .is_some_and(|k| k.access_key_id == access_key_id)
         {
-            warn!(source = %self.source, access_key = %access_key_id, "the store rejected these credentials as expired; fetching new ones");
+            warn!(source = %self.source, access_key = %access_key_id, code, "the store rejected these credentials; fetching them again");
             *cached = None;
         }
     }

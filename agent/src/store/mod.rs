@@ -294,7 +294,7 @@ impl Store {
             .or_else(|| credentials::xml_tag(body, "Region").map(str::to_string));
         match (status, code.as_str()) {
             (400 | 403, "ExpiredToken" | "TokenRefreshRequired" | "RequestExpired") => {
-                self.provider.invalidate(&signed.access_key).await;
+                self.provider.invalidate(&signed.access_key, &code).await;
                 Verdict::Expired(format!("{what} (credentials expired; fetching new ones)"))
             }
             // S3 names the bucket's region in a 301, or in the 400 it gives
@@ -317,9 +317,14 @@ impl Store {
                 ),
             }),
             (403, _) => {
-                if code == "InvalidAccessKeyId" {
-                    // A rotated key file or environment is read again next time.
-                    self.provider.invalidate(&signed.access_key).await;
+                if matches!(
+                    code.as_str(),
+                    "InvalidAccessKeyId" | "SignatureDoesNotMatch"
+                ) {
+                    // A key file (or profile) that was rotated or fixed is
+                    // read again on the next try: the fix heals the host
+                    // without a restart.
+                    self.provider.invalidate(&signed.access_key, &code).await;
                 }
                 Verdict::Fatal(Error::StoreDenied {
                     object: object.to_string(),
