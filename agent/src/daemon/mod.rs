@@ -323,9 +323,9 @@ fn recover_status(
 
 /// The build the hot slot serves, per its marker, and the slot.
 fn served(deployer: &Deployer) -> Option<(String, swapper::Slot)> {
-    let root = deployer.slots();
-    let hot = root.hot()?;
-    Some((root.marker(hot)?.build.build_id.clone(), hot))
+    let slots = deployer.slots();
+    let (hot, marker) = slots.served()?;
+    Some((marker.build.build_id.clone(), hot))
 }
 
 /// What a desired-state source task needs from the agent.

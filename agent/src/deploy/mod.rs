@@ -467,6 +467,12 @@ impl SlotsSeen {
         self.hot.as_ref().map(|(s, _)| *s)
     }
 
+    /// The hot slot and its marker, when `current` serves a marked build.
+    pub fn served(&self) -> Option<(Slot, &swapper::Marker)> {
+        let (slot, marker) = self.hot.as_ref()?;
+        Some((*slot, marker.as_ref()?))
+    }
+
     /// The other slot (slot A before the first flip).
     pub fn cold(&self) -> Slot {
         self.cold.0

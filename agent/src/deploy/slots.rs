@@ -213,8 +213,8 @@ impl Deployer {
     /// its deploy (a hot-patch, or any write into it).
     pub fn live_drift(&self) -> Option<SlotCheck> {
         let slots = self.slots();
-        let hot = slots.hot()?;
-        self.last_check(hot, slots.marker(hot))
+        let (hot, marker) = slots.served()?;
+        self.last_check(hot, Some(marker))
             .filter(|c| !c.verdict.flippable())
     }
 

@@ -209,6 +209,7 @@ fn children(slot: &Path, dir: &Path, ctx: Ctx<'_>, w: &mut Walk) -> Result<Vec<P
         rel.push(b'/');
     }
     let prefix = rel.len();
+    let owned = |rel: &[u8]| PathBuf::from(OsStr::from_bytes(rel));
     let mut subdirs = Vec::new();
     for entry in d.iter() {
         let entry = entry.map_err(io)?;
@@ -221,7 +222,6 @@ fn children(slot: &Path, dir: &Path, ctx: Ctx<'_>, w: &mut Walk) -> Result<Vec<P
         rel.truncate(prefix);
         rel.extend_from_slice(name.to_bytes());
         let now = Observed::of_stat(&st);
-        let owned = |rel: &[u8]| PathBuf::from(OsStr::from_bytes(rel));
         match index.get(rel.as_slice()) {
             None => w.added.push(owned(&rel)),
             Some(&i) => {

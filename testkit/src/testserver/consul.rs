@@ -39,6 +39,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::percent_decode;
+
 /// Consul's `kv_max_value_size` default: larger values get a 413.
 pub const MAX_VALUE_SIZE: usize = 512 * 1024;
 /// Consul caps `wait` at 10 minutes.
@@ -1438,42 +1440,6 @@ fn q_get<'a>(q: &'a [(String, Option<String>)], name: &str) -> Option<&'a str> {
 
 fn q_has(q: &[(String, Option<String>)], name: &str) -> bool {
     q.iter().any(|(k, _)| k == name)
-}
-
-/// Decodes `%XX`; `plus_is_space` for query strings only: Go's URL parser
-/// leaves a `+` in the path alone (`PUT /v1/kv/plus/a+b` stores `plus/a+b`).
-fn percent_decode(s: &str, plus_is_space: bool) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                    }
-                    None => {
-                        out.push(b'%');
-                        i += 1;
-                    }
-                }
-            }
-            b'+' if plus_is_space => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Go's `time.ParseDuration`, enough of it for Consul's `wait`. Negative

@@ -122,7 +122,6 @@ struct State {
 #[derive(Debug)]
 pub struct S3Server {
     addr: std::net::SocketAddr,
-    root: PathBuf,
     keys: Arc<KeyRing>,
     state: Arc<State>,
     shutdown: CancellationToken,
@@ -152,7 +151,6 @@ impl S3Server {
         ));
         Ok(S3Server {
             addr,
-            root: root.to_path_buf(),
             keys,
             state,
             shutdown,
@@ -170,12 +168,12 @@ impl S3Server {
 
     /// Creates `bucket` (a directory).
     pub fn create_bucket(&self, bucket: &str) -> io::Result<()> {
-        std::fs::create_dir_all(self.root.join(bucket))
+        std::fs::create_dir_all(self.state.root.join(bucket))
     }
 
     /// Stores `data` as `bucket/key` directly on disk, with its ETag.
     pub fn put(&self, bucket: &str, key: &str, data: &[u8]) -> io::Result<()> {
-        let path = self.root.join(bucket).join(key);
+        let path = self.state.root.join(bucket).join(key);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -195,19 +193,14 @@ impl S3Server {
     pub fn record_etag(&self, bucket: &str, key: &str) -> io::Result<()> {
         use base64::Engine as _;
         use md5::Digest as _;
-        use std::io::Read as _;
-        let mut f = std::fs::File::open(self.root.join(bucket).join(key))?;
-        let (mut md5, mut buf) = (md5::Md5::new(), vec![0u8; 1 << 20]);
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            md5.update(&buf[..n]);
-        }
+        let mut md5 = md5::Md5::new();
+        std::io::copy(
+            &mut std::fs::File::open(self.state.root.join(bucket).join(key))?,
+            &mut md5,
+        )?;
         let etag = hex::encode(md5.finalize());
         let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-        let info = self.root.join(format!(
+        let info = self.state.root.join(format!(
             ".bucket-{}.object-{}.internal.json",
             b64(bucket),
             b64(key)
@@ -217,7 +210,7 @@ impl S3Server {
 
     /// The stored object `bucket/key`, if any.
     pub fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
-        std::fs::read(self.root.join(bucket).join(key)).ok()
+        std::fs::read(self.state.root.join(bucket).join(key)).ok()
     }
 
     /// The next `n` GETs answer `503 SlowDown`.
@@ -479,7 +472,7 @@ async fn object_body(
         }
         None => (0, header("content-length")?.parse().ok()?),
     };
-    let file = root.join(percent_decoded(path.trim_start_matches('/'))?);
+    let file = root.join(super::percent_decode(path.trim_start_matches('/'), false));
     let mut f = tokio::fs::File::open(&file).await.ok()?;
     if f.metadata().await.ok()?.len() < start + len {
         return None;
@@ -488,21 +481,6 @@ async fn object_body(
     let stream = tokio_util::io::ReaderStream::with_capacity(f.take(len), 1 << 20)
         .map(|chunk| chunk.map(Frame::data));
     Some(BodyExt::boxed(StreamBody::new(stream)))
-}
-
-/// `%XX`-decoded `s`, as the path-style URL's key was encoded.
-fn percent_decoded(s: &str) -> Option<String> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut bytes = s.bytes();
-    while let Some(b) = bytes.next() {
-        if b == b'%' {
-            let hex = [bytes.next()?, bytes.next()?];
-            out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
-        } else {
-            out.push(b);
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// A GET body counted into the stats, cut after `cut` bytes, at most

@@ -279,7 +279,6 @@ impl crate::deploy::FlipGate for Member {
 
 /// The build `current` serves, from the hot slot's marker.
 pub fn served_build(deployer: &crate::deploy::Deployer) -> Option<String> {
-    let root = deployer.slots();
-    let hot = root.hot()?;
-    root.marker(hot).map(|m| m.build.build_id.clone())
+    let slots = deployer.slots();
+    slots.served().map(|(_, m)| m.build.build_id.clone())
 }
